@@ -1,0 +1,107 @@
+"""Orbax checkpoints: async saves, keep the latest N plus the best by eval accuracy, restore.
+
+Each checkpoint holds the full train state (params, optimizer and accumulation state, loss
+scale, step) and a JSON `meta` item describing the model, so that restoring into a model of
+another backbone or class count fails with one clear line before anything is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+# Config keys that fix the shapes of the saved state: they must agree to restore.
+SHAPE_KEYS = ('backbone', 'backbone_overrides', 'num_classes', 'input_size', 'num_sa_layers',
+              'num_glca_layers', 'precision_loss_scale')
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def model_meta(config, *, loss_scale: bool) -> dict:
+  return {
+      'backbone': config.backbone,
+      'backbone_overrides': dict(config.backbone_overrides),
+      'num_classes': int(config.num_classes),
+      'input_size': int(config.input_size),
+      'num_sa_layers': int(config.num_sa_layers),
+      'num_glca_layers': int(config.num_glca_layers),
+      'precision_loss_scale': bool(loss_scale),
+  }
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` for the train state."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False):
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=keep),
+        # `reverse=True` sorts by accuracy descending, so the first is the best.
+        cm.BestN(get_metric_fn=lambda m: m['accuracy'], reverse=True, n=1,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=not read_only,
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'meta'))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    return self.manager.best_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict, accuracy: Optional[float] = None,
+           force: bool = False) -> None:
+    metrics = None if accuracy is None else {'accuracy': float(accuracy)}
+    if step in self.manager.all_steps():
+      return  # this step is already on disk (e.g. end-of-run save right after a periodic one)
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics=metrics, force=force)
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, step: int, abstract_state: Any, expected_meta: dict) -> Any:
+    """Restores `step` into the shapes/shardings of `abstract_state` after checking the meta."""
+    meta = self.read_meta(step)
+    diff = [f'{k}: checkpoint {meta.get(k)!r} vs config {expected_meta[k]!r}'
+            for k in expected_meta if meta.get(k) != expected_meta[k]]
+    if diff:
+      raise CheckpointError(f'checkpoint {self.directory}/{step} was made for another model ('
+                            + '; '.join(diff) + '); use another --workdir or fix the config')
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # Orbax raises many types for tree/shape mismatches.
+      raise CheckpointError(f'cannot restore {self.directory}/{step} into this model: '
+                            f'{type(e).__name__}: {str(e).splitlines()[0][:300]}') from e
+    return restored['state']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings, the form StandardRestore expects."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -1,0 +1,122 @@
+"""The one list of every configuration knob, with its default.
+
+Experiment files in `configs/` start from `base_config()` and change what their recipe needs,
+so every key that exists is listed here once, and a misspelt key fails loudly (`validate`).
+Names follow the PyTorch DCAL code users come from (`batch_size`,
+`gradient_accumulation_steps`, `use_gradient_checkpointing`, `input_size`, ...).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Paper: lr = 5e-4 / 512 * effective batch.
+LR_REFERENCE_BATCH = 512
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # --- data -------------------------------------------------------------------------------
+  c.dataset = 'synthetic'          # cub | cars | aircraft | synthetic
+  c.data_source = 'synthetic'      # tfds | folder | synthetic
+  c.data_dir = ''                  # TFDS data_dir, or the folder holding the official layout
+  c.num_classes = 10
+  c.input_size = 448               # square crop side in px
+  c.resize_size = 550              # resize before the crop
+  c.test_crop = 'center_crop'      # center_crop (resize 550 -> centre 448) | resize (to 448)
+  c.normalization = 'imagenet'     # imagenet (mean/std, DeiT/timm) | inception ([-1, 1], Google npz)
+  c.shuffle_buffer = 2048
+  c.num_parallel_calls = -1        # tf.data AUTOTUNE
+  c.verify_images = True           # folder source: decode every file once at start, skip bad ones
+  c.synthetic_num_train = 1000     # synthetic source only
+  c.synthetic_num_test = 500
+  c.synthetic_image_size = 64
+  # --- model ------------------------------------------------------------------------------
+  c.backbone = 'deit_tiny'         # deit_tiny | deit_small | deit_base | vit_base | r50_vit_base | tiny test variants
+  c.backbone_overrides = ml_collections.ConfigDict()  # e.g. {'width': 64, 'depth': 2}: tiny models
+  c.num_sa_layers = 12             # L (must equal the backbone depth)
+  c.num_glca_layers = 1            # M; 0 disables GLCA
+  c.num_pwca_layers = 12           # T; 0 disables PWCA; T < L uses the last T blocks
+  c.top_k_ratio = 0.1              # R: 0.1 FGVC, 0.3 Re-ID
+  c.glca_input = 'parallel'        # parallel: input of SA block L | on_top: output of SA block L
+  c.glca_init_from_sa = True       # copy the last SA block into GLCA when pretrained weights load
+  c.loss_weighting = 'uncertainty' # uncertainty (Kendall et al.) | sum
+  c.stochastic_depth_prob = 0.1
+  c.attention_impl = 'xla'         # xla | cudnn (fused attention where no weights are needed: PWCA)
+  c.use_gradient_checkpointing = True
+  c.remat_policy = 'nothing_saveable'  # any name in jax.checkpoint_policies
+  c.precision = 'auto'             # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)
+  c.pretrained_model = ''          # path to .npz / .safetensors / .pth, '' = random init
+  c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
+  # --- optimisation -----------------------------------------------------------------------
+  c.batch_size = 4                 # physical batch, global across devices
+  c.gradient_accumulation_steps = 4
+  c.learning_rate = 5e-4           # base; scaled by effective batch / 512
+  c.weight_decay = 0.05
+  c.warmup_epochs = 1.0
+  c.num_epochs = 100
+  c.max_grad_norm = 0.0            # 0 disables global-norm clipping
+  c.seed = 42
+  # --- evaluation, checkpoints, logging ----------------------------------------------------
+  c.eval_batch_size = 16
+  c.eval_frequency = 1             # epochs
+  c.save_frequency = 1             # epochs
+  c.save_every_steps = 0           # optimizer micro-steps; 0 = off (tests and pre-emptible jobs)
+  c.keep_checkpoints = 2           # latest N kept, plus the best by eval accuracy
+  c.log_every_steps = 10
+  c.wandb_project = ''
+  c.max_steps = 0                  # stop after this many micro-steps; 0 = run num_epochs
+  return c
+
+
+def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
+  """The paper's FGVC recipe (METHOD.md) on top of the defaults; datasets set the rest."""
+  c = base_config()
+  c.backbone = backbone
+  c.input_size, c.resize_size, c.test_crop = 448, 550, 'center_crop'
+  c.top_k_ratio = 0.1
+  c.num_sa_layers, c.num_glca_layers, c.num_pwca_layers = 12, 1, 12
+  # Physical 4 x accumulation 4 = the paper's batch 16 (the PyTorch memory guide's default).
+  c.batch_size, c.gradient_accumulation_steps = 4, 4
+  c.learning_rate, c.weight_decay = 5e-4, 0.05   # -> 1.5625e-5 at effective batch 16
+  c.num_epochs, c.warmup_epochs = 100, 1.0
+  c.stochastic_depth_prob = 0.1
+  c.use_gradient_checkpointing, c.remat_policy = True, 'nothing_saveable'
+  # Google npz weights (vit_base, r50_vit_base) expect [-1, 1] inputs; DeiT/timm ImageNet stats.
+  c.normalization = 'inception' if backbone in ('vit_base', 'r50_vit_base') else 'imagenet'
+  c.eval_batch_size = 16
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming any key that `base_config` does not know."""
+  known = base_config()
+  unknown = sorted(set(config.keys()) - set(known.keys()))
+  if unknown:
+    raise ValueError(f'unknown config key(s): {", ".join(unknown)}; '
+                     f'known keys are listed in dca_jax/config_lib.py')
+  choices = {
+      'data_source': ('tfds', 'folder', 'synthetic'),
+      'test_crop': ('center_crop', 'resize'),
+      'normalization': ('imagenet', 'inception'),
+      'glca_input': ('parallel', 'on_top'),
+      'loss_weighting': ('uncertainty', 'sum'),
+      'attention_impl': ('xla', 'cudnn'),
+      'precision': ('auto', 'fp32', 'bf16', 'fp16'),
+      'posemb_interpolation': ('bicubic', 'bilinear'),
+  }
+  for key, allowed in choices.items():
+    if config[key] not in allowed:
+      raise ValueError(f'config.{key}={config[key]!r} is not one of {allowed}')
+  if config.gradient_accumulation_steps < 1:
+    raise ValueError('config.gradient_accumulation_steps must be >= 1')
+  if not 0.0 < config.top_k_ratio <= 1.0:
+    raise ValueError(f'config.top_k_ratio={config.top_k_ratio} must be in (0, 1]')
+
+
+def effective_batch_size(config) -> int:
+  return config.batch_size * config.gradient_accumulation_steps
+
+
+def scaled_learning_rate(config) -> float:
+  return config.learning_rate * effective_batch_size(config) / LR_REFERENCE_BATCH

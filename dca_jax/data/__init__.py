@@ -1,0 +1,19 @@
+"""Input pipeline of dca_jax: TFDS, official folder layouts and a synthetic fine-grained set.
+
+    from dca_jax import data
+    inp = data.build_input(config, process_index=0, process_count=1)
+    inp.info, inp.steps_per_epoch, inp.train_iter(start_step), inp.eval_iter()
+    img, display = data.load_image_for_eval(path, config)
+
+TensorFlow is imported lazily (on the first build/load) with every GPU hidden from it. This
+package never imports the model or training code. See docs/DATA.md.
+"""
+
+from dca_jax.data.errors import DataError, DataWarning, ImageLoadError
+from dca_jax.data.pipeline import DataInfo, Input, build_input
+from dca_jax.data.preprocess import denormalize, load_image_for_eval, normalize
+
+__all__ = [
+    'DataError', 'DataWarning', 'ImageLoadError', 'DataInfo', 'Input', 'build_input',
+    'denormalize', 'load_image_for_eval', 'normalize',
+]

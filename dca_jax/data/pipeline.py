@@ -1,0 +1,324 @@
+"""`build_input`: the per-host tf.data train/eval streams for every source.
+
+Train stream (resume-exact): epoch e = step // steps_per_epoch has an order fixed by
+(config.seed, e); augmentation keys are folded from (config.seed, e, example id). The stream
+started at `start_step` is the tail of the stream started at 0 (only index records are
+skipped, nothing is decoded). For the folder and synthetic sources epoch e is a global
+permutation of the whole train split; host p takes every P-th element of it, so the union of
+the hosts' batches at a step is the single-host batch whatever P is. For TFDS each host reads
+its own `tfds.split_for_jax_process` share and shuffles it with a seeded buffer
+(`config.shuffle_buffer`). Every host yields `steps_per_epoch` batches per epoch.
+
+Eval stream: host p reads its share in order, pads the last batch with mask=False elements,
+and every host yields ceil(ceil(N / P) / b) batches (the eval is a collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator
+
+import numpy as np
+from absl import logging
+
+from dca_jax.data import preprocess, sources, synthetic
+from dca_jax.data._tf import tf
+from dca_jax.data.errors import DataError
+
+TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196'}
+DATASETS = ('cub', 'cars', 'aircraft', 'synthetic')
+DATA_SOURCES = ('tfds', 'folder', 'synthetic')
+_NEVER_ENDS = 2**62  # Last epoch number of the "infinite" train stream.
+
+
+@dataclasses.dataclass
+class DataInfo:
+  num_classes: int
+  class_names: list[str]
+  num_train: int
+  num_test: int
+  # Extra (not required by callers): files the folder pre-scan dropped, as 'path (reason)'.
+  skipped_files: list[str] = dataclasses.field(default_factory=list)
+
+
+def _seed_mix(seed: int, salt: int) -> int:
+  return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, salt]).integers(1, 2**62))
+
+
+# ============================================================================ sources
+class _IndexedSource:
+  """A split held as an indexable table (file paths or in-memory images) + labels."""
+
+  def __init__(self, train_labels, test_labels):
+    t = tf()
+    self.train_labels = t.constant(np.asarray(train_labels, np.int32))
+    self.test_labels = t.constant(np.asarray(test_labels, np.int32))
+    self.num_train, self.num_test = len(train_labels), len(test_labels)
+
+  def load(self, split: str, idx):
+    raise NotImplementedError
+
+  def train_epoch(self, epoch, n_host: int, seed: int, p: int, P: int):
+    t = tf()
+    perm = t.random.experimental.stateless_shuffle(
+        t.range(self.num_train, dtype=t.int64),
+        seed=t.stack([t.constant(_seed_mix(seed, 1), t.int64), epoch]))
+    host = perm[p::P][:n_host]
+    return t.data.Dataset.from_tensor_slices(host).map(lambda i: {'id': i, 'epoch': epoch})
+
+  def train_element(self, elem):
+    return self.load('train', elem['id']), tf().gather(self.train_labels, elem['id'])
+
+  def test_host(self, p: int, P: int):
+    idx = np.arange(p, self.num_test, P, dtype=np.int64)
+    return tf().data.Dataset.from_tensor_slices({'id': idx, 'index': idx})
+
+  def test_element(self, elem):
+    return self.load('test', elem['id']), tf().gather(self.test_labels, elem['id'])
+
+
+class _FolderSource(_IndexedSource):
+
+  def __init__(self, ds: sources.FolderDataset):
+    super().__init__(ds.train.labels, ds.test.labels)
+    t = tf()
+    self.paths = {'train': t.constant(ds.train.paths), 'test': t.constant(ds.test.paths)}
+    self.crop_bottom = ds.crop_bottom
+
+  def load(self, split, idx):
+    raw = tf().io.read_file(tf().gather(self.paths[split], idx))
+    return preprocess.decode(raw, self.crop_bottom)
+
+
+class _SyntheticSource(_IndexedSource):
+
+  def __init__(self, d: synthetic.SyntheticData):
+    super().__init__(d.train_labels, d.test_labels)
+    t = tf()
+    self.images = {'train': t.constant(d.train_images), 'test': t.constant(d.test_images)}
+
+  def load(self, split, idx):
+    return tf().gather(self.images[split], idx)
+
+
+class _TfdsSource:
+  """TFDS reader: encoded images (decoding skipped in the reader), decoded in the map."""
+
+  def __init__(self, config, p: int, P: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf()  # Hide GPUs before TFDS touches TensorFlow.
+    name = TFDS_NAMES[config.dataset]
+    data_dir = config.data_dir or None
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+      self.builder.download_and_prepare()  # No-op (a quick check) when already prepared.
+    except Exception as e:  # pylint: disable=broad-except
+      where = data_dir or '~/tensorflow_datasets'
+      raise DataError(f'TFDS dataset {name} is not prepared under {where} and could not be '
+                      f'downloaded/prepared: {type(e).__name__}: {str(e).splitlines()[0]}'
+                      ) from None
+    self.class_names = list(self.builder.info.features['label'].names)
+    self.decoders = tfds.decode.PartialDecoding(
+        {'image': True, 'label': True}, decoders={'image': tfds.decode.SkipDecoding()})
+    self.num_train = self._split_size('train')
+    self.num_test = self._split_size('test')
+    self.p, self.P = p, P
+    self.shuffle_buffer = int(config.get('shuffle_buffer', 2048))
+    split_fn = (lambda s: s) if P == 1 else (
+        lambda s: tfds.split_for_jax_process(s, process_index=p, process_count=P))
+    self.splits = {'train': split_fn('train'), 'test': split_fn('test')}
+
+  def _split_size(self, split: str) -> int:
+    try:
+      return int(self.builder.info.splits[split].num_examples)
+    except (KeyError, IndexError):  # Not in the metadata (e.g. tfds.testing.mock_data).
+      ds = self.builder.as_dataset(split=split, decoders=self.decoders)
+      n = int(ds.cardinality().numpy())
+      return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1).numpy())
+
+  def _read(self, split: str):
+    ds = self.builder.as_dataset(split=self.splits[split], decoders=self.decoders,
+                                 shuffle_files=False)
+    return ds.enumerate()  # (position in this host's share, example)
+
+  def train_epoch(self, epoch, n_host: int, seed: int, p: int, P: int):
+    t = tf()
+    ep_seed = t.bitwise.bitwise_xor(t.constant(_seed_mix(seed, 2), t.int64),
+                                    epoch * 1_000_003)
+    ds = self._read('train').shuffle(self.shuffle_buffer, seed=ep_seed,
+                                     reshuffle_each_iteration=False).take(n_host)
+    return ds.map(lambda i, ex: {'id': i, 'epoch': epoch, 'raw': ex['image'],
+                                 'label': ex['label']})
+
+  def train_element(self, elem):
+    return preprocess.decode(elem['raw']), tf().cast(elem['label'], tf().int32)
+
+  def test_host(self, p, P):
+    # 'index' is the position inside this host's share for TFDS.
+    return self._read('test').map(lambda i, ex: {'index': i, 'raw': ex['image'],
+                                                 'label': ex['label']})
+
+  def test_element(self, elem):
+    return self.train_element(elem)
+
+
+# ============================================================================ Input
+class Input:
+  """What the training loop, eval, predict and visualize use. See `build_input`."""
+
+  def __init__(self, config, source, info: DataInfo, process_index: int, process_count: int):
+    self.config = config
+    self.source = source
+    self.info = info
+    self.process_index, self.process_count = process_index, process_count
+    self.host_batch_size = int(config.batch_size) // process_count
+    self.host_eval_batch_size = int(config.eval_batch_size) // process_count
+    self.steps_per_epoch = info.num_train // int(config.batch_size)
+    self.eval_steps = math.ceil(math.ceil(info.num_test / process_count) /
+                                self.host_eval_batch_size)
+    self.seed = int(config.get('seed', 0))
+    self.input_size = int(config.input_size)
+    self.resize_size = int(config.resize_size)
+    self.normalization = config.get('normalization', 'imagenet')
+    self.test_crop = config.get('test_crop', 'center_crop')
+    npc = int(config.get('num_parallel_calls', -1))
+    self.num_parallel_calls = tf().data.AUTOTUNE if npc <= 0 else npc
+
+  def _options(self):
+    t = tf()
+    opts = t.data.Options()
+    opts.deterministic = True
+    opts.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
+    opts.threading.max_intra_op_parallelism = 1
+    opts.autotune.enabled = True
+    return opts
+
+  # ---------------------------------------------------------------- train
+  def train_dataset(self, start_step: int = 0):
+    """The infinite per-host train `tf.data.Dataset` (batched, normalised)."""
+    t = tf()
+    if self.steps_per_epoch <= 0:
+      raise DataError(f'the train split has {self.info.num_train} images, fewer than '
+                      f'config.batch_size={self.config.batch_size}: no full batch')
+    if start_step < 0:
+      raise ValueError(f'start_step={start_step} must be >= 0')
+    start_epoch, offset = divmod(int(start_step), self.steps_per_epoch)
+    b, src, seed = self.host_batch_size, self.source, self.seed
+    n_host = self.steps_per_epoch * b
+    p, P = self.process_index, self.process_count
+
+    def process(elem):
+      image, label = src.train_element(elem)
+      key = preprocess.example_key(seed, elem['epoch'], elem['id'])
+      image = preprocess.train_transform(image, key, resize_size=self.resize_size,
+                                         input_size=self.input_size,
+                                         normalization=self.normalization)
+      return {'image': image, 'label': label}
+
+    ds = t.data.Dataset.range(start_epoch, _NEVER_ENDS)
+    ds = ds.flat_map(lambda e: src.train_epoch(e, n_host, seed, p, P))
+    ds = ds.skip(offset * b)  # Index records only: cheap.
+    ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
+    # Last-resort net for a file the pre-scan passed but TF cannot decode: logged and dropped
+    # (the pre-scan normally removes such files first, keeping epochs aligned to batches).
+    ds = ds.ignore_errors(log_warning=True)
+    ds = ds.batch(b, drop_remainder=True)
+    ds = ds.prefetch(t.data.AUTOTUNE)
+    return ds.with_options(self._options())
+
+  def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite iterator of {'image': f32 [b, S, S, 3], 'label': i32 [b]} for this host."""
+    return self.train_dataset(start_step).as_numpy_iterator()
+
+  # ---------------------------------------------------------------- eval
+  def eval_dataset(self, with_index: bool = False):
+    t = tf()
+    b, src, S = self.host_eval_batch_size, self.source, self.input_size
+
+    def process(elem):
+      image, label = src.test_element(elem)
+      image = preprocess.eval_transform(image, resize_size=self.resize_size, input_size=S,
+                                        test_crop=self.test_crop,
+                                        normalization=self.normalization)
+      out = {'image': image, 'label': label, 'mask': t.constant(True)}
+      if with_index:
+        out['index'] = t.cast(elem['index'], t.int64)
+      return out
+
+    pad = {'image': t.zeros((S, S, 3), t.float32), 'label': t.constant(0, t.int32),
+           'mask': t.constant(False)}
+    if with_index:
+      pad['index'] = t.constant(-1, t.int64)
+    ds = src.test_host(self.process_index, self.process_count)
+    ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
+    ds = ds.ignore_errors(log_warning=True)  # See train_dataset; padding keeps hosts aligned.
+    ds = ds.concatenate(t.data.Dataset.from_tensors(pad).repeat())
+    ds = ds.take(self.eval_steps * b).batch(b, drop_remainder=True)
+    ds = ds.prefetch(t.data.AUTOTUNE)
+    return ds.with_options(self._options())
+
+  def eval_iter(self, with_index: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Finite iterator of {'image', 'label', 'mask'} (+ 'index' when with_index) batches."""
+    return self.eval_dataset(with_index).as_numpy_iterator()
+
+
+# ============================================================================ build
+def _check_config(config, process_index: int, process_count: int) -> None:
+  if config.get('dataset') not in DATASETS:
+    raise DataError(f'unknown dataset {config.get("dataset")!r}; expected one of {DATASETS}')
+  if config.get('data_source') not in DATA_SOURCES:
+    raise DataError(f'unknown data_source {config.get("data_source")!r}; expected one of '
+                    f'{DATA_SOURCES}')
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index={process_index} not in [0, {process_count})')
+  for key in ('batch_size', 'eval_batch_size'):
+    if int(config[key]) <= 0 or int(config[key]) % process_count:
+      raise DataError(f'config.{key}={config[key]} must be a positive multiple of the '
+                      f'process count {process_count}')
+  if int(config.input_size) > int(config.resize_size):
+    raise DataError(f'config.input_size={config.input_size} exceeds '
+                    f'config.resize_size={config.resize_size}')
+  preprocess._normalization_name(config)  # pylint: disable=protected-access
+  if config.get('test_crop', 'center_crop') not in ('center_crop', 'resize'):
+    raise DataError(f'unknown test_crop {config.test_crop!r}; expected center_crop | resize')
+
+
+def build_input(config, process_index: int = 0, process_count: int = 1) -> Input:
+  """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib)."""
+  _check_config(config, process_index, process_count)
+  source_name, dataset = config.data_source, config.dataset
+  skipped = []
+  if source_name == 'synthetic' or dataset == 'synthetic':
+    if source_name != dataset:
+      raise DataError(f'dataset={dataset!r} with data_source={source_name!r}: the synthetic '
+                      "set needs both dataset='synthetic' and data_source='synthetic'")
+    d = synthetic.generate(int(config.num_classes), int(config.synthetic_num_train),
+                           int(config.synthetic_num_test), int(config.synthetic_image_size),
+                           int(config.seed))
+    if not len(d.train_labels) or not len(d.test_labels):
+      raise DataError('synthetic split is empty: set config.synthetic_num_train / '
+                      'synthetic_num_test > 0')
+    src, names = _SyntheticSource(d), d.class_names
+  elif source_name == 'folder':
+    fd = sources.read_folder(dataset, config.data_dir)
+    if config.get('verify_images', True):
+      fd = sources.drop_unreadable(fd)
+    skipped = [f'{p} ({r})' for p, r in fd.skipped]
+    src, names = _FolderSource(fd), fd.class_names
+  else:  # tfds
+    if dataset not in TFDS_NAMES:
+      raise DataError(f'dataset {dataset!r} has no TFDS builder; use data_source=folder '
+                      f'(TFDS datasets: {sorted(TFDS_NAMES)})')
+    src = _TfdsSource(config, process_index, process_count)
+    names = src.class_names
+    if not src.num_train or not src.num_test:
+      raise DataError(f'TFDS {TFDS_NAMES[dataset]} under {config.data_dir or "default"}: '
+                      f'empty split (train={src.num_train}, test={src.num_test})')
+  info = DataInfo(num_classes=len(names), class_names=list(names), num_train=src.num_train,
+                  num_test=src.num_test, skipped_files=skipped)
+  if int(config.get('num_classes', info.num_classes)) != info.num_classes:
+    logging.warning('config.num_classes=%s but %s/%s has %d classes (use info.num_classes)',
+                    config.num_classes, dataset, source_name, info.num_classes)
+  return Input(config, src, info, process_index, process_count)

@@ -1,0 +1,66 @@
+"""Devices and hosts: multi-host start-up, the data-parallel mesh, global batches."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def initialize_multihost(coordinator_address: str = '', num_processes: int = 0,
+                         process_id: int = -1) -> None:
+  """Calls `jax.distributed.initialize` when launched as several processes.
+
+  Explicit flags win; otherwise the cluster environment (SLURM, TPU pods, or the JAX_COORDINATOR_*
+  variables) is auto-detected by jax. A single process without any of these does nothing.
+  """
+  env = os.environ
+  if coordinator_address or 'JAX_COORDINATOR_ADDRESS' in env:
+    if jax.default_backend() == 'cpu' or env.get('JAX_PLATFORMS', '') == 'cpu':
+      # CPU cross-process collectives (tests, CPU clusters) need gloo.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    kwargs = {}
+    if coordinator_address:
+      kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                    process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+  elif 'SLURM_JOB_ID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+    jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+  """A 1-D data-parallel mesh over every device of every host."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(batch_size: int, what: str = 'batch_size') -> None:
+  n = jax.device_count()
+  if batch_size % n:
+    raise ValueError(f'config.{what}={batch_size} is not divisible by the {n} devices; '
+                     f'use a multiple of {n}')
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """This host's share of the batch -> one global jax.Array per field, sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def compute_dtype(precision: str):
+  """'auto' is fp32 on CPU (no fast half precision there) and bf16 on GPU/TPU."""
+  if precision == 'auto':
+    precision = 'fp32' if jax.default_backend() == 'cpu' else 'bf16'
+  return {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}[precision], precision

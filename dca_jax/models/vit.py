@@ -1,0 +1,235 @@
+"""Pre-LN Vision Transformer (ViT / DeiT / R50+ViT hybrid) in Flax Linen.
+
+Parameter names follow timm's `vision_transformer.py` (`patch_embed`, `cls_token`, `pos_embed`,
+`block_{i}/{norm1,attn/{qkv,proj},norm2,mlp/{fc1,fc2}}`, `norm`), so the weight importer is a
+plain renaming. The attention exposes its pieces (q/k/v projection, attention, output projection)
+because DCAL reuses one block's weights with other query and key/value sets (GLCA, PWCA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+LN_EPS = 1e-6  # timm and the original ViT use 1e-6, not PyTorch's 1e-5.
+dense_init = nn.initializers.truncated_normal(0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int = 16
+  resnet_layers: Optional[Sequence[int]] = None  # R50 hybrid: ResNet-v2 stage depths
+  resnet_width: int = 64
+
+  @property
+  def stem_stride(self) -> int:
+    # ResNet-v2 stem: conv/2 + pool/2, then every stage after the first halves the map.
+    return 1 if self.resnet_layers is None else 4 * 2 ** (len(self.resnet_layers) - 1)
+
+  def grid_size(self, input_size: int) -> int:
+    stride = self.stem_stride * self.patch_size
+    if input_size % stride:
+      raise ValueError(f'input_size {input_size} is not a multiple of the backbone stride {stride}')
+    return input_size // stride
+
+  def num_patches(self, input_size: int) -> int:
+    return self.grid_size(input_size) ** 2
+
+
+# The variant registry (timm names in comments: what `tools/` compares against).
+VARIANTS = {
+    'deit_tiny': dict(width=192, depth=12, num_heads=3, mlp_dim=768),    # deit_tiny_patch16_224
+    'deit_small': dict(width=384, depth=12, num_heads=6, mlp_dim=1536),  # deit_small_patch16_224
+    'deit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),  # deit_base_patch16_224
+    'vit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),   # vit_base_patch16_224.augreg_in21k
+    # R50+ViT-B/16: ResNet-v2 (3, 4, 9) stride 16, then a 1x1 "patch" embedding.
+    'r50_vit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=1,
+                         resnet_layers=(3, 4, 9)),                       # vit_base_r50_s16_224
+}
+
+
+def get_variant(name: str, overrides: Optional[dict] = None) -> ViTConfig:
+  if name not in VARIANTS:
+    raise ValueError(f'unknown backbone {name!r}; known: {", ".join(sorted(VARIANTS))}')
+  kwargs = dict(VARIANTS[name])
+  kwargs.update(dict(overrides or {}))
+  if 'resnet_layers' in kwargs and kwargs['resnet_layers'] is not None:
+    kwargs['resnet_layers'] = tuple(kwargs['resnet_layers'])
+  try:
+    return ViTConfig(**kwargs)
+  except TypeError as e:
+    raise ValueError(f'bad backbone_overrides for {name}: {e}') from None
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)  # timm/PyTorch nn.GELU is the exact erf form.
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
+
+
+def attention(q, k, v, *, need_weights: bool = False, impl: str = 'xla'):
+  """softmax(q k^T / sqrt(d)) v over [batch, tokens, heads, head_dim] inputs.
+
+  Logits and softmax run in float32 whatever the compute dtype. Returns (out, weights) where
+  weights is the float32 [batch, heads, q, k] map when asked for, else None.
+  """
+  if impl == 'cudnn' and not need_weights:
+    # Fused flash attention (GPU, bf16/fp16): never materialises the weights.
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn'), None
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+  return out, (weights if need_weights else None)
+
+
+class Attention(nn.Module):
+  """Multi-head attention, fused qkv projection in timm's layout [q heads | k heads | v heads]."""
+  width: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
+    self.qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=dense_init)
+    self.proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init)
+
+  def project_qkv(self, x):
+    """[B, N, D] -> q, k, v each [B, N, heads, head_dim]."""
+    b, n, _ = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.width // self.num_heads)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+  def project_out(self, o):
+    b, n = o.shape[:2]
+    return self.proj(o.reshape(b, n, self.width))
+
+
+class EncoderBlock(nn.Module):
+  """x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x))), with DCAL's query/key-value variants.
+
+  Plain self-attention is `__call__(x)`. DCAL uses the same weights in two more ways:
+  - GLCA: `query_index` [B, Q] picks the query tokens (and the residual rows); keys/values
+    stay all N+1 tokens (local query, global key-value).
+  - PWCA: `extra_kv` = (k2, v2) from the partner image are appended to this image's keys and
+    values, and one softmax runs over all 2N+2 keys.
+  Returns (x_out, (k, v), head-mean attention weights or None).
+  """
+  width: int
+  num_heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  def setup(self):
+    self.norm1 = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
+    self.attn = Attention(width=self.width, num_heads=self.num_heads, dtype=self.dtype)
+    self.norm2 = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
+    self.mlp = Mlp(self.mlp_dim, dtype=self.dtype)
+    self.drop = DropPath(self.drop_path)
+
+  def __call__(self, x, deterministic: bool = True, need_weights: bool = False,
+               query_index=None, extra_kv=None):
+    q, k, v = self.attn.project_qkv(self.norm1(x))
+    if query_index is not None:
+      q = jnp.take_along_axis(q, query_index[:, :, None, None], axis=1)
+      x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
+    keys, values = k, v
+    if extra_kv is not None:
+      keys = jnp.concatenate([k, extra_kv[0].astype(k.dtype)], axis=1)
+      values = jnp.concatenate([v, extra_kv[1].astype(v.dtype)], axis=1)
+    impl = 'xla' if need_weights else self.attention_impl
+    o, weights = attention(q, keys, values, need_weights=need_weights, impl=impl)
+    x = x + self.drop(self.attn.project_out(o), deterministic).astype(x.dtype)
+    x = x + self.drop(self.mlp(self.norm2(x)), deterministic).astype(x.dtype)
+    head_mean = None if weights is None else weights.mean(axis=1)
+    return x, (k, v), head_mean
+
+
+class Embedding(nn.Module):
+  """Image -> [CLS; patch tokens] + position embedding, [B, 1 + N, D] float32."""
+  config: ViTConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    cfg = self.config
+    x = images
+    if cfg.resnet_layers is not None:
+      from dca_jax.models.resnet import ResNetStem  # pylint: disable=g-import-not-at-top
+      x = ResNetStem(layers=tuple(cfg.resnet_layers), width=cfg.resnet_width, dtype=self.dtype,
+                     name='stem')(x)
+    x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
+                padding='VALID', dtype=self.dtype, kernel_init=dense_init, name='patch_embed')(x)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d).astype(jnp.float32)
+    cls = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, d))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
+    pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, h * w + 1, d))
+    return x + pos
+
+
+def drop_path_rates(rate: float, depth: int):
+  """Linearly increasing stochastic depth over the blocks, as in timm/DeiT."""
+  return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xla',
+               remat_policy: Optional[str] = None, name: Optional[str] = None) -> EncoderBlock:
+  """An EncoderBlock, wrapped in `nn.remat` with a named jax.checkpoint_policies policy if asked."""
+  cls = EncoderBlock
+  if remat_policy is not None:
+    policy = None if remat_policy == 'full' else getattr(jax.checkpoint_policies, remat_policy)
+    # static: deterministic (arg 2) and need_weights (arg 3); self is argument 0.
+    cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
+  return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
+             drop_path=drop_path, dtype=dtype, attention_impl=attention_impl, name=name)
+
+
+class VisionTransformer(nn.Module):
+  """The plain classifier (SA only): CLS -> final LN -> head. Used for timm parity."""
+  config: ViTConfig
+  num_classes: int
+  stochastic_depth_prob: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    cfg = self.config
+    x = Embedding(cfg, dtype=self.dtype, name='embed')(images)
+    for i, rate in enumerate(drop_path_rates(self.stochastic_depth_prob, cfg.depth)):
+      x, _, _ = make_block(cfg, drop_path=rate, dtype=self.dtype, name=f'block_{i}')(x, not train)
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name='norm')(x)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=dense_init,
+                    name='head')(x[:, 0])

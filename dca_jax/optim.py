@@ -1,0 +1,51 @@
+"""Optimiser: AdamW (decoupled decay, masked), warm-up + cosine, clipping, MultiSteps accumulation."""
+
+from __future__ import annotations
+
+import re
+
+import flax
+import optax
+
+from dca_jax import config_lib
+
+# Parameters that get no weight decay: biases, norm scales, the position embedding, the CLS
+# token and DCAL's loss weights (METHOD.md [decision]). Everything else (kernels) decays.
+NO_DECAY_PATTERNS = (r'(^|/)bias$', r'(^|/)scale$', r'(^|/)pos_embed$', r'(^|/)cls_token$',
+                     r'^loss_weights$')
+
+
+def decay_mask(params):
+  """A tree of bools: True where weight decay applies (regex over '/'-joined param paths)."""
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  mask = {path: not any(re.search(p, path) for p in NO_DECAY_PATTERNS) for path in flat}
+  return flax.traverse_util.unflatten_dict(mask, sep='/')
+
+
+def num_optimizer_steps(config, steps_per_epoch: int) -> int:
+  """Updates over the whole run (micro-steps / accumulation)."""
+  micro = config.max_steps or int(config.num_epochs * steps_per_epoch)
+  return max(1, micro // config.gradient_accumulation_steps)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int):
+  """Linear warm-up to lr · effective_batch / 512, then cosine decay to 0; in optimizer updates."""
+  total = num_optimizer_steps(config, steps_per_epoch)
+  warmup = int(config.warmup_epochs * steps_per_epoch / config.gradient_accumulation_steps)
+  warmup = min(warmup, total - 1)
+  peak = config_lib.scaled_learning_rate(config)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total, end_value=0.0)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  parts = []
+  if config.max_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
+                           weight_decay=config.weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  # MultiSteps averages `gradient_accumulation_steps` micro-batch gradients into one update, so
+  # batch 4 x 4 gives the update of batch 16. (fp16 non-finite steps are rejected before this.)
+  return optax.MultiSteps(tx, every_k_schedule=config.gradient_accumulation_steps)

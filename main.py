@@ -1,0 +1,67 @@
+"""dca_jax entry point: flags -> mode. Nothing else lives here.
+
+  python main.py --config configs/cub.py --workdir DIR                 # train (resumes)
+  python main.py --config configs/cub.py --workdir DIR --mode eval     # evaluate a checkpoint
+  python main.py --config configs/demo.py --workdir DIR --config.batch_size=8
+"""
+
+import os
+import sys
+
+# TensorFlow (input pipeline only) must not grab GPU memory or print its start-up noise.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and outputs go here.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize', 'predict'], 'What to run.')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
+                                'Which checkpoint eval/visualize/predict restore.')
+_IMAGES = flags.DEFINE_list('images', [], 'Image files for predict/visualize.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'visualize: test images to draw without --images.')
+_COMPARE = flags.DEFINE_string('compare_workdir', '', 'visualize: a second run drawn side by side.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-host: this process index.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and TF log every step at INFO; -v 0 shows it
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from dca_jax import config_lib, distributed  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  try:
+    config_lib.validate(config)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  distributed.initialize_multihost(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from dca_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  user_errors = (ValueError, checkpoint.CheckpointError, FileNotFoundError)
+  try:
+    if _MODE.value == 'train':
+      from dca_jax import train  # pylint: disable=g-import-not-at-top
+      train.train_and_evaluate(config, _WORKDIR.value)
+    elif _MODE.value == 'eval':
+      from dca_jax import evaluate  # pylint: disable=g-import-not-at-top
+      evaluate.run_eval(config, _WORKDIR.value, _CHECKPOINT.value)
+    else:
+      from dca_jax import visualize  # pylint: disable=g-import-not-at-top
+      if _MODE.value == 'predict':
+        visualize.run_predict(config, _WORKDIR.value, _IMAGES.value, _CHECKPOINT.value)
+      else:
+        visualize.run_visualize(config, _WORKDIR.value, images=_IMAGES.value,
+                                num_images=_NUM_IMAGES.value, compare_workdir=_COMPARE.value,
+                                which=_CHECKPOINT.value)
+  except user_errors as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

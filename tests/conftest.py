@@ -1,0 +1,41 @@
+"""Shared test set-up: tiny configs, quiet TensorFlow, repo root importable."""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """A DCAL small enough for a 2-core CPU: width 32, 2 blocks, 32 px, patch 8 (16 patches)."""
+  from dca_jax import config_lib
+  c = config_lib.base_config()
+  c.dataset = c.data_source = 'synthetic'
+  c.num_classes = 4
+  c.synthetic_num_train, c.synthetic_num_test, c.synthetic_image_size = 32, 20, 32
+  c.input_size, c.resize_size = 32, 36
+  c.backbone = 'deit_tiny'
+  c.backbone_overrides = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
+  c.num_sa_layers, c.num_pwca_layers, c.top_k_ratio = 2, 2, 0.25
+  c.batch_size, c.gradient_accumulation_steps, c.eval_batch_size = 4, 1, 8
+  c.num_epochs, c.warmup_epochs = 1, 0.0
+  c.learning_rate = 0.05
+  c.stochastic_depth_prob = 0.0
+  c.use_gradient_checkpointing = False
+  c.precision = 'fp32'
+  c.log_every_steps = 1
+  c.shuffle_buffer = 64
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config

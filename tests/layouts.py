@@ -1,0 +1,175 @@
+"""Writers of tiny copies of the official dataset layouts, with real JPEG files (PIL).
+
+Used by the data tests and reusable by end-to-end tests:
+
+    lay = write_cub_layout(tmp_path)          # -> Layout
+    config.dataset, config.data_source, config.data_dir = 'cub', 'folder', lay.data_dir
+
+Each writer returns what it wrote (class names in label order and per split the list of
+(absolute image path, 0-based label) in the order of the label files), so tests can compute
+expectations independently of the loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from PIL import Image
+
+BANNER_RGB = (255, 0, 255)  # Aircraft copyright banner colour in the tiny layout.
+AIRCRAFT_BANNER_PX = 20
+
+
+@dataclasses.dataclass
+class Layout:
+  dataset: str               # config.dataset
+  data_dir: str              # config.data_dir (data_source='folder')
+  root: str                  # the folder holding the label files
+  class_names: list[str]
+  train: list[tuple[str, int]]
+  test: list[tuple[str, int]]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def write_image(path: str, size: tuple[int, int], label: int, rng: np.random.Generator,
+                banner_px: int = 0, fmt: str = 'JPEG', mode: str = 'RGB') -> None:
+  """A w x h image: noise + a label-coloured square; optional magenta bottom banner."""
+  w, h = size
+  img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+  colour = np.asarray([(label * 67) % 256, (label * 131 + 40) % 256, (label * 29 + 90) % 256])
+  img[h // 4:h // 2, w // 4:w // 2] = colour
+  if banner_px:
+    img[h - banner_px:] = BANNER_RGB
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  im = Image.fromarray(img)
+  if mode != 'RGB':
+    im = im.convert(mode)
+  im.save(path, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
+
+
+def _sizes(rng, n, min_h=32):
+  return [(int(rng.integers(36, 73)), int(rng.integers(min_h, min_h + 33))) for _ in range(n)]
+
+
+def write_cub_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
+                     test_per_class: int = 2, seed: int = 0) -> Layout:
+  """CUB_200_2011/{images/<class_dir>/<file>.jpg, images.txt, image_class_labels.txt,
+  train_test_split.txt, classes.txt} under `base` (ids interleave train and test)."""
+  rng = np.random.default_rng(seed)
+  root = os.path.join(os.fspath(base), 'CUB_200_2011')
+  names = [f'{c + 1:03d}.Bird_species_{c}' for c in range(num_classes)]
+  rows, train, test = [], [], []
+  image_id = 0
+  for c, name in enumerate(names):
+    n = train_per_class + test_per_class
+    flags = [1] * train_per_class + [0] * test_per_class
+    flags = list(rng.permutation(flags))
+    for k, (flag, size) in enumerate(zip(flags, _sizes(rng, n))):
+      image_id += 1
+      rel = f'{name}/{name.split(".")[1]}_{k:04d}_{image_id}.jpg'
+      path = os.path.join(root, 'images', rel)
+      write_image(path, size, c, rng)
+      rows.append((image_id, rel, c + 1, int(flag)))
+  # Shuffle the id order in the files a little: loaders must sort/join by id, not by line.
+  order = rng.permutation(len(rows))
+  with open(os.path.join(root, 'images.txt'), 'w') as f:
+    f.writelines(f'{rows[i][0]} {rows[i][1]}\n' for i in order)
+  with open(os.path.join(root, 'image_class_labels.txt'), 'w') as f:
+    f.writelines(f'{r[0]} {r[2]}\n' for r in rows)
+  with open(os.path.join(root, 'train_test_split.txt'), 'w') as f:
+    f.writelines(f'{r[0]} {r[3]}\n' for r in rows)
+  with open(os.path.join(root, 'classes.txt'), 'w') as f:
+    f.writelines(f'{c + 1} {n}\n' for c, n in enumerate(names))
+  for image_id, rel, label, flag in sorted(rows):
+    (train if flag else test).append((os.path.join(root, 'images', rel), label - 1))
+  return Layout('cub', os.fspath(base), root, names, train, test)
+
+
+def write_aircraft_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
+                          test_per_class: int = 2, seed: int = 1) -> Layout:
+  """fgvc-aircraft-2013b/data/{images/<id>.jpg, images_variant_{trainval,test}.txt,
+  variants.txt}; every image ends in a 20-px BANNER_RGB banner."""
+  rng = np.random.default_rng(seed)
+  root = os.path.join(os.fspath(base), 'fgvc-aircraft-2013b', 'data')
+  names = [f'Boeing 7{c}7-{100 + c}' if c % 2 == 0 else f'F/A-{c}' for c in range(num_classes)]
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, 'variants.txt'), 'w') as f:
+    f.writelines(n + '\n' for n in names)
+  out = {}
+  next_id = 1000000
+  for which, per in (('trainval', train_per_class), ('test', test_per_class)):
+    entries = []
+    for c in range(num_classes):
+      for size in _sizes(rng, per, min_h=48):
+        next_id += int(rng.integers(1, 50))
+        path = os.path.join(root, 'images', f'{next_id:07d}.jpg')
+        write_image(path, size, c, rng, banner_px=AIRCRAFT_BANNER_PX)
+        entries.append((f'{next_id:07d}', c, path))
+    entries = [entries[i] for i in rng.permutation(len(entries))]
+    with open(os.path.join(root, f'images_variant_{which}.txt'), 'w') as f:
+      f.writelines(f'{i} {names[c]}\n' for i, c, _ in entries)
+    out[which] = [(p, c) for _, c, p in entries]
+  return Layout('aircraft', os.fspath(base), root, names, out['trainval'], out['test'])
+
+
+def _cars_annotations(entries):
+  """A 1 x N MATLAB struct array with the devkit fields."""
+  dtype = [('bbox_x1', 'O'), ('bbox_y1', 'O'), ('bbox_x2', 'O'), ('bbox_y2', 'O'),
+           ('class', 'O'), ('fname', 'O')]
+  arr = np.zeros((1, len(entries)), dtype=dtype)
+  for k, (fname, label, (w, h)) in enumerate(entries):
+    arr[0, k] = (np.uint8(1), np.uint8(1), np.uint16(w - 2), np.uint16(h - 2),
+                 np.uint8(label + 1), fname)
+  return arr
+
+
+def write_cars_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
+                      test_per_class: int = 2, seed: int = 2) -> Layout:
+  """devkit/{cars_meta.mat, cars_train_annos.mat}, cars_test_annos_withlabels.mat,
+  cars_train/, cars_test/ (fields bbox_x1..bbox_y2, class (1-based), fname)."""
+  import scipy.io  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  root = os.fspath(base)
+  names = [f'Make{c} Model {c} Sedan 20{10 + c}' for c in range(num_classes)]
+  os.makedirs(os.path.join(root, 'devkit'), exist_ok=True)
+  meta = np.empty((1, num_classes), dtype=object)
+  meta[0, :] = names
+  scipy.io.savemat(os.path.join(root, 'devkit', 'cars_meta.mat'), {'class_names': meta})
+  out = {}
+  for which, per, mat in (
+      ('train', train_per_class, os.path.join(root, 'devkit', 'cars_train_annos.mat')),
+      ('test', test_per_class, os.path.join(root, 'cars_test_annos_withlabels.mat'))):
+    entries = []
+    labels = [c for c in range(num_classes) for _ in range(per)]
+    for k, (c, size) in enumerate(zip(rng.permutation(labels), _sizes(rng, len(labels)))):
+      fname = f'{k + 1:05d}.jpg'
+      write_image(os.path.join(root, f'cars_{which}', fname), size, int(c), rng)
+      entries.append((fname, int(c), size))
+    scipy.io.savemat(mat, {'annotations': _cars_annotations(entries)})
+    out[which] = [(os.path.join(root, f'cars_{which}', f), c) for f, c, _ in entries]
+  return Layout('cars', root, root, names, out['train'], out['test'])
+
+
+WRITERS = {'cub': write_cub_layout, 'aircraft': write_aircraft_layout, 'cars': write_cars_layout}
+
+
+def write_layout(dataset: str, base: str, **kwargs) -> Layout:
+  return WRITERS[dataset](base, **kwargs)
+
+
+def truncate_file(path: str, keep_fraction: float = 0.5) -> None:
+  """Cuts a (JPEG) file short, like an interrupted download."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:
+    f.write(data[:max(1, int(len(data) * keep_fraction))])
+
+
+def write_non_image(path: str) -> None:
+  with open(path, 'w') as f:
+    f.write('<html>404 Not Found</html>\n')

@@ -1,0 +1,221 @@
+"""Training system: fp16 loss scaling, devices, hosts, resume after SIGKILL, eval, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.training import dynamic_scale as dynamic_scale_lib
+
+from conftest import ROOT, tiny_config
+from dca_jax import checkpoint as ckpt_lib
+from dca_jax import distributed, optim, train
+from dca_jax.models import dcal
+
+WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def _worker(tmp_path, name, overrides, **flags):
+  out = tmp_path / name / 'params.npz'
+  out.parent.mkdir(parents=True, exist_ok=True)
+  cmd = [sys.executable, WORKER, str(out), json.dumps(overrides)]
+  for k, v in flags.items():
+    cmd += [f'--{k}', str(v)]
+  return cmd, out
+
+
+def _load(path):
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _assert_same_params(a, b, atol=1e-6):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=1e-5, err_msg=k)
+
+
+# --- fp16 dynamic loss scaling -------------------------------------------------------------------
+def test_fp16_overflow_keeps_state_lowers_scale_and_counts():
+  config = tiny_config(precision='fp16', gradient_accumulation_steps=2)
+  model = dcal.build_model(config, dtype=jnp.float16)
+  tx = optim.make_optimizer(config, steps_per_epoch=8)
+  state, _ = train.create_train_state(config, model, tx, distributed.make_mesh(),
+                                      precision='fp16', rng=jax.random.key(0))
+  step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float16, rng=jax.random.key(1)))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+           'label': rng.integers(0, 4, 4).astype(np.int32)}
+  # A scale this large makes the fp16 backward pass overflow.
+  huge = state.replace(loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(6e4 ** 3)))
+  before = jax.device_get(huge)
+  after, metrics = step(huge, batch)
+  after = jax.device_get(after)
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((after.params, after.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  assert float(after.loss_scale.scale) == pytest.approx(0.5 * 6e4 ** 3)
+  assert int(after.skipped) == 1 and int(metrics['skipped_steps']) == 1
+  # With a sane scale the same batch is finite and does update (accumulation: after 2 steps).
+  sane = after.replace(loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(2.0 ** 10)))
+  s1, _ = step(jax.device_put(sane), batch)
+  s2, m2 = step(s1, batch)
+  assert int(m2['skipped_steps']) == 1
+  moved = [float(jnp.abs(a - b).max()) for a, b in
+           zip(jax.tree.leaves(after.params), jax.tree.leaves(jax.device_get(s2.params)))]
+  assert max(moved) > 0
+
+
+# --- devices and hosts -----------------------------------------------------------------------------
+def test_eight_devices_match_one_device(tmp_path):
+  overrides = dict(batch_size=8, num_pwca_layers=2, stochastic_depth_prob=0.1)
+  procs, outs = [], []
+  for n in (1, 8):
+    cmd, out = _worker(tmp_path, f'd{n}', overrides, devices=n, steps=3)
+    procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+    outs.append(out)
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+  assert json.loads(stdout.strip().splitlines()[-1])['devices'] == 8
+  _assert_same_params(_load(outs[0]), _load(outs[1]), atol=2e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_train_identically(tmp_path):
+  port = _free_port()
+  procs, outs = [], []
+  for pid in range(2):
+    cmd, out = _worker(tmp_path, f'p{pid}', dict(batch_size=4), steps=3,
+                       coordinator=f'localhost:{port}', num_processes=2, process_id=pid)
+    procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+    outs.append(out)
+  results = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    results.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert [r['processes'] for r in results] == [2, 2]
+  a, b = _load(outs[0]), _load(outs[1])
+  _assert_same_params(a, b, atol=0)
+  init = tiny_config()  # params really moved (not two idle processes agreeing on the init)
+  assert any(np.abs(a[k]).sum() > 0 for k in a)
+
+
+# --- main.py end to end: resume after SIGKILL, eval from the restored checkpoint ------------------
+def _main(workdir, *extra, mode='train'):
+  return [sys.executable, os.path.join(ROOT, 'main.py'), '--config', os.path.join(ROOT, 'tests',
+          'tiny_config.py'), '--workdir', str(workdir), '--mode', mode, *extra]
+
+
+def _final_params(workdir):
+  step = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  ck = ckpt_lib.Checkpointer(str(workdir), read_only=True)
+  import orbax.checkpoint as ocp
+  restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ck.close()
+  from flax import traverse_util
+  return step, {k: np.asarray(v) for k, v in
+                traverse_util.flatten_dict(restored['state']['params'], sep='/').items()}
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run_and_eval_reproduces(tmp_path):
+  args = ['--config.max_steps=12', '--config.save_every_steps=4', '--config.num_epochs=2',
+          '--config.stochastic_depth_prob=0.1']
+  whole, killed = tmp_path / 'whole', tmp_path / 'killed'
+  ref = subprocess.Popen(_main(whole, *args), env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+  victim = subprocess.Popen(_main(killed, *args), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  ckdir = killed / 'checkpoints'
+  deadline = time.time() + 240
+  while not (ckdir / '4').is_dir() and time.time() < deadline and victim.poll() is None:
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  steps_at_kill = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
+  assert steps_at_kill and max(steps_at_kill) < 12, steps_at_kill  # really interrupted
+  resumed = subprocess.run(_main(killed, *args), env=_env(), capture_output=True, text=True,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from' in resumed.stdout
+  out, _ = ref.communicate(timeout=300)
+  assert ref.returncode == 0, out[-3000:]
+  step_a, a = _final_params(whole)
+  step_b, b = _final_params(killed)
+  assert step_a == step_b == 12
+  _assert_same_params(a, b, atol=1e-6)
+
+  # eval restores the checkpoint and reproduces the accuracy measured at the end of training
+  ev = subprocess.run(_main(whole, mode='eval'), env=_env(), capture_output=True, text=True,
+                      timeout=300)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  result = json.load(open(whole / 'eval.json'))
+  last = [json.loads(l) for l in open(whole / 'metrics.jsonl') if '"eval/accuracy"' in l][-1]
+  assert result['num_images'] == 20 == last['eval/num_images']
+  assert result['accuracy'] == pytest.approx(last['eval/accuracy'])
+  assert result['accuracy_glca'] == pytest.approx(last['eval/accuracy_glca'])
+  assert result['step'] == 12
+
+
+# --- bad input: one clear line, nothing damaged ------------------------------------------------------
+def _run_main(workdir, *extra, mode='train'):
+  return subprocess.run(_main(workdir, *extra, mode=mode), env=_env(), capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path):
+  r = _run_main(tmp_path, '--config.batchsize=8')
+  assert r.returncode != 0
+  assert 'batchsize' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+def test_eval_of_empty_workdir_is_one_clear_error(tmp_path):
+  r = _run_main(tmp_path / 'nothing', mode='eval')
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith('error: no checkpoint in')
+
+
+def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path):
+  config = tiny_config(max_steps=2, save_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  snapshot = {p: os.path.getsize(os.path.join(d, p)) for d, _, files in os.walk(tmp_path)
+              for p in files}
+  for other in (dict(num_classes=5), dict(backbone_overrides=dict(width=64, depth=2, num_heads=2,
+                                                                  mlp_dim=64, patch_size=8))):
+    with pytest.raises(ckpt_lib.CheckpointError, match='another model'):
+      train.train_and_evaluate(tiny_config(max_steps=4, **other), str(tmp_path))
+  after = {p: os.path.getsize(os.path.join(d, p)) for d, _, files in os.walk(tmp_path) for p in files}
+  assert {k: v for k, v in after.items() if 'metrics' not in k} == \
+         {k: v for k, v in snapshot.items() if 'metrics' not in k}
+
+
+def test_batch_not_divisible_by_devices_and_missing_dataset(tmp_path):
+  cmd, _ = _worker(tmp_path, 'bad', dict(batch_size=6), devices=4)
+  r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and 'batch_size=6 is not divisible by the 4 devices' in r.stderr
+  from dca_jax import data
+  with pytest.raises(data.DataError, match='does-not-exist'):
+    train.Trainer(tiny_config(dataset='cub', data_source='folder', num_classes=200,
+                              data_dir=str(tmp_path / 'does-not-exist')), str(tmp_path / 'w'))

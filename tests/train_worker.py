@@ -1,0 +1,46 @@
+"""Runs a few real train steps in a fresh process and saves the final params (subprocess tests).
+
+  python tests/train_worker.py OUT.npz '{"config": {...}}' [--devices N]
+      [--coordinator HOST:PORT --num_processes P --process_id I]
+XLA_FLAGS must be set before jax is imported, hence a separate process per device count.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument('out')
+parser.add_argument('overrides')
+parser.add_argument('--devices', type=int, default=1)
+parser.add_argument('--coordinator', default='')
+parser.add_argument('--num_processes', type=int, default=0)
+parser.add_argument('--process_id', type=int, default=-1)
+parser.add_argument('--steps', type=int, default=3)
+args = parser.parse_args()
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from dca_jax import distributed, train  # noqa: E402
+
+distributed.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+config = tiny_config(**json.loads(args.overrides))
+trainer = train.Trainer(config, os.path.dirname(os.path.abspath(args.out)))
+batches = trainer.input.train_iter(start_step=0)
+for _ in range(args.steps):
+  batch = distributed.global_batch(next(batches), trainer.batch_sharding)
+  trainer.state, metrics = trainer.train_step(trainer.state, batch)
+params = jax.device_get(trainer.state.params)
+flat = traverse_util.flatten_dict(params, sep='/')
+np.savez(args.out, **{k: np.asarray(v) for k, v in flat.items()})
+trainer.checkpointer.close()
+print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count(),
+                  'loss': float(metrics['loss'])}))
