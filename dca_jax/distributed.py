@@ -21,9 +21,9 @@ def initialize_multihost(coordinator_address: str = '', num_processes: int = 0,
   """
   env = os.environ
   if coordinator_address or 'JAX_COORDINATOR_ADDRESS' in env:
-    if jax.default_backend() == 'cpu' or env.get('JAX_PLATFORMS', '') == 'cpu':
-      # CPU cross-process collectives (tests, CPU clusters) need gloo.
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # CPU cross-process collectives (tests, CPU clusters) need gloo; GPU/TPU ignore this. Asking
+    # jax for its backend here would start it, which initialize() forbids.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     kwargs = {}
     if coordinator_address:
       kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,

@@ -1,0 +1,263 @@
+"""Pretrained-weight import: parity with timm on tiny fixtures, and refusal of bad inputs.
+
+The fixtures in tests/fixtures/ come from `tools/make_timm_fixtures.py` (timm with random
+weights): the same tiny ViT and R50-hybrid saved as timm `.safetensors`/`.pth` and as Google
+`.npz` (checked there with timm's own npz loader), with timm's logits at 32 px (native) and
+64 px (position embedding resized by timm's `checkpoint_filter_fn`). No torch import here: the
+`.pth` cases are skipped where torch is not installed.
+"""
+
+import copy
+import importlib.util
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from dca_jax import weights as W
+from dca_jax.models import vit
+
+FIX = os.path.join(os.path.dirname(__file__), 'fixtures')
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+
+CONFIGS = {
+    'vit': vit.ViTConfig(width=48, depth=2, num_heads=2, mlp_dim=192, patch_size=8),
+    'hybrid': vit.ViTConfig(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=1,
+                            resnet_layers=(1, 1), resnet_width=32),
+}
+FORMATS = ['npz', 'safetensors',
+           pytest.param('pth', marks=pytest.mark.skipif(not HAS_TORCH, reason='torch not installed'))]
+
+
+@pytest.fixture(scope='module')
+def expected():
+  with np.load(os.path.join(FIX, 'expected.npz')) as f:
+    return {k: f[k] for k in f.files}
+
+
+_MODELS = {}
+
+
+def model_and_params(name, size, cfg=None, num_classes=10):
+  """(jitted apply, freshly initialised params) for a fixture model at an image size."""
+  cfg = cfg or CONFIGS[name]
+  key = (cfg, size, num_classes)
+  if key not in _MODELS:
+    model = vit.VisionTransformer(cfg, num_classes=num_classes)
+    # Shapes only (a real init costs seconds of eager op compiles on CPU); the loader fills
+    # every leaf in the parity tests, the rest only look at names.
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes['params'])
+    _MODELS[key] = (jax.jit(lambda p, x: model.apply({'params': p}, x)), params)
+  return _MODELS[key]
+
+
+def nhwc(x):
+  return np.transpose(x, (0, 2, 3, 1))
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('size', [32, 64])
+@pytest.mark.parametrize('name', ['vit', 'hybrid'])
+def test_logits_match_timm(expected, name, size, fmt):
+  apply, params = model_and_params(name, size)
+  new, report = W.load_pretrained(os.path.join(FIX, f'{name}.{fmt}'), params, CONFIGS[name],
+                                  load_head=True)
+  assert not report.newly_initialized and not report.unused, report.summary()
+  assert len(report.loaded) == len(jax.tree_util.tree_leaves(params))
+  logits = np.asarray(apply(new, nhwc(expected[f'inputs_{size}'])))
+  np.testing.assert_allclose(logits, expected[f'{name}_logits_{size}'], atol=1e-4, rtol=0)
+  if size == 64:
+    assert any('4x4 -> 8x8 (bicubic)' in n for n in report.notes)
+
+
+def test_head_not_loaded_by_default_and_input_untouched():
+  _, params = model_and_params('vit', 32)
+  before = copy.deepcopy(params)
+  new, report = W.load_pretrained(os.path.join(FIX, 'vit.safetensors'), params, CONFIGS['vit'])
+  assert sorted(report.newly_initialized) == ['head/bias', 'head/kernel']
+  assert any(u.startswith('head.weight') and 'load_head=False' in u for u in report.unused)
+  assert new['head']['kernel'] is params['head']['kernel']  # left as initialised
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)  # input not mutated
+  assert 'Newly initialised' in report.summary() and 'head' in report.summary()
+
+
+def test_frozendict_and_shape_leaves():
+  from flax.core import freeze  # pylint: disable=g-import-not-at-top
+  _, params = model_and_params('vit', 32)
+  shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  new, report = W.load_pretrained(os.path.join(FIX, 'vit.npz'), freeze(shapes), CONFIGS['vit'])
+  assert type(new).__name__ == 'FrozenDict'
+  assert isinstance(new['head']['kernel'], jax.ShapeDtypeStruct)  # untouched
+  np.testing.assert_array_equal(new['embed']['cls_token'], _timm_state()['cls_token'])
+  assert report.layout == 'google_npz'
+
+
+def test_dcal_style_tree_extra_params_reported():
+  _, params = model_and_params('vit', 32)
+  tree = dict(params)
+  tree['glca_block'] = {'w': np.zeros((3,), np.float32)}
+  tree['loss_weights'] = np.zeros((3,), np.float32)
+  tree['glca_head'] = params['head']
+  _, report = W.load_pretrained(os.path.join(FIX, 'vit.npz'), tree, CONFIGS['vit'])
+  assert {'glca_block/w', 'loss_weights', 'glca_head/kernel'} <= set(report.newly_initialized)
+  # The checkpoint head can also be routed into several heads.
+  new, report = W.load_pretrained(os.path.join(FIX, 'vit.npz'), tree, CONFIGS['vit'],
+                                  load_head=True, head_name=('head', 'glca_head'))
+  np.testing.assert_array_equal(new['glca_head']['kernel'], new['head']['kernel'])
+  assert 'glca_head/kernel' in report.loaded
+
+
+def test_wrong_shape_names_param_and_shapes():
+  cfg = vit.ViTConfig(width=48, depth=2, num_heads=2, mlp_dim=96, patch_size=8)
+  _, params = model_and_params('vit', 32, cfg)
+  with pytest.raises(W.WeightLoadError) as e:
+    W.load_pretrained(os.path.join(FIX, 'vit.safetensors'), params, cfg)
+  msg = str(e.value)
+  assert 'block_0/mlp/fc1/bias' in msg and '(192,)' in msg and '(96,)' in msg
+  assert 'vit.safetensors' in msg and '\n' not in msg
+
+
+def test_head_count_mismatch_in_npz():
+  cfg = vit.ViTConfig(width=48, depth=2, num_heads=4, mlp_dim=192, patch_size=8)
+  _, params = model_and_params('vit', 32, cfg)
+  with pytest.raises(W.WeightLoadError, match='2 heads but the model has num_heads=4'):
+    W.load_pretrained(os.path.join(FIX, 'vit.npz'), params, cfg)
+
+
+def _timm_state(name='vit'):
+  return W.read_checkpoint(os.path.join(FIX, f'{name}.safetensors'))
+
+
+def test_missing_key(tmp_path):
+  sd = _timm_state()
+  del sd['blocks.1.mlp.fc2.weight']
+  path = str(tmp_path / 'missing.safetensors')
+  save_file(sd, path)
+  _, params = model_and_params('vit', 32)
+  with pytest.raises(W.WeightLoadError, match=r'lacks 1 parameter.*block_1/mlp/fc2/kernel'):
+    W.load_pretrained(path, params, CONFIGS['vit'])
+  _, report = W.load_pretrained(path, params, CONFIGS['vit'], strict=False)
+  assert 'block_1/mlp/fc2/kernel' in report.newly_initialized
+
+
+def test_unused_keys_reported(tmp_path):
+  sd = _timm_state()
+  sd['pre_logits.fc.weight'] = np.zeros((48, 48), np.float32)
+  path = str(tmp_path / 'extra.safetensors')
+  save_file(sd, path)
+  cfg = vit.ViTConfig(width=48, depth=1, num_heads=2, mlp_dim=192, patch_size=8)
+  _, params = model_and_params('vit', 32, cfg)
+  _, report = W.load_pretrained(path, params, cfg)
+  unused = '\n'.join(report.unused)
+  assert 'blocks.1.attn.qkv.weight (block beyond the model depth)' in unused
+  assert 'pre_logits.fc.weight (pre-logits' in unused
+  assert 'blocks.1.attn.qkv.weight' in report.summary()
+
+
+def test_deit_distilled_dist_token_dropped(tmp_path, expected):
+  sd = _timm_state()
+  pe = sd['pos_embed']
+  sd['pos_embed'] = np.concatenate([pe[:, :1], np.full_like(pe[:, :1], 7.0), pe[:, 1:]], axis=1)
+  sd['dist_token'] = np.ones((1, 1, 48), np.float32)
+  sd['head_dist.weight'] = np.ones((10, 48), np.float32)
+  sd['head_dist.bias'] = np.ones((10,), np.float32)
+  path = str(tmp_path / 'distilled.safetensors')
+  save_file(sd, path)
+  apply, params = model_and_params('vit', 32)
+  new, report = W.load_pretrained(path, params, CONFIGS['vit'], load_head=True)
+  assert any(u.startswith('dist_token (DeiT distillation') for u in report.unused)
+  assert any(u.startswith('head_dist.weight') for u in report.unused)
+  logits = np.asarray(apply(new, nhwc(expected['inputs_32'])))
+  np.testing.assert_allclose(logits, expected['vit_logits_32'], atol=1e-4, rtol=0)
+
+
+def test_layer_scale_refused(tmp_path):
+  sd = _timm_state()
+  sd['blocks.0.ls1.gamma'] = np.ones((48,), np.float32)
+  path = str(tmp_path / 'ls.safetensors')
+  save_file(sd, path)
+  _, params = model_and_params('vit', 32)
+  with pytest.raises(W.WeightLoadError, match='layer scale'):
+    W.load_pretrained(path, params, CONFIGS['vit'])
+
+
+def test_unknown_format(tmp_path):
+  path = tmp_path / 'weights.ckpt'
+  path.write_text('this is not a checkpoint\n')
+  with pytest.raises(W.WeightLoadError, match='weights.ckpt: unknown checkpoint format'):
+    W.read_checkpoint(path)
+  with pytest.raises(W.WeightLoadError, match='no such checkpoint file'):
+    W.read_checkpoint(tmp_path / 'absent.npz')
+  other = tmp_path / 'other.npz'
+  np.savez(other, foo=np.zeros(3))
+  _, params = model_and_params('vit', 32)
+  with pytest.raises(W.WeightLoadError, match='unrecognised checkpoint layout'):
+    W.load_pretrained(other, params, CONFIGS['vit'])
+
+
+@pytest.mark.parametrize('ext', ['npz', 'safetensors', 'pth'])
+def test_truncated_file(tmp_path, ext):
+  with open(os.path.join(FIX, f'vit.{ext}'), 'rb') as f:
+    data = f.read()
+  path = tmp_path / f'cut.{ext}'
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(W.WeightLoadError) as e:
+    W.read_checkpoint(path)
+  assert f'cut.{ext}' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_pickle_npz_refused(tmp_path):
+  path = tmp_path / 'pickled.npz'
+  np.savez(path, **{'embedding/kernel': np.array([{'a': 1}], dtype=object)})
+  with pytest.raises(W.WeightLoadError, match='pickle'):
+    W.read_checkpoint(path)
+  assert zipfile.is_zipfile(path)
+
+
+def test_torch_zip_needs_torch_or_loads(tmp_path):
+  path = os.path.join(FIX, 'vit.pth')
+  if HAS_TORCH:
+    assert set(W.read_checkpoint(path)) == set(_timm_state())
+  else:
+    with pytest.raises(W.WeightLoadError, match='needs torch'):
+      W.read_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# resize_posemb
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('grid', [3, 4, 9, 12, 13])
+def test_resize_posemb_bicubic_matches_timm(expected, grid):
+  out = W.resize_posemb(expected['posemb_src'], grid, 'bicubic')
+  ref = expected[f'posemb_bicubic_{grid}']
+  assert out.shape == ref.shape == (1, 1 + grid * grid, 8)
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('grid', [3, 4, 9, 12, 13])
+def test_resize_posemb_bilinear_matches_scipy_zoom(expected, grid):
+  ndimage = pytest.importorskip('scipy.ndimage')
+  pe = expected['posemb_src'].astype(np.float64)
+  # The original ViT code (vit_jax/checkpoint.py): zoom the grid with order=1, keep the CLS slot.
+  g = pe[0, 1:].reshape(6, 6, -1)
+  zoomed = ndimage.zoom(g, (grid / 6, grid / 6, 1), order=1)
+  ref = np.concatenate([pe[:, :1], zoomed.reshape(1, grid * grid, -1)], axis=1)
+  out = W.resize_posemb(pe, grid, 'bilinear')
+  np.testing.assert_allclose(out, ref, atol=1e-10, rtol=0)
+
+
+def test_resize_posemb_identity_and_errors(expected):
+  pe = expected['posemb_src']
+  np.testing.assert_array_equal(W.resize_posemb(pe, 6, 'bicubic'), pe)
+  out = W.resize_posemb(pe, 9, 'bicubic')
+  np.testing.assert_array_equal(out[:, :1], pe[:, :1])  # CLS slot kept
+  with pytest.raises(ValueError, match='unknown posemb interpolation'):
+    W.resize_posemb(pe, 9, 'nearest')
+  with pytest.raises(ValueError, match='not square'):
+    W.resize_posemb(pe[:, :-1], 9, 'bicubic')

@@ -1,0 +1,103 @@
+"""Full-size parity check against timm with random weights (no download).
+
+Run with the timm venv (torch + timm + jax/flax installed side by side), from the repo root:
+  /work/timm_venv/bin/python tools/compare_timm_fullsize.py [--only deit_tiny_224 ...]
+
+For each case: create the timm model (pretrained=False), perturb every parameter as
+tools/make_timm_fixtures.py does (unit-gain weights, non-trivial norms/biases/tokens, so the
+logits depend on the input), save its state dict to a temp file (timm `.safetensors`, and for the
+ViT-B cases also the Google `.npz` layout), import it with `dca_jax.weights.load_pretrained(...,
+load_head=True)` into `vit.VisionTransformer` and report the max |logit difference| (float32,
+2 random images). The 448 px DeiT case builds timm at img_size=448 through timm's own
+`checkpoint_filter_fn` (bicubic+antialias pos-embed resize) and ours with the default 'bicubic'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+import timm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dca_jax import weights as W  # noqa: E402
+from dca_jax.models import vit  # noqa: E402
+from make_timm_fixtures import randomize, to_google_npz  # noqa: E402
+
+# name: (timm model, our variant, native size, eval size, formats)
+CASES = {
+    'deit_tiny_224': ('deit_tiny_patch16_224', 'deit_tiny', 224, 224, ('safetensors',)),
+    'deit_tiny_448': ('deit_tiny_patch16_224', 'deit_tiny', 224, 448, ('safetensors',)),
+    'vit_base_224': ('vit_base_patch16_224', 'vit_base', 224, 224, ('safetensors', 'npz')),
+    'r50_vit_base_224': ('vit_base_r50_s16_224', 'r50_vit_base', 224, 224, ('safetensors', 'npz')),
+}
+
+
+def run_case(name, timm_name, variant, native, size, formats, batch=2):
+  torch.manual_seed(0)
+  model = randomize(timm.create_model(timm_name, pretrained=False, num_classes=1000).eval(), 0)
+  sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+  if size != native:
+    model = timm.create_model(timm_name, pretrained=False, num_classes=1000, img_size=size).eval()
+    filt = timm.models.vision_transformer.checkpoint_filter_fn
+    model.load_state_dict(filt(dict(sd), model))
+  x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+  t = time.time()
+  with torch.no_grad():
+    ref = model(x).numpy()
+  t_timm = time.time() - t
+
+  cfg = vit.get_variant(variant)
+  ours = vit.VisionTransformer(cfg, num_classes=ref.shape[-1])
+  shapes = jax.eval_shape(ours.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes['params'])
+  apply = jax.jit(lambda p, x: ours.apply({'params': p}, x))
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for fmt in formats:
+      path = os.path.join(tmp, f'{timm_name}.{fmt}')
+      if fmt == 'safetensors':
+        save_file(sd, path)
+      else:
+        np.savez(path, **to_google_npz(sd, cfg.num_heads))
+      loaded, report = W.load_pretrained(path, params, cfg, load_head=True)
+      assert not report.newly_initialized, report.summary()
+      t = time.time()
+      out = np.asarray(apply(loaded, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
+      t_ours = time.time() - t
+      diff = float(np.abs(out - ref).max())
+      rows.append((name, fmt, diff, float(np.abs(ref).max()), t_timm, t_ours,
+                   '; '.join(report.notes)))
+      print(f'{name:18s} {fmt:12s} max|dlogit| {diff:.3e}  max|logit| {np.abs(ref).max():.3f}  '
+            f'timm {t_timm:.1f}s  ours(compile+run) {t_ours:.1f}s  {"; ".join(report.notes)}',
+            flush=True)
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--only', nargs='*', default=None, choices=sorted(CASES))
+  args = ap.parse_args()
+  print(f'timm {timm.__version__}  torch {torch.__version__}  jax {jax.__version__}  '
+        f'device {jax.devices()[0].platform}', flush=True)
+  worst = 0.0
+  for name in args.only or CASES:
+    for row in run_case(name, *CASES[name]):
+      worst = max(worst, row[2])
+  print(f'worst max|dlogit| = {worst:.3e}')
+
+
+if __name__ == '__main__':
+  main()

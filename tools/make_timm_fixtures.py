@@ -1,0 +1,180 @@
+"""Builds the tiny timm parity fixtures in tests/fixtures/ (random weights, no download).
+
+Run with the timm venv (torch + timm; jax not needed):
+  /work/timm_venv/bin/python tools/make_timm_fixtures.py [--out tests/fixtures]
+
+Two tiny models with random weights (every parameter perturbed so that norms/biases/tokens are
+not at their trivial init):
+- `vit`: timm `VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+  num_classes=10)` (the ViT/DeiT family),
+- `hybrid`: the R50+ViT hybrid structure in miniature: timm `ResNetV2(layers=(1, 1),
+  channels=(128, 256), stem_chs=32, preact=False, stem_type='same',
+  conv_layer=StdConv2dSame(eps=1e-8))` exactly as `vit_base_r50_s16_*` builds it (via
+  `HybridEmbed`), + 2 ViT blocks of width 32 (img 32, stride 8, grid 4).
+Each is written as
+- `{name}.safetensors` and `{name}.pth` (timm state dict),
+- `{name}.npz` in the Google ViT layout, by `to_google_npz` below; the script proves the npz with
+  timm's own npz loader (`timm.models.vision_transformer._load_weights`, which also handles the
+  hybrid stem): a fresh timm model loaded from it must give the same logits.
+`expected.npz` holds the inputs (NCHW), timm's logits at the native size and at 2x the size
+(the model rebuilt at img_size=64 and the state dict passed through timm's `checkpoint_filter_fn`,
+i.e. `resample_abs_pos_embed` bicubic + antialias), and timm resizes of a position embedding
+(`posemb_*`) for `resize_posemb`'s test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import timm
+from timm.layers import HybridEmbed, StdConv2dSame, resample_abs_pos_embed
+from timm.models import vision_transformer as tv
+from timm.models import vision_transformer_hybrid as tvh
+from timm.models.resnetv2 import ResNetV2
+
+
+def make_vit(img_size=32):
+  return tv.VisionTransformer(img_size=img_size, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+                              mlp_ratio=4.0, num_classes=10)
+
+
+def make_hybrid(img_size=32):
+  backbone = ResNetV2(layers=(1, 1), channels=(128, 256), stem_chs=32, num_classes=0,
+                      global_pool='', preact=False, stem_type='same',
+                      conv_layer=partial(StdConv2dSame, eps=1e-8))
+  return tv.VisionTransformer(img_size=img_size, patch_size=1, embed_dim=32, depth=2, num_heads=2,
+                              mlp_ratio=2.0, num_classes=10,
+                              embed_layer=partial(HybridEmbed, backbone=backbone))
+
+
+MODELS = {'vit': (make_vit, tv.checkpoint_filter_fn), 'hybrid': (make_hybrid, tvh.checkpoint_filter_fn)}
+
+
+@torch.no_grad()
+def randomize(model, seed):
+  g = torch.Generator().manual_seed(seed)
+  for name, p in model.named_parameters():
+    noise = torch.randn(p.shape, generator=g)
+    if p.ndim == 1:      # norm scales / biases: away from 1 / 0
+      p.add_(0.2 * noise)
+    elif name in ('cls_token', 'pos_embed'):
+      p.copy_(0.3 * noise)
+    else:                # unit-gain weights (fan-in scaling) so the logits depend on the input
+      p.copy_(noise / np.sqrt(p[0].numel()))
+  return model
+
+
+def to_google_npz(sd, num_heads):
+  """timm state dict -> Google ViT npz naming (the inverse of timm's `_load_weights`)."""
+  n = lambda t: t.detach().cpu().numpy().astype(np.float32)
+  hwio = lambda t: n(t).transpose(2, 3, 1, 0)
+  out = {}
+  out['embedding/kernel'] = hwio(sd['patch_embed.proj.weight'])
+  out['embedding/bias'] = n(sd['patch_embed.proj.bias'])
+  out['cls'] = n(sd['cls_token'])
+  out['Transformer/posembed_input/pos_embedding'] = n(sd['pos_embed'])
+  out['Transformer/encoder_norm/scale'] = n(sd['norm.weight'])
+  out['Transformer/encoder_norm/bias'] = n(sd['norm.bias'])
+  out['head/kernel'] = n(sd['head.weight']).T
+  out['head/bias'] = n(sd['head.bias'])
+  depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+  for i in range(depth):
+    b, g = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+    mha = g + 'MultiHeadDotProductAttention_1/'
+    out[g + 'LayerNorm_0/scale'] = n(sd[b + 'norm1.weight'])
+    out[g + 'LayerNorm_0/bias'] = n(sd[b + 'norm1.bias'])
+    out[g + 'LayerNorm_2/scale'] = n(sd[b + 'norm2.weight'])
+    out[g + 'LayerNorm_2/bias'] = n(sd[b + 'norm2.bias'])
+    qkv_w, qkv_b = n(sd[b + 'attn.qkv.weight']), n(sd[b + 'attn.qkv.bias'])
+    d = qkv_w.shape[1]
+    hd = d // num_heads
+    for j, name in enumerate(('query', 'key', 'value')):
+      out[mha + f'{name}/kernel'] = qkv_w[j * d:(j + 1) * d].T.reshape(d, num_heads, hd)
+      out[mha + f'{name}/bias'] = qkv_b[j * d:(j + 1) * d].reshape(num_heads, hd)
+    out[mha + 'out/kernel'] = n(sd[b + 'attn.proj.weight']).T.reshape(num_heads, hd, d)
+    out[mha + 'out/bias'] = n(sd[b + 'attn.proj.bias'])
+    for r in range(2):
+      out[g + f'MlpBlock_3/Dense_{r}/kernel'] = n(sd[b + f'mlp.fc{r + 1}.weight']).T
+      out[g + f'MlpBlock_3/Dense_{r}/bias'] = n(sd[b + f'mlp.fc{r + 1}.bias'])
+  bb = 'patch_embed.backbone.'
+  if bb + 'stem.conv.weight' in sd:
+    out['conv_root/kernel'] = hwio(sd[bb + 'stem.conv.weight'])
+    out['gn_root/scale'] = n(sd[bb + 'stem.norm.weight'])
+    out['gn_root/bias'] = n(sd[bb + 'stem.norm.bias'])
+    for k, v in sd.items():
+      if not k.startswith(bb + 'stages.'):
+        continue
+      _, _, _, s, _, u, *rest = k.split('.')
+      p = f'block{int(s) + 1}/unit{int(u) + 1}/'
+      rest = '.'.join(rest)
+      mod, what = rest.rsplit('.', 1)
+      if what == 'weight' and mod.startswith('conv') or mod == 'downsample.conv':
+        name = 'conv_proj' if mod == 'downsample.conv' else mod
+        out[p + f'{name}/kernel'] = hwio(v)
+      else:
+        name = 'gn_proj' if mod == 'downsample.norm' else mod.replace('norm', 'gn')
+        out[p + f'{name}/' + ('scale' if what == 'weight' else 'bias')] = n(v)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'tests', 'fixtures'))
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  torch.manual_seed(0)
+  expected = {}
+  x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+  x_big = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+  expected['inputs_32'] = x.numpy()
+  expected['inputs_64'] = x_big.numpy()
+  for seed, (name, (make, filter_fn)) in enumerate(MODELS.items()):
+    torch.manual_seed(100 + seed)
+    model = randomize(make().eval(), 10 + seed)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+      logits = model(x).numpy()
+    save_file(sd, os.path.join(args.out, f'{name}.safetensors'))
+    torch.save(sd, os.path.join(args.out, f'{name}.pth'))
+    npz_path = os.path.join(args.out, f'{name}.npz')
+    np.savez(npz_path, **to_google_npz(sd, model.blocks[0].attn.num_heads))
+
+    # Proof of the npz writer: timm's own npz loader into a fresh model.
+    fresh = make().eval()
+    tv._load_weights(fresh, npz_path)
+    with torch.no_grad():
+      npz_logits = fresh(x).numpy()
+    err = np.abs(npz_logits - logits).max()
+    print(f'{name}: timm npz loader round trip max |dlogit| = {err:.3g}')
+    assert err < 1e-5, err
+
+    # Larger image: timm's own pos-embed resample (checkpoint_filter_fn: bicubic, antialias).
+    big = make(img_size=64).eval()
+    big.load_state_dict(filter_fn(dict(sd), big))
+    with torch.no_grad():
+      big_logits = big(x_big).numpy()
+    expected[f'{name}_logits_32'] = logits
+    expected[f'{name}_logits_64'] = big_logits
+    print(f'{name}: logits {logits.shape}, 64px {big_logits.shape}, '
+          f'grid {model.patch_embed.grid_size} -> {big.patch_embed.grid_size}')
+
+  # resize_posemb references from timm (bicubic, antialias=True, as checkpoint_filter_fn).
+  pe = torch.randn(1, 1 + 6 * 6, 8, generator=torch.Generator().manual_seed(3))
+  expected['posemb_src'] = pe.numpy()
+  for g in (3, 4, 9, 12, 13):
+    expected[f'posemb_bicubic_{g}'] = resample_abs_pos_embed(
+        pe, new_size=(g, g), num_prefix_tokens=1, interpolation='bicubic', antialias=True).numpy()
+  np.savez(os.path.join(args.out, 'expected.npz'), **expected)
+  print('timm', timm.__version__, 'torch', torch.__version__)
+  for f in sorted(os.listdir(args.out)):
+    print(f'  {f}: {os.path.getsize(os.path.join(args.out, f)) / 1024:.0f} KiB')
+
+
+if __name__ == '__main__':
+  main()
