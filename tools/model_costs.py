@@ -1,0 +1,118 @@
+"""Parameter counts and inference FLOPs of DCAL vs the SA-only ViT (paper: +9% params / +2% FLOPs
+for DeiT-Tiny, +8% / +3% for ViT-B).
+
+Parameters come from `jax.eval_shape` of `init` (nothing is allocated). FLOPs come from XLA's
+cost analysis of the compiled inference function (`jax.jit(f).lower(...).compile()
+.cost_analysis()['flops']`, CPU backend; it counts a multiply-add as 2 flops).
+
+The DCAL inference graph is SA + attention rollout + GLCA. The rollout is carried as a running
+product of [N+1, N+1] maps (O(N^2) memory), which costs L-2 full (N+1)^3 matrix products plus
+one vector-matrix product; at 448 px (N+1 = 785) that is large next to a DeiT-Tiny forward pass,
+so the FLOPs are reported with and without it (the rollout is measured on its own too).
+
+  python tools/model_costs.py                       # all variants' params; FLOPs for deit_tiny, vit_base
+  python tools/model_costs.py --flops_variants deit_tiny --size 448 --num_classes 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from dca_jax.models import dcal, vit
+
+
+def count(tree):
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def abstract_params(model, size, batch=1):
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  return jax.eval_shape(lambda k, x: model.init(k, x), key, images)['params'], images
+
+
+def param_counts(variant, size, num_classes):
+  cfg = vit.get_variant(variant)
+  sa = count(abstract_params(vit.VisionTransformer(cfg, num_classes), size)[0])
+  dc = abstract_params(dcal.DCAL(cfg, num_classes, num_glca_layers=1,
+                                 num_pwca_layers=cfg.depth), size)[0]
+  glca = count({k: dc[k] for k in ('glca_block', 'glca_norm', 'glca_head')})
+  return sa, count(dc), glca
+
+
+def flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
+    cost = cost[0]
+  return float(cost['flops'])
+
+
+def inference_flops(variant, size, num_classes, batch=1):
+  cfg = vit.get_variant(variant)
+  out = {}
+  vit_model = vit.VisionTransformer(cfg, num_classes)
+  p, x = abstract_params(vit_model, size, batch)
+  out['sa_vit'] = flops(lambda p, x: vit_model.apply({'params': p}, x), p, x)
+  for name, m in (('dcal', 1), ('dcal_no_glca', 0)):
+    model = dcal.DCAL(cfg, num_classes, num_glca_layers=m, num_pwca_layers=cfg.depth)
+    p, x = abstract_params(model, size, batch)
+    # predict_probs is what evaluation runs; no partner -> no PWCA at inference.
+    out[name] = flops(lambda p, x: dcal.predict_probs(model.apply({'params': p}, x)), p, x)
+  n = cfg.num_patches(size) + 1
+  maps = jax.ShapeDtypeStruct((cfg.depth, batch, n, n), jnp.float32)
+
+  def rollout(maps):
+    acc = None
+    for i in range(cfg.depth - 1):
+      acc = dcal.rollout_update(acc, maps[i])
+    return dcal.rollout_cls_row(acc, maps[-1])
+  out['rollout'] = flops(rollout, maps)
+  # analytic: (L-2) products of (N+1)^3 multiply-adds, one (N+1)^2 vector-matrix product
+  out['rollout_analytic'] = 2.0 * batch * ((cfg.depth - 2) * n ** 3 + n ** 2)
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--size', type=int, default=448)
+  p.add_argument('--num_classes', type=int, default=200)
+  p.add_argument('--param_variants', default=','.join(vit.VARIANTS))
+  p.add_argument('--flops_variants', default='deit_tiny,vit_base')
+  a = p.parse_args()
+
+  print(f'## Parameters at {a.size} px, {a.num_classes} classes (jax.eval_shape)\n')
+  print('| backbone | SA-only ViT | DCAL (SA+GLCA; PWCA adds none) | GLCA block+norm+head | DCAL / SA |')
+  print('|---|---:|---:|---:|---:|')
+  for v in a.param_variants.split(','):
+    try:
+      sa, dc, glca = param_counts(v, a.size, a.num_classes)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'| {v} | n/a ({type(e).__name__}: {e}) | | | |')
+      continue
+    print(f'| {v} | {sa / 1e6:.3f} M | {dc / 1e6:.3f} M | {glca / 1e6:.3f} M | +{100 * (dc / sa - 1):.1f}% |',
+          flush=True)
+
+  print(f'\n## Inference FLOPs at {a.size} px, batch 1 (XLA cost analysis, CPU)\n')
+  print('| backbone | SA-only ViT | DCAL SA+GLCA (with rollout) | DCAL, GLCA off (unused rollout dropped by XLA) '
+        '| rollout alone (XLA / analytic) | DCAL/SA with rollout | DCAL/SA without rollout |')
+  print('|---|---:|---:|---:|---:|---:|---:|')
+  for v in filter(None, a.flops_variants.split(',')):
+    f = inference_flops(v, a.size, a.num_classes)
+    g = 1e9
+    with_r = f['dcal'] / f['sa_vit'] - 1
+    without_r = (f['dcal'] - f['rollout']) / f['sa_vit'] - 1
+    print(f"| {v} | {f['sa_vit'] / g:.2f} G | {f['dcal'] / g:.2f} G | {f['dcal_no_glca'] / g:.2f} G "
+          f"| {f['rollout'] / g:.2f} G / {f['rollout_analytic'] / g:.2f} G "
+          f"| +{100 * with_r:.1f}% | +{100 * without_r:.1f}% |", flush=True)
+
+
+if __name__ == '__main__':
+  main()
