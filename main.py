@@ -63,5 +63,19 @@ def main(argv):
     sys.exit(f'error: {e}')
 
 
+def parse_flags(argv):
+  """absl's parser, with a wrong --config.KEY turned into one clear line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nPass --help for usage.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = str(e.args[0] if e.args else e).replace('\\n', ' ').replace("\\'", "'").strip("'")
+    msg = ' '.join(msg.split()).replace("' Did", "'. Did")
+    if not msg.startswith("'"):
+      msg = "'" + msg
+    sys.exit(f'error: bad config override: {msg} (every key is listed in dca_jax/config_lib.py)')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

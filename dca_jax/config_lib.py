@@ -20,17 +20,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = 'synthetic'          # cub | cars | aircraft | synthetic
   c.data_source = 'synthetic'      # tfds | folder | synthetic
   c.data_dir = ''                  # TFDS data_dir, or the folder holding the official layout
-  c.num_classes = 10
+  c.num_classes = 10               # classes of the dataset (200 CUB, 196 Cars, 100 Aircraft)
   c.input_size = 448               # square crop side in px
   c.resize_size = 550              # resize before the crop
   c.test_crop = 'center_crop'      # center_crop (resize 550 -> centre 448) | resize (to 448)
   c.normalization = 'imagenet'     # imagenet (mean/std, DeiT/timm) | inception ([-1, 1], Google npz)
-  c.shuffle_buffer = 2048
+  c.shuffle_buffer = 2048          # TFDS source: per-host shuffle buffer (folder/synthetic permute whole epochs)
   c.num_parallel_calls = -1        # tf.data AUTOTUNE
   c.verify_images = True           # folder source: decode every file once at start, skip bad ones
   c.synthetic_num_train = 1000     # synthetic source only
-  c.synthetic_num_test = 500
-  c.synthetic_image_size = 64
+  c.synthetic_num_test = 500       # synthetic source only
+  c.synthetic_image_size = 64      # synthetic source only: generated image side in px
   # --- model ------------------------------------------------------------------------------
   c.backbone = 'deit_tiny'         # deit_tiny | deit_small | deit_base | vit_base | r50_vit_base | tiny test variants
   c.backbone_overrides = ml_collections.ConfigDict()  # e.g. {'width': 64, 'depth': 2}: tiny models
@@ -39,32 +39,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_pwca_layers = 12           # T; 0 disables PWCA; T < L uses the last T blocks
   c.top_k_ratio = 0.1              # R: 0.1 FGVC, 0.3 Re-ID
   c.glca_input = 'parallel'        # parallel: input of SA block L | on_top: output of SA block L
+  c.glca_pool = 'cls'               # GLCA head reads: cls (METHOD.md) / mean of CLS + R local outputs
   c.glca_init_from_sa = True       # copy the last SA block into GLCA when pretrained weights load
   c.loss_weighting = 'uncertainty' # uncertainty (Kendall et al.) | sum
-  c.stochastic_depth_prob = 0.1
+  c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
   c.attention_impl = 'xla'         # xla | cudnn (fused attention where no weights are needed: PWCA)
-  c.use_gradient_checkpointing = True
+  c.use_gradient_checkpointing = True # nn.remat around every block (SA/PWCA/GLCA)
   c.remat_policy = 'nothing_saveable'  # any name in jax.checkpoint_policies
   c.precision = 'auto'             # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)
   c.pretrained_model = ''          # path to .npz / .safetensors / .pth, '' = random init
   c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
   # --- optimisation -----------------------------------------------------------------------
   c.batch_size = 4                 # physical batch, global across devices
-  c.gradient_accumulation_steps = 4
+  c.gradient_accumulation_steps = 4 # micro-batches per update (optax.MultiSteps); effective batch = batch_size x this
   c.learning_rate = 5e-4           # base; scaled by effective batch / 512
-  c.weight_decay = 0.05
-  c.warmup_epochs = 1.0
-  c.num_epochs = 100
+  c.weight_decay = 0.05            # AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights
+  c.warmup_epochs = 1.0            # linear warm-up, then cosine decay to 0
+  c.num_epochs = 100               # training length
   c.max_grad_norm = 0.0            # 0 disables global-norm clipping
-  c.seed = 42
+  c.seed = 42                      # init, data order, augmentation, PWCA partners, drop path
   # --- evaluation, checkpoints, logging ----------------------------------------------------
-  c.eval_batch_size = 16
+  c.eval_batch_size = 16           # global; the last batch is padded and masked
   c.eval_frequency = 1             # epochs
   c.save_frequency = 1             # epochs
   c.save_every_steps = 0           # optimizer micro-steps; 0 = off (tests and pre-emptible jobs)
   c.keep_checkpoints = 2           # latest N kept, plus the best by eval accuracy
-  c.log_every_steps = 10
-  c.wandb_project = ''
+  c.log_every_steps = 10           # metrics to TensorBoard / metrics.jsonl / progress bar
+  c.wandb_project = ''             # log to Weights & Biases when set (pip install wandb)
   c.max_steps = 0                  # stop after this many micro-steps; 0 = run num_epochs
   return c
 
@@ -80,11 +81,11 @@ def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
   c.batch_size, c.gradient_accumulation_steps = 4, 4
   c.learning_rate, c.weight_decay = 5e-4, 0.05   # -> 1.5625e-5 at effective batch 16
   c.num_epochs, c.warmup_epochs = 100, 1.0
-  c.stochastic_depth_prob = 0.1
+  c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
   c.use_gradient_checkpointing, c.remat_policy = True, 'nothing_saveable'
   # Google npz weights (vit_base, r50_vit_base) expect [-1, 1] inputs; DeiT/timm ImageNet stats.
   c.normalization = 'inception' if backbone in ('vit_base', 'r50_vit_base') else 'imagenet'
-  c.eval_batch_size = 16
+  c.eval_batch_size = 16           # global; the last batch is padded and masked
   return c
 
 
@@ -100,6 +101,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       'test_crop': ('center_crop', 'resize'),
       'normalization': ('imagenet', 'inception'),
       'glca_input': ('parallel', 'on_top'),
+      'glca_pool': ('cls', 'mean'),
       'loss_weighting': ('uncertainty', 'sum'),
       'attention_impl': ('xla', 'cudnn'),
       'precision': ('auto', 'fp32', 'bf16', 'fp16'),

@@ -108,7 +108,7 @@ def np_topr(cls_row, ratio):
 
 
 def np_dcal(params, images, *, heads, patch, depth, ratio, num_pwca=0, partner=None,
-            glca_input='parallel'):
+            glca_input='parallel', glca_pool='cls'):
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   x = np_embed(p['embed'], np.asarray(images, np.float64), patch)
   x_pw, maps, glca_in = None, [], None
@@ -132,7 +132,8 @@ def np_dcal(params, images, *, heads, patch, depth, ratio, num_pwca=0, partner=N
     glca_in = x
   g, _, _ = np_block(p['glca_block'], glca_in, heads, query_index=index)
   out['glca_index'] = index
-  out['glca_logits'] = np_dense(np_ln(g, p['glca_norm'])[:, 0], p['glca_head'])
+  g = np_ln(g, p['glca_norm'])
+  out['glca_logits'] = np_dense(g[:, 0] if glca_pool == 'cls' else g.mean(axis=1), p['glca_head'])
   if x_pw is not None:
     out['pwca_logits'] = np_dense(np_ln(x_pw, p['norm'])[:, 0], p['head'])
   return out
@@ -330,6 +331,18 @@ def test_glca_cls_output_does_not_depend_on_the_selection():
   ya = blk.apply({'params': params['glca_block']}, h, True, False, a)[0]
   yb = blk.apply({'params': params['glca_block']}, h, True, False, b)[0]
   np.testing.assert_allclose(ya[:, 0], yb[:, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_glca_mean_pool_matches_numpy_and_depends_on_the_selection():
+  """glca_pool='mean' (CLS + the R local outputs) is where the token selection reaches the logits."""
+  params = init_params(make_model(glca_pool='mean'))
+  x = images()
+  out = japply(make_model(glca_pool='mean'), params, x)
+  ref = np_dcal(params, x, heads=TINY.num_heads, patch=TINY.patch_size, depth=TINY.depth,
+                ratio=RATIO, glca_pool='mean')
+  np.testing.assert_allclose(out['glca_logits'], ref['glca_logits'], **TOL)
+  other = japply(make_model(glca_pool='mean', top_k_ratio=1.0), params, x)
+  assert np.abs(np.asarray(other['glca_logits']) - np.asarray(out['glca_logits'])).max() > 1e-4
 
 
 def test_glca_on_top_input_matches_numpy():

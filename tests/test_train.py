@@ -219,3 +219,19 @@ def test_batch_not_divisible_by_devices_and_missing_dataset(tmp_path):
   with pytest.raises(data.DataError, match='does-not-exist'):
     train.Trainer(tiny_config(dataset='cub', data_source='folder', num_classes=200,
                               data_dir=str(tmp_path / 'does-not-exist')), str(tmp_path / 'w'))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  p = subprocess.Popen(_main(tmp_path, '--config.max_steps=400', '--config.num_epochs=50',
+                             '--config.save_every_steps=3'),
+                       env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  ckdir = tmp_path / 'checkpoints'
+  deadline = time.time() + 240
+  while not (ckdir / '3').is_dir() and time.time() < deadline and p.poll() is None:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 0, out[-3000:]
+  assert 'SIGTERM: saved step' in out
+  saved = int(out.split('SIGTERM: saved step ')[1].split(',')[0])
+  assert 3 <= saved < 400 and (ckdir / str(saved)).is_dir()

@@ -88,6 +88,7 @@ class DCAL(nn.Module):
   num_pwca_layers: int = 12
   top_k_ratio: float = 0.1
   glca_input: str = 'parallel'
+  glca_pool: str = 'cls'               # cls | mean: what the GLCA classifier reads
   stochastic_depth_prob: float = 0.0
   dtype: Dtype = jnp.float32
   remat_policy: Optional[str] = None   # None: no remat; 'full' or a jax.checkpoint_policies name
@@ -127,7 +128,7 @@ class DCAL(nn.Module):
       else:
         cls_row = rollout_cls_row(acc, head_mean)
 
-    sa_feature = norm(x)[:, 0]
+    sa_feature = norm(x[:, 0])  # LN is per token: normalise only the CLS the head reads
     out = {'sa_logits': head(sa_feature), 'sa_feature': sa_feature,
            'rollout': cls_row, 'loss_weights': loss_weights}
     if self.num_glca_layers:
@@ -136,12 +137,16 @@ class DCAL(nn.Module):
       index = select_tokens(cls_row, self.top_k_ratio)
       g, _, _ = vit.make_block(cfg, drop_path=rates[-1], name='glca_block', **kw)(
           glca_in, deterministic, False, index)
-      glca_feature = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')(g)[:, 0]
+      g = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')(
+          g[:, :1] if self.glca_pool == 'cls' else g)
+      # 'cls' (METHOD.md): with M = 1 the CLS row attends to all keys whatever else was
+      # selected, so the selection then only matters through `mean` (CLS + the R local outputs).
+      glca_feature = g[:, 0] if self.glca_pool == 'cls' else g.mean(axis=1)
       out.update(glca_feature=glca_feature, glca_index=index,
                  glca_logits=nn.Dense(self.num_classes, dtype=jnp.float32,
                                       kernel_init=vit.dense_init, name='glca_head')(glca_feature))
     if run_pwca:
-      out['pwca_logits'] = head(norm(x_pw)[:, 0])
+      out['pwca_logits'] = head(norm(x_pw[:, 0]))
     return out
 
 
@@ -171,5 +176,6 @@ def build_model(config, *, dtype=jnp.float32) -> DCAL:
   return DCAL(config=vcfg, num_classes=config.num_classes,
               num_glca_layers=config.num_glca_layers, num_pwca_layers=config.num_pwca_layers,
               top_k_ratio=config.top_k_ratio, glca_input=config.glca_input,
+              glca_pool=config.glca_pool,
               stochastic_depth_prob=config.stochastic_depth_prob, dtype=dtype,
               remat_policy=remat, attention_impl=config.attention_impl)

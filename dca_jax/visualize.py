@@ -1,0 +1,417 @@
+"""The `visualize` and `predict` modes: attention-rollout maps, GLCA selections, top-k tables.
+
+  python main.py --config C --workdir W --mode visualize [--num_images 8] [--images a.jpg,b.png]
+                 [--compare_workdir W_SA_ONLY] [--checkpoint best]
+  python main.py --config C --workdir W --mode predict --images a.jpg,b.png
+
+visualize writes one PNG per image into W/visualize/: the input crop, the SA attention-rollout
+heat map over it (exactly the CLS row the model uses to choose GLCA's local queries, drawn per
+patch cell), the top-R cells GLCA selected outlined, and the top-3 prediction against the truth.
+With --compare_workdir a second run (e.g. an SA-only baseline) is drawn beside it.
+predict prints the top-5 classes per image and writes W/predictions.jsonl. See docs/VISUALIZE.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from dca_jax import evaluate
+from dca_jax.models import dcal
+
+# Figure geometry in pixels (fixed, so a figure's pixel size is known: `figure_size_px`).
+DPI = 100
+PANEL_PX = 360      # each square image panel
+MARGIN_PX = 12      # left/right/between panels
+TITLE_PX = 46       # above the panels
+TEXT_PX = 84        # below the panels: top-3 predictions
+# Model outputs the figures and tables use.
+_OUTPUT_KEYS = ('rollout', 'glca_index')
+
+
+# ============================================================================ pure helpers
+def token_grid(num_patches: int) -> int:
+  """Side of the square patch grid holding `num_patches` tokens (CLS excluded)."""
+  g = math.isqrt(int(num_patches))
+  if g * g != num_patches:
+    raise ValueError(f'{num_patches} patch tokens do not form a square grid')
+  return g
+
+
+def _cell_index(size: int, grid: int) -> np.ndarray:
+  """For each of `size` pixels, the patch row/column it lies in (nearest-cell upsampling)."""
+  return np.minimum((np.arange(size) * grid) // size, grid - 1)
+
+
+def rollout_heatmap(rollout_row, grid: int, image_size: int) -> np.ndarray:
+  """Rollout CLS row [1 + grid²] -> float32 [S, S] in [0, 1], one constant block per patch.
+
+  The CLS column is dropped, the patch part reshaped row-major to the token grid, min-max
+  normalised (a constant map gives zeros), and upsampled by nearest cell, so every pixel of a
+  patch carries that patch's rollout value and the hottest blocks are GLCA's selected tokens.
+  """
+  row = np.asarray(rollout_row, np.float64).reshape(-1)
+  if row.size != 1 + grid * grid:
+    raise ValueError(f'rollout row has {row.size} entries, expected 1 + {grid}x{grid}')
+  cells = row[1:].reshape(grid, grid)
+  lo, hi = cells.min(), cells.max()
+  cells = (cells - lo) / (hi - lo) if hi > lo else np.zeros_like(cells)
+  idx = _cell_index(int(image_size), grid)
+  return cells[idx[:, None], idx[None, :]].astype(np.float32)
+
+
+def selected_cells(glca_index, grid: int) -> list[tuple[int, int]]:
+  """GLCA token indices [1 + R] (CLS first, patches 1-based) -> [(row, col)] patch cells."""
+  idx = np.asarray(glca_index).reshape(-1)[1:].astype(np.int64) - 1
+  if idx.size and (idx.min() < 0 or idx.max() >= grid * grid):
+    raise ValueError(f'GLCA index out of the {grid}x{grid} patch grid: {idx.tolist()}')
+  return [(int(i) // grid, int(i) % grid) for i in idx]
+
+
+def cell_boxes(cells, grid: int, image_size: int) -> list[tuple[float, float, float, float]]:
+  """(row, col) cells -> (x0, y0, width, height) pixel boxes in imshow coordinates."""
+  edges = np.searchsorted(_cell_index(image_size, grid), np.arange(grid + 1)) - 0.5
+  return [(float(edges[c]), float(edges[r]), float(edges[c + 1] - edges[c]),
+           float(edges[r + 1] - edges[r])) for r, c in cells]
+
+
+def top_k(probs, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
+  """The k most probable (class name, probability), descending."""
+  p = np.asarray(probs, np.float64)
+  order = np.argsort(-p, kind='stable')[:min(k, p.size)]
+  return [(str(class_names[i]), float(p[i])) for i in order]
+
+
+def figure_size_px(num_panels: int) -> tuple[int, int]:
+  """(width, height) in pixels of a figure with `num_panels` square image panels."""
+  return (num_panels * PANEL_PX + (num_panels + 1) * MARGIN_PX, TITLE_PX + PANEL_PX + TEXT_PX)
+
+
+def _reason(error: Exception, path: str) -> str:
+  """The loader's message without the file name (the error line names it first)."""
+  msg = str(error)
+  for p in {path, os.fspath(path)}:
+    msg = msg.replace(f' {p}:', ':').replace(f' {p}', '')
+  return msg.strip().rstrip(':') or type(error).__name__
+
+
+# ============================================================================ restored models
+class Predictor:
+  """A restored checkpoint and ONE jitted forward, reused for every image and batch."""
+
+  def __init__(self, config, workdir: str, which: str = 'latest'):
+    if jax.process_count() > 1:
+      raise ValueError('visualize / predict run in a single process (no --num_processes)')
+    trainer = evaluate.restored_trainer(config, workdir, which)
+    trainer.checkpointer.close()
+    self.config, self.workdir, self.which = config, workdir, which
+    self.step = int(trainer.restored_step)
+    self.params = trainer.state.params
+    self.input = trainer.input
+    self.class_names = list(trainer.input.info.class_names)
+    self.has_glca = int(config.num_glca_layers) > 0
+    self.input_size = int(config.input_size)
+    self.batch_size = max(1, int(config.eval_batch_size))
+    model, dtype = trainer.model, trainer.dtype
+    num_heads = 2.0 if self.has_glca else 1.0
+
+    def forward(params, images):
+      out = model.apply({'params': params}, images.astype(dtype), train=False)
+      # softmax(SA) + softmax(GLCA) sums to 2: divide by the number of heads -> probabilities.
+      res = {'probs': dcal.predict_probs(out) / num_heads}
+      res.update({k: out[k] for k in _OUTPUT_KEYS if k in out})
+      return res
+
+    self._forward = jax.jit(forward)
+
+  @property
+  def label(self) -> str:
+    name = os.path.basename(os.path.normpath(self.workdir)) or self.workdir
+    return f'{name} ({"SA+GLCA" if self.has_glca else "SA only"})'
+
+  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """float32 [n, S, S, 3] -> numpy {'probs' [n, C], 'rollout' [n, 1+N], 'glca_index'?}.
+
+    Batches of min(n, eval_batch_size), the last one padded: one shape, one compilation.
+    """
+    images = np.asarray(images, np.float32)
+    n = images.shape[0]
+    b = min(n, self.batch_size)
+    chunks = []
+    for start in range(0, n, b):
+      chunk = images[start:start + b]
+      pad = b - chunk.shape[0]
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      out = jax.device_get(self._forward(self.params, chunk))
+      chunks.append({k: np.asarray(v)[:b - pad] for k, v in out.items()})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _load_files(paths: Sequence[str], config) -> tuple[list, list]:
+  """[(path, image, display)] of the readable files and [(path, reason)] of the others.
+
+  Each failure is printed at once as `error: <file>: <reason>` on stderr.
+  """
+  from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
+  ok, failed = [], []
+  for path in paths:
+    try:
+      image, display = data.load_image_for_eval(path, config)
+    except data.ImageLoadError as e:
+      reason = _reason(e, path)
+      print(f'error: {path}: {reason}', file=sys.stderr, flush=True)
+      failed.append((path, reason))
+      continue
+    ok.append((path, image, display))
+  return ok, failed
+
+
+def _clean_paths(images) -> list[str]:
+  paths = [str(p).strip() for p in (images or ()) if str(p).strip()]
+  return paths
+
+
+# ============================================================================ predict
+def format_table(rows: Sequence[dict]) -> str:
+  """Readable top-k table of `predictions.jsonl`-style records."""
+  lines = []
+  width = max([len(c['class']) for r in rows for c in r.get('top5', ())] + [5])
+  for r in rows:
+    lines.append(r['file'])
+    if 'error' in r:
+      lines.append(f'    error: {r["error"]}')
+    for rank, c in enumerate(r.get('top5', ()), 1):
+      lines.append(f'    {rank}. {c["class"]:<{width}}  {100 * c["prob"]:6.2f}%')
+  return '\n'.join(lines)
+
+
+def run_predict(config, workdir: str, images, which: str = 'latest') -> list[dict]:
+  """Top-5 classes per image file: printed as a table and written to workdir/predictions.jsonl.
+
+  Missing/unreadable files give one `error: <file>: <reason>` line each and an `error` record;
+  the others are still predicted. Raises ValueError when no file is given or none is readable.
+  """
+  paths = _clean_paths(images)
+  if not paths:
+    raise ValueError('--mode predict needs image files: --images a.jpg,b.png')
+  predictor = Predictor(config, workdir, which)
+  loaded, failed = _load_files(paths, config)
+  results = {}
+  if loaded:
+    out = predictor(np.stack([im for _, im, _ in loaded]))
+    for (path, _, _), probs in zip(loaded, out['probs']):
+      results[path] = {'file': path, 'top5': [{'class': c, 'prob': p} for c, p in
+                                              top_k(probs, predictor.class_names, 5)]}
+  for path, reason in failed:
+    results[path] = {'file': path, 'error': reason}
+  rows = [results[p] for p in paths]
+  out_path = os.path.join(workdir, 'predictions.jsonl')
+  with open(out_path, 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+  print(f'top-5 predictions ({which} checkpoint, step {predictor.step}, '
+        f'{"SA+GLCA" if predictor.has_glca else "SA"}):')
+  print(format_table(rows))
+  print(f'{len(loaded)} of {len(paths)} image(s) predicted -> {out_path}', flush=True)
+  if not loaded:
+    raise ValueError(f'none of the {len(paths)} image file(s) could be read')
+  return rows
+
+
+# ============================================================================ visualize
+def _model_config(config, workdir: str):
+  """`config` with the model/preprocessing knobs of the run in `workdir`: its config.json,
+  then the model description stored in its latest checkpoint (authoritative for the shapes)."""
+  from dca_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(config.to_dict())
+  saved = {}
+  path = os.path.join(workdir, 'config.json')
+  if os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f)
+  if os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+      step = ck.latest_step()
+      meta = ck.read_meta(step) if step is not None else {}
+    finally:
+      ck.close()
+    saved.update({k: v for k, v in meta.items() if k in c})
+    if 'precision_loss_scale' in meta and meta['precision_loss_scale'] != (
+        saved.get('precision', c.precision) == 'fp16'):
+      saved['precision'] = 'fp16' if meta['precision_loss_scale'] else 'auto'
+  for key in ('backbone', 'backbone_overrides', 'num_sa_layers', 'num_glca_layers',
+              'num_pwca_layers', 'top_k_ratio', 'glca_input', 'glca_pool', 'input_size', 'resize_size',
+              'test_crop', 'normalization', 'precision', 'attention_impl'):
+    if key in saved:
+      value = saved[key]
+      if key == 'backbone_overrides':
+        value = ml_collections.ConfigDict(value or {})
+      c[key] = value
+  return c
+
+
+def _same_preprocessing(a, b) -> bool:
+  keys = ('input_size', 'resize_size', 'test_crop', 'normalization')
+  return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _test_examples(predictor: Predictor, num_images: int, indices=None) -> list[dict]:
+  """The first `num_images` test images (or those with the given `indices`), in split order."""
+  from dca_jax import data  # pylint: disable=g-import-not-at-top
+  want = None if indices is None else set(indices)
+  found = {}
+  for batch in predictor.input.eval_iter(with_index=True):
+    for image, label, mask, index in zip(batch['image'], batch['label'], batch['mask'],
+                                         batch['index']):
+      if not mask or (want is not None and int(index) not in want):
+        continue
+      found[int(index)] = {
+          'name': f'test_{int(index):05d}', 'title': f'test image #{int(index)}',
+          'image': image, 'display': data.denormalize(image, predictor.config),
+          'truth': predictor.class_names[int(label)]}
+      if len(found) == (num_images if want is None else len(want)):
+        break
+    else:
+      continue
+    break
+  return [found[i] for i in (sorted(found) if indices is None else indices) if i in found]
+
+
+def _file_examples(paths, config) -> tuple[list[dict], list]:
+  loaded, failed = _load_files(paths, config)
+  names, examples = set(), []
+  for path, image, display in loaded:
+    stem = os.path.splitext(os.path.basename(path))[0] or 'image'
+    name, k = stem, 1
+    while name in names:
+      name, k = f'{stem}_{k}', k + 1
+    names.add(name)
+    examples.append({'name': name, 'title': os.path.basename(path), 'path': path,
+                     'image': image, 'display': display, 'truth': None})
+  return examples, failed
+
+
+def _draw_map(ax, display, out: dict, i: int, *, class_names, truth):
+  """Heat map + GLCA boxes of image i on `ax`; the top-3 prediction below it."""
+  from matplotlib import patches  # pylint: disable=g-import-not-at-top
+  size = display.shape[0]
+  grid = token_grid(out['rollout'].shape[-1] - 1)
+  heat = rollout_heatmap(out['rollout'][i], grid, size)
+  # The image in grey under the heat map, so the map's colours read on colourful images.
+  grey = np.asarray(display, np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
+  ax.imshow(grey, cmap='gray', vmin=0, vmax=255)
+  ax.imshow(heat, cmap='jet', alpha=0.6, vmin=0.0, vmax=1.0, interpolation='nearest')
+  if 'glca_index' in out:
+    cells = selected_cells(out['glca_index'][i], grid)
+    for x0, y0, w, h in cell_boxes(cells, grid, size):
+      ax.add_patch(patches.Rectangle((x0, y0), w, h, fill=False, edgecolor='white',
+                                     linewidth=1.4))
+    what = f'rollout + GLCA top-{len(cells)} of {grid * grid} patches'
+  else:
+    what = 'attention rollout (no GLCA)'
+  lines = []
+  for rank, (name, p) in enumerate(top_k(out['probs'][i], class_names, 3), 1):
+    mark = '' if truth is None else ('  \u2713' if name == truth else '  \u2717')
+    lines.append(f'{rank}. {name}  {p:.2f}{mark}')
+  return what, '\n'.join(lines)
+
+
+def _save_figure(path: str, example: dict, models: Sequence[tuple]) -> None:
+  """One figure: the input, then one heat-map panel per (predictor, outputs, example, i)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = 1 + len(models)
+  w_px, h_px = figure_size_px(n)
+  fig = plt.figure(figsize=(w_px / DPI, h_px / DPI), dpi=DPI)
+  try:
+    bottom = TEXT_PX / h_px
+    height = PANEL_PX / h_px
+    width = PANEL_PX / w_px
+
+    def axes(k):
+      ax = fig.add_axes([(MARGIN_PX + k * (PANEL_PX + MARGIN_PX)) / w_px, bottom, width, height])
+      ax.set_xticks([])
+      ax.set_yticks([])
+      return ax
+
+    truth = example['truth']
+    ax = axes(0)
+    ax.imshow(example['display'])
+    ax.set_title(f'{example["title"]}\ntruth: {truth if truth is not None else "unknown"}',
+                 fontsize=9)
+    for k, (predictor, out, ex, i) in enumerate(models, 1):
+      ax = axes(k)
+      what, text = _draw_map(ax, ex['display'], out, i, class_names=predictor.class_names,
+                             truth=truth)
+      ax.set_title(f'{predictor.label}\n{what}', fontsize=9)
+      fig.text((MARGIN_PX + k * (PANEL_PX + MARGIN_PX)) / w_px, (TEXT_PX - 6) / h_px, text,
+               ha='left', va='top', fontsize=9, family='DejaVu Sans')
+    fig.savefig(path, dpi=DPI)
+  finally:
+    plt.close(fig)
+
+
+def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
+                  compare_workdir: str = '', which: str = 'latest') -> list[str]:
+  """Writes workdir/visualize/<name>.png per image; returns the paths written.
+
+  Without `images`, the first `num_images` test images (truth known); with `images`, those
+  files (truth unknown; unreadable ones are reported and skipped). `compare_workdir`: a second
+  run (e.g. the SA-only baseline) drawn beside this one, restored with the model knobs of its
+  own config.json.
+  """
+  paths = _clean_paths(images)
+  if not paths and num_images <= 0:
+    raise ValueError(f'--num_images={num_images}: draw at least one test image')
+  compare_workdir = (compare_workdir or '').strip()
+  if compare_workdir and not os.path.isdir(compare_workdir):
+    raise FileNotFoundError(f'--compare_workdir {compare_workdir}: no such directory')
+  predictors = [Predictor(config, workdir, which)]
+  if compare_workdir:
+    predictors.append(Predictor(_model_config(config, compare_workdir), compare_workdir, which))
+
+  # Each model sees the image preprocessed its own way (the same crop when the configs agree).
+  per_model: list[list[dict]] = []
+  if paths:
+    examples, _ = _file_examples(paths, config)
+    if not examples:
+      raise ValueError(f'none of the {len(paths)} image file(s) could be read')
+    per_model.append(examples)
+    for p in predictors[1:]:
+      if _same_preprocessing(config, p.config):
+        per_model.append(examples)
+      else:
+        per_model.append(_file_examples([e['path'] for e in examples], p.config)[0])
+  else:
+    examples = _test_examples(predictors[0], num_images)
+    if not examples:
+      raise ValueError('the test split is empty: nothing to visualize')
+    per_model.append(examples)
+    indices = [int(e['name'].split('_')[1]) for e in examples]
+    for p in predictors[1:]:
+      per_model.append(examples if _same_preprocessing(config, p.config)
+                       else _test_examples(p, len(indices), indices))
+
+  outputs = [p(np.stack([e['image'] for e in exs])) for p, exs in zip(predictors, per_model)]
+  out_dir = os.path.join(workdir, 'visualize')
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for i, example in enumerate(per_model[0]):
+    models = [(p, out, exs[i], i) for p, out, exs in zip(predictors, outputs, per_model)]
+    path = os.path.join(out_dir, f'{example["name"]}.png')
+    _save_figure(path, example, models)
+    written.append(path)
+  print(f'visualize ({which} checkpoint, step {predictors[0].step}'
+        + (f'; compared with {compare_workdir} step {predictors[1].step}' if compare_workdir else '')
+        + f'): {len(written)} figure(s) -> {out_dir}', flush=True)
+  return written

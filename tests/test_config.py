@@ -1,0 +1,53 @@
+"""Configs: every experiment file loads and validates; bad keys/values fail clearly; README table."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from dca_jax import config_lib
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('name,classes', [('cub', 200), ('cars', 196), ('aircraft', 100),
+                                          ('demo', 10)])
+def test_experiment_configs_validate(name, classes):
+  config = _load(name)
+  config_lib.validate(config)
+  assert config.num_classes == classes
+
+
+def test_paper_recipe_numbers():
+  c = _load('cub')
+  assert (c.batch_size, c.gradient_accumulation_steps) == (4, 4)   # the PyTorch guide's default
+  assert config_lib.effective_batch_size(c) == 16
+  assert config_lib.scaled_learning_rate(c) == pytest.approx(1.5625e-5)  # 5e-4 / 512 * 16
+  assert (c.input_size, c.resize_size, c.top_k_ratio) == (448, 550, 0.1)
+  assert (c.num_sa_layers, c.num_glca_layers, c.num_pwca_layers) == (12, 1, 12)
+  assert c.weight_decay == 0.05 and c.num_epochs == 100 and c.use_gradient_checkpointing
+
+
+def test_unknown_key_and_bad_choice_are_named():
+  c = config_lib.base_config()
+  c.batchsize = 8
+  with pytest.raises(ValueError, match='unknown config key.*batchsize'):
+    config_lib.validate(c)
+  c = config_lib.base_config()
+  c.precision = 'fp8'
+  with pytest.raises(ValueError, match="precision='fp8'"):
+    config_lib.validate(c)
+
+
+def test_readme_knob_table_is_current():
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'knob_table.py'), '--check',
+                      os.path.join(ROOT, 'README.md')], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr

@@ -1,0 +1,38 @@
+"""Prints the README's knob table from dca_jax/config_lib.py (defaults and their comments).
+
+  python tools/knob_table.py > /tmp/knobs.md   # then paste between the README markers
+  python tools/knob_table.py --check README.md # exits 1 if the README's table is stale
+"""
+
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+BEGIN, END = '<!-- knobs:begin -->', '<!-- knobs:end -->'
+
+
+def table() -> str:
+  from dca_jax import config_lib
+  defaults = config_lib.base_config()
+  fgvc = config_lib.fgvc_config()
+  src = open(os.path.join(ROOT, 'dca_jax', 'config_lib.py')).read()
+  src = src.split('def base_config')[1].split('\ndef ')[0]
+  rows = ['| knob | default | paper recipe (`fgvc_config`) | meaning |', '|---|---|---|---|']
+  for key, comment in re.findall(r'^  c\.(\w+) = [^#\n]*(?:#\s*(.*))?$', src, re.M):
+    if key not in defaults:
+      continue
+    d, f = defaults[key], fgvc[key]
+    show = lambda v: '`' + (repr(v.to_dict()) if hasattr(v, 'to_dict') else repr(v)) + '`'
+    rows.append(f'| `{key}` | {show(d)} | {show(f) if f != d else ""} | {comment.replace("|", "/")} |')
+  return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+  text = table()
+  if len(sys.argv) == 3 and sys.argv[1] == '--check':
+    readme = open(sys.argv[2]).read()
+    current = readme.split(BEGIN)[1].split(END)[0].strip()
+    sys.exit(0 if current == text else 'README knob table is stale: run tools/knob_table.py')
+  print(text)
