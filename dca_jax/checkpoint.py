@@ -11,12 +11,13 @@ import os
 from typing import Any, Optional
 
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-# Config keys that fix the shapes of the saved state: they must agree to restore.
-SHAPE_KEYS = ('backbone', 'backbone_overrides', 'num_classes', 'input_size', 'num_sa_layers',
-              'num_glca_layers', 'precision_loss_scale')
+# Meta keys that fix the shapes of the saved state must agree to restore; the others change what
+# the model computes, not its shapes, so a difference is only warned about.
+BEHAVIOUR_KEYS = ('top_k_ratio', 'glca_input', 'glca_pool')
 
 
 class CheckpointError(RuntimeError):
@@ -32,6 +33,9 @@ def model_meta(config, *, loss_scale: bool) -> dict:
       'num_sa_layers': int(config.num_sa_layers),
       'num_glca_layers': int(config.num_glca_layers),
       'precision_loss_scale': bool(loss_scale),
+      'top_k_ratio': float(config.top_k_ratio),
+      'glca_input': config.glca_input,
+      'glca_pool': config.glca_pool,
   }
 
 
@@ -81,7 +85,11 @@ class Checkpointer:
     """Restores `step` into the shapes/shardings of `abstract_state` after checking the meta."""
     meta = self.read_meta(step)
     diff = [f'{k}: checkpoint {meta.get(k)!r} vs config {expected_meta[k]!r}'
-            for k in expected_meta if meta.get(k) != expected_meta[k]]
+            for k in expected_meta if k not in BEHAVIOUR_KEYS and meta.get(k) != expected_meta[k]]
+    for k in BEHAVIOUR_KEYS:
+      if k in meta and meta[k] != expected_meta[k]:
+        logging.warning('checkpoint %s/%d was trained with %s=%r; running with %r', self.directory,
+                        step, k, meta[k], expected_meta[k])
     if diff:
       raise CheckpointError(f'checkpoint {self.directory}/{step} was made for another model ('
                             + '; '.join(diff) + '); use another --workdir or fix the config')

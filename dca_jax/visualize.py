@@ -249,8 +249,8 @@ def _model_config(config, workdir: str):
         saved.get('precision', c.precision) == 'fp16'):
       saved['precision'] = 'fp16' if meta['precision_loss_scale'] else 'auto'
   for key in ('backbone', 'backbone_overrides', 'num_sa_layers', 'num_glca_layers',
-              'num_pwca_layers', 'top_k_ratio', 'glca_input', 'glca_pool', 'input_size', 'resize_size',
-              'test_crop', 'normalization', 'precision', 'attention_impl'):
+              'num_pwca_layers', 'top_k_ratio', 'glca_input', 'glca_pool', 'input_size',
+              'resize_size', 'test_crop', 'normalization', 'precision', 'attention_impl'):
     if key in saved:
       value = saved[key]
       if key == 'backbone_overrides':
@@ -411,7 +411,8 @@ def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
     path = os.path.join(out_dir, f'{example["name"]}.png')
     _save_figure(path, example, models)
     written.append(path)
-  print(f'visualize ({which} checkpoint, step {predictors[0].step}'
-        + (f'; compared with {compare_workdir} step {predictors[1].step}' if compare_workdir else '')
-        + f'): {len(written)} figure(s) -> {out_dir}', flush=True)
+  other = (f'; compared with {compare_workdir} step {predictors[1].step}'
+           if compare_workdir else '')
+  print(f'visualize ({which} checkpoint, step {predictors[0].step}{other}): '
+        f'{len(written)} figure(s) -> {out_dir}', flush=True)
   return written
