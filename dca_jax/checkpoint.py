@@ -53,9 +53,12 @@ class Checkpointer:
         cm.BestN(get_metric_fn=lambda m: m['accuracy'], reverse=True, n=1,
                  keep_checkpoints_without_metrics=False),
     ])
+    # `read_only` (eval, visualize, predict): never create, clean up or save. Orbax's own
+    # read_only option warns on every open, so it is expressed through these options instead.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=not read_only,
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+        create=not read_only, cleanup_tmp_directories=not read_only)
+    self.read_only = read_only
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
@@ -71,6 +74,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict, accuracy: Optional[float] = None,
            force: bool = False) -> None:
+    if self.read_only:
+      raise CheckpointError(f'{self.directory} was opened read-only')
     metrics = None if accuracy is None else {'accuracy': float(accuracy)}
     if step in self.manager.all_steps():
       return  # this step is already on disk (e.g. end-of-run save right after a periodic one)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import time
@@ -13,6 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 from flax.training import dynamic_scale as dynamic_scale_lib
 
@@ -102,16 +102,12 @@ def make_train_step(model, tx, config, *, dtype, rng):
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
       metrics['loss_scale'] = loss_scale.scale
     skipped = state.skipped + (~is_finite).astype(jnp.int32)
-    metrics.update(grad_norm=optax_global_norm(grads), skipped_steps=skipped)
+    metrics.update(grad_norm=optax.global_norm(grads), skipped_steps=skipped)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               loss_scale=loss_scale, skipped=skipped)
     return new_state, metrics
 
   return step_fn
-
-
-def optax_global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def make_eval_step(model, *, dtype):

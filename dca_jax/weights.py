@@ -21,14 +21,13 @@ Only numpy (and safetensors' format, parsed here) is needed; PyTorch is imported
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
 import re
 import struct
 import zipfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from conftest import tiny_config
 from dca_jax import config_lib, distributed, optim, train

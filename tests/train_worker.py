@@ -34,12 +34,14 @@ from dca_jax import distributed, train  # noqa: E402
 distributed.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
 config = tiny_config(**json.loads(args.overrides))
 trainer = train.Trainer(config, os.path.dirname(os.path.abspath(args.out)))
+init = jax.device_get(trainer.state.params)
 batches = trainer.input.train_iter(start_step=0)
 for _ in range(args.steps):
   batch = distributed.global_batch(next(batches), trainer.batch_sharding)
   trainer.state, metrics = trainer.train_step(trainer.state, batch)
 params = jax.device_get(trainer.state.params)
 flat = traverse_util.flatten_dict(params, sep='/')
+flat.update({'init:' + k: v for k, v in traverse_util.flatten_dict(init, sep='/').items()})
 np.savez(args.out, **{k: np.asarray(v) for k, v in flat.items()})
 trainer.checkpointer.close()
 print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count(),

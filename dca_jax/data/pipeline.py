@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 from absl import logging

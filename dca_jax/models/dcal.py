@@ -71,15 +71,6 @@ def derangement(rng, batch_size: int):
 
 
 # --- the model ---------------------------------------------------------------------------------
-def dcal_block_step(block, x, x_pw, partner, deterministic: bool):
-  """SA step (weights for the rollout) then PWCA step with the partner's SA keys/values."""
-  x_new, (k, v), head_mean = block(x, deterministic, True)
-  if x_pw is not None:
-    extra = (jnp.take(k, partner, axis=0), jnp.take(v, partner, axis=0))
-    x_pw, _, _ = block(x_pw, deterministic, False, None, extra)
-  return x_new, x_pw, head_mean
-
-
 class DCAL(nn.Module):
   """DCAL over a ViT backbone. Call with `partner` (from `derangement`) to run PWCA."""
   config: vit.ViTConfig
@@ -116,12 +107,12 @@ class DCAL(nn.Module):
     x_pw, acc, glca_in, cls_row = None, None, None, None
     for i, rate in enumerate(rates):
       block = vit.make_block(cfg, drop_path=rate, attention_impl=self.attention_impl,
-                             name=f'block_{i}', **kw)
+                             name=f'block_{i}', dcal_step=True, **kw)
       if run_pwca and i == pwca_start:
         x_pw = x  # the PWCA stream starts from the SA hidden state entering block L-T+1
       if i == cfg.depth - 1:
         glca_in = x  # GLCA sits parallel to the last SA block
-      x, x_pw, head_mean = dcal_block_step(block, x, x_pw, partner, deterministic)
+      x, x_pw, head_mean = block.sa_pwca(x, x_pw, partner, deterministic)
       head_mean = jax.lax.stop_gradient(head_mean)  # no gradient through the rollout
       if i < cfg.depth - 1:
         acc = rollout_update(acc, head_mean)

@@ -161,6 +161,20 @@ class EncoderBlock(nn.Module):
 
   def __call__(self, x, deterministic: bool = True, need_weights: bool = False,
                query_index=None, extra_kv=None):
+    return self.forward(x, deterministic, need_weights, query_index, extra_kv)
+
+  def sa_pwca(self, x, x_pw, partner, deterministic: bool):
+    """DCAL's use of a backbone block: the SA step (with the head-mean attention for the
+    rollout), then, when `x_pw` is given, the PWCA step with keys/values [own; partner's SA k/v].
+    Under remat this is one region, so the partner's gathered k/v are recomputed, not saved."""
+    x_new, (k, v), head_mean = self.forward(x, deterministic, True)
+    if x_pw is not None:
+      extra = (jnp.take(k, partner, axis=0), jnp.take(v, partner, axis=0))
+      x_pw, _, _ = self.forward(x_pw, deterministic, False, None, extra)
+    return x_new, x_pw, head_mean
+
+  def forward(self, x, deterministic: bool = True, need_weights: bool = False,
+              query_index=None, extra_kv=None):
     q, k, v = self.attn.project_qkv(self.norm1(x))
     if query_index is not None:
       q = jnp.take_along_axis(q, query_index[:, :, None, None], axis=1)
@@ -206,13 +220,20 @@ def drop_path_rates(rate: float, depth: int):
 
 
 def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xla',
-               remat_policy: Optional[str] = None, name: Optional[str] = None) -> EncoderBlock:
-  """An EncoderBlock, wrapped in `nn.remat` with a named jax.checkpoint_policies policy if asked."""
+               remat_policy: Optional[str] = None, name: Optional[str] = None,
+               dcal_step: bool = False) -> EncoderBlock:
+  """An EncoderBlock, wrapped in `nn.remat` with a named jax.checkpoint_policies policy if asked.
+
+  `dcal_step=True` remats the `sa_pwca` method (how DCAL calls backbone blocks) instead of
+  `__call__` (plain ViT, GLCA).
+  """
   cls = EncoderBlock
   if remat_policy is not None:
     policy = None if remat_policy == 'full' else getattr(jax.checkpoint_policies, remat_policy)
-    # static: deterministic (arg 2) and need_weights (arg 3); self is argument 0.
-    cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
+    if dcal_step:  # static: deterministic (argument 4; self is argument 0)
+      cls = nn.remat(EncoderBlock, static_argnums=(4,), policy=policy, methods=['sa_pwca'])
+    else:  # static: deterministic (2) and need_weights (3)
+      cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
   return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
              drop_path=drop_path, dtype=dtype, attention_impl=attention_impl, name=name)
 
