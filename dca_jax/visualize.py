@@ -309,7 +309,7 @@ def _draw_map(ax, display, out: dict, i: int, *, class_names, truth):
   # The image in grey under the heat map, so the map's colours read on colourful images.
   grey = np.asarray(display, np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
   ax.imshow(grey, cmap='gray', vmin=0, vmax=255)
-  ax.imshow(heat, cmap='jet', alpha=0.6, vmin=0.0, vmax=1.0, interpolation='nearest')
+  ax.imshow(heat, cmap='jet', alpha=0.45, vmin=0.0, vmax=1.0, interpolation='nearest')
   if 'glca_index' in out:
     cells = selected_cells(out['glca_index'][i], grid)
     for x0, y0, w, h in cell_boxes(cells, grid, size):
