@@ -102,7 +102,7 @@ def make_train_step(model, tx, config, *, dtype, rng):
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
       metrics['loss_scale'] = loss_scale.scale
     skipped = state.skipped + (~is_finite).astype(jnp.int32)
-    metrics.update(grad_norm=optax.global_norm(grads), skipped_steps=skipped)
+    metrics.update(grad_norm=optax.tree.norm(grads), skipped_steps=skipped)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               loss_scale=loss_scale, skipped=skipped)
     return new_state, metrics

@@ -11,6 +11,7 @@ import os
 import sys
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -666,3 +667,18 @@ def test_predict_probs_and_reid_feature():
   sa_only = {k: v for k, v in out.items() if not k.startswith('glca')}
   np.testing.assert_allclose(dcal.predict_probs(sa_only), sm(np.asarray(out['sa_logits'])), rtol=1e-5)
   assert dcal.reid_feature(sa_only).shape == (B, TINY.width)
+
+
+def test_gelu_exact_matches_erf_gelu_and_its_derivative():
+  """vit.gelu_exact (hand-written JVP, for speed) against scipy's erf and a float64 derivative."""
+  from scipy.special import erf
+  x = np.linspace(-8, 8, 2001).astype(np.float32)
+  ref = 0.5 * x.astype(np.float64) * (1 + erf(x / np.sqrt(2.0)))
+  np.testing.assert_allclose(vit.gelu_exact(jnp.asarray(x)), ref, atol=1e-6, rtol=1e-6)
+  grad = jax.vmap(jax.grad(vit.gelu_exact))(jnp.asarray(x))
+  xd = x.astype(np.float64)
+  dref = 0.5 * (1 + erf(xd / np.sqrt(2.0))) + xd * np.exp(-0.5 * xd * xd) / np.sqrt(2 * np.pi)
+  np.testing.assert_allclose(grad, dref, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(lambda v: vit.gelu_exact(v).sum())(jnp.asarray(x)),
+                             jax.grad(lambda v: nn.gelu(v, approximate=False).sum())(jnp.asarray(x)),
+                             atol=1e-6)
