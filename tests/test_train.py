@@ -16,7 +16,7 @@ from flax.training import dynamic_scale as dynamic_scale_lib
 
 from conftest import ROOT, tiny_config
 from dca_jax import checkpoint as ckpt_lib
-from dca_jax import distributed, optim, train
+from dca_jax import config_lib, distributed, optim, train
 from dca_jax.models import dcal
 
 WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
@@ -92,7 +92,16 @@ def test_eight_devices_match_one_device(tmp_path):
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
   assert json.loads(stdout.strip().splitlines()[-1])['devices'] == 8
-  _assert_same_params(_load(outs[0]), _load(outs[1]), atol=2e-5)
+  one, eight = _load(outs[0]), _load(outs[1])
+  # Adam moves each weight by ~lr per step whatever the gradient's size, so float-rounding
+  # differences of the 8-way reduction in near-zero gradients can reach a fraction of lr in a
+  # few weights; a wrong sharding (other partners, a missing all-reduce) moves all of them by ~lr.
+  lr = config_lib.scaled_learning_rate(tiny_config(**overrides))
+  keys = [k for k in one if not k.startswith('init:')]
+  diffs = np.concatenate([np.abs(one[k] - eight[k]).ravel() for k in keys])
+  moved = np.concatenate([np.abs(one[k] - one['init:' + k]).ravel() for k in keys])
+  assert np.median(moved) > 0.5 * lr          # the steps really updated the weights
+  assert diffs.max() < 0.1 * lr and np.mean(diffs) < 1e-3 * lr
 
 
 def _free_port():
