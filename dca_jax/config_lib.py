@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
   # --- optimisation -----------------------------------------------------------------------
   c.batch_size = 4                 # physical batch, global across devices
+  c.fsdp = False                   # shard params and optimizer state over the devices (else replicated)
   c.gradient_accumulation_steps = 4 # micro-batches per update (optax.MultiSteps); effective batch = batch_size x this
   c.learning_rate = 5e-4           # base; scaled by effective batch / 512
   c.weight_decay = 0.05            # AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights

@@ -46,6 +46,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def state_sharding(mesh: Mesh, shape, fsdp: bool, min_size: int = 1024) -> NamedSharding:
+  """Replicated, or with `fsdp` the largest axis divisible by the device count sharded over
+  'data' (params, Adam moments and the accumulated gradient alike; XLA all-gathers for compute
+  and reduce-scatters the gradients). Small leaves (biases, norms, scalars) stay replicated."""
+  n = mesh.devices.size
+  if fsdp and n > 1 and int(np.prod(shape, dtype=np.int64)) >= min_size:
+    axes = [i for i in np.argsort(shape)[::-1] if shape[i] % n == 0]
+    if axes:
+      spec = [None] * len(shape)
+      spec[int(axes[0])] = DATA_AXIS
+      return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
 def check_batch_divisible(batch_size: int, what: str = 'batch_size') -> None:
   n = jax.device_count()
   if batch_size % n:

@@ -64,7 +64,8 @@ def create_train_state(config, model, tx, mesh, *, precision: str, rng,
                       skipped=jnp.zeros((), jnp.int32))
 
   abstract = jax.eval_shape(init, rng)
-  shardings = jax.tree.map(lambda _: distributed.replicated(mesh), abstract)
+  shardings = jax.tree.map(
+      lambda x: distributed.state_sharding(mesh, x.shape, config.fsdp), abstract)
   state = jax.jit(init, out_shardings=shardings)(rng)
   if config.pretrained_model and load_pretrained:
     params = load_pretrained_params(config, jax.device_get(state.params))

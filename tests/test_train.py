@@ -80,18 +80,22 @@ def test_fp16_overflow_keeps_state_lowers_scale_and_counts():
 
 
 # --- devices and hosts -----------------------------------------------------------------------------
-def test_eight_devices_match_one_device(tmp_path):
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_eight_devices_match_one_device(tmp_path, fsdp):
   overrides = dict(batch_size=8, num_pwca_layers=2, stochastic_depth_prob=0.1)
   procs, outs = [], []
   for n in (1, 8):
-    cmd, out = _worker(tmp_path, f'd{n}', overrides, devices=n, steps=3)
+    cmd, out = _worker(tmp_path, f'd{n}', dict(overrides, fsdp=fsdp and n > 1), devices=n, steps=3)
     procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True))
     outs.append(out)
   for p in procs:
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
-  assert json.loads(stdout.strip().splitlines()[-1])['devices'] == 8
+  report = json.loads(stdout.strip().splitlines()[-1])
+  assert report['devices'] == 8
+  # fsdp: the kernels really are split over the 8 devices (else everything is replicated)
+  assert (report['sharded_param_leaves'] > 5) if fsdp else report['sharded_param_leaves'] == 0
   one, eight = _load(outs[0]), _load(outs[1])
   # Adam moves each weight by ~lr per step whatever the gradient's size, so float-rounding
   # differences of the 8-way reduction in near-zero gradients can reach a fraction of lr in a

@@ -44,5 +44,7 @@ flat = traverse_util.flatten_dict(params, sep='/')
 flat.update({'init:' + k: v for k, v in traverse_util.flatten_dict(init, sep='/').items()})
 np.savez(args.out, **{k: np.asarray(v) for k, v in flat.items()})
 trainer.checkpointer.close()
+sharded = sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(trainer.state.params))
 print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count(),
+                  'sharded_param_leaves': sharded,
                   'loss': float(metrics['loss'])}))
