@@ -122,8 +122,8 @@ def attention(q, k, v, *, need_weights: bool = False, impl: str = 'xla'):
   weights is the head-mean of the float32 attention map, [batch, q, k], when asked for (the
   rollout's input; no gradient flows through it), else None.
   """
-  if impl == 'cudnn' and not need_weights:
-    # Fused flash attention (GPU, bf16/fp16): never materialises the weights.
+  if impl == 'cudnn' and not need_weights and q.dtype in (jnp.bfloat16, jnp.float16):
+    # Fused flash attention (GPU; cuDNN takes bf16/fp16 only, fp32 falls through to XLA).
     return jax.nn.dot_product_attention(q, k, v, implementation='cudnn'), None
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k,
