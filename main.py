@@ -69,12 +69,14 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f'error: {e}\nPass --help for usage.')
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    msg = str(e.args[0] if e.args else e).replace('\\n', ' ').replace("\\'", "'").strip("'")
-    msg = ' '.join(msg.split()).replace("' Did", "'. Did")
-    if not msg.startswith("'"):
-      msg = "'" + msg
-    sys.exit(f'error: bad config override: {msg} (every key is listed in dca_jax/config_lib.py)')
+  except (AttributeError, KeyError) as e:  # ml_collections: a key the config does not have
+    raw = str(e.args[0] if e.args else e).replace('\\n', '\n')
+    parts = [p.strip(' \'"\\') for p in raw.split('\n') if p.strip(' \'"\\')]
+    hint = f'. {parts[1]}' if len(parts) > 1 else ''
+    sys.exit(f"error: unknown config key '{parts[0] if parts else raw}'{hint} "
+             '(every key is listed in dca_jax/config_lib.py)')
+  except (TypeError, ValueError) as e:
+    sys.exit(f'error: bad config override: {" ".join(str(e).split())}')
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.synthetic_num_train, c.synthetic_num_test, c.synthetic_image_size = 3000, 500, 64
   c.resize_size, c.input_size = 64, 56
   c.backbone = 'deit_tiny'
-  c.backbone_overrides = dict(width=64, depth=3, num_heads=4, mlp_dim=128, patch_size=8)
+  c.backbone_overrides.update(dict(width=64, depth=3, num_heads=4, mlp_dim=128, patch_size=8))
   c.num_sa_layers, c.num_glca_layers, c.num_pwca_layers = 3, 1, 3
   c.top_k_ratio = 0.2                    # 10 of 49 patches
   c.batch_size, c.gradient_accumulation_steps = 32, 1

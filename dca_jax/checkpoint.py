@@ -15,6 +15,8 @@ from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from dca_jax import config_lib
+
 # Meta keys that fix the shapes of the saved state must agree to restore; the others change what
 # the model computes, not its shapes, so a difference is only warned about.
 BEHAVIOUR_KEYS = ('top_k_ratio', 'glca_input', 'glca_pool')
@@ -27,7 +29,7 @@ class CheckpointError(RuntimeError):
 def model_meta(config, *, loss_scale: bool) -> dict:
   return {
       'backbone': config.backbone,
-      'backbone_overrides': dict(config.backbone_overrides),
+      'backbone_overrides': config_lib.backbone_overrides(config),
       'num_classes': int(config.num_classes),
       'input_size': int(config.input_size),
       'num_sa_layers': int(config.num_sa_layers),
@@ -49,14 +51,16 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False):
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=keep),
-        # `reverse=True` sorts by accuracy descending, so the first is the best.
-        cm.BestN(get_metric_fn=lambda m: m['accuracy'], reverse=True, n=1,
+        # BestN sorts ascending and keeps the last n: the highest accuracy.
+        cm.BestN(get_metric_fn=lambda m: m['accuracy'], n=1,
                  keep_checkpoints_without_metrics=False),
     ])
     # `read_only` (eval, visualize, predict): never create, clean up or save. Orbax's own
     # read_only option warns on every open, so it is expressed through these options instead.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=not read_only,
+        # best_fn makes Orbax write each step's metrics and answer best_step().
+        best_fn=lambda m: m['accuracy'], best_mode='max',
         create=not read_only, cleanup_tmp_directories=not read_only)
     self.read_only = read_only
     self.directory = checkpoint_dir(workdir)

@@ -12,6 +12,8 @@ import ml_collections
 
 # Paper: lr = 5e-4 / 512 * effective batch.
 LR_REFERENCE_BATCH = 512
+OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
+                               'resnet_width')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic_image_size = 64      # synthetic source only: generated image side in px
   # --- model ------------------------------------------------------------------------------
   c.backbone = 'deit_tiny'         # deit_tiny | deit_small | deit_base | vit_base | r50_vit_base | tiny test variants
-  c.backbone_overrides = ml_collections.ConfigDict()  # e.g. {'width': 64, 'depth': 2}: tiny models
+  c.backbone_overrides = ml_collections.ConfigDict(  # width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2
+      {k: ml_collections.config_dict.placeholder(int) for k in OVERRIDABLE_BACKBONE_FIELDS})
   c.num_sa_layers = 12             # L (must equal the backbone depth)
   c.num_glca_layers = 1            # M; 0 disables GLCA
   c.num_pwca_layers = 12           # T; 0 disables PWCA; T < L uses the last T blocks
@@ -45,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
   c.attention_impl = 'xla'         # xla | cudnn (fused attention where no weights are needed: PWCA)
   c.use_gradient_checkpointing = True # nn.remat around every block (SA/PWCA/GLCA)
-  c.remat_policy = 'nothing_saveable'  # any name in jax.checkpoint_policies
+  c.remat_policy = 'nothing_saveable'  # full, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable, ...
   c.precision = 'auto'             # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)
   c.pretrained_model = ''          # path to .npz / .safetensors / .pth, '' = random init
   c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
@@ -69,6 +72,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb_project = ''             # log to Weights & Biases when set (pip install wandb)
   c.max_steps = 0                  # stop after this many micro-steps; 0 = run num_epochs
   return c
+
+
+def _remat_policy_names():
+  import jax  # pylint: disable=g-import-not-at-top
+  names = [n for n in dir(jax.checkpoint_policies) if not n.startswith('_')]
+  # Factories (save_only_these_names, ...) need arguments: not usable by name.
+  return [n for n in names if n in ('nothing_saveable', 'everything_saveable', 'dots_saveable',
+                                    'checkpoint_dots', 'dots_with_no_batch_dims_saveable',
+                                    'checkpoint_dots_with_no_batch_dims')]
+
+
+def _is_remat_policy(name: str) -> bool:
+  return name in _remat_policy_names()
 
 
 def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
@@ -111,10 +127,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ValueError(f'config.{key}={config[key]!r} is not one of {allowed}')
-  if config.gradient_accumulation_steps < 1:
-    raise ValueError('config.gradient_accumulation_steps must be >= 1')
+  for key in ('gradient_accumulation_steps', 'batch_size', 'eval_batch_size', 'log_every_steps',
+              'eval_frequency', 'save_frequency', 'keep_checkpoints'):
+    if config[key] < 1:
+      raise ValueError(f'config.{key}={config[key]} must be >= 1')
+  policy = config.remat_policy
+  if policy != 'full' and not _is_remat_policy(policy):
+    raise ValueError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
+                     f'jax.checkpoint_policies: {", ".join(_remat_policy_names())}')
+  unknown = set(config.backbone_overrides.keys()) - set(OVERRIDABLE_BACKBONE_FIELDS)
+  if unknown:
+    raise ValueError(f'unknown backbone_overrides {sorted(unknown)}; '
+                     f'known: {", ".join(OVERRIDABLE_BACKBONE_FIELDS)}')
   if not 0.0 < config.top_k_ratio <= 1.0:
     raise ValueError(f'config.top_k_ratio={config.top_k_ratio} must be in (0, 1]')
+
+
+def backbone_overrides(config) -> dict:
+  """The backbone fields this config sets (unset placeholders dropped)."""
+  return {k: v for k, v in config.backbone_overrides.items() if v is not None}
 
 
 def effective_batch_size(config) -> int:

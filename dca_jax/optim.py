@@ -47,5 +47,6 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
                            weight_decay=config.weight_decay, mask=decay_mask))
   tx = optax.chain(*parts)
   # MultiSteps averages `gradient_accumulation_steps` micro-batch gradients into one update, so
-  # batch 4 x 4 gives the update of batch 16. (fp16 non-finite steps are rejected before this.)
+  # batch 4 x 4 gives the update of batch 16. (An fp16 step with non-finite gradients is undone
+  # afterwards in the train step: params and this state, accumulation included, are kept.)
   return optax.MultiSteps(tx, every_k_schedule=config.gradient_accumulation_steps)

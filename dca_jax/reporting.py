@@ -67,8 +67,8 @@ class MetricWriter:
       try:
         import wandb  # pylint: disable=g-import-not-at-top
       except ImportError as e:
-        raise ImportError('config.wandb_project is set but wandb is not installed: '
-                          'pip install wandb') from e
+        raise ValueError('config.wandb_project is set but wandb is not installed: '
+                         'pip install wandb') from e
       self._wandb = wandb.init(project=wandb_project, dir=workdir,
                                config=config.to_dict() if config is not None else None)
 

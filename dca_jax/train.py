@@ -41,7 +41,7 @@ def count_params(params) -> int:
 def load_pretrained_params(config, params):
   """Pretrained backbone into `params` (host numpy); GLCA from the last SA block if asked."""
   from dca_jax import weights  # pylint: disable=g-import-not-at-top
-  vcfg = dcal.vit.get_variant(config.backbone, dict(config.backbone_overrides))
+  vcfg = dcal.vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
   params, report = weights.load_pretrained(
       config.pretrained_model, params, vcfg, posemb_interpolation=config.posemb_interpolation)
   logging.info('pretrained weights: %s', report.summary())
@@ -152,12 +152,14 @@ class Trainer:
     self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
     rng = jax.random.key(config.seed)
     init_rng, self.step_rng = jax.random.split(rng)
-    self.state, self.shardings = create_train_state(config, self.model, self.tx, self.mesh,
-                                                    precision=self.precision, rng=init_rng,
-                                                    load_pretrained=not read_only)
-    self.meta = ckpt_lib.model_meta(config, loss_scale=self.precision == 'fp16')
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                               read_only=read_only)
+    # Pretrained weights only seed a new run: a resume or an eval restores over them anyway.
+    fresh = not read_only and self.checkpointer.latest_step() is None
+    self.state, self.shardings = create_train_state(config, self.model, self.tx, self.mesh,
+                                                    precision=self.precision, rng=init_rng,
+                                                    load_pretrained=fresh)
+    self.meta = ckpt_lib.model_meta(config, loss_scale=self.precision == 'fp16')
     replicated = distributed.replicated(self.mesh)
     self.train_step = jax.jit(
         make_train_step(self.model, self.tx, config, dtype=self.dtype, rng=self.step_rng),
@@ -210,17 +212,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
   cfg, chief = config, jax.process_index() == 0
   if chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
     print(reporting.banner(cfg, precision=trainer.precision,
                            num_params=count_params(trainer.state.params),
                            steps_per_epoch=trainer.steps_per_epoch), flush=True)
   latest = trainer.checkpointer.latest_step()
   if latest is not None:
-    trainer.restore(latest)
+    trainer.restore(latest)  # refuses another model's checkpoint before anything is written
     if chief:
       print(f'Resumed from {trainer.checkpointer.directory}/{latest}', flush=True)
+  if chief:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
   writer = reporting.MetricWriter(workdir, cfg, cfg.wandb_project)
   preemption = _Preemption()
   start = int(jax.device_get(trainer.state.step))
@@ -247,7 +250,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         metrics = jax.device_get(metrics)
         now = time.time()
         metrics['images_per_sec'] = (done - last_logged) * cfg.batch_size / max(now - t_log, 1e-9)
-        metrics['lr'] = float(trainer.schedule(done // cfg.gradient_accumulation_steps))
+        # the lr of the latest update (MultiSteps counts updates; fp16 skips do not count)
+        updates = int(jax.device_get(trainer.state.opt_state.gradient_step))
+        metrics['lr'] = float(trainer.schedule(max(updates - 1, 0)))
         metrics['epoch'] = done / spe
         metrics.update(reporting.device_memory())
         t_log, last_logged = now, done

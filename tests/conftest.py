@@ -28,7 +28,7 @@ def tiny_config(**overrides):
   c.synthetic_num_train, c.synthetic_num_test, c.synthetic_image_size = 32, 20, 32
   c.input_size, c.resize_size = 32, 36
   c.backbone = 'deit_tiny'
-  c.backbone_overrides = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
+  c.backbone_overrides.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8))
   c.num_sa_layers, c.num_pwca_layers, c.top_k_ratio = 2, 2, 0.25
   c.batch_size, c.gradient_accumulation_steps, c.eval_batch_size = 4, 1, 8
   c.num_epochs, c.warmup_epochs = 1, 0.0

@@ -51,3 +51,24 @@ def test_readme_knob_table_is_current():
   r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'knob_table.py'), '--check',
                       os.path.join(ROOT, 'README.md')], capture_output=True, text=True)
   assert r.returncode == 0, r.stderr
+
+
+def test_backbone_overrides_are_typed_placeholders():
+  c = config_lib.base_config()
+  assert config_lib.backbone_overrides(c) == {}
+  c.backbone_overrides.depth = 3        # what --config.backbone_overrides.depth=3 does
+  assert config_lib.backbone_overrides(c) == {'depth': 3}
+  with pytest.raises(TypeError):
+    c.backbone_overrides.width = 'wide'
+  c.backbone_overrides = dict(heads=2)
+  with pytest.raises(ValueError, match='unknown backbone_overrides'):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize('key,value', [('log_every_steps', 0), ('eval_frequency', 0),
+                                       ('remat_policy', 'save_only_these_names')])
+def test_values_that_would_fail_late_fail_at_start(key, value):
+  c = config_lib.base_config()
+  c[key] = value
+  with pytest.raises(ValueError, match=key):
+    config_lib.validate(c)

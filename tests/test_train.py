@@ -248,3 +248,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert 'SIGTERM: saved step' in out
   saved = int(out.split('SIGTERM: saved step ')[1].split(',')[0])
   assert 3 <= saved < 400 and (ckdir / str(saved)).is_dir()
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+  accuracies = [None, 0.9, None, 0.6, 0.2, None, 0.5]  # None: a save between evaluations
+  for step, acc in enumerate(accuracies, start=1):
+    ck.save(step, {'x': jnp.full((2,), float(step))}, {'m': 1}, accuracy=acc)
+  ck.close()
+  ro = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
+  assert ro.best_step() == 2 and ro.latest_step() == 7
+  assert ro.all_steps() == [2, 6, 7]  # the best, and the latest 2
+  with pytest.raises(ckpt_lib.CheckpointError, match='read-only'):
+    ro.save(8, {'x': jnp.zeros(2)}, {'m': 1})
+  ro.close()

@@ -24,7 +24,8 @@ def table() -> str:
     if key not in defaults:
       continue
     d, f = defaults[key], fgvc[key]
-    show = lambda v: '`' + (repr(v.to_dict()) if hasattr(v, 'to_dict') else repr(v)) + '`'
+    unset_dropped = lambda d: {k: v for k, v in d.to_dict().items() if v is not None}
+    show = lambda v: '`' + (repr(unset_dropped(v)) if hasattr(v, 'to_dict') else repr(v)) + '`'
     rows.append(f'| `{key}` | {show(d)} | {show(f) if f != d else ""} | {comment.replace("|", "/")} |')
   return '\n'.join(rows)
 

@@ -112,8 +112,8 @@ class DCAL(nn.Module):
         x_pw = x  # the PWCA stream starts from the SA hidden state entering block L-T+1
       if i == cfg.depth - 1:
         glca_in = x  # GLCA sits parallel to the last SA block
+      # head_mean carries no gradient (vit.attention): none flows through the rollout
       x, x_pw, head_mean = block.sa_pwca(x, x_pw, partner, deterministic)
-      head_mean = jax.lax.stop_gradient(head_mean)  # no gradient through the rollout
       if i < cfg.depth - 1:
         acc = rollout_update(acc, head_mean)
       else:
@@ -157,7 +157,9 @@ def reid_feature(outputs):
 
 def build_model(config, *, dtype=jnp.float32) -> DCAL:
   """DCAL from a config_lib config."""
-  vcfg = vit.get_variant(config.backbone, dict(config.backbone_overrides))
+  vcfg = vit.get_variant(config.backbone,
+                         {k: v for k, v in config.backbone_overrides.items() if v is not None})
+  vcfg.grid_size(config.input_size)  # input_size must be a multiple of the backbone stride
   if config.num_sa_layers != vcfg.depth:
     raise ValueError(f'num_sa_layers={config.num_sa_layers} but backbone {config.backbone} has '
                      f'{vcfg.depth} blocks; set backbone_overrides.depth to change L')
