@@ -12,6 +12,7 @@ import ml_collections
 
 # Paper: lr = 5e-4 / 512 * effective batch.
 LR_REFERENCE_BATCH = 512
+GOOGLE_BACKBONES = ('vit_base', 'r50_vit_base')
 OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                'resnet_width')
 
@@ -26,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input_size = 448               # square crop side in px
   c.resize_size = 550              # resize before the crop
   c.test_crop = 'center_crop'      # center_crop (resize 550 -> centre 448) | resize (to 448)
-  c.normalization = 'imagenet'     # imagenet (mean/std, DeiT/timm) | inception ([-1, 1], Google npz)
+  c.normalization = 'auto'         # auto (by backbone) / imagenet (mean/std: DeiT) / inception ([-1, 1]: Google ViT, AugReg)
   c.shuffle_buffer = 2048          # TFDS source: per-host shuffle buffer (folder/synthetic permute whole epochs)
   c.num_parallel_calls = -1        # tf.data AUTOTUNE
   c.verify_images = True           # folder source: decode every file once at start, skip bad ones
@@ -100,8 +101,6 @@ def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
   c.num_epochs, c.warmup_epochs = 100, 1.0
   c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
   c.use_gradient_checkpointing, c.remat_policy = True, 'nothing_saveable'
-  # Google npz weights (vit_base, r50_vit_base) expect [-1, 1] inputs; DeiT/timm ImageNet stats.
-  c.normalization = 'inception' if backbone in ('vit_base', 'r50_vit_base') else 'imagenet'
   c.eval_batch_size = 16           # global; the last batch is padded and masked
   return c
 
@@ -116,7 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choices = {
       'data_source': ('tfds', 'folder', 'synthetic'),
       'test_crop': ('center_crop', 'resize'),
-      'normalization': ('imagenet', 'inception'),
+      'normalization': ('auto', 'imagenet', 'inception'),
       'glca_input': ('parallel', 'on_top'),
       'glca_pool': ('cls', 'mean'),
       'loss_weighting': ('uncertainty', 'sum'),
@@ -141,6 +140,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'known: {", ".join(OVERRIDABLE_BACKBONE_FIELDS)}')
   if not 0.0 < config.top_k_ratio <= 1.0:
     raise ValueError(f'config.top_k_ratio={config.top_k_ratio} must be in (0, 1]')
+
+
+def resolve_normalization(config) -> str:
+  """'auto': [-1, 1] for the Google-trained backbones (ViT-B/16 in21k / AugReg and R50+ViT-B/16,
+  npz or their timm ports), ImageNet mean/std for DeiT. An explicit choice is kept."""
+  if config.normalization != 'auto':
+    return config.normalization
+  return 'inception' if config.backbone in GOOGLE_BACKBONES else 'imagenet'
 
 
 def backbone_overrides(config) -> dict:

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dca_jax import config_lib
 from dca_jax import evaluate
 from dca_jax.models import dcal
 
@@ -260,8 +261,9 @@ def _model_config(config, workdir: str):
 
 
 def _same_preprocessing(a, b) -> bool:
-  keys = ('input_size', 'resize_size', 'test_crop', 'normalization')
-  return all(a.get(k) == b.get(k) for k in keys)
+  keys = ('input_size', 'resize_size', 'test_crop')
+  return (all(a.get(k) == b.get(k) for k in keys)
+          and config_lib.resolve_normalization(a) == config_lib.resolve_normalization(b))
 
 
 def _test_examples(predictor: Predictor, num_images: int, indices=None) -> list[dict]:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -72,3 +73,19 @@ def test_values_that_would_fail_late_fail_at_start(key, value):
   c[key] = value
   with pytest.raises(ValueError, match=key):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize('backbone,expected', [('deit_tiny', 'imagenet'), ('deit_base', 'imagenet'),
+                                               ('vit_base', 'inception'),
+                                               ('r50_vit_base', 'inception')])
+def test_auto_normalization_follows_the_backbone(backbone, expected):
+  c = _load('cub')
+  c.backbone = backbone                   # what --config.backbone=... does
+  assert config_lib.resolve_normalization(c) == expected
+  c.normalization = 'imagenet'            # an explicit choice is kept
+  assert config_lib.resolve_normalization(c) == 'imagenet'
+  from dca_jax.data import preprocess
+  c.normalization = 'auto'
+  x = np.full((2, 2, 3), 255, np.uint8)
+  top = {'imagenet': (1 - 0.485) / 0.229, 'inception': 1.0}[expected]
+  np.testing.assert_allclose(preprocess.normalize(x, c)[0, 0, 0], top, rtol=1e-5)

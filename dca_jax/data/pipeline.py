@@ -181,7 +181,7 @@ class Input:
     self.seed = int(config.get('seed', 0))
     self.input_size = int(config.input_size)
     self.resize_size = int(config.resize_size)
-    self.normalization = config.get('normalization', 'imagenet')
+    self.normalization = preprocess._normalization_name(config)  # pylint: disable=protected-access
     self.test_crop = config.get('test_crop', 'center_crop')
     npc = int(config.get('num_parallel_calls', -1))
     self.num_parallel_calls = tf().data.AUTOTUNE if npc <= 0 else npc

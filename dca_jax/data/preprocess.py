@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from dca_jax import config_lib
 from dca_jax.data._tf import tf
 from dca_jax.data.errors import DataError, ImageLoadError
 
@@ -27,6 +28,8 @@ TF_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
 def _normalization_name(config_or_name: Any) -> str:
   name = config_or_name if isinstance(config_or_name, str) else config_or_name.get(
       'normalization', 'imagenet')
+  if name == 'auto' and not isinstance(config_or_name, str):
+    name = config_lib.resolve_normalization(config_or_name)
   if name not in NORMALIZATIONS:
     raise DataError(f'unknown normalization {name!r}; expected one of {NORMALIZATIONS}')
   return name
