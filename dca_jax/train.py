@@ -202,6 +202,17 @@ class _Preemption:
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
 
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether any host was asked to stop. The save is collective, so with several hosts the
+    flags are all-gathered, every `every` steps to keep the hot loop free of host syncs."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
+
   def restore(self):
     signal.signal(signal.SIGTERM, self._old)
 
@@ -273,12 +284,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f'{eval_result["accuracy_sa"]:.4f}'
                 + (f', GLCA {eval_result["accuracy_glca"]:.4f}' if 'accuracy_glca' in eval_result
                    else '') + f' on {eval_result["num_images"]} images', flush=True)
-      save_now = (is_last or preemption.requested
+      stop = preemption.agreed(done, cfg.log_every_steps)
+      save_now = (is_last or stop
                   or (end_of_epoch and (done // spe) % cfg.save_frequency == 0)
                   or (cfg.save_every_steps and done % cfg.save_every_steps == 0))
       if save_now:
         trainer.save(accuracy=accuracy, force=True)
-      if preemption.requested:
+      if stop:
         if chief:
           print(f'\nSIGTERM: saved step {done}, exiting; run the same command to resume.')
         break

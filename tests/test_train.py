@@ -262,3 +262,24 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match='read-only'):
     ro.save(8, {'x': jnp.zeros(2)}, {'m': 1})
   ro.close()
+
+
+def test_sigterm_on_one_host_stops_every_host_after_one_save(tmp_path):
+  """The save is collective: a SIGTERM that reaches only host 1 must stop host 0 too."""
+  port = _free_port()
+  procs = [subprocess.Popen(_main(tmp_path, '--config.max_steps=400', '--config.num_epochs=50',
+                                  '--config.save_every_steps=3',
+                                  f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                                  f'--process_id={pid}'),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for pid in range(2)]
+  ckdir = tmp_path / 'checkpoints'
+  deadline = time.time() + 240
+  while not (ckdir / '3').is_dir() and time.time() < deadline and procs[1].poll() is None:
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  assert 'SIGTERM: saved step' in outs[0]  # printed by the chief, which got no signal itself
+  saved = int(outs[0].split('SIGTERM: saved step ')[1].split(',')[0])
+  assert 3 <= saved < 400 and (ckdir / str(saved)).is_dir()
