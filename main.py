@@ -34,7 +34,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TF log every step at INFO; -v 0 shows it
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from dca_jax import config_lib, distributed  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:

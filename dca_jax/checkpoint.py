@@ -110,9 +110,6 @@ class Checkpointer:
                             f'{type(e).__name__}: {str(e).splitlines()[0][:300]}') from e
     return restored['state']
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dca_jax import config_lib
 from dca_jax.models import vit
 
 Dtype = Any
@@ -157,8 +158,7 @@ def reid_feature(outputs):
 
 def build_model(config, *, dtype=jnp.float32) -> DCAL:
   """DCAL from a config_lib config."""
-  vcfg = vit.get_variant(config.backbone,
-                         {k: v for k, v in config.backbone_overrides.items() if v is not None})
+  vcfg = vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
   vcfg.grid_size(config.input_size)  # input_size must be a multiple of the backbone stride
   if config.num_sa_layers != vcfg.depth:
     raise ValueError(f'num_sa_layers={config.num_sa_layers} but backbone {config.backbone} has '
