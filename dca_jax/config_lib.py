@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ml_collections
 
-# Paper: lr = 5e-4 / 512 * effective batch.
-LR_REFERENCE_BATCH = 512
 GOOGLE_BACKBONES = ('vit_base', 'r50_vit_base')
+TASKS = ('fgvc', 'reid')
+FGVC_DATASETS = ('cub', 'cars', 'aircraft', 'synthetic')
+REID_DATASETS = ('market1501', 'dukemtmc', 'msmt17', 'veri776', 'synthetic_reid')
 OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                'resnet_width')
 
@@ -20,12 +21,14 @@ OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # --- data -------------------------------------------------------------------------------
-  c.dataset = 'synthetic'          # cub | cars | aircraft | synthetic
+  c.task = 'fgvc'                  # fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)
+  c.dataset = 'synthetic'          # fgvc: cub | cars | aircraft | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid
   c.data_source = 'synthetic'      # tfds | folder | synthetic
   c.data_dir = ''                  # TFDS data_dir, or the folder holding the official layout
   c.num_classes = 10               # classes of the dataset (200 CUB, 196 Cars, 100 Aircraft)
-  c.input_size = 448               # square crop side in px
-  c.resize_size = 550              # resize before the crop
+  c.input_size = 448               # crop height in px (and width unless input_width is set)
+  c.input_width = ml_collections.config_dict.placeholder(int)  # crop width in px; unset = input_size (square). Re-ID persons: 256 x 128
+  c.resize_size = 550              # FGVC: resize before the crop (square)
   c.test_crop = 'center_crop'      # center_crop (resize 550 -> centre 448) | resize (to 448)
   c.normalization = 'auto'         # auto (by backbone) / imagenet (mean/std: DeiT) / inception ([-1, 1]: Google ViT, AugReg)
   c.shuffle_buffer = 2048          # TFDS source: per-host shuffle buffer (folder/synthetic permute whole epochs)
@@ -34,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic_num_train = 1000     # synthetic source only
   c.synthetic_num_test = 500       # synthetic source only
   c.synthetic_image_size = 64      # synthetic source only: generated image side in px
+  # --- Re-ID input (task=reid) ------------------------------------------------------------
+  c.num_instances = 4              # K images per identity in a batch; batch_size = P x K (paper 16 x 4)
+  c.crop_padding = 10              # pad by this many px, then random crop back to the input size
+  c.random_erasing = 0.5           # probability of random erasing per train image; 0 = off
   # --- model ------------------------------------------------------------------------------
   c.backbone = 'deit_tiny'         # deit_tiny | deit_small | deit_base | vit_base | r50_vit_base | tiny test variants
   c.backbone_overrides = ml_collections.ConfigDict(  # width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2
@@ -43,9 +50,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_pwca_layers = 12           # T; 0 disables PWCA; T < L uses the last T blocks
   c.top_k_ratio = 0.1              # R: 0.1 FGVC, 0.3 Re-ID
   c.glca_input = 'parallel'        # parallel: input of SA block L | on_top: output of SA block L
-  c.glca_pool = 'cls'               # GLCA head reads: cls (METHOD.md) / mean of CLS + R local outputs
+  c.glca_pool = 'cls'              # GLCA head reads: cls (its CLS output) / mean (of CLS + the R local outputs) / local (mean of the R local outputs)
+  c.glca_select = 'rollout'        # GLCA's local queries: rollout (paper) / random patches / last_layer (attention of the last block before GLCA only)
+  c.rollout_layers = 'before_glca' # SA blocks the rollout accumulates: before_glca (1..L-1 with parallel GLCA) / all (1..L)
+  c.rollout_impl = 'vector'        # vector: CLS row as e0^T S_K ... S_1, O(L N^2) / running_product: one N x N map, O(L N^3), less memory
   c.glca_init_from_sa = True       # copy the last SA block into GLCA when pretrained weights load
   c.loss_weighting = 'uncertainty' # uncertainty (Kendall et al.) | sum
+  c.loss_weights_init = 0.0        # initial w_b of the uncertainty loss (paper: 0)
+  c.loss_weights_lr_multiplier = 1.0  # the w_b learn at learning rate x this
+  c.label_smoothing = 0.0          # cross-entropy label smoothing (paper: none)
+  c.triplet_margin = 0.0           # task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin
+  c.bnneck = True                  # task=reid: BatchNorm neck between each branch's feature and its classifier
   c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
   c.attention_impl = 'xla'         # xla | cudnn (fused attention where no weights are needed: PWCA)
   c.use_gradient_checkpointing = True # nn.remat around every block (SA/PWCA/GLCA)
@@ -54,10 +69,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrained_model = ''          # path to .npz / .safetensors / .pth, '' = random init
   c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
   # --- optimisation -----------------------------------------------------------------------
+  c.optimizer = 'adamw'            # adamw (FGVC) | sgd (Re-ID: momentum, coupled L2 weight decay)
+  c.momentum = 0.9                 # sgd only
   c.batch_size = 4                 # physical batch, global across devices
   c.fsdp = False                   # shard params and optimizer state over the devices (else replicated)
   c.gradient_accumulation_steps = 4 # micro-batches per update (optax.MultiSteps); effective batch = batch_size x this
-  c.learning_rate = 5e-4           # base; scaled by effective batch / 512
+  c.learning_rate = 5e-4           # base; scaled by effective batch / lr_reference_batch
+  c.lr_reference_batch = 512       # the effective batch at which learning_rate applies as is
   c.weight_decay = 0.05            # AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights
   c.warmup_epochs = 1.0            # linear warm-up, then cosine decay to 0
   c.num_epochs = 100               # training length
@@ -66,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --- evaluation, checkpoints, logging ----------------------------------------------------
   c.eval_batch_size = 16           # global; the last batch is padded and masked
   c.eval_frequency = 1             # epochs
+  c.reid_feature = 'before_bn'     # task=reid: retrieval feature concat(SA, GLCA) taken before_bn / after_bn (the neck)
+  c.reid_normalize = True          # task=reid: L2-normalise the retrieval feature
+  c.reid_flip_test = False         # task=reid: average the features of the image and its mirror
+  c.reid_rerank = False            # task=reid: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)
   c.save_frequency = 1             # epochs
   c.save_every_steps = 0           # optimizer micro-steps; 0 = off (tests and pre-emptible jobs)
   c.keep_checkpoints = 2           # latest N kept, plus the best by eval accuracy
@@ -117,7 +139,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       'test_crop': ('center_crop', 'resize'),
       'normalization': ('auto', 'imagenet', 'inception'),
       'glca_input': ('parallel', 'on_top'),
-      'glca_pool': ('cls', 'mean'),
+      'task': TASKS,
+      'glca_pool': ('cls', 'mean', 'local'),
+      'glca_select': ('rollout', 'random', 'last_layer'),
+      'rollout_layers': ('before_glca', 'all'),
+      'rollout_impl': ('vector', 'running_product'),
+      'optimizer': ('adamw', 'sgd'),
+      'reid_feature': ('before_bn', 'after_bn'),
       'loss_weighting': ('uncertainty', 'sum'),
       'attention_impl': ('xla', 'cudnn'),
       'precision': ('auto', 'fp32', 'bf16', 'fp16'),
@@ -138,6 +166,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f'unknown backbone_overrides {sorted(unknown)}; '
                      f'known: {", ".join(OVERRIDABLE_BACKBONE_FIELDS)}')
+  datasets = REID_DATASETS if config.task == 'reid' else FGVC_DATASETS
+  if config.dataset not in datasets:
+    raise ValueError(f'config.dataset={config.dataset!r} is not a {config.task} dataset: '
+                     f'one of {datasets}')
   if not 0.0 < config.top_k_ratio <= 1.0:
     raise ValueError(f'config.top_k_ratio={config.top_k_ratio} must be in (0, 1]')
 
@@ -160,4 +192,5 @@ def effective_batch_size(config) -> int:
 
 
 def scaled_learning_rate(config) -> float:
-  return config.learning_rate * effective_batch_size(config) / LR_REFERENCE_BATCH
+  """Paper: lr = 5e-4 / 512 x effective batch (FGVC); Re-ID: 0.008 at batch 64."""
+  return config.learning_rate * effective_batch_size(config) / config.lr_reference_batch

@@ -193,11 +193,12 @@ class EncoderBlock(nn.Module):
                query_index=None, extra_kv=None):
     return self.forward(x, deterministic, need_weights, query_index, extra_kv)
 
-  def sa_pwca(self, x, x_pw, partner, deterministic: bool):
+  def sa_pwca(self, x, x_pw, partner, deterministic: bool, need_weights: bool = True):
     """DCAL's use of a backbone block: the SA step (with the head-mean attention for the
-    rollout), then, when `x_pw` is given, the PWCA step with keys/values [own; partner's SA k/v].
-    Under remat this is one region, so the partner's gathered k/v are recomputed, not saved."""
-    x_new, (k, v), head_mean = self.forward(x, deterministic, True)
+    rollout when `need_weights`), then, when `x_pw` is given, the PWCA step with keys/values
+    [own; partner's SA k/v]. Under remat this is one region, so the partner's gathered k/v are
+    recomputed, not saved."""
+    x_new, (k, v), head_mean = self.forward(x, deterministic, need_weights)
     if x_pw is not None:
       extra = (jnp.take(k, partner, axis=0), jnp.take(v, partner, axis=0))
       x_pw, _, _ = self.forward(x_pw, deterministic, False, None, extra)
@@ -259,8 +260,8 @@ def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xl
   cls = EncoderBlock
   if remat_policy is not None:
     policy = None if remat_policy == 'full' else getattr(jax.checkpoint_policies, remat_policy)
-    if dcal_step:  # static: deterministic (argument 4; self is argument 0)
-      cls = nn.remat(EncoderBlock, static_argnums=(4,), policy=policy, methods=['sa_pwca'])
+    if dcal_step:  # static: deterministic and need_weights (arguments 4, 5; self is 0)
+      cls = nn.remat(EncoderBlock, static_argnums=(4, 5), policy=policy, methods=['sa_pwca'])
     else:  # static: deterministic (2) and need_weights (3)
       cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
   return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
