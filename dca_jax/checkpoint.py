@@ -19,7 +19,7 @@ from dca_jax import config_lib
 
 # Meta keys that fix the shapes of the saved state must agree to restore; the others change what
 # the model computes, not its shapes, so a difference is only warned about.
-BEHAVIOUR_KEYS = ('top_k_ratio', 'glca_input', 'glca_pool')
+BEHAVIOUR_KEYS = config_lib.MODEL_BEHAVIOUR_KEYS
 
 
 class CheckpointError(RuntimeError):
@@ -27,18 +27,8 @@ class CheckpointError(RuntimeError):
 
 
 def model_meta(config, *, loss_scale: bool) -> dict:
-  return {
-      'backbone': config.backbone,
-      'backbone_overrides': config_lib.backbone_overrides(config),
-      'num_classes': int(config.num_classes),
-      'input_size': int(config.input_size),
-      'num_sa_layers': int(config.num_sa_layers),
-      'num_glca_layers': int(config.num_glca_layers),
-      'precision_loss_scale': bool(loss_scale),
-      'top_k_ratio': float(config.top_k_ratio),
-      'glca_input': config.glca_input,
-      'glca_pool': config.glca_pool,
-  }
+  """The model's settings (config_lib.model_settings) + whether the state holds a loss scale."""
+  return {**config_lib.model_settings(config), 'precision_loss_scale': bool(loss_scale)}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -93,8 +83,11 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, expected_meta: dict) -> Any:
     """Restores `step` into the shapes/shardings of `abstract_state` after checking the meta."""
     meta = self.read_meta(step)
-    diff = [f'{k}: checkpoint {meta.get(k)!r} vs config {expected_meta[k]!r}'
-            for k in expected_meta if k not in BEHAVIOUR_KEYS and meta.get(k) != expected_meta[k]]
+    # A key the checkpoint predates is taken at its default (task fgvc, no neck, square input).
+    defaults = {'task': 'fgvc', 'bnneck': False, 'input_width': meta.get('input_size')}
+    diff = [f'{k}: checkpoint {meta.get(k, defaults.get(k))!r} vs config {expected_meta[k]!r}'
+            for k in expected_meta
+            if k not in BEHAVIOUR_KEYS and meta.get(k, defaults.get(k)) != expected_meta[k]]
     for k in BEHAVIOUR_KEYS:
       if k in meta and meta[k] != expected_meta[k]:
         logging.warning('checkpoint %s/%d was trained with %s=%r; running with %r', self.directory,

@@ -174,6 +174,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.top_k_ratio={config.top_k_ratio} must be in (0, 1]')
 
 
+# The knobs that describe a trained model, in one place: the checkpoint's meta records them, and
+# the visualize mode restores a compared run with them. SHAPE keys fix the saved parameter
+# shapes (a checkpoint must agree to be restored); BEHAVIOUR keys change what the same
+# parameters compute (a difference is warned about).
+MODEL_SHAPE_KEYS = ('task', 'backbone', 'backbone_overrides', 'num_classes', 'input_size',
+                    'input_width', 'num_sa_layers', 'num_glca_layers', 'bnneck')
+MODEL_BEHAVIOUR_KEYS = ('num_pwca_layers', 'top_k_ratio', 'glca_input', 'glca_pool',
+                        'glca_select', 'rollout_layers')
+
+
+def model_settings(config) -> dict:
+  """The model-describing knobs of `config` as plain JSON values (MODEL_*_KEYS)."""
+  settings = {k: config[k] for k in MODEL_SHAPE_KEYS + MODEL_BEHAVIOUR_KEYS}
+  settings['backbone_overrides'] = backbone_overrides(config)
+  settings['input_width'] = input_hw(config)[1]
+  settings['bnneck'] = bool(config.task == 'reid' and config.bnneck)
+  return settings
+
+
 def resolve_normalization(config) -> str:
   """'auto': [-1, 1] for the Google-trained backbones (ViT-B/16 in21k / AugReg and R50+ViT-B/16,
   npz or their timm ports), ImageNet mean/std for DeiT. An explicit choice is kept."""
@@ -185,6 +204,12 @@ def resolve_normalization(config) -> str:
 def backbone_overrides(config) -> dict:
   """The backbone fields this config sets (unset placeholders dropped)."""
   return {k: v for k, v in config.backbone_overrides.items() if v is not None}
+
+
+def input_hw(config) -> tuple[int, int]:
+  """(height, width) of the network input: input_size x input_width (square when unset)."""
+  width = config.input_width if config.input_width is not None else config.input_size
+  return int(config.input_size), int(width)
 
 
 def effective_batch_size(config) -> int:

@@ -1,6 +1,12 @@
-"""DCAL's multi-task loss: uncertainty-weighted cross-entropies of the SA, GLCA and PWCA heads."""
+"""DCAL's multi-task loss: uncertainty-weighted per-branch losses of the SA, GLCA and PWCA heads.
+
+FGVC: each branch's loss is its cross-entropy. Re-ID adds, per branch, a batch-hard triplet
+loss on that branch's feature (the P x K sampler guarantees positives in every micro-batch).
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -8,17 +14,51 @@ import jax.numpy as jnp
 from dca_jax.models.dcal import BRANCHES
 
 
-def cross_entropy(logits, labels):
-  """Mean softmax cross-entropy in float32 (no label smoothing, as in the paper)."""
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Mean softmax cross-entropy in float32; targets (1 - ε)·onehot + ε/C (paper: ε = 0)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1).mean()
+  nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  if label_smoothing:
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  return nll.mean()
 
 
-def dcal_loss(outputs, labels, weighting: str = 'uncertainty'):
-  """L = 0.5 · Σ_b (exp(-w_b)·CE_b + w_b) over the branches present (or Σ_b CE_b for 'sum').
+def pairwise_euclidean(features):
+  """[B, D] -> [B, B] Euclidean distances (the squared distance clamped at 1e-12 before the
+  square root, so the zero self-distance has a zero, not an infinite, gradient)."""
+  f = features.astype(jnp.float32)
+  sq = jnp.sum(f * f, axis=-1)
+  d2 = sq[:, None] + sq[None, :] - 2.0 * f @ f.T
+  return jnp.sqrt(jnp.maximum(d2, 1e-12))
 
-  PWCA's target is the first image's label (the partner is noise). Returns (total, metrics)
-  with each CE_b and each w_b, since the total itself can go negative.
+
+def batch_hard_triplet(features, labels, margin: float = 0.0):
+  """Batch-hard triplet loss (Hermans et al. 2017): for each anchor its farthest positive and
+  nearest negative. margin 0: soft margin log(1 + exp(d_ap - d_an)); > 0: max(0, d_ap - d_an + m).
+
+  Returns (loss, fraction of anchors whose nearest negative is farther than the farthest
+  positive). An anchor with no negative in the batch contributes nothing.
+  """
+  dist = pairwise_euclidean(features)
+  same = labels[:, None] == labels[None, :]
+  d_ap = jnp.max(jnp.where(same, dist, -jnp.inf), axis=1)   # self is a positive at distance ~0
+  d_an = jnp.min(jnp.where(same, jnp.inf, dist), axis=1)
+  has_neg = jnp.isfinite(d_an)
+  gap = jnp.where(has_neg, d_ap - d_an, 0.0)
+  per_anchor = jax.nn.softplus(gap) if margin <= 0 else jax.nn.relu(gap + margin)
+  count = jnp.maximum(jnp.sum(has_neg), 1)
+  loss = jnp.sum(jnp.where(has_neg, per_anchor, 0.0)) / count
+  accuracy = jnp.sum(jnp.where(has_neg, gap < 0, False)) / count
+  return loss, accuracy
+
+
+def dcal_loss(outputs, labels, weighting: str = 'uncertainty', *, label_smoothing: float = 0.0,
+              triplet_margin: Optional[float] = None):
+  """L = 0.5 · Σ_b (exp(-w_b)·L_b + w_b) over the branches present (or Σ_b L_b for 'sum').
+
+  L_b = CE_b, plus the batch-hard triplet loss on the branch's feature when `triplet_margin`
+  is given (Re-ID). PWCA's target is the first image's label (the partner is noise). Returns
+  (total, metrics) with each CE_b, triplet_b and w_b, since the total itself can go negative.
   """
   weights = outputs['loss_weights'].astype(jnp.float32)
   total, metrics = 0.0, {}
@@ -26,13 +66,18 @@ def dcal_loss(outputs, labels, weighting: str = 'uncertainty'):
     logits = outputs.get(f'{branch}_logits')
     if logits is None:
       continue
-    ce = cross_entropy(logits, labels)
-    metrics[f'ce_{branch}'] = ce
+    loss = metrics[f'ce_{branch}'] = cross_entropy(logits, labels, label_smoothing)
+    if triplet_margin is not None:
+      triplet, triplet_acc = batch_hard_triplet(outputs[f'{branch}_feature'], labels,
+                                                triplet_margin)
+      metrics[f'triplet_{branch}'] = triplet
+      metrics[f'triplet_acc_{branch}'] = triplet_acc
+      loss = loss + triplet
     metrics[f'w_{branch}'] = weights[i]
     if weighting == 'uncertainty':
-      total = total + 0.5 * (jnp.exp(-weights[i]) * ce + weights[i])
+      total = total + 0.5 * (jnp.exp(-weights[i]) * loss + weights[i])
     elif weighting == 'sum':
-      total = total + ce
+      total = total + loss
     else:
       raise ValueError(f'unknown loss weighting {weighting!r}')
   metrics['loss'] = total

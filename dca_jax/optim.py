@@ -1,4 +1,5 @@
-"""Optimiser: AdamW (decoupled decay, masked), warm-up + cosine, clipping, MultiSteps accumulation."""
+"""Optimiser: AdamW (decoupled decay) or SGD with momentum (L2 decay), decay masks, warm-up +
+cosine, clipping, a learning-rate multiplier for the loss weights, MultiSteps accumulation."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def decay_mask(params):
   return flax.traverse_util.unflatten_dict(mask, sep='/')
 
 
+def loss_weights_mask(params):
+  """True only at the uncertainty loss weights (`loss_weights_lr_multiplier` applies there)."""
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  return flax.traverse_util.unflatten_dict({p: p == 'loss_weights' for p in flat}, sep='/')
+
+
 def num_optimizer_steps(config, steps_per_epoch: int) -> int:
   """Updates over the whole run (micro-steps / accumulation)."""
   micro = config.max_steps or int(config.num_epochs * steps_per_epoch)
@@ -43,8 +50,16 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   parts = []
   if config.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                           weight_decay=config.weight_decay, mask=decay_mask))
+  if config.optimizer == 'adamw':
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
+                             weight_decay=config.weight_decay, mask=decay_mask))
+  else:  # sgd: L2 decay added to the gradient before momentum, as torch.optim.SGD does
+    parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    parts.append(optax.sgd(schedule, momentum=config.momentum))
+  # Updates are linear in the learning rate (Adam's m/sqrt(v) ignores a gradient scale, so the
+  # update itself is scaled): the w_b move at lr x multiplier, everything else at lr. Always in
+  # the chain (stateless), so the optimizer state has one structure whatever the multiplier.
+  parts.append(optax.masked(optax.scale(config.loss_weights_lr_multiplier), loss_weights_mask))
   tx = optax.chain(*parts)
   # MultiSteps averages `gradient_accumulation_steps` micro-batch gradients into one update, so
   # batch 4 x 4 gives the update of batch 16. (An fp16 step with non-finite gradients is undone

@@ -29,9 +29,17 @@ from dca_jax.models import dcal
 class TrainState:
   step: jax.Array               # micro-steps taken (one physical batch each)
   params: Any
+  batch_stats: Any              # running statistics of the Re-ID BN necks (None without them)
   opt_state: Any                # MultiSteps state: the accumulated gradient lives here
   loss_scale: Optional[dynamic_scale_lib.DynamicScale]  # fp16 only
   skipped: jax.Array            # fp16 steps dropped for non-finite gradients
+
+  @property
+  def variables(self) -> dict:
+    """What `model.apply` needs at inference: the params and the necks' running statistics."""
+    if self.batch_stats is None:
+      return {'params': self.params}
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 def count_params(params) -> int:
@@ -55,11 +63,13 @@ def load_pretrained_params(config, params):
 def create_train_state(config, model, tx, mesh, *, precision: str, rng,
                        load_pretrained: bool = True) -> tuple[TrainState, Any]:
   """State born replicated on the mesh: shapes from eval_shape, values from a jitted init."""
-  shape = (1, config.input_size, config.input_size, 3)
+  shape = (1, *config_lib.input_hw(config), 3)
 
   def init(rng):
-    params = model.init({'params': rng}, jnp.zeros(shape, jnp.float32), train=False)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    variables = model.init({'params': rng}, jnp.zeros(shape, jnp.float32), train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats'), opt_state=tx.init(params),
                       loss_scale=dynamic_scale_lib.DynamicScale() if precision == 'fp16' else None,
                       skipped=jnp.zeros((), jnp.int32))
 
@@ -77,35 +87,47 @@ def make_train_step(model, tx, config, *, dtype, rng):
   """(state, batch) -> (state, metrics). PWCA partners and drop-path masks come from
   fold_in(rng, step), so a resumed run draws exactly what the uninterrupted one would."""
   use_pwca = config.num_pwca_layers > 0
+  triplet_margin = config.triplet_margin if config.task == 'reid' else None
 
   def step_fn(state: TrainState, batch):
     step_rng = jax.random.fold_in(rng, state.step)
-    partner_rng, dropout_rng = jax.random.split(step_rng)
+    partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
     images = batch['image'].astype(dtype)
     partner = dcal.derangement(partner_rng, images.shape[0]) if use_pwca else None
+    has_stats = state.batch_stats is not None
 
     def loss_fn(params):
-      out = model.apply({'params': params}, images, train=True, partner=partner,
-                        rngs={'dropout': dropout_rng})
-      return losses.dcal_loss(out, batch['label'], config.loss_weighting)
+      variables = {'params': params}
+      if has_stats:
+        variables['batch_stats'] = state.batch_stats
+      out, new_variables = model.apply(
+          variables, images, train=True, partner=partner,
+          rngs={'dropout': dropout_rng, 'selection': selection_rng},
+          mutable=['batch_stats'] if has_stats else [])
+      loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
+                                       label_smoothing=config.label_smoothing,
+                                       triplet_margin=triplet_margin)
+      return loss, (metrics, new_variables.get('batch_stats'))
 
     if state.loss_scale is not None:
       grad_fn = state.loss_scale.value_and_grad(loss_fn, has_aux=True)
-      loss_scale, is_finite, (_, metrics), grads = grad_fn(state.params)
+      loss_scale, is_finite, (_, (metrics, batch_stats)), grads = grad_fn(state.params)
     else:
-      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       loss_scale, is_finite = None, jnp.array(True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
     if state.loss_scale is not None:
-      # Overflow: keep params and optimizer (and accumulation) state; the scale was lowered.
+      # Overflow: keep params, statistics and optimizer (and accumulation) state; the scale
+      # was lowered.
       keep = lambda new, old: jax.tree.map(functools.partial(jnp.where, is_finite), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      batch_stats = keep(batch_stats, state.batch_stats)
       metrics['loss_scale'] = loss_scale.scale
     skipped = state.skipped + (~is_finite).astype(jnp.int32)
     metrics.update(grad_norm=optax.tree.norm(grads), skipped_steps=skipped)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              loss_scale=loss_scale, skipped=skipped)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, loss_scale=loss_scale, skipped=skipped)
     return new_state, metrics
 
   return step_fn
@@ -114,8 +136,8 @@ def make_train_step(model, tx, config, *, dtype, rng):
 def make_eval_step(model, *, dtype):
   """Masked sums of correct predictions for SA, GLCA and SA+GLCA (padding counts nowhere)."""
 
-  def eval_step(params, batch):
-    out = model.apply({'params': params}, batch['image'].astype(dtype), train=False)
+  def eval_step(variables, batch):
+    out = model.apply(variables, batch['image'].astype(dtype), train=False)
     mask = batch['mask'].astype(jnp.float32)
     label = batch['label']
     hit = lambda logits: jnp.sum((jnp.argmax(logits, -1) == label) * mask)
@@ -166,7 +188,7 @@ class Trainer:
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, replicated), donate_argnums=(0,))
     self.eval_step = jax.jit(make_eval_step(self.model, dtype=self.dtype),
-                             in_shardings=(self.shardings.params, self.batch_sharding),
+                             in_shardings=(self.shardings.variables, self.batch_sharding),
                              out_shardings=replicated)
 
   def restore(self, step: int) -> None:
@@ -177,7 +199,8 @@ class Trainer:
     """Top-1 of SA, GLCA and SA+GLCA over the whole test split, each image counted once."""
     totals = None
     for batch in self.input.eval_iter():
-      sums = self.eval_step(self.state.params, distributed.global_batch(batch, self.batch_sharding))
+      sums = self.eval_step(self.state.variables,
+                            distributed.global_batch(batch, self.batch_sharding))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals['count'])

@@ -114,7 +114,7 @@ class Predictor:
     trainer.checkpointer.close()
     self.config, self.workdir, self.which = config, workdir, which
     self.step = int(trainer.restored_step)
-    self.params = trainer.state.params
+    self.variables = trainer.state.variables
     self.input = trainer.input
     self.class_names = list(trainer.input.info.class_names)
     self.has_glca = int(config.num_glca_layers) > 0
@@ -123,8 +123,8 @@ class Predictor:
     model, dtype = trainer.model, trainer.dtype
     num_heads = 2.0 if self.has_glca else 1.0
 
-    def forward(params, images):
-      out = model.apply({'params': params}, images.astype(dtype), train=False)
+    def forward(variables, images):
+      out = model.apply(variables, images.astype(dtype), train=False, with_selection=True)
       # softmax(SA) + softmax(GLCA) sums to 2: divide by the number of heads -> probabilities.
       res = {'probs': dcal.predict_probs(out) / num_heads}
       res.update({k: out[k] for k in _OUTPUT_KEYS if k in out})
@@ -151,7 +151,7 @@ class Predictor:
       pad = b - chunk.shape[0]
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      out = jax.device_get(self._forward(self.params, chunk))
+      out = jax.device_get(self._forward(self.variables, chunk))
       chunks.append({k: np.asarray(v)[:b - pad] for k, v in out.items()})
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
@@ -249,9 +249,8 @@ def _model_config(config, workdir: str):
     if 'precision_loss_scale' in meta and meta['precision_loss_scale'] != (
         saved.get('precision', c.precision) == 'fp16'):
       saved['precision'] = 'fp16' if meta['precision_loss_scale'] else 'auto'
-  for key in ('backbone', 'backbone_overrides', 'num_sa_layers', 'num_glca_layers',
-              'num_pwca_layers', 'top_k_ratio', 'glca_input', 'glca_pool', 'input_size',
-              'resize_size', 'test_crop', 'normalization', 'precision', 'attention_impl'):
+  for key in (config_lib.MODEL_SHAPE_KEYS + config_lib.MODEL_BEHAVIOUR_KEYS
+              + ('resize_size', 'test_crop', 'normalization', 'precision', 'attention_impl')):
     if key in saved:
       value = saved[key]
       if key == 'backbone_overrides':

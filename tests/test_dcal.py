@@ -109,7 +109,11 @@ def np_topr(cls_row, ratio):
 
 
 def np_dcal(params, images, *, heads, patch, depth, ratio, num_pwca=0, partner=None,
-            glca_input='parallel', glca_pool='cls'):
+            glca_input='parallel', glca_pool='cls', rollout_layers='before_glca',
+            glca_select='rollout', index=None):
+  """METHOD.md's DCAL forward. The rollout covers blocks 1..L-1 (GLCA parallel to block L) or
+  1..L ('all', or GLCA on top of block L); glca_select 'last_layer' ranks patches by the last
+  of those blocks' attention alone; `index` overrides the selection (e.g. a random one)."""
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   x = np_embed(p['embed'], np.asarray(images, np.float64), patch)
   x_pw, maps, glca_in = None, [], None
@@ -124,17 +128,21 @@ def np_dcal(params, images, *, heads, patch, depth, ratio, num_pwca=0, partner=N
       x_pw, _, _ = np_block(bp, x_pw, heads, extra_kv=(k[partner], v[partner]))
     maps.append(m)
     x = x_new
-  out = {'maps': maps, 'rollout': np_rollout(maps)}
+  covered = maps[:-1] if rollout_layers == 'before_glca' and glca_input == 'parallel' else maps
+  out = {'maps': maps, 'rollout': np_rollout(covered)}
   sa_feature = np_ln(x, p['norm'])[:, 0]
   out['sa_logits'] = np_dense(sa_feature, p['head'])
   out['sa_feature'] = sa_feature
-  index = np_topr(out['rollout'], ratio)
+  if index is None:
+    index = np_topr(out['rollout'] if glca_select == 'rollout' else np_rollout(covered[-1:]),
+                    ratio)
   if glca_input == 'on_top':
     glca_in = x
   g, _, _ = np_block(p['glca_block'], glca_in, heads, query_index=index)
   out['glca_index'] = index
   g = np_ln(g, p['glca_norm'])
-  out['glca_logits'] = np_dense(g[:, 0] if glca_pool == 'cls' else g.mean(axis=1), p['glca_head'])
+  pooled = {'cls': g[:, 0], 'mean': g.mean(axis=1), 'local': g[:, 1:].mean(axis=1)}[glca_pool]
+  out['glca_logits'] = np_dense(pooled, p['glca_head'])
   if x_pw is not None:
     out['pwca_logits'] = np_dense(np_ln(x_pw, p['norm'])[:, 0], p['head'])
   return out
@@ -181,10 +189,11 @@ def init_params(model, seed=0, batch=B, size=SIZE):
 FAST = dict(compiler_options={'xla_backend_optimization_level': 0})
 
 
-def japply(model, params, x, partner=None):
+def japply(model, params, x, partner=None, with_selection=False, rngs=None):
   """model.apply (inference, or PWCA when partner is given), jitted."""
-  fn = jax.jit(lambda p, x, partner: model.apply({'params': p}, x, partner=partner), **FAST)
-  return fn(params, x, partner)
+  fn = jax.jit(lambda p, x, partner, rngs: model.apply(
+      {'params': p}, x, partner=partner, with_selection=with_selection, rngs=rngs), **FAST)
+  return fn(params, x, partner, rngs)
 
 
 def images(seed=1, batch=B, size=SIZE):
@@ -199,19 +208,28 @@ TOL = dict(rtol=2e-4, atol=2e-5)
 
 
 # --- rollout -----------------------------------------------------------------------------------
+@pytest.mark.parametrize('impl', ['vector', 'running_product'])
 @pytest.mark.parametrize('depth', [1, 2, 5])
-def test_rollout_composition_matches_numpy_equation(depth):
+def test_rollout_composition_matches_numpy_equation(depth, impl):
   rng = np.random.default_rng(depth)
   n = 9
   maps = rng.random((depth, 3, n, n)) ** 3
   maps /= maps.sum(-1, keepdims=True)  # row-stochastic head-mean maps
-  acc = None
-  for i in range(depth - 1):
-    acc = dcal.rollout_update(acc, jnp.asarray(maps[i], jnp.float32))
-  got = dcal.rollout_cls_row(acc, jnp.asarray(maps[-1], jnp.float32))
-  want = np_rollout(list(maps))
+  got = dcal.rollout_cls_row([jnp.asarray(m, jnp.float32) for m in maps], impl)
+  want = np_rollout(list(maps))  # the full forward product Ŝ_i = S̄_i Ŝ_{i-1}, then its CLS row
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0, rtol=1e-5)  # still a distribution
+
+
+def test_vector_rollout_has_no_cubic_term():
+  """XLA's FLOP count of the CLS row from L = 12 maps of 785 tokens (DeiT-T at 448 px): the
+  vector chain is 11 vector-matrix products (+ forming S̄), the running product ~10·785³ MACs."""
+  n, depth = 785, 12
+  maps = [jax.ShapeDtypeStruct((1, n, n), jnp.float32)] * (depth - 1)
+  flops = {impl: jax.jit(functools.partial(dcal.rollout_cls_row, impl=impl)).lower(maps)
+           .compile().cost_analysis()['flops'] for impl in ('vector', 'running_product')}
+  assert flops['vector'] < 0.1e9, flops        # the issue's bound: under 0.1 GFLOP per image
+  assert flops['running_product'] > 2 * (depth - 3) * n ** 3, flops
 
 
 def test_model_forward_matches_numpy_reference():
@@ -219,7 +237,7 @@ def test_model_forward_matches_numpy_reference():
   model = make_model()
   params = init_params(model)
   x = images()
-  out = japply(model, params, x)
+  out = japply(model, params, x, with_selection=True)
   ref = np_dcal(params, x, heads=TINY.num_heads, patch=TINY.patch_size, depth=TINY.depth,
                 ratio=RATIO)
   np.testing.assert_allclose(out['rollout'], ref['rollout'], **TOL)
@@ -275,7 +293,8 @@ def test_r_is_78_of_784_at_448px():
   assert dcal.num_selected(784, 0.3) == 235
   model = dcal.DCAL(cfg, num_classes=200)
   x = jax.ShapeDtypeStruct((1, 448, 448, 3), jnp.float32)
-  out = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0], x)
+  out = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x,
+                                                       with_selection=True)[0], x)
   assert out['glca_index'].shape == (1, 79)
   assert out['rollout'].shape == (1, 785)
 
@@ -302,13 +321,13 @@ def test_glca_r100_with_sa_weights_equals_sa_branch():
   params['glca_block'] = params[f'block_{TINY.depth - 1}']
   params['glca_norm'] = params['norm']
   params['glca_head'] = params['head']
-  out = japply(model, params, images())
+  out = japply(model, params, images(), with_selection=True)
   assert out['glca_index'].shape == (B, 17)
   assert sorted(np.asarray(out['glca_index'])[0]) == list(range(17))
   np.testing.assert_allclose(out['glca_logits'], out['sa_logits'], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out['glca_feature'], out['sa_feature'], rtol=1e-5, atol=1e-5)
   # the local-query rows do differ from SA's rows once R < 100%: only CLS + R rows exist
-  out = japply(make_model(top_k_ratio=RATIO), params, images())
+  out = japply(make_model(top_k_ratio=RATIO), params, images(), with_selection=True)
   assert out['glca_index'].shape == (B, 5)
 
 
@@ -354,6 +373,153 @@ def test_glca_on_top_input_matches_numpy():
   ref = np_dcal(params, x, heads=TINY.num_heads, patch=TINY.patch_size, depth=TINY.depth,
                 ratio=RATIO, glca_input='on_top')
   np.testing.assert_allclose(out['glca_logits'], ref['glca_logits'], **TOL)
+
+
+@pytest.mark.parametrize('rollout_layers,glca_input', [('before_glca', 'parallel'),
+                                                        ('all', 'parallel'),
+                                                        ('before_glca', 'on_top')])
+@pytest.mark.parametrize('glca_select', ['rollout', 'last_layer'])
+def test_selection_knobs_match_numpy(rollout_layers, glca_input, glca_select):
+  """Rollout depth (blocks 1..L-1 before a parallel GLCA, or 1..L), the last-layer ablation and
+  the 'local' pooling (mean of the R local outputs), against METHOD.md's equations."""
+  kw = dict(glca_pool='local', rollout_layers=rollout_layers, glca_input=glca_input,
+            glca_select=glca_select)
+  model = make_model(**kw)
+  params = init_params(model)
+  x = images()
+  out = japply(model, params, x)
+  ref = np_dcal(params, x, heads=TINY.num_heads, patch=TINY.patch_size, depth=TINY.depth,
+                ratio=RATIO, **kw)
+  if glca_select == 'rollout':
+    np.testing.assert_allclose(out['rollout'], ref['rollout'], **TOL)
+  np.testing.assert_array_equal(np.asarray(out['glca_index']), ref['glca_index'])
+  np.testing.assert_allclose(out['glca_logits'], ref['glca_logits'], **TOL)
+
+
+def test_rollout_depth_changes_the_selection():
+  """'before_glca' and 'all' are different rollouts (else the knob would be decorative)."""
+  params = init_params(make_model())
+  x = images()
+  rows = [np.asarray(japply(make_model(rollout_layers=r), params, x, with_selection=True)
+                     ['rollout']) for r in ('before_glca', 'all')]
+  assert np.abs(rows[0] - rows[1]).max() > 1e-3
+
+
+def test_vector_and_running_product_rollouts_select_the_same_tokens():
+  params = init_params(make_model())
+  x = images()
+  outs = [japply(make_model(rollout_impl=i, glca_pool='mean'), params, x)
+          for i in ('vector', 'running_product')]
+  np.testing.assert_allclose(outs[0]['rollout'], outs[1]['rollout'], rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(outs[0]['glca_index'], outs[1]['glca_index'])
+  np.testing.assert_array_equal(outs[0]['glca_logits'], outs[1]['glca_logits'])
+
+
+def test_random_selection_is_a_random_r_subset_and_matches_numpy():
+  model = make_model(glca_pool='local', glca_select='random')
+  params = init_params(model)
+  x = images()
+  idx = []
+  for seed in (0, 1):
+    out = japply(model, params, x, rngs={'selection': jax.random.PRNGKey(seed)})
+    index = np.asarray(out['glca_index'])
+    assert index.shape == (B, 5) and (index[:, 0] == 0).all()
+    for row in index:
+      assert len(set(row[1:])) == 4 and 1 <= row[1:].min() and row[1:].max() <= 16
+    ref = np_dcal(params, x, heads=TINY.num_heads, patch=TINY.patch_size, depth=TINY.depth,
+                  ratio=RATIO, glca_pool='local', index=index)
+    np.testing.assert_allclose(out['glca_logits'], ref['glca_logits'], **TOL)
+    idx.append(index)
+  assert (idx[0] != idx[1]).any()
+  # no 'selection' rng (evaluation): a fixed draw, the same every call
+  a, b = (np.asarray(japply(model, params, x)['glca_index']) for _ in range(2))
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('pool', ['mean', 'local'])
+def test_pooled_glca_logits_change_when_the_selection_is_perturbed(pool):
+  """Under a pooling that reads the local outputs, other selected patches -> other logits."""
+  params = init_params(make_model())
+  x = images()
+  base = japply(make_model(glca_pool=pool), params, x)
+  other = japply(make_model(glca_pool=pool, glca_select='random'), params, x)
+  assert (np.asarray(base['glca_index']) != np.asarray(other['glca_index'])).any()
+  assert np.abs(np.asarray(base['glca_logits']) - np.asarray(other['glca_logits'])).max() > 1e-3
+  np.testing.assert_array_equal(base['sa_logits'], other['sa_logits'])
+
+
+def _jaxpr_and_flops(model, params, x, **kw):
+  fn = lambda p, x: model.apply({'params': p}, x, **kw)
+  flops = jax.jit(fn).lower(params, x).compile().cost_analysis()['flops']
+  return str(jax.make_jaxpr(fn)(params, x)), flops
+
+
+def test_no_dead_compute_when_the_selection_cannot_reach_the_outputs():
+  """glca_pool='cls': no attention maps, rollout, top-k or local query rows are computed (the
+  CLS query runs alone), with the same logits as the full computation the visualize mode runs."""
+  model = make_model(glca_pool='cls')
+  params = init_params(model)
+  x = images()
+  lean, full = japply(model, params, x), japply(model, params, x, with_selection=True)
+  assert 'rollout' not in lean and 'glca_index' not in lean
+  for k in ('sa_logits', 'glca_logits', 'glca_feature'):
+    np.testing.assert_allclose(lean[k], full[k], rtol=1e-6, atol=1e-6)
+  lean_jaxpr, lean_flops = _jaxpr_and_flops(model, params, x)
+  full_jaxpr, full_flops = _jaxpr_and_flops(model, params, x, with_selection=True)
+  assert 'top_k' not in lean_jaxpr and 'top_k' in full_jaxpr
+  assert lean_flops < full_flops
+  # 'mean' reads the local rows: there the selection is part of every forward pass
+  assert 'top_k' in _jaxpr_and_flops(make_model(glca_pool='mean'), params, x)[0]
+
+
+def test_loss_weights_start_at_their_configured_value():
+  params = init_params(make_model(loss_weights_init=0.5))  # shapes only: randomize() zeroes
+  model = make_model(loss_weights_init=0.5)
+  v = model.init(jax.random.PRNGKey(0), images())
+  np.testing.assert_array_equal(v['params']['loss_weights'], [0.5, 0.5, 0.5])
+  assert params['loss_weights'].shape == (3,)
+
+
+# --- Re-ID heads -------------------------------------------------------------------------------
+def test_bnneck_is_pytorch_batchnorm1d_without_bias():
+  """Training: batch statistics (biased variance), running stats with momentum 0.1 and the
+  unbiased variance; inference: the running stats; no bias anywhere; PWCA leaves the stats."""
+  rng = np.random.default_rng(0)
+  f = rng.normal(2.0, 3.0, (6, 5))
+  neck = dcal.BNNeck()
+  v = neck.init(jax.random.PRNGKey(0), jnp.asarray(f, jnp.float32), train=False)
+  assert set(v['params']) == {'scale'}
+  scale = rng.normal(1.0, 0.1, 5)
+  v = {'params': {'scale': jnp.asarray(scale, jnp.float32)}, 'batch_stats': v['batch_stats']}
+  y, upd = neck.apply(v, jnp.asarray(f, jnp.float32), train=True, mutable=['batch_stats'])
+  want = (f - f.mean(0)) / np.sqrt(f.var(0) + 1e-5) * scale
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * f.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * f.var(0, ddof=1), rtol=1e-5)
+  y = neck.apply({'params': v['params'], **upd}, jnp.asarray(f, jnp.float32), train=False)
+  mean, var = 0.1 * f.mean(0), 0.9 + 0.1 * f.var(0, ddof=1)
+  np.testing.assert_allclose(y, (f - mean) / np.sqrt(var + 1e-5) * scale, rtol=1e-5, atol=1e-5)
+  _, same = neck.apply(v, jnp.asarray(f, jnp.float32), train=True, update_stats=False,
+                       mutable=['batch_stats'])
+  chex.assert_trees_all_equal(same['batch_stats'], v['batch_stats'])
+
+
+def test_reid_model_has_necks_and_bias_free_classifiers():
+  model = make_model(bnneck=True)
+  v = model.init(jax.random.PRNGKey(0), images(), partner=jnp.array([1, 2, 3, 0]))
+  for head in ('head', 'glca_head'):
+    assert set(v['params'][head]) == {'kernel', 'bnneck'}
+    assert set(v['batch_stats'][head]['bnneck']) == {'mean', 'var'}
+  out, upd = model.apply(v, images(), train=True, partner=jnp.array([1, 2, 3, 0]),
+                         mutable=['batch_stats'])
+  for k in ('sa_feature', 'sa_bn_feature', 'glca_feature', 'glca_bn_feature', 'pwca_feature'):
+    assert out[k].shape == (B, TINY.width), k
+  # SA's neck moved its running mean by exactly 0.1 x the batch mean of SA's features (PWCA's
+  # pass through the same neck did not count)
+  np.testing.assert_allclose(upd['batch_stats']['head']['bnneck']['mean'],
+                             0.1 * np.asarray(out['sa_feature']).mean(0), rtol=1e-4, atol=1e-6)
+  feat = dcal.reid_feature(out, after_bn=True)
+  np.testing.assert_array_equal(feat[:, TINY.width:], out['glca_bn_feature'])
 
 
 # --- PWCA --------------------------------------------------------------------------------------
@@ -471,14 +637,18 @@ def _tools_module(name):
 
 
 def test_inference_flops_glca_adds_about_2_percent():
-  """XLA cost analysis, DeiT-Tiny 448 px batch 1: SA+GLCA vs SA (paper +2%). The rollout's
-  running product ((L-2)·785^3 multiply-adds) is reported separately: see docs/MODEL.md."""
+  """XLA cost analysis, DeiT-Tiny 448 px batch 1: SA+GLCA vs SA (paper +2%), with the vector
+  rollout (under 0.1 GFLOP) and with the running product ((L-3)·785^3 multiply-adds)."""
   costs = _tools_module('model_costs')
   f = costs.inference_flops('deit_tiny', 448, 200)
-  assert abs(f['rollout'] / f['rollout_analytic'] - 1) < 0.02
-  without_rollout = (f['dcal'] - f['rollout']) / f['sa_vit'] - 1
-  assert 0.005 < without_rollout < 0.04, without_rollout
-  # GLCA off: the unused rollout is dead code, DCAL costs what the plain ViT costs
+  assert abs(f['rollout_running_product'] / f['rollout_running_product_analytic'] - 1) < 0.02
+  # vector: the (L-2) products are 2·(L-2)·785² flops; forming each S̄ adds a few per element
+  assert 1 < f['rollout_vector'] / f['rollout_vector_analytic'] < 6
+  assert f['rollout_vector'] < 0.1e9 < 8e9 < f['rollout_running_product']
+  for name in ('dcal_cls', 'dcal_mean'):  # GLCA (79 of 785 queries) + a vector rollout: +0.5-4 %
+    assert 0.005 < f[name] / f['sa_vit'] - 1 < 0.04, (name, f[name] / f['sa_vit'])
+  assert f['dcal_cls'] < f['dcal_mean'] < f['dcal_mean_running_product']
+  # GLCA off: nothing of the selection runs, DCAL costs what the plain ViT costs
   assert abs(f['dcal_no_glca'] / f['sa_vit'] - 1) < 0.005
 
 

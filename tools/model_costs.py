@@ -5,10 +5,12 @@ Parameters come from `jax.eval_shape` of `init` (nothing is allocated). FLOPs co
 cost analysis of the compiled inference function (`jax.jit(f).lower(...).compile()
 .cost_analysis()['flops']`, CPU backend; it counts a multiply-add as 2 flops).
 
-The DCAL inference graph is SA + attention rollout + GLCA. The rollout is carried as a running
-product of [N+1, N+1] maps (O(N^2) memory), which costs L-2 full (N+1)^3 matrix products plus
-one vector-matrix product; at 448 px (N+1 = 785) that is large next to a DeiT-Tiny forward pass,
-so the FLOPs are reported with and without it (the rollout is measured on its own too).
+The DCAL inference graph is SA + GLCA, plus the attention rollout and the top-R selection when
+GLCA's classifier reads the selected tokens (glca_pool mean/local; with 'cls' they are skipped).
+The rollout's CLS row over the K = L-1 blocks before GLCA is a chain of K-1 vector-matrix
+products (rollout_impl='vector', the default: O(K N^2)); the alternative running product costs
+K-2 full (N+1)^3 matrix products (O(K N^3)), which at 448 px (N+1 = 785) is large next to a
+DeiT-Tiny forward pass. Both are measured, with the model and alone.
 
   python tools/model_costs.py                       # all variants' params; FLOPs for deit_tiny, vit_base
   python tools/model_costs.py --flops_variants deit_tiny --size 448 --num_classes 200
@@ -55,28 +57,33 @@ def flops(fn, *args):
   return float(cost['flops'])
 
 
+DCAL_VARIANTS = {  # name -> DCAL keyword arguments
+    'dcal_cls': dict(glca_pool='cls'),
+    'dcal_mean': dict(glca_pool='mean'),
+    'dcal_mean_running_product': dict(glca_pool='mean', rollout_impl='running_product'),
+    'dcal_no_glca': dict(num_glca_layers=0),
+}
+
+
 def inference_flops(variant, size, num_classes, batch=1):
   cfg = vit.get_variant(variant)
   out = {}
   vit_model = vit.VisionTransformer(cfg, num_classes)
   p, x = abstract_params(vit_model, size, batch)
   out['sa_vit'] = flops(lambda p, x: vit_model.apply({'params': p}, x), p, x)
-  for name, m in (('dcal', 1), ('dcal_no_glca', 0)):
-    model = dcal.DCAL(cfg, num_classes, num_glca_layers=m, num_pwca_layers=cfg.depth)
+  for name, kwargs in DCAL_VARIANTS.items():
+    model = dcal.DCAL(cfg, num_classes, num_pwca_layers=cfg.depth, **kwargs)
     p, x = abstract_params(model, size, batch)
     # predict_probs is what evaluation runs; no partner -> no PWCA at inference.
-    out[name] = flops(lambda p, x: dcal.predict_probs(model.apply({'params': p}, x)), p, x)
+    out[name] = flops(lambda p, x, m=model: dcal.predict_probs(m.apply({'params': p}, x)), p, x)
   n = cfg.num_patches(size) + 1
-  maps = jax.ShapeDtypeStruct((cfg.depth, batch, n, n), jnp.float32)
-
-  def rollout(maps):
-    acc = None
-    for i in range(cfg.depth - 1):
-      acc = dcal.rollout_update(acc, maps[i])
-    return dcal.rollout_cls_row(acc, maps[-1])
-  out['rollout'] = flops(rollout, maps)
-  # analytic: (L-2) products of (N+1)^3 multiply-adds, one (N+1)^2 vector-matrix product
-  out['rollout_analytic'] = 2.0 * batch * ((cfg.depth - 2) * n ** 3 + n ** 2)
+  k = cfg.depth - 1  # the blocks before GLCA
+  maps = [jax.ShapeDtypeStruct((batch, n, n), jnp.float32)] * k
+  for impl in ('vector', 'running_product'):
+    out[f'rollout_{impl}'] = flops(lambda m, impl=impl: dcal.rollout_cls_row(m, impl), maps)
+  # analytic multiply-adds x 2: K-1 vector-matrix products | K-2 (N+1)^3 products + one vector
+  out['rollout_vector_analytic'] = 2.0 * batch * (k - 1) * n ** 2
+  out['rollout_running_product_analytic'] = 2.0 * batch * ((k - 2) * n ** 3 + n ** 2)
   return out
 
 
@@ -101,17 +108,19 @@ def main():
           flush=True)
 
   print(f'\n## Inference FLOPs at {a.size} px, batch 1 (XLA cost analysis, CPU)\n')
-  print('| backbone | SA-only ViT | DCAL SA+GLCA (with rollout) | DCAL, GLCA off (unused rollout dropped by XLA) '
-        '| rollout alone (XLA / analytic) | DCAL/SA with rollout | DCAL/SA without rollout |')
-  print('|---|---:|---:|---:|---:|---:|---:|')
+  print('| backbone | SA-only ViT | DCAL glca_pool=cls (no rollout) | DCAL glca_pool=mean (vector '
+        'rollout) | same, running-product rollout | DCAL, GLCA off | rollout alone, vector (XLA / '
+        'analytic) | rollout alone, running product (XLA / analytic) |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|')
   for v in filter(None, a.flops_variants.split(',')):
     f = inference_flops(v, a.size, a.num_classes)
     g = 1e9
-    with_r = f['dcal'] / f['sa_vit'] - 1
-    without_r = (f['dcal'] - f['rollout']) / f['sa_vit'] - 1
-    print(f"| {v} | {f['sa_vit'] / g:.2f} G | {f['dcal'] / g:.2f} G | {f['dcal_no_glca'] / g:.2f} G "
-          f"| {f['rollout'] / g:.2f} G / {f['rollout_analytic'] / g:.2f} G "
-          f"| +{100 * with_r:.1f}% | +{100 * without_r:.1f}% |", flush=True)
+    rel = lambda key: f"{f[key] / g:.2f} G (+{100 * (f[key] / f['sa_vit'] - 1):.1f}%)"
+    print(f"| {v} | {f['sa_vit'] / g:.2f} G | {rel('dcal_cls')} | {rel('dcal_mean')} "
+          f"| {rel('dcal_mean_running_product')} | {rel('dcal_no_glca')} "
+          f"| {f['rollout_vector'] / 1e6:.1f} M / {f['rollout_vector_analytic'] / 1e6:.1f} M "
+          f"| {f['rollout_running_product'] / g:.2f} G / "
+          f"{f['rollout_running_product_analytic'] / g:.2f} G |", flush=True)
 
 
 if __name__ == '__main__':

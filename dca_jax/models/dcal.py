@@ -1,13 +1,23 @@
 """DCAL: self-attention (SA) + global-local (GLCA) + pair-wise (PWCA) cross-attention.
 
-The three branches (METHOD.md):
+The three branches (docs/METHOD.md):
 - SA: the L backbone blocks; CLS -> final LN -> `head`.
-- GLCA: one block with its own weights (`glca_block`); queries only for CLS + the top-R
-  patches of the attention rollout, keys/values of all N+1 tokens; -> `glca_norm` -> `glca_head`.
+- GLCA: one block with its own weights (`glca_block`); queries only for CLS + R selected
+  patches (by default the top R of the attention rollout over the SA blocks before GLCA),
+  keys/values of all N+1 tokens; -> `glca_norm` -> pooling (`glca_pool`) -> `glca_head`.
 - PWCA: the last T backbone blocks run a second stream with the SAME weights, whose keys/values
   are [K1; K2], [V1; V2], with K2/V2 the partner's SA keys/values at the same block (no extra
   pass over the partner). Training only; its CLS -> `norm` -> `head`.
-The rollout is carried as a running product (one [B, N+1, N+1] float32 map), never L maps.
+
+Only what reaches an output is computed. An attention row depends only on its own query, so
+with `glca_pool='cls'` GLCA's logits do not depend on which patches are selected: the rollout,
+the selection and the local query rows are then skipped (GLCA runs its CLS query alone) unless
+`with_selection=True` asks for them (the visualize mode draws them).
+
+The rollout's CLS row is a chain of vector-matrix products from the last map backwards,
+e0^T·S̄_K·…·S̄_1 (O(K·N²)); the K head-mean maps are kept until the selection is made.
+`rollout_impl='running_product'` carries one [B, N+1, N+1] product instead (O(K·N³), one map).
+Re-ID (`bnneck=True`): each classifier reads its feature through a bias-free BatchNorm neck.
 """
 
 from __future__ import annotations
@@ -18,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dca_jax import config_lib
 from dca_jax.models import vit
 
 Dtype = Any
@@ -33,16 +42,25 @@ def rollout_matrix(head_mean):
   return s / s.sum(axis=-1, keepdims=True)
 
 
-def rollout_update(acc, head_mean):
-  """Ŝ_i = S̄_i · Ŝ_{i-1}, with Ŝ_0 = I (acc None)."""
-  s = rollout_matrix(head_mean)
-  return s if acc is None else jnp.einsum('bij,bjk->bik', s, acc)
+def rollout_cls_row(maps, impl: str = 'vector'):
+  """CLS row of Ŝ_K = S̄_K·…·S̄_1 for the head-mean maps [S_1, …, S_K] (K >= 1).
 
-
-def rollout_cls_row(acc, head_mean):
-  """CLS row of S̄_L · Ŝ_{L-1}: a vector-matrix product, the last full product is never formed."""
-  s_cls = rollout_matrix(head_mean)[:, 0]
-  return s_cls if acc is None else jnp.einsum('bj,bjk->bk', s_cls, acc)
+  'vector': e0^T·S̄_K is S̄_K's CLS row; multiplying it into S̄_{K-1}, …, S̄_1 is K-1
+  vector-matrix products. 'running_product': Ŝ_i = S̄_i·Ŝ_{i-1} as the maps arrive (the
+  last step a vector-matrix product), for when K maps do not fit in memory.
+  The traced program is the same wherever the caller builds it, so this runs after the blocks.
+  """
+  if impl == 'vector':
+    row = rollout_matrix(maps[-1])[:, 0]
+    for head_mean in reversed(maps[:-1]):
+      row = jnp.einsum('bj,bjk->bk', row, rollout_matrix(head_mean))
+    return row
+  acc = None
+  for head_mean in maps[:-1]:
+    s = rollout_matrix(head_mean)
+    acc = s if acc is None else jnp.einsum('bij,bjk->bik', s, acc)
+  row = rollout_matrix(maps[-1])[:, 0]
+  return row if acc is None else jnp.einsum('bj,bjk->bk', row, acc)
 
 
 def num_selected(num_patches: int, top_k_ratio: float) -> int:
@@ -51,7 +69,7 @@ def num_selected(num_patches: int, top_k_ratio: float) -> int:
 
 
 def select_tokens(cls_row, top_k_ratio: float):
-  """Token indices [B, 1 + R]: CLS (0) then the R patches of highest rollout (CLS column dropped)."""
+  """Token indices [B, 1 + R]: CLS (0) then the R patches of highest score (CLS column dropped)."""
   patches = cls_row[:, 1:]
   r = num_selected(patches.shape[-1], top_k_ratio)
   _, idx = jax.lax.top_k(patches, r)
@@ -71,6 +89,56 @@ def derangement(rng, batch_size: int):
   return partner.at[order].set(jnp.roll(order, -1).astype(jnp.int32))
 
 
+# --- classifier heads --------------------------------------------------------------------------
+class BNNeck(nn.Module):
+  """BatchNorm1d with a frozen zero bias (the Re-ID "BNNeck"): batch statistics in training,
+  running averages (PyTorch's momentum 0.1, unbiased running variance) at inference.
+
+  `update_stats=False` normalises with the batch statistics without touching the running ones
+  (PWCA shares SA's neck, but its distractor-mixed features must not shift SA's statistics).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, update_stats: bool = True):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    mean_var = self.variable('batch_stats', 'mean', jnp.zeros, (features,))
+    var_var = self.variable('batch_stats', 'var', jnp.ones, (features,))
+    x = x.astype(jnp.float32)
+    if train:
+      mean, var = x.mean(axis=0), x.var(axis=0)
+      if update_stats and not self.is_initializing():
+        n = x.shape[0]
+        unbiased = var * n / max(n - 1, 1)
+        mean_var.value = (1 - self.momentum) * mean_var.value + self.momentum * mean
+        var_var.value = (1 - self.momentum) * var_var.value + self.momentum * unbiased
+    else:
+      mean, var = mean_var.value, var_var.value
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+
+
+class Classifier(nn.Module):
+  """feature -> [BN neck ->] linear classifier. Returns (logits, the feature the logits read).
+
+  The kernel/bias live directly under the classifier's name (`head/kernel`, as in timm), and
+  with the neck the classifier has no bias (it would duplicate the neck's frozen one)."""
+  num_classes: int
+  bnneck: bool = False
+
+  @nn.compact
+  def __call__(self, feature, *, train: bool, update_stats: bool = True):
+    if self.bnneck:
+      feature = BNNeck(name='bnneck')(feature, train=train, update_stats=update_stats)
+    feature = feature.astype(jnp.float32)
+    kernel = self.param('kernel', vit.dense_init, (feature.shape[-1], self.num_classes))
+    logits = feature @ kernel
+    if not self.bnneck:
+      logits = logits + self.param('bias', nn.initializers.zeros, (self.num_classes,))
+    return logits, feature
+
+
 # --- the model ---------------------------------------------------------------------------------
 class DCAL(nn.Module):
   """DCAL over a ViT backbone. Call with `partner` (from `derangement`) to run PWCA."""
@@ -79,67 +147,138 @@ class DCAL(nn.Module):
   num_glca_layers: int = 1
   num_pwca_layers: int = 12
   top_k_ratio: float = 0.1
-  glca_input: str = 'parallel'
-  glca_pool: str = 'cls'               # cls | mean: what the GLCA classifier reads
+  glca_input: str = 'parallel'         # parallel: input of SA block L | on_top: its output
+  glca_pool: str = 'cls'               # what the GLCA classifier reads: cls | mean | local
+  glca_select: str = 'rollout'         # GLCA's local queries: rollout | random | last_layer
+  rollout_layers: str = 'before_glca'  # SA blocks the rollout covers: before_glca | all
+  rollout_impl: str = 'vector'         # vector | running_product
+  loss_weights_init: float = 0.0
+  bnneck: bool = False                 # Re-ID: BatchNorm neck before each classifier
   stochastic_depth_prob: float = 0.0
   dtype: Dtype = jnp.float32
   remat_policy: Optional[str] = None   # None: no remat; 'full' or a jax.checkpoint_policies name
   attention_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False, partner=None):
-    """Returns a dict of logits/features. PWCA runs only when `partner` is given."""
-    cfg = self.config
+  def _check(self):
+    depth = self.config.depth
     if self.num_glca_layers not in (0, 1):
       raise ValueError(f'num_glca_layers={self.num_glca_layers}: DCAL uses M = 1 (or 0 to disable)')
-    if not 0 <= self.num_pwca_layers <= cfg.depth:
-      raise ValueError(f'num_pwca_layers={self.num_pwca_layers} must be in [0, {cfg.depth}]')
+    if not 0 <= self.num_pwca_layers <= depth:
+      raise ValueError(f'num_pwca_layers={self.num_pwca_layers} must be in [0, {depth}]')
+
+  def rollout_blocks(self) -> range:
+    """The SA blocks whose attention the rollout accumulates (0-based).
+
+    GLCA parallel to block L sees the input of block L, so 'before_glca' stops at block L-1
+    (the paper's Fig. 1(a)); on top of block L it covers all L."""
+    depth = self.config.depth
+    if self.rollout_layers == 'before_glca' and self.glca_input == 'parallel':
+      return range(depth - 1)
+    return range(depth)
+
+  def selection_reaches_outputs(self) -> bool:
+    """Whether GLCA's token selection can change any output (logits, features, losses)."""
+    return self.num_glca_layers > 0 and self.glca_pool != 'cls'
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, partner=None, with_selection: bool = False):
+    """Returns a dict of logits/features. PWCA runs only when `partner` is given.
+
+    with_selection: also compute the rollout ('rollout', [B, N+1]) and GLCA's token indices
+    ('glca_index', [B, 1+R]) when they would otherwise be skipped as dead compute.
+    """
+    self._check()
+    cfg = self.config
     deterministic = not train
     rates = vit.drop_path_rates(self.stochastic_depth_prob, cfg.depth)
-    kw = dict(dtype=self.dtype, remat_policy=self.remat_policy)
-    # Uncertainty loss weights w_sa, w_glca, w_pwca (Kendall et al.), initialised to 0.
-    loss_weights = self.param('loss_weights', nn.initializers.zeros, (len(BRANCHES),))
+    block_args = dict(dtype=self.dtype, remat_policy=self.remat_policy)
+    # Uncertainty loss weights w_sa, w_glca, w_pwca (Kendall et al.).
+    loss_weights = self.param('loss_weights', nn.initializers.constant(self.loss_weights_init),
+                              (len(BRANCHES),))
     norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='norm')
-    head = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=vit.dense_init, name='head')
+    head = Classifier(self.num_classes, self.bnneck, name='head')
+
+    select = self.num_glca_layers > 0 and (self.selection_reaches_outputs() or with_selection)
+    draw = with_selection  # the visualize mode draws the full rollout whatever GLCA uses
+    rollout_blocks = self.rollout_blocks()
+    if select and self.glca_select == 'last_layer' and not draw:
+      # one map only: the last block the rollout would cover
+      weight_blocks = set(rollout_blocks[-1:])
+    elif select and (self.glca_select == 'rollout' or draw):
+      weight_blocks = set(rollout_blocks)
+    else:
+      weight_blocks = set()
+    maps = []  # head-mean attention of the blocks in weight_blocks, in order
 
     x = vit.Embedding(cfg, dtype=self.dtype, name='embed')(images)
+    batch, num_tokens = x.shape[0], x.shape[1]
     pwca_start = cfg.depth - self.num_pwca_layers
     run_pwca = partner is not None and self.num_pwca_layers > 0
-    x_pw, acc, glca_in, cls_row = None, None, None, None
+    x_pw, glca_in = None, None
     for i, rate in enumerate(rates):
       block = vit.make_block(cfg, drop_path=rate, attention_impl=self.attention_impl,
-                             name=f'block_{i}', dcal_step=True, **kw)
+                             name=f'block_{i}', dcal_step=True, **block_args)
       if run_pwca and i == pwca_start:
         x_pw = x  # the PWCA stream starts from the SA hidden state entering block L-T+1
       if i == cfg.depth - 1:
         glca_in = x  # GLCA sits parallel to the last SA block
       # head_mean carries no gradient (vit.attention): none flows through the rollout
-      x, x_pw, head_mean = block.sa_pwca(x, x_pw, partner, deterministic)
-      if i < cfg.depth - 1:
-        acc = rollout_update(acc, head_mean)
-      else:
-        cls_row = rollout_cls_row(acc, head_mean)
+      x, x_pw, head_mean = block.sa_pwca(x, x_pw, partner, deterministic, i in weight_blocks)
+      if i in weight_blocks:
+        maps.append(head_mean)
 
     sa_feature = norm(x[:, 0])  # LN is per token: normalise only the CLS the head reads
-    out = {'sa_logits': head(sa_feature), 'sa_feature': sa_feature,
-           'rollout': cls_row, 'loss_weights': loss_weights}
+    sa_logits, sa_neck = head(sa_feature, train=train)
+    out = {'sa_logits': sa_logits, 'sa_feature': sa_feature, 'loss_weights': loss_weights}
+    if self.bnneck:
+      out['sa_bn_feature'] = sa_neck
     if self.num_glca_layers:
       if self.glca_input == 'on_top':
         glca_in = x
-      index = select_tokens(cls_row, self.top_k_ratio)
-      g, _, _ = vit.make_block(cfg, drop_path=rates[-1], name='glca_block', **kw)(
-          glca_in, deterministic, False, index)
-      g = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')(
-          g[:, :1] if self.glca_pool == 'cls' else g)
-      # 'cls' (METHOD.md): with M = 1 the CLS row attends to all keys whatever else was
-      # selected, so the selection then only matters through `mean` (CLS + the R local outputs).
-      glca_feature = g[:, 0] if self.glca_pool == 'cls' else g.mean(axis=1)
-      out.update(glca_feature=glca_feature, glca_index=index,
-                 glca_logits=nn.Dense(self.num_classes, dtype=jnp.float32,
-                                      kernel_init=vit.dense_init, name='glca_head')(glca_feature))
+      index = None
+      if select:
+        if draw or self.glca_select == 'rollout':
+          out['rollout'] = self._rollout(maps, batch, num_tokens)
+        index = self._select(out.get('rollout'), maps, batch, num_tokens)
+        out['glca_index'] = index
+      # Queries: CLS + the R selected patches when the classifier reads them, else CLS alone
+      # (its output is the same whatever else is selected).
+      queries = index if self.selection_reaches_outputs() else jnp.zeros((batch, 1), jnp.int32)
+      g, _, _ = vit.make_block(cfg, drop_path=rates[-1], name='glca_block', **block_args)(
+          glca_in, deterministic, False, queries)
+      g = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')(g)
+      glca_feature = {'cls': lambda: g[:, 0], 'mean': lambda: g.mean(axis=1),
+                      'local': lambda: g[:, 1:].mean(axis=1)}[self.glca_pool]()
+      glca_logits, glca_neck = Classifier(self.num_classes, self.bnneck, name='glca_head')(
+          glca_feature, train=train)
+      out.update(glca_feature=glca_feature, glca_logits=glca_logits)
+      if self.bnneck:
+        out['glca_bn_feature'] = glca_neck
+    elif with_selection:
+      out['rollout'] = self._rollout(maps, batch, num_tokens)
     if run_pwca:
-      out['pwca_logits'] = head(norm(x_pw[:, 0]))
+      pwca_feature = norm(x_pw[:, 0])
+      out['pwca_logits'], _ = head(pwca_feature, train=train, update_stats=False)
+      out['pwca_feature'] = pwca_feature
     return out
+
+  def _rollout(self, maps, batch: int, num_tokens: int):
+    if not maps:  # no SA block before GLCA (L = 1): Ŝ = I, whose CLS row is e0
+      return jax.nn.one_hot(jnp.zeros((batch,), jnp.int32), num_tokens)
+    return rollout_cls_row(maps, self.rollout_impl)
+
+  def _select(self, rollout_row, maps, batch: int, num_tokens: int):
+    """GLCA's query tokens [B, 1 + R] by `glca_select`."""
+    if self.glca_select == 'rollout':
+      scores = rollout_row
+    elif self.glca_select == 'last_layer':
+      if not maps:  # no SA block before GLCA: nothing to rank by
+        raise ValueError("glca_select='last_layer' needs at least one SA block before GLCA")
+      scores = rollout_matrix(maps[-1])[:, 0]
+    else:  # 'random': uniform scores -> a uniformly random R-subset per image
+      rng = self.make_rng('selection') if self.has_rng('selection') else jax.random.key(0)
+      scores = jax.random.uniform(rng, (batch, num_tokens))
+    return select_tokens(jax.lax.stop_gradient(scores), self.top_k_ratio)
 
 
 def predict_probs(outputs):
@@ -150,25 +289,31 @@ def predict_probs(outputs):
   return p
 
 
-def reid_feature(outputs):
-  """Re-ID embedding: concat(SA CLS, GLCA CLS)."""
-  parts = [outputs['sa_feature']] + ([outputs['glca_feature']] if 'glca_feature' in outputs else [])
+def reid_feature(outputs, after_bn: bool = False):
+  """Re-ID embedding: concat(SA feature, GLCA feature), before or after their BN necks."""
+  suffix = '_bn_feature' if after_bn else '_feature'
+  parts = [outputs['sa' + suffix]]
+  if 'glca' + suffix in outputs:
+    parts.append(outputs['glca' + suffix])
   return jnp.concatenate(parts, axis=-1)
 
 
 def build_model(config, *, dtype=jnp.float32) -> DCAL:
   """DCAL from a config_lib config."""
+  from dca_jax import config_lib  # pylint: disable=g-import-not-at-top
   vcfg = vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
-  vcfg.grid_size(config.input_size)  # input_size must be a multiple of the backbone stride
+  for side in config_lib.input_hw(config):
+    vcfg.grid_size(side)  # each side must be a multiple of the backbone stride
   if config.num_sa_layers != vcfg.depth:
     raise ValueError(f'num_sa_layers={config.num_sa_layers} but backbone {config.backbone} has '
                      f'{vcfg.depth} blocks; set backbone_overrides.depth to change L')
-  remat = None
-  if config.use_gradient_checkpointing:
-    remat = config.remat_policy
+  remat = config.remat_policy if config.use_gradient_checkpointing else None
   return DCAL(config=vcfg, num_classes=config.num_classes,
               num_glca_layers=config.num_glca_layers, num_pwca_layers=config.num_pwca_layers,
               top_k_ratio=config.top_k_ratio, glca_input=config.glca_input,
-              glca_pool=config.glca_pool,
+              glca_pool=config.glca_pool, glca_select=config.glca_select,
+              rollout_layers=config.rollout_layers, rollout_impl=config.rollout_impl,
+              loss_weights_init=config.loss_weights_init,
+              bnneck=config.task == 'reid' and config.bnneck,
               stochastic_depth_prob=config.stochastic_depth_prob, dtype=dtype,
               remat_policy=remat, attention_impl=config.attention_impl)
