@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from typing import Mapping
 
 import jax
+import numpy as np
 
 
 def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> str:
@@ -48,29 +51,39 @@ def device_memory() -> dict:
 
 
 class MetricWriter:
-  """JSON lines in the workdir + TensorBoard, and wandb when a project is set. Process 0 only."""
+  """JSON lines in the workdir + TensorBoard, and wandb when a project is set. Process 0 only.
+
+  TensorBoard event files go to `workdir/tensorboard` through flax's `SummaryWriter`; when it
+  cannot start (its `tensorboard`/TensorFlow packages missing) one `warning:` line on stderr says
+  so and the JSON lines go on alone. wandb requested but not installed is a user error.
+  """
 
   def __init__(self, workdir: str, config=None, wandb_project: str = ''):
     self.active = jax.process_index() == 0
+    self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
     self._tb = None
     self._wandb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    try:
-      from flax.metrics import tensorboard  # needs TensorFlow: optional for tools/benchmarks
-      self._tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    except ImportError:
-      self._tb = None
+    wandb = None
     if wandb_project:
+      # Checked before any file is opened: a run that cannot log where asked does not start.
       try:
         import wandb  # pylint: disable=g-import-not-at-top
       except ImportError as e:
         raise ValueError('config.wandb_project is set but wandb is not installed: '
                          'pip install wandb') from e
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._tb = _tensorboard_writer(self.tensorboard_dir)
+    if wandb is not None:
       self._wandb = wandb.init(project=wandb_project, dir=workdir,
                                config=config.to_dict() if config is not None else None)
+
+  @property
+  def tensorboard(self) -> bool:
+    """Whether event files are being written (on this process)."""
+    return self._tb is not None
 
   def write(self, step: int, metrics: dict, prefix: str = '') -> None:
     if not self.active:
@@ -80,9 +93,20 @@ class MetricWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
-        self._tb.scalar(k, v, step)
+        self._tb.scalar(k, v, int(step))
+      self._tb.flush()  # once per call, not per scalar: a live TensorBoard sees each log step
     if self._wandb is not None:
       self._wandb.log(scalars, step=int(step))
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray], prefix: str = '') -> None:
+    """TensorBoard images: tag -> uint8 [H, W, 3] or a stack [K, H, W, 3] (K shown per step)."""
+    if not self.active or self._tb is None:
+      return
+    for tag, image in images.items():
+      image = np.asarray(image)
+      count = image.shape[0] if image.ndim == 4 else 1
+      self._tb.image(f'{prefix}{tag}', image, int(step), max_outputs=count)
+    self._tb.flush()
 
   def close(self) -> None:
     if not self.active:
@@ -93,3 +117,17 @@ class MetricWriter:
       self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+def _tensorboard_writer(logdir: str):
+  """flax's TensorBoard `SummaryWriter` on `logdir`, or None after one line saying why not."""
+  try:
+    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    # The JSON lines still hold every metric: warn once, do not stop a training run for this.
+    print(f'warning: TensorBoard logging is off ({e}); pip install -r requirements.txt to get '
+          f'{logdir}', file=sys.stderr, flush=True)
+    return None
+  # auto_flush=False: `write` flushes once per log step instead of after every scalar.
+  return tensorboard.SummaryWriter(logdir, auto_flush=False)
+
