@@ -1,12 +1,14 @@
-"""TensorBoard logging: a tiny training's event files read back, and the one-line notices of
-optional writers that cannot start."""
+"""TensorBoard logging: a tiny training's event files read back, attention images, and the
+one-line notices of optional writers that cannot start."""
 
+import io
 import json
 import os
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import tiny_config
 from dca_jax import reporting
@@ -48,6 +50,42 @@ def test_tiny_training_writes_losses_and_accuracies_to_tensorboard(tmp_path):
     assert [s for s, _ in events.get(tag, [])] == [3], tag
     assert float(events[tag][0][1]) == pytest.approx(logged[(3, tag)], rel=1e-6)
     assert 0.0 <= float(events[tag][0][1]) <= 1.0
+
+
+def test_attention_images_are_written_and_read_back(tmp_path):
+  from dca_jax import train  # pylint: disable=g-import-not-at-top
+  trainer = train.Trainer(tiny_config(), str(tmp_path / 'run'))
+  attention = reporting.AttentionImages(trainer, num_images=3)
+  pictures = attention(trainer.state.params)
+  assert sorted(pictures) == ['attention/test_00000', 'attention/test_00001',
+                              'attention/test_00002']
+  for picture in pictures.values():
+    assert picture.dtype == np.uint8 and picture.shape == (32, 64, 3)
+  assert attention(trainer.state.params).keys() == pictures.keys()  # the same images each time
+  writer = reporting.MetricWriter(str(tmp_path / 'run'))
+  writer.write_images(5, pictures, prefix='eval/')
+  writer.close()
+  trainer.checkpointer.close()
+  events = _events(writer.tensorboard_dir)
+  for tag, picture in pictures.items():
+    (step, value), = events[f'eval/{tag}']
+    assert step == 5
+    width, height, png = value  # tf.summary.image: [width, height, PNG...] strings
+    assert (int(width), int(height)) == (64, 32)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert('RGB')), picture)
+
+
+def test_attention_picture_marks_the_hot_patch_and_the_glca_cells():
+  display = np.full((32, 32, 3), 128, np.uint8)
+  rollout = np.zeros(1 + 16, np.float32)
+  rollout[1 + 5] = 1.0  # patch (row 1, col 1) of the 4x4 grid: pixels 8..15
+  picture = reporting.attention_picture(display, rollout, glca_index=np.array([0, 6]))
+  np.testing.assert_array_equal(picture[:, :32], display)
+  heat = picture[:, 32:].astype(int)
+  inside, cold = heat[12, 12], heat[28, 28]
+  assert inside[0] > inside[2] and cold[2] > cold[0]  # jet: hot cell red, the others blue
+  assert (heat[8, 8:16] == 255).all() and (heat[8:16, 15] == 255).all()  # GLCA cell outlined
+  assert (heat[7, 8:16] != 255).any()  # ...and only it
 
 
 def test_missing_tensorboard_is_one_warning_line_and_jsonl_goes_on(tmp_path, monkeypatch, capsys):
