@@ -223,6 +223,8 @@ def test_errors():
     metrics.evaluate_rank(np.where(dist > .6, np.nan, dist), *args)
   with pytest.raises(ValueError, match='max_rank'):
     metrics.evaluate_rank(dist, *args, max_rank=0)
+  with pytest.raises(ValueError, match='block_size'):
+    metrics.evaluate_rank(dist, *args, block_size=0)
   qf, gf, ids = _random_problem(4, nq=6, ng=20)
   with pytest.raises(ValueError, match='unknown metric'):
     metrics.evaluate_features(qf, gf, *ids, metric='l1')

@@ -17,7 +17,7 @@ import numpy as np
 
 GiB = 1 << 30
 METRICS = ('euclidean', 'cosine')
-# Elements of a (queries x gallery) block ranked at once: ~20 bytes each of temporaries.
+# Elements of a (queries x gallery) block ranked at once: ~40 bytes of temporaries each.
 _BLOCK_ELEMENTS = 1 << 23
 
 
@@ -28,14 +28,21 @@ def _ids(name: str, x, n: int, n_name: str) -> np.ndarray:
   return x
 
 
-def _check_max_rank(max_rank) -> int:
-  if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-    raise ValueError(f'max_rank must be a positive integer, got {max_rank!r}')
-  return int(max_rank)
+def _all_ids(nq: int, ng: int, q_pids, g_pids, q_camids, g_camids):
+  return (_ids('q_pids', q_pids, nq, 'queries'), _ids('g_pids', g_pids, ng, 'gallery'),
+          _ids('q_camids', q_camids, nq, 'queries'), _ids('g_camids', g_camids, ng, 'gallery'))
 
 
-def _default_block(num_gallery: int) -> int:
-  return max(1, _BLOCK_ELEMENTS // max(1, num_gallery))
+def _positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}')
+  return int(value)
+
+
+def _block(block_size, num_gallery: int) -> int:
+  if block_size is None:
+    return max(1, _BLOCK_ELEMENTS // max(1, num_gallery))
+  return _positive_int('block_size', block_size)
 
 
 def rank_stats(dist: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> dict:
@@ -61,8 +68,7 @@ def rank_stats(dist: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> dict:
   if dist.ndim != 2:
     raise ValueError(f'dist must be a 2-D (queries, gallery) array, got shape {dist.shape}')
   nq, ng = dist.shape
-  q_pids, q_camids = _ids('q_pids', q_pids, nq, 'queries'), _ids('q_camids', q_camids, nq, 'queries')
-  g_pids, g_camids = _ids('g_pids', g_pids, ng, 'gallery'), _ids('g_camids', g_camids, ng, 'gallery')
+  q_pids, g_pids, q_camids, g_camids = _all_ids(nq, ng, q_pids, g_pids, q_camids, g_camids)
   if np.issubdtype(dist.dtype, np.floating) and np.isnan(dist).any():
     raise ValueError('dist contains NaN: the ranking would be meaningless')
 
@@ -78,12 +84,12 @@ def rank_stats(dist: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> dict:
   j_key = j_row.astype(np.int64) * ng + j_col
   h_key = h_row.astype(np.int64) * ng + h_col
   junk_before = np.searchsorted(j_key, h_key) - np.searchsorted(j_key, h_row.astype(np.int64) * ng)
-  rank = h_col + 1 - junk_before                       # 1-based rank among the kept items
+  rank = h_col + 1 - junk_before  # 1-based rank among the kept items
   num_hits = np.bincount(h_row, minlength=nq)
   valid = num_hits > 0
-  start = np.cumsum(num_hits) - num_hits               # index of each row's first hit
-  k = np.arange(h_row.size) - start[h_row] + 1          # 1, 2, ... within each row
-  precision = k / rank                                   # float64, as the reference
+  start = np.cumsum(num_hits) - num_hits  # index of each row's first hit
+  k = np.arange(h_row.size) - start[h_row] + 1  # 1, 2, ... within each row
+  precision = k / rank  # float64, as the reference
   ap = np.zeros(nq)
   inp = np.zeros(nq)
   first_hit = np.zeros(nq, np.int64)
@@ -102,10 +108,14 @@ def summarize(stats: Sequence[dict] | dict, num_gallery: int, max_rank: int = 50
   float32 as torchreid. A valid query that has fewer kept gallery items than the CMC length
   counts as matched up to the end (torchreid's python path fails on such ragged rows).
 
+  Returns:
+    dict: cmc (float32), mAP, mINP, rank1, rank5, rank10 (floats), num_query, num_gallery,
+    num_valid, num_skipped (queries without a true match, left out of the means).
+
   Raises:
     ValueError: when no query has a true match in the gallery.
   """
-  max_rank = _check_max_rank(max_rank)
+  max_rank = _positive_int('max_rank', max_rank)
   if isinstance(stats, dict):
     stats = [stats]
   ap, inp, valid, first_hit = (np.concatenate([s[key] for s in stats])
@@ -123,7 +133,8 @@ def summarize(stats: Sequence[dict] | dict, num_gallery: int, max_rank: int = 50
   return dict(cmc=counts.astype(np.float32) / np.float32(num_valid),
               mAP=float(np.mean(ap[valid])), mINP=float(np.mean(inp[valid])),
               rank1=rank_k(1), rank5=rank_k(5), rank10=rank_k(10),
-              num_query=int(valid.size), num_valid=num_valid, num_skipped=int(valid.size - num_valid))
+              num_query=int(valid.size), num_gallery=int(num_gallery), num_valid=num_valid,
+              num_skipped=int(valid.size - num_valid))
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
@@ -151,11 +162,10 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
   if distmat.ndim != 2 or 0 in distmat.shape:
     raise ValueError(f'distmat must be a non-empty 2-D (queries, gallery) array, got shape '
                      f'{distmat.shape}')
-  max_rank = _check_max_rank(max_rank)
+  max_rank = _positive_int('max_rank', max_rank)
   nq, ng = distmat.shape
-  q_pids, q_camids = _ids('q_pids', q_pids, nq, 'queries'), _ids('q_camids', q_camids, nq, 'queries')
-  g_pids, g_camids = _ids('g_pids', g_pids, ng, 'gallery'), _ids('g_camids', g_camids, ng, 'gallery')
-  block = block_size or _default_block(ng)
+  q_pids, g_pids, q_camids, g_camids = _all_ids(nq, ng, q_pids, g_pids, q_camids, g_camids)
+  block = _block(block_size, ng)
   stats = [rank_stats(distmat[i:i + block], q_pids[i:i + block], g_pids, q_camids[i:i + block],
                       g_camids) for i in range(0, nq, block)]
   result = summarize(stats, ng, max_rank)
@@ -229,15 +239,12 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str
   nq, ng = qf.shape[0], gf.shape[0]
   if nq == 0 or ng == 0:
     raise ValueError(f'need at least one query and one gallery item, got {nq} and {ng}')
-  max_rank = _check_max_rank(max_rank)
-  q_pids, q_camids = _ids('q_pids', q_pids, nq, 'queries'), _ids('q_camids', q_camids, nq, 'queries')
-  g_pids, g_camids = _ids('g_pids', g_pids, ng, 'gallery'), _ids('g_camids', g_camids, ng, 'gallery')
-  if block_size is not None and (isinstance(block_size, bool) or block_size < 1):
-    raise ValueError(f'block_size must be a positive integer, got {block_size!r}')
+  max_rank = _positive_int('max_rank', max_rank)
+  q_pids, g_pids, q_camids, g_camids = _all_ids(nq, ng, q_pids, g_pids, q_camids, g_camids)
   if distance_fn is None:
     gallery_fn = _gallery_distance(gf, metric)
     distance_fn = lambda q, _: gallery_fn(q)  # noqa: E731
-  block = int(block_size or _default_block(ng))
+  block = _block(block_size, ng)
   stats = []
   for i in range(0, nq, block):
     dist = np.asarray(distance_fn(qf[i:i + block], gf))
@@ -245,9 +252,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str
       raise ValueError(f'distance_fn returned shape {dist.shape} for a block of '
                        f'{min(block, nq - i)} queries and {ng} gallery items')
     stats.append(rank_stats(dist, q_pids[i:i + block], g_pids, q_camids[i:i + block], g_camids))
-  result = summarize(stats, ng, max_rank)
-  result['num_gallery'] = ng
-  return result
+  return summarize(stats, ng, max_rank)
 
 
 def _top_ranks(rows: np.ndarray, width: int) -> np.ndarray:
