@@ -1,0 +1,7 @@
+"""Object re-identification: retrieval metrics (CMC, mAP, mINP) and k-reciprocal re-ranking."""
+
+from dca_jax.reid.metrics import (distance_matrix, evaluate_features, evaluate_rank, rank_stats,
+                                  re_ranking, summarize)
+
+__all__ = ['distance_matrix', 'evaluate_features', 'evaluate_rank', 'rank_stats', 're_ranking',
+           'summarize']
