@@ -178,14 +178,15 @@ class AttentionImages:
     self._batch = None
     model, dtype = trainer.model, trainer.dtype
 
-    def forward(params, batch):
-      out = model.apply({'params': params}, batch['image'].astype(dtype), train=False)
+    def forward(variables, batch):
+      out = model.apply(variables, batch['image'].astype(dtype), train=False,
+                        with_selection=True)
       res = {'rollout': out['rollout'], 'index': batch['index']}
       if 'glca_index' in out:
         res['glca_index'] = out['glca_index']
       return res
 
-    self._forward = jax.jit(forward, in_shardings=(trainer.shardings.params,
+    self._forward = jax.jit(forward, in_shardings=(trainer.shardings.variables,
                                                    trainer.batch_sharding),
                             out_shardings=distributed.replicated(trainer.mesh))
 
@@ -201,14 +202,15 @@ class AttentionImages:
     self._batch = {'image': batch['image'],
                    'index': np.where(batch['mask'], batch['index'], -1).astype(np.int32)}
 
-  def __call__(self, params) -> dict[str, np.ndarray]:
+  def __call__(self, variables) -> dict[str, np.ndarray]:
+    """variables: the train state's `variables` (params, and the necks' statistics if any)."""
     if self.num_images <= 0:
       return {}
     from dca_jax import distributed  # pylint: disable=g-import-not-at-top
     if self._batch is None:
       self._first_batch()
     out = jax.device_get(self._forward(
-        params, distributed.global_batch(self._batch, self._trainer.batch_sharding)))
+        variables, distributed.global_batch(self._batch, self._trainer.batch_sharding)))
     if jax.process_index() != 0:
       return {}
     row = {int(i): r for r, i in enumerate(out['index']) if int(i) >= 0}

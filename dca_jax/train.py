@@ -259,6 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
   writer = reporting.MetricWriter(workdir, cfg, cfg.wandb_project)
+  attention_images = reporting.AttentionImages(trainer, num_images=4)  # on every process
   preemption = _Preemption()
   start = int(jax.device_get(trainer.state.step))
   spe = trainer.steps_per_epoch
@@ -302,6 +303,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         eval_result = trainer.evaluate()
         accuracy = eval_result['accuracy']
         writer.write(done, eval_result, prefix='eval/')
+        writer.write_images(done, attention_images(trainer.state.variables), prefix='eval/')
         if chief:
           print(f'\nstep {done}: test top-1 SA+GLCA {accuracy:.4f}, SA '
                 f'{eval_result["accuracy_sa"]:.4f}'

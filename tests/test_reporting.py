@@ -50,18 +50,20 @@ def test_tiny_training_writes_losses_and_accuracies_to_tensorboard(tmp_path):
     assert [s for s, _ in events.get(tag, [])] == [3], tag
     assert float(events[tag][0][1]) == pytest.approx(logged[(3, tag)], rel=1e-6)
     assert 0.0 <= float(events[tag][0][1]) <= 1.0
+  # the attention pictures of the first test images, at the evaluation's step
+  assert [s for s, _ in events.get('eval/attention/test_00000', [])] == [3]
 
 
 def test_attention_images_are_written_and_read_back(tmp_path):
   from dca_jax import train  # pylint: disable=g-import-not-at-top
   trainer = train.Trainer(tiny_config(), str(tmp_path / 'run'))
   attention = reporting.AttentionImages(trainer, num_images=3)
-  pictures = attention(trainer.state.params)
+  pictures = attention(trainer.state.variables)
   assert sorted(pictures) == ['attention/test_00000', 'attention/test_00001',
                               'attention/test_00002']
   for picture in pictures.values():
     assert picture.dtype == np.uint8 and picture.shape == (32, 64, 3)
-  assert attention(trainer.state.params).keys() == pictures.keys()  # the same images each time
+  assert attention(trainer.state.variables).keys() == pictures.keys()  # the same images each time
   writer = reporting.MetricWriter(str(tmp_path / 'run'))
   writer.write_images(5, pictures, prefix='eval/')
   writer.close()
