@@ -10,10 +10,12 @@ Two source layouts are understood (see docs/WEIGHTS.md for the full mapping):
   (3D, D), `patch_embed.proj.weight` OIHW, `cls_token`, `pos_embed`, hybrid
   `patch_embed.backbone.stem.conv.weight`, `patch_embed.backbone.stages.{s}.blocks.{u}....`.
 
-Both are converted to our names (`embed/...`, `block_{i}/...`, `norm`, `head`, see
-`dca_jax/models/vit.py` and `dca_jax/models/resnet.py`) and merged strictly into a target tree:
-every target parameter is loaded or listed as newly initialised, shape mismatches raise
-(`pos_embed` excepted: its grid is resized), and unused checkpoint keys are reported.
+`load_pretrained` runs five steps, one function each: read the file (`read_checkpoint`), detect
+the layout (`_detect_layout`), convert to our names (`_convert_checkpoint`: `embed/...`,
+`block_{i}/...`, `norm`, `head`, see `dca_jax/models/vit.py` and `dca_jax/models/resnet.py`),
+merge strictly into the target tree (`_merge_into_params`: every target parameter is loaded or
+listed as newly initialised, shape mismatches raise, `pos_embed`'s grid is resized to the model's,
+square or not) and build the report (`_build_report`: unused checkpoint keys with reasons).
 
 Only numpy (and safetensors' format, parsed here) is needed; PyTorch is imported lazily for `.pth`.
 """
@@ -27,12 +29,14 @@ import os
 import re
 import struct
 import zipfile
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set,
+                    Tuple, Union)
 
 import numpy as np
 
 PathLike = Union[str, os.PathLike]
 Path = Tuple[str, ...]
+Grid = Union[int, Tuple[int, int]]
 
 
 class WeightLoadError(ValueError):
@@ -40,7 +44,7 @@ class WeightLoadError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Reading files
+# Step 1: read the file
 # --------------------------------------------------------------------------------------------
 
 _SAFETENSORS_DTYPES = {
@@ -49,114 +53,122 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+def _bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
+  """bfloat16 bit patterns (uint16) -> float32: they are float32's upper 16 bits."""
   return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
 def _sniff_format(path: str, head: bytes) -> str:
-  ext = os.path.splitext(path)[1].lower()
-  if head[:4] == b'PK\x03\x04' or head[:4] == b'PK\x05\x06':
+  """'npz', 'safetensors' or 'torch' from the first bytes (the extension is only a fallback)."""
+  extension = os.path.splitext(path)[1].lower()
+  if head[:4] in (b'PK\x03\x04', b'PK\x05\x06'):
     try:
-      with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise WeightLoadError(f'{path}: corrupt or truncated zip archive ({e})') from None
-    if any(n.endswith('.npy') for n in names) and not any(n.endswith('data.pkl') for n in names):
-      return 'npz'
-    if any(n.endswith('data.pkl') for n in names):
+      with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+      raise WeightLoadError(f'{path}: corrupt or truncated zip archive ({error})') from None
+    if any(name.endswith('data.pkl') for name in names):
       return 'torch'
+    if any(name.endswith('.npy') for name in names):
+      return 'npz'
     raise WeightLoadError(f'{path}: zip archive that is neither a .npz nor a PyTorch checkpoint')
   if len(head) >= 9:
-    (n,) = struct.unpack('<Q', head[:8])
-    if head[8:9] == b'{' and 0 < n < 100 * 2 ** 20:
+    (header_length,) = struct.unpack('<Q', head[:8])
+    if head[8:9] == b'{' and 0 < header_length < 100 * 2 ** 20:
       return 'safetensors'
-  if head[:1] == b'\x80' or ext in ('.pth', '.pt', '.bin'):
+  if head[:1] == b'\x80' or extension in ('.pth', '.pt', '.bin'):
     return 'torch'  # legacy (non-zip) torch.save pickle; torch.load(weights_only=True) vets it
-  if ext == '.safetensors':
+  if extension == '.safetensors':
     return 'safetensors'
   raise WeightLoadError(
       f'{path}: unknown checkpoint format (expected .npz, .safetensors or a PyTorch .pth/.pt/.bin)')
 
 
 def _read_npz(path: str) -> Dict[str, np.ndarray]:
-  out = {}
+  """All arrays of an npz; object (pickled) arrays are refused."""
+  arrays = {}
   try:
-    with np.load(path, allow_pickle=False) as f:
-      for k in f.files:
-        out[k] = np.asarray(f[k])
-  except ValueError as e:
-    if 'pickle' in str(e).lower() or 'object arrays' in str(e).lower():
+    with np.load(path, allow_pickle=False) as npz:
+      for key in npz.files:
+        arrays[key] = np.asarray(npz[key])
+  except ValueError as error:
+    if 'pickle' in str(error).lower() or 'object arrays' in str(error).lower():
       raise WeightLoadError(
           f'{path}: npz holds pickled object arrays, which are refused (allow_pickle=False)') from None
-    raise WeightLoadError(f'{path}: corrupt npz ({e})') from None
-  except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-    raise WeightLoadError(f'{path}: corrupt or truncated npz ({type(e).__name__}: {e})') from None
-  return out
+    raise WeightLoadError(f'{path}: corrupt npz ({error})') from None
+  except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
+    raise WeightLoadError(
+        f'{path}: corrupt or truncated npz ({type(error).__name__}: {error})') from None
+  return arrays
+
+
+def _safetensors_tensor(name: str, meta: Mapping[str, Any], data: memoryview) -> np.ndarray:
+  """One tensor from its safetensors header entry; ValueError when it does not fit the data."""
+  dtype, shape, (begin, end) = meta['dtype'], tuple(meta['shape']), meta['data_offsets']
+  if end > len(data) or begin > end:
+    raise ValueError(f'tensor {name!r} data [{begin}, {end}) past the end of the data '
+                     f'({len(data)} bytes): truncated file')
+  buffer = data[begin:end]
+  if dtype == 'BF16':
+    array = _bfloat16_to_float32(np.frombuffer(buffer, dtype='<u2'))
+  elif dtype in _SAFETENSORS_DTYPES:
+    array = np.frombuffer(buffer, dtype=np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder('<'))
+  else:
+    raise ValueError(f'tensor {name!r} has unsupported dtype {dtype}')
+  if array.size != math.prod(shape):
+    raise ValueError(f'tensor {name!r}: {array.size} elements for shape {shape}')
+  return array.reshape(shape).astype(array.dtype.newbyteorder('='), copy=True)
 
 
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f:
-    raw = f.read()
+  """Our own safetensors parser (8-byte header length, JSON header, raw little-endian data)."""
+  with open(path, 'rb') as handle:
+    raw = handle.read()
   try:
     if len(raw) < 8:
       raise ValueError('file shorter than the 8-byte header length')
-    (n,) = struct.unpack('<Q', raw[:8])
-    if 8 + n > size:
-      raise ValueError(f'header length {n} runs past the end of the file ({size} bytes)')
-    header = json.loads(raw[8:8 + n].decode('utf-8'))
-    data = memoryview(raw)[8 + n:]
-    out = {}
-    for k, meta in header.items():
-      if k == '__metadata__':
-        continue
-      dtype, shape, (begin, end) = meta['dtype'], tuple(meta['shape']), meta['data_offsets']
-      if end > len(data) or begin > end:
-        raise ValueError(f'tensor {k!r} data [{begin}, {end}) past the end of the data '
-                         f'({len(data)} bytes): truncated file')
-      buf = data[begin:end]
-      if dtype == 'BF16':
-        arr = _bf16_to_f32(np.frombuffer(buf, dtype='<u2'))
-      elif dtype in _SAFETENSORS_DTYPES:
-        arr = np.frombuffer(buf, dtype=np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder('<'))
-      else:
-        raise ValueError(f'tensor {k!r} has unsupported dtype {dtype}')
-      if arr.size != math.prod(shape):
-        raise ValueError(f'tensor {k!r}: {arr.size} elements for shape {shape}')
-      out[k] = arr.reshape(shape).astype(arr.dtype.newbyteorder('='), copy=True)
-    return out
-  except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
-    raise WeightLoadError(f'{path}: corrupt or truncated safetensors file ({e})') from None
+    (header_length,) = struct.unpack('<Q', raw[:8])
+    if 8 + header_length > len(raw):
+      raise ValueError(f'header length {header_length} runs past the end of the file '
+                       f'({len(raw)} bytes)')
+    header = json.loads(raw[8:8 + header_length].decode('utf-8'))
+    data = memoryview(raw)[8 + header_length:]
+    return {name: _safetensors_tensor(name, meta, data)
+            for name, meta in header.items() if name != '__metadata__'}
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as error:
+    raise WeightLoadError(f'{path}: corrupt or truncated safetensors file ({error})') from None
 
 
 def _read_torch(path: str) -> Dict[str, np.ndarray]:
+  """A PyTorch state dict (weights_only, CPU), unwrapped from `model` / `state_dict` / `model_ema`."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise WeightLoadError(f'{path}: reading PyTorch checkpoints needs torch installed '
                           '(or convert it to .safetensors)') from None
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise WeightLoadError(f'{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {msg})') \
-        from None
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as error:  # pylint: disable=broad-except
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise WeightLoadError(
+        f'{path}: cannot read PyTorch checkpoint ({type(error).__name__}: {message})') from None
   for wrapper in ('model', 'state_dict', 'model_ema'):
-    if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-      obj = obj[wrapper]
+    if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+      state = state[wrapper]
       break
-  if not isinstance(obj, Mapping):
-    raise WeightLoadError(f'{path}: PyTorch checkpoint is a {type(obj).__name__}, not a state dict')
-  out = {}
-  for k, v in obj.items():
-    if isinstance(v, torch.Tensor):
-      v = v.detach().cpu()
-      if v.dtype == torch.bfloat16:
-        v = v.float()
-      out[str(k)] = v.numpy().copy()
-  if not out:
+  if not isinstance(state, Mapping):
+    raise WeightLoadError(
+        f'{path}: PyTorch checkpoint is a {type(state).__name__}, not a state dict')
+  arrays = {}
+  for key, tensor in state.items():
+    if isinstance(tensor, torch.Tensor):
+      tensor = tensor.detach().cpu()
+      if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()  # numpy has no bfloat16
+      arrays[str(key)] = tensor.numpy().copy()
+  if not arrays:
     raise WeightLoadError(f'{path}: PyTorch checkpoint holds no tensors')
-  return out
+  return arrays
 
 
 def read_checkpoint(path: PathLike) -> Dict[str, np.ndarray]:
@@ -170,113 +182,331 @@ def read_checkpoint(path: PathLike) -> Dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise WeightLoadError(f'{path}: no such checkpoint file')
-  with open(path, 'rb') as f:
-    head = f.read(16)
+  with open(path, 'rb') as handle:
+    head = handle.read(16)
   if not head:
     raise WeightLoadError(f'{path}: empty file')
-  fmt = _sniff_format(path, head)
-  reader = {'npz': _read_npz, 'safetensors': _read_safetensors, 'torch': _read_torch}[fmt]
+  reader = {'npz': _read_npz, 'safetensors': _read_safetensors,
+            'torch': _read_torch}[_sniff_format(path, head)]
   return reader(path)
 
 
 # --------------------------------------------------------------------------------------------
-# Position-embedding resize
+# Position-embedding resize (used by step 4)
 # --------------------------------------------------------------------------------------------
 
-def _cubic_aa(x: np.ndarray, a: float = -0.5) -> np.ndarray:
-  x = np.abs(x)
-  return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
-                  np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+POSEMB_METHODS = ('bicubic', 'bilinear')
 
 
-def _bicubic_aa_matrix(n_in: int, n_out: int) -> np.ndarray:
+def _cubic_antialias_kernel(distance: np.ndarray, a: float = -0.5) -> np.ndarray:
+  """PIL's / ATen's antialiasing cubic filter (a = -0.5, support 2)."""
+  distance = np.abs(distance)
+  return np.where(distance < 1.0,
+                  ((a + 2.0) * distance - (a + 3.0)) * distance * distance + 1.0,
+                  np.where(distance < 2.0,
+                           (((distance - 5.0) * distance + 8.0) * distance - 4.0) * a, 0.0))
+
+
+def _bicubic_antialias_matrix(n_in: int, n_out: int) -> np.ndarray:
   """[n_out, n_in] weights of PyTorch's `interpolate(mode='bicubic', antialias=True,
   align_corners=False)` (ATen `_upsample_bicubic2d_aa`, PIL's filter: a = -0.5, support 2
   widened by the scale when shrinking, window clipped at the border and renormalised)."""
   scale = n_in / n_out
   support = 2.0 * scale if scale >= 1.0 else 2.0
-  invscale = 1.0 / scale if scale >= 1.0 else 1.0
-  m = np.zeros((n_out, n_in), np.float64)
-  for i in range(n_out):
-    center = scale * (i + 0.5)
-    xmin = max(int(center - support + 0.5), 0)  # C++ static_cast truncation (argument >= -0.5)
-    xmax = min(int(center + support + 0.5), n_in)
-    j = np.arange(xmin, xmax)
-    w = _cubic_aa((j - center + 0.5) * invscale)
-    total = w.sum()
-    m[i, xmin:xmax] = w / total if total != 0 else w
-  return m
+  inverse_scale = 1.0 / scale if scale >= 1.0 else 1.0
+  matrix = np.zeros((n_out, n_in), np.float64)
+  for out_index in range(n_out):
+    center = scale * (out_index + 0.5)
+    first = max(int(center - support + 0.5), 0)  # C++ static_cast truncation (argument >= -0.5)
+    stop = min(int(center + support + 0.5), n_in)
+    inputs = np.arange(first, stop)
+    taps = _cubic_antialias_kernel((inputs - center + 0.5) * inverse_scale)
+    total = taps.sum()
+    matrix[out_index, first:stop] = taps / total if total != 0 else taps
+  return matrix
 
 
 def _linear_align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
   """[n_out, n_in] weights of `scipy.ndimage.zoom(order=1)` (grid_mode=False: the corner samples
   are aligned, output o reads input o * (n_in - 1) / (n_out - 1))."""
-  m = np.zeros((n_out, n_in), np.float64)
+  matrix = np.zeros((n_out, n_in), np.float64)
   if n_out == 1 or n_in == 1:
-    m[:, 0] = 1.0
-    return m
-  pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
-  lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
-  hi = np.minimum(lo + 1, n_in - 1)
-  frac = pos - lo
-  m[np.arange(n_out), lo] += 1.0 - frac
-  m[np.arange(n_out), hi] += frac
-  return m
+    matrix[:, 0] = 1.0
+    return matrix
+  position = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+  below = np.clip(np.floor(position).astype(int), 0, n_in - 1)
+  above = np.minimum(below + 1, n_in - 1)
+  fraction = position - below
+  matrix[np.arange(n_out), below] += 1.0 - fraction
+  matrix[np.arange(n_out), above] += fraction
+  return matrix
 
 
-POSEMB_METHODS = ('bicubic', 'bilinear')
+def _grid_height_width(grid: Grid) -> Tuple[int, int]:
+  """(height, width) of a grid given as one side (square) or as (height, width)."""
+  if isinstance(grid, (int, np.integer)):
+    height = width = int(grid)
+  else:
+    height, width = (int(side) for side in grid)
+  if height < 1 or width < 1:
+    raise ValueError(f'grid must be positive, got {grid}')
+  return height, width
 
 
-def resize_posemb(posemb: np.ndarray, new_grid: int, method: str = 'bicubic',
+def _square_side(num_tokens: int) -> Optional[int]:
+  """g when num_tokens = g * g, else None."""
+  side = int(round(math.sqrt(num_tokens)))
+  return side if side * side == num_tokens else None
+
+
+def resize_posemb(posemb: np.ndarray, new_grid: Grid, method: str = 'bicubic',
                   num_prefix_tokens: int = 1) -> np.ndarray:
-  """Resizes a [1, prefix + g*g, D] position embedding to a new_grid x new_grid grid.
+  """Resizes a [1, prefix + g*g, D] position embedding to a new grid, square or not.
 
-  The prefix (CLS) slots are kept as they are; only the square grid part is resampled.
-  - 'bicubic': numerically timm's `resample_abs_pos_embed` (what `checkpoint_filter_fn` uses):
-    `F.interpolate(mode='bicubic', antialias=True, align_corners=False)`, i.e. PyTorch's
-    antialiased (PIL-style, a = -0.5) bicubic — *not* the a = -0.75 non-antialiased kernel.
-  - 'bilinear': the original ViT code (`vit_jax/checkpoint.py`): `scipy.ndimage.zoom(order=1)`,
-    bilinear with aligned corners.
+  `new_grid` is one side (square) or (height, width), e.g. (16, 8) for 256x128 Re-ID inputs at
+  patch 16. The prefix (CLS) slots are kept as they are; only the square grid part is resampled,
+  rows and columns separably:
+  - 'bicubic': numerically timm's `resample_abs_pos_embed(new_size=(height, width))` (what
+    `checkpoint_filter_fn` uses): `F.interpolate(mode='bicubic', antialias=True,
+    align_corners=False)`, i.e. PyTorch's antialiased (PIL-style, a = -0.5) bicubic — *not* the
+    a = -0.75 non-antialiased kernel.
+  - 'bilinear': the original ViT code (`vit_jax/checkpoint.py`): `scipy.ndimage.zoom(order=1)`
+    with zoom (height / g, width / g), bilinear with aligned corners.
   Computed in float64, returned in the input dtype.
   """
   if method not in POSEMB_METHODS:
     raise ValueError(f'unknown posemb interpolation {method!r}; use one of {POSEMB_METHODS}')
+  new_height, new_width = _grid_height_width(new_grid)
   posemb = np.asarray(posemb)
   if posemb.ndim != 3 or posemb.shape[0] != 1:
     raise ValueError(f'posemb must be [1, tokens, D], got {posemb.shape}')
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
-  g_old = int(round(math.sqrt(grid.shape[0])))
-  if g_old * g_old != grid.shape[0]:
+  old_side = _square_side(grid.shape[0])
+  if old_side is None:
     raise ValueError(f'posemb grid of {grid.shape[0]} tokens is not square')
-  if g_old == new_grid:
+  if (old_side, old_side) == (new_height, new_width):
     return posemb.copy()
-  make = _bicubic_aa_matrix if method == 'bicubic' else _linear_align_corners_matrix
-  m = make(g_old, new_grid)
-  g = grid.reshape(g_old, g_old, -1).astype(np.float64)
-  g = np.einsum('ij,jkd->ikd', m, g)   # rows
-  g = np.einsum('lk,ikd->ild', m, g)   # columns
-  g = g.reshape(1, new_grid * new_grid, -1).astype(posemb.dtype)
-  return np.concatenate([prefix, g], axis=1)
+  make_matrix = _bicubic_antialias_matrix if method == 'bicubic' else _linear_align_corners_matrix
+  rows = make_matrix(old_side, new_height)
+  columns = make_matrix(old_side, new_width)
+  table = grid.reshape(old_side, old_side, -1).astype(np.float64)
+  table = np.einsum('hi,ijd->hjd', rows, table)
+  table = np.einsum('wj,hjd->hwd', columns, table)
+  table = table.reshape(1, new_height * new_width, -1).astype(posemb.dtype)
+  return np.concatenate([prefix, table], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
-# Layout conversion: checkpoint keys -> our flat paths
+# Step 2: detect the layout
+# --------------------------------------------------------------------------------------------
+
+_GOOGLE_PREFIXES = ('opt/target/', 'params/', 'model/')
+_TIMM_PREFIXES = ('module.', 'model.')
+
+
+class _Layout(NamedTuple):
+  """Which naming a checkpoint uses, and the prefix its keys carry."""
+  name: str    # 'google_npz' or 'timm'
+  prefix: str  # e.g. 'opt/target/' or 'module.'; '' when none
+
+
+def _detect_layout(checkpoint: Mapping[str, np.ndarray], path: str) -> _Layout:
+  """The layout from the keys; an unknown one raises WeightLoadError."""
+  for prefix in ('',) + _GOOGLE_PREFIXES:
+    if f'{prefix}embedding/kernel' in checkpoint:
+      return _Layout('google_npz', prefix)
+  for prefix in ('',) + _TIMM_PREFIXES:
+    if f'{prefix}patch_embed.proj.weight' in checkpoint or f'{prefix}cls_token' in checkpoint:
+      return _Layout('timm', prefix)
+  first = ', '.join(sorted(checkpoint)[:5])
+  raise WeightLoadError(
+      f'{path}: unrecognised checkpoint layout (no `embedding/kernel` (Google npz) nor '
+      f'`patch_embed.proj.weight`/`cls_token` (timm) key); first keys: {first}')
+
+
+# --------------------------------------------------------------------------------------------
+# Step 3: convert to our parameter names
 # --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class _Entry:
+  """One of our parameters as the checkpoint gives it (before the merge's shape checks)."""
   value: np.ndarray
-  sources: Tuple[str, ...]
-  note: str = ''
+  sources: Tuple[str, ...]  # the checkpoint key(s) it came from
+  note: str = ''            # the conversion applied, for error messages
 
 
-def _squeeze_norm(w: np.ndarray) -> np.ndarray:
+@dataclasses.dataclass
+class _Converted:
+  """A checkpoint in our names."""
+  entries: Dict[Path, _Entry]
+  unknown: List[str]           # checkpoint keys (full) that no conversion rule took
+  num_prefix_tokens: int = 1   # 2 for a distilled DeiT: its pos_embed is [cls, dist, grid]
+
+
+class _KeyCollector:
+  """Moves checkpoint keys (prefix stripped) to our paths, remembering which keys were taken."""
+
+  def __init__(self, checkpoint: Mapping[str, np.ndarray], prefix: str):
+    self.prefix = prefix
+    self.weights = {key[len(prefix):]: value for key, value in checkpoint.items()
+                    if key.startswith(prefix)}
+    self.outside_prefix = [key for key in checkpoint if not key.startswith(prefix)]
+    self.taken: Set[str] = set()
+    self.entries: Dict[Path, _Entry] = {}
+
+  def has(self, *keys: str) -> bool:
+    return all(key in self.weights for key in keys)
+
+  def put(self, ours: str, key: str, convert: Optional[Callable] = None, note: str = ''):
+    """Our '/'-joined path <- one checkpoint key (converted), if the checkpoint has it."""
+    if self.has(key):
+      value = self.weights[key]
+      self._add(ours, [key], convert(value) if convert else value, note)
+
+  def put_joined(self, ours: str, keys: Sequence[str], join: Callable, note: str = ''):
+    """Our path <- several checkpoint keys joined into one array, if the checkpoint has all."""
+    if self.has(*keys):
+      self._add(ours, keys, join([self.weights[key] for key in keys]), note)
+
+  def _add(self, ours: str, keys: Sequence[str], value: np.ndarray, note: str):
+    self.taken.update(keys)
+    self.entries[tuple(ours.split('/'))] = _Entry(
+        value, tuple(self.prefix + key for key in keys), note)
+
+  def unknown(self) -> List[str]:
+    return self.outside_prefix + [self.prefix + key for key in self.weights
+                                  if key not in self.taken]
+
+
+def _flatten_norm(value: np.ndarray) -> np.ndarray:
   # Old flax GroupNorm/LayerNorm params may be stored as (1, 1, 1, C).
-  return w.reshape(-1) if w.ndim > 1 else w
+  return value.reshape(-1) if value.ndim > 1 else value
 
 
-_GOOGLE_PREFIXES = ('opt/target/', 'params/', 'model/')
-_TIMM_PREFIXES = ('module.', 'model.')
+def _oihw_to_hwio(value: np.ndarray) -> np.ndarray:
+  return np.transpose(value, (2, 3, 1, 0))
+
+
+def _transpose(value: np.ndarray) -> np.ndarray:
+  return value.T  # PyTorch Linear (out, in) -> Dense kernel (in, out)
+
+
+def _block_indices(keys, pattern: str) -> List[int]:
+  """Sorted block numbers i of the keys matching `pattern` (its group 1)."""
+  return sorted({int(match.group(1)) for key in keys for match in [re.match(pattern, key)]
+                 if match})
+
+
+def _convert_google_block(keys: _KeyCollector, index: int, num_heads: int, path: str):
+  """Transformer/encoderblock_{index}/... -> block_{index}/...; checks the npz head count."""
+  source, ours = f'Transformer/encoderblock_{index}/', f'block_{index}/'
+  attention = source + 'MultiHeadDotProductAttention_1/'
+  for layer_norm, norm in (('LayerNorm_0', 'norm1'), ('LayerNorm_2', 'norm2')):
+    for name in ('scale', 'bias'):
+      keys.put(f'{ours}{norm}/{name}', f'{source}{layer_norm}/{name}', _flatten_norm)
+  for dense in range(2):
+    for name in ('kernel', 'bias'):
+      keys.put(f'{ours}mlp/fc{dense + 1}/{name}', f'{source}MlpBlock_3/Dense_{dense}/{name}')
+  qkv_kernels = [f'{attention}{name}/kernel' for name in ('query', 'key', 'value')]
+  qkv_biases = [f'{attention}{name}/bias' for name in ('query', 'key', 'value')]
+  query_kernel = keys.weights.get(qkv_kernels[0])
+  if (keys.has(*qkv_kernels) and query_kernel.ndim == 3
+      and query_kernel.shape[1] != num_heads):
+    raise WeightLoadError(
+        f'{path}: {keys.prefix}{qkv_kernels[0]} has {query_kernel.shape[1]} heads but the model '
+        f'has num_heads={num_heads}')
+  keys.put_joined(
+      f'{ours}attn/qkv/kernel', qkv_kernels,
+      lambda kernels: np.concatenate([kernel.reshape(kernel.shape[0], -1) for kernel in kernels],
+                                     axis=1),
+      'query|key|value (D, heads, hd) -> (D, 3D)')
+  keys.put_joined(f'{ours}attn/qkv/bias', qkv_biases,
+                  lambda biases: np.concatenate([bias.reshape(-1) for bias in biases]))
+  keys.put(f'{ours}attn/proj/kernel', f'{attention}out/kernel',
+           lambda kernel: kernel.reshape(-1, kernel.shape[-1]), '(heads, hd, D) -> (D, D)')
+  keys.put(f'{ours}attn/proj/bias', f'{attention}out/bias')
+
+
+def _convert_google(keys: _KeyCollector, num_heads: int, path: str):
+  """Google/AugReg npz -> our paths."""
+  keys.put('embed/patch_embed/kernel', 'embedding/kernel')
+  keys.put('embed/patch_embed/bias', 'embedding/bias')
+  keys.put('embed/cls_token', 'cls')
+  keys.put('embed/pos_embed', 'Transformer/posembed_input/pos_embedding')
+  keys.put('norm/scale', 'Transformer/encoder_norm/scale')
+  keys.put('norm/bias', 'Transformer/encoder_norm/bias')
+  keys.put('head/kernel', 'head/kernel')
+  keys.put('head/bias', 'head/bias')
+  # Hybrid ResNet stem: top-level in vit_jax; some re-exports nest it under `embedding/`.
+  for key in list(keys.weights):
+    if re.match(r'^(embedding/)?(conv_root|gn_root|block\d+/unit\d+)/', key):
+      relative = key[len('embedding/'):] if key.startswith('embedding/') else key
+      is_norm = relative.split('/')[-2].startswith('gn')
+      keys.put('embed/stem/' + relative, key, _flatten_norm if is_norm else None)
+  for index in _block_indices(keys.weights, r'^Transformer/encoderblock_(\d+)/'):
+    _convert_google_block(keys, index, num_heads, path)
+
+
+def _convert_timm_stem_unit(keys: _KeyCollector, key: str):
+  """patch_embed.backbone.stages.{s}.blocks.{u}.* -> embed/stem/block{s+1}/unit{u+1}/*."""
+  match = re.match(r'^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.(.+)$', key)
+  if not match:
+    return
+  stage, unit, rest = int(match.group(1)), int(match.group(2)), match.group(3)
+  ours = f'embed/stem/block{stage + 1}/unit{unit + 1}/'
+  conv = re.match(r'^conv(\d)\.weight$', rest)
+  norm = re.match(r'^norm(\d)\.(weight|bias)$', rest)
+  if conv:
+    keys.put(ours + f'conv{conv.group(1)}/kernel', key, _oihw_to_hwio, 'OIHW -> HWIO')
+  elif norm:
+    keys.put(ours + f'gn{norm.group(1)}/' + ('scale' if norm.group(2) == 'weight' else 'bias'),
+             key)
+  elif rest == 'downsample.conv.weight':
+    keys.put(ours + 'conv_proj/kernel', key, _oihw_to_hwio, 'OIHW -> HWIO')
+  elif rest in ('downsample.norm.weight', 'downsample.norm.bias'):
+    keys.put(ours + 'gn_proj/' + ('scale' if rest.endswith('weight') else 'bias'), key)
+
+
+def _convert_timm(keys: _KeyCollector):
+  """timm/DeiT state dict -> our paths."""
+  keys.put('embed/patch_embed/kernel', 'patch_embed.proj.weight', _oihw_to_hwio, 'OIHW -> HWIO')
+  keys.put('embed/patch_embed/bias', 'patch_embed.proj.bias')
+  keys.put('embed/cls_token', 'cls_token')
+  keys.put('embed/pos_embed', 'pos_embed')
+  keys.put('norm/scale', 'norm.weight')
+  keys.put('norm/bias', 'norm.bias')
+  keys.put('head/kernel', 'head.weight', _transpose, 'transposed')
+  keys.put('head/bias', 'head.bias')
+  stem = 'patch_embed.backbone.stem.'
+  keys.put('embed/stem/conv_root/kernel', stem + 'conv.weight', _oihw_to_hwio, 'OIHW -> HWIO')
+  keys.put('embed/stem/gn_root/scale', stem + 'norm.weight')
+  keys.put('embed/stem/gn_root/bias', stem + 'norm.bias')
+  for key in list(keys.weights):
+    _convert_timm_stem_unit(keys, key)
+  for index in _block_indices(keys.weights, r'^blocks\.(\d+)\.'):
+    source, ours = f'blocks.{index}.', f'block_{index}/'
+    for norm in ('norm1', 'norm2'):
+      keys.put(f'{ours}{norm}/scale', f'{source}{norm}.weight')
+      keys.put(f'{ours}{norm}/bias', f'{source}{norm}.bias')
+    for linear in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'):
+      module = linear.replace('.', '/')
+      keys.put(f'{ours}{module}/kernel', f'{source}{linear}.weight', _transpose, 'transposed')
+      keys.put(f'{ours}{module}/bias', f'{source}{linear}.bias')
+
+
+def _convert_checkpoint(checkpoint: Mapping[str, np.ndarray], layout: _Layout, vit_config,
+                        path: str) -> _Converted:
+  """Checkpoint keys -> our '/'-paths (values converted: transposes, qkv joined, ...)."""
+  keys = _KeyCollector(checkpoint, layout.prefix)
+  if layout.name == 'google_npz':
+    _convert_google(keys, vit_config.num_heads, path)
+  else:
+    _convert_timm(keys)
+  # DeiT distilled: pos_embed holds [cls, dist, grid]; the merge keeps cls and the grid.
+  distilled = layout.name == 'timm' and keys.has('dist_token')
+  return _Converted(keys.entries, keys.unknown(), num_prefix_tokens=2 if distilled else 1)
+
 
 # Checkpoint features our backbone does not implement: loading around them would silently give a
 # different network, so they are refused (strict) rather than just reported.
@@ -289,153 +519,178 @@ _UNSUPPORTED = [
 ]
 
 
-def _detect_layout(ckpt: Mapping[str, np.ndarray]) -> Tuple[str, str]:
-  for prefix in ('',) + _GOOGLE_PREFIXES:
-    if f'{prefix}embedding/kernel' in ckpt:
-      return 'google_npz', prefix
-  for prefix in ('',) + _TIMM_PREFIXES:
-    if f'{prefix}patch_embed.proj.weight' in ckpt or f'{prefix}cls_token' in ckpt:
-      return 'timm', prefix
-  return 'unknown', ''
+def _without_prefix(key: str, prefix: str) -> str:
+  return key[len(prefix):] if key.startswith(prefix) else key
 
 
-def _convert_google(ckpt: Mapping[str, np.ndarray], prefix: str, num_heads: int,
-                    path: str) -> Tuple[Dict[Path, _Entry], List[str]]:
-  """Google/AugReg npz -> our paths. Returns (entries, keys it did not understand)."""
-  w = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
-  outside = [k for k in ckpt if not k.startswith(prefix)]
-  used = set()
-  out: Dict[Path, _Entry] = {}
-
-  def take(key):
-    used.add(key)
-    return w[key]
-
-  def put(dst: str, key: str, fn=None, note=''):
-    if key in w:
-      v = take(key)
-      out[tuple(dst.split('/'))] = _Entry(fn(v) if fn else v, (prefix + key,), note)
-
-  put('embed/patch_embed/kernel', 'embedding/kernel')
-  put('embed/patch_embed/bias', 'embedding/bias')
-  put('embed/cls_token', 'cls')
-  put('embed/pos_embed', 'Transformer/posembed_input/pos_embedding')
-  put('norm/scale', 'Transformer/encoder_norm/scale')
-  put('norm/bias', 'Transformer/encoder_norm/bias')
-  put('head/kernel', 'head/kernel')
-  put('head/bias', 'head/bias')
-
-  # Hybrid ResNet stem (top-level in vit_jax; some re-exports nest it under `embedding/`).
-  stem_keys = [k for k in w if re.match(r'^(embedding/)?(conv_root|gn_root|block\d+/unit\d+)/', k)]
-  for k in stem_keys:
-    rel = k[len('embedding/'):] if k.startswith('embedding/') else k
-    parts = rel.split('/')
-    fn = _squeeze_norm if parts[-2].startswith('gn') else None
-    put('embed/stem/' + rel, k, fn)
-
-  block_ids = sorted({int(m.group(1)) for k in w
-                      for m in [re.match(r'^Transformer/encoderblock_(\d+)/', k)] if m})
-  for i in block_ids:
-    bp = f'Transformer/encoderblock_{i}/'
-    mha = bp + 'MultiHeadDotProductAttention_1/'
-    for ln, dst in (('LayerNorm_0', 'norm1'), ('LayerNorm_2', 'norm2')):
-      for p in ('scale', 'bias'):
-        put(f'block_{i}/{dst}/{p}', f'{bp}{ln}/{p}', _squeeze_norm)
-    for r in range(2):
-      for p in ('kernel', 'bias'):
-        put(f'block_{i}/mlp/fc{r + 1}/{p}', f'{bp}MlpBlock_3/Dense_{r}/{p}')
-    qkv_k = [f'{mha}{n}/kernel' for n in ('query', 'key', 'value')]
-    qkv_b = [f'{mha}{n}/bias' for n in ('query', 'key', 'value')]
-    if all(k in w for k in qkv_k):
-      ks = [take(k) for k in qkv_k]
-      if ks[0].ndim == 3 and ks[0].shape[1] != num_heads:
-        raise WeightLoadError(
-            f'{path}: {prefix}{qkv_k[0]} has {ks[0].shape[1]} heads but the model has '
-            f'num_heads={num_heads}')
-      out[(f'block_{i}', 'attn', 'qkv', 'kernel')] = _Entry(
-          np.concatenate([k.reshape(k.shape[0], -1) for k in ks], axis=1),
-          tuple(prefix + k for k in qkv_k), 'query|key|value (D, heads, hd) -> (D, 3D)')
-    if all(k in w for k in qkv_b):
-      out[(f'block_{i}', 'attn', 'qkv', 'bias')] = _Entry(
-          np.concatenate([take(k).reshape(-1) for k in qkv_b]), tuple(prefix + k for k in qkv_b))
-    put(f'block_{i}/attn/proj/kernel', f'{mha}out/kernel',
-        lambda v: v.reshape(-1, v.shape[-1]), '(heads, hd, D) -> (D, D)')
-    put(f'block_{i}/attn/proj/bias', f'{mha}out/bias')
-  unknown = outside + [prefix + k for k in w if k not in used]
-  return out, unknown
-
-
-def _oihw_to_hwio(v: np.ndarray) -> np.ndarray:
-  return np.transpose(v, (2, 3, 1, 0))
-
-
-def _convert_timm(ckpt: Mapping[str, np.ndarray], prefix: str,
-                  path: str) -> Tuple[Dict[Path, _Entry], List[str], Dict[str, Any]]:
-  """timm/DeiT state dict -> our paths. Returns (entries, unknown keys, extras)."""
-  w = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
-  outside = [k for k in ckpt if not k.startswith(prefix)]
-  used = set()
-  out: Dict[Path, _Entry] = {}
-
-  def put(dst: str, key: str, fn=None, note=''):
-    if key in w:
-      used.add(key)
-      v = w[key]
-      out[tuple(dst.split('/'))] = _Entry(fn(v) if fn else v, (prefix + key,), note)
-
-  t = lambda v: v.T  # PyTorch Linear (out, in) -> Dense kernel (in, out)
-  put('embed/patch_embed/kernel', 'patch_embed.proj.weight', _oihw_to_hwio, 'OIHW -> HWIO')
-  put('embed/patch_embed/bias', 'patch_embed.proj.bias')
-  put('embed/cls_token', 'cls_token')
-  put('embed/pos_embed', 'pos_embed')
-  put('norm/scale', 'norm.weight')
-  put('norm/bias', 'norm.bias')
-  put('head/kernel', 'head.weight', t, 'transposed')
-  put('head/bias', 'head.bias')
-
-  bb = 'patch_embed.backbone.'
-  put('embed/stem/conv_root/kernel', bb + 'stem.conv.weight', _oihw_to_hwio, 'OIHW -> HWIO')
-  put('embed/stem/gn_root/scale', bb + 'stem.norm.weight')
-  put('embed/stem/gn_root/bias', bb + 'stem.norm.bias')
-  for k in list(w):
-    m = re.match(r'^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.(.+)$', k)
-    if not m:
-      continue
-    s, u, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-    dst = f'embed/stem/block{s + 1}/unit{u + 1}/'
-    conv = re.match(r'^conv(\d)\.weight$', rest)
-    norm = re.match(r'^norm(\d)\.(weight|bias)$', rest)
-    if conv:
-      put(dst + f'conv{conv.group(1)}/kernel', k, _oihw_to_hwio, 'OIHW -> HWIO')
-    elif norm:
-      put(dst + f'gn{norm.group(1)}/' + ('scale' if norm.group(2) == 'weight' else 'bias'), k)
-    elif rest == 'downsample.conv.weight':
-      put(dst + 'conv_proj/kernel', k, _oihw_to_hwio, 'OIHW -> HWIO')
-    elif rest in ('downsample.norm.weight', 'downsample.norm.bias'):
-      put(dst + 'gn_proj/' + ('scale' if rest.endswith('weight') else 'bias'), k)
-
-  block_ids = sorted({int(m.group(1)) for k in w for m in [re.match(r'^blocks\.(\d+)\.', k)] if m})
-  for i in block_ids:
-    bp, dp = f'blocks.{i}.', f'block_{i}/'
-    for n in ('norm1', 'norm2'):
-      put(dp + f'{n}/scale', bp + f'{n}.weight')
-      put(dp + f'{n}/bias', bp + f'{n}.bias')
-    for lin in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'):
-      d = lin.replace('.', '/')
-      put(dp + f'{d}/kernel', bp + f'{lin}.weight', t, 'transposed')
-      put(dp + f'{d}/bias', bp + f'{lin}.bias')
-
-  extras = {'num_prefix_tokens': 1}
-  if 'dist_token' in w:
-    # DeiT distilled: pos_embed holds [cls, dist, grid]; we keep cls and the grid, drop dist.
-    extras['num_prefix_tokens'] = 2
-    extras['dist'] = True
-  unknown = outside + [prefix + k for k in w if k not in used]
-  return out, unknown, extras
+def _refuse_unsupported_features(unknown: Sequence[str], prefix: str, path: str):
+  """Raises for the first checkpoint key of a feature our backbone lacks (strict mode)."""
+  for key in unknown:
+    for pattern, feature in _UNSUPPORTED:
+      if pattern.search(_without_prefix(key, prefix)):
+        raise WeightLoadError(f'{path}: checkpoint uses {feature} ({key}), which this backbone '
+                              'does not implement (pass strict=False to load around it)')
 
 
 # --------------------------------------------------------------------------------------------
-# Merge into the target tree
+# Step 4: merge into the target tree (shape checks, position-embedding resize)
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Merged:
+  """What the merge did, leaf by leaf ('/'-joined names, in the target tree's order)."""
+  values: Dict[Path, np.ndarray] = dataclasses.field(default_factory=dict)  # loaded leaves
+  loaded: List[str] = dataclasses.field(default_factory=list)
+  newly_initialized: List[str] = dataclasses.field(default_factory=list)
+  missing: List[str] = dataclasses.field(default_factory=list)  # needed, not in the checkpoint
+  used_sources: Set[Path] = dataclasses.field(default_factory=set)  # entries that were loaded
+  notes: List[str] = dataclasses.field(default_factory=list)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, prefix + (str(key),)))
+    else:
+      flat[prefix + (str(key),)] = value
+  return flat
+
+
+def _rebuild(tree: Mapping[str, Any], values: Mapping[Path, Any],
+             prefix: Path = ()) -> Dict[str, Any]:
+  """A new nested dict shaped like `tree`, with `values` in place of those leaves."""
+  out = {}
+  for key, value in tree.items():
+    here = prefix + (str(key),)
+    out[key] = (_rebuild(value, values, here) if isinstance(value, Mapping)
+                else values.get(here, value))
+  return out
+
+
+def _replace_leaves(params: Mapping[str, Any], values: Mapping[Path, Any]):
+  """`params` with `values` swapped in, as a new tree (FrozenDict in -> FrozenDict out)."""
+  rebuilt = _rebuild(params, values)
+  if not isinstance(params, dict) and hasattr(params, 'unfreeze'):
+    return type(params)(rebuilt)
+  return rebuilt
+
+
+def _is_backbone(path: Path) -> bool:
+  return path[0] in ('embed', 'norm') or re.fullmatch(r'block_\d+', path[0]) is not None
+
+
+def _target_grid(num_tokens: int, grid_hw: Optional[Tuple[int, int]], checkpoint_shape,
+                 target_shape, sources: str, path: str) -> Tuple[int, int]:
+  """The model's (height, width) patch grid: grid_hw, or the square its token count makes."""
+  if grid_hw is not None:
+    if grid_hw[0] * grid_hw[1] != num_tokens:
+      raise WeightLoadError(
+          f'{path}: grid_hw={tuple(grid_hw)} gives {grid_hw[0] * grid_hw[1]} patches but the '
+          f"model's embed/pos_embed {target_shape} holds {num_tokens}")
+    return tuple(grid_hw)
+  side = _square_side(num_tokens)
+  if side is None:
+    raise WeightLoadError(
+        f'{path}: cannot resize embed/pos_embed: checkpoint {sources} gives {checkpoint_shape}, '
+        f'the model expects {target_shape}, whose {num_tokens} patches are no square grid '
+        f'(pass grid_hw=(height, width))')
+  return side, side
+
+
+def _fit_posemb(value: np.ndarray, target_shape: Tuple[int, ...], entry: _Entry,
+                num_prefix_tokens: int, method: str, grid_hw: Optional[Tuple[int, int]],
+                path: str) -> Tuple[np.ndarray, Optional[str]]:
+  """The checkpoint's pos_embed on the model's grid: (value, a note when it was resized).
+
+  The CLS slot is kept, a distilled DeiT's dist slot dropped, the checkpoint's square grid
+  resampled to the model's (height, width) when they differ.
+  """
+  sources = '+'.join(entry.sources)
+  if value.ndim == 2:
+    value = value[None]
+  if value.ndim != 3 or len(target_shape) != 3 or value.shape[-1] != target_shape[-1]:
+    raise WeightLoadError(f'{path}: shape mismatch for embed/pos_embed: checkpoint {sources} '
+                          f'gives {value.shape}, the model expects {target_shape}')
+  if num_prefix_tokens == 2:
+    value = np.concatenate([value[:, :1], value[:, 2:]], axis=1)  # drop the dist slot
+  if grid_hw is None and value.shape == target_shape:
+    return value, None  # same grid (square or not, e.g. a Re-ID checkpoint): nothing to resize
+  height, width = _target_grid(target_shape[1] - 1, grid_hw, value.shape, target_shape,
+                               sources, path)
+  old_side = _square_side(value.shape[1] - 1)
+  if old_side is None and value.shape == target_shape:
+    return value, None  # a non-square checkpoint grid of the model's size: taken as the same grid
+  if old_side is None:
+    raise WeightLoadError(
+        f'{path}: cannot resize embed/pos_embed: checkpoint {sources} gives {value.shape}, whose '
+        f'{value.shape[1] - 1} patches are no square grid; the model expects {target_shape}')
+  if (old_side, old_side) == (height, width):
+    return value, None
+  note = (f'embed/pos_embed grid resized {old_side}x{old_side} -> {height}x{width} '
+          f'({method})')
+  return resize_posemb(value, (height, width), method), note
+
+
+def _loaded_value(entry: _Entry, name: str, source: Path, leaf, converted: _Converted,
+                  merged: _Merged, *, posemb_interpolation: str,
+                  grid_hw: Optional[Tuple[int, int]], path: str) -> np.ndarray:
+  """The entry's value for one target leaf: pos_embed fitted, shape checked, leaf dtype."""
+  value = np.asarray(entry.value)
+  target_shape = tuple(leaf.shape)
+  if source == ('embed', 'pos_embed'):
+    value, note = _fit_posemb(value, target_shape, entry, converted.num_prefix_tokens,
+                              posemb_interpolation, grid_hw, path)
+    if note:
+      merged.notes.append(note)
+  if value.shape != target_shape:
+    how = f' ({entry.note})' if entry.note else ''
+    raise WeightLoadError(
+        f'{path}: shape mismatch for {name}: checkpoint {"+".join(entry.sources)}{how} gives '
+        f'{value.shape}, the model expects {target_shape}')
+  return np.asarray(value).astype(np.dtype(leaf.dtype), copy=True)
+
+
+def _merge_into_params(flat_params: Mapping[Path, Any], converted: _Converted, *,
+                       heads: Sequence[str], load_head: bool, posemb_interpolation: str,
+                       grid_hw: Optional[Tuple[int, int]], path: str) -> _Merged:
+  """Decides every target leaf: loaded from its entry, or newly initialised (and maybe missing).
+
+  Leaves of the modules in `heads` take the checkpoint's `head` when load_head is set.
+  """
+  merged = _Merged()
+  for target_path, leaf in flat_params.items():
+    name = '/'.join(target_path)
+    is_head = target_path[0] in heads
+    if is_head and not load_head:
+      merged.newly_initialized.append(name)
+      continue
+    source = ('head',) + target_path[1:] if is_head else target_path
+    entry = converted.entries.get(source)
+    if entry is None:
+      if is_head or _is_backbone(target_path):
+        merged.missing.append(name)
+      merged.newly_initialized.append(name)
+      continue
+    merged.values[target_path] = _loaded_value(
+        entry, name, source, leaf, converted, merged,
+        posemb_interpolation=posemb_interpolation, grid_hw=grid_hw, path=path)
+    merged.used_sources.add(source)
+    merged.loaded.append(name)
+  return merged
+
+
+def _raise_if_missing(missing: Sequence[str], path: str):
+  """Strict mode: backbone (or routed head) parameters the checkpoint lacks are an error."""
+  if missing:
+    shown = ', '.join(missing[:6]) + (' ...' if len(missing) > 6 else '')
+    raise WeightLoadError(
+        f'{path}: checkpoint lacks {len(missing)} parameter(s) the model needs: {shown} '
+        f'(pass strict=False to keep them as initialised)')
+
+
+# --------------------------------------------------------------------------------------------
+# Step 5: the report
 # --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -450,60 +705,93 @@ class LoadReport:
   notes: List[str] = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
-    def group(paths):
+    def modules(names):
       # Collapse to module level for readability: block_3/attn/qkv/kernel -> block_3/attn/qkv.
-      mods = []
-      for p in paths:
-        m = p.rsplit('/', 1)[0] if '/' in p else p
-        if m not in mods:
-          mods.append(m)
-      return mods
+      collapsed = []
+      for name in names:
+        module = name.rsplit('/', 1)[0] if '/' in name else name
+        if module not in collapsed:
+          collapsed.append(module)
+      return collapsed
 
     lines = [f'Loaded {len(self.loaded)} parameter arrays from {self.path} ({self.layout} layout).']
     if self.newly_initialized:
       lines.append(f'Newly initialised ({len(self.newly_initialized)}): '
-                   + ', '.join(group(self.newly_initialized)))
+                   + ', '.join(modules(self.newly_initialized)))
     if self.unused:
       lines.append(f'Unused checkpoint keys ({len(self.unused)}): ' + ', '.join(self.unused))
-    lines.extend(f'Note: {n}' for n in self.notes)
+    lines.extend(f'Note: {note}' for note in self.notes)
     return '\n'.join(lines)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out
+def _unused_entry_reason(source: Path, load_head: bool) -> str:
+  """Why a converted entry found no target leaf ('' when there is no known reason)."""
+  if source[0] == 'head' and not load_head:
+    return ' (head not loaded: load_head=False)'
+  if re.fullmatch(r'block_\d+', source[0]):
+    return ' (block beyond the model depth)'
+  if source[:2] == ('embed', 'stem'):
+    return ' (ResNet stem: the model has none or fewer units)'
+  return ''
 
 
-def _rebuild(tree: Mapping[str, Any], new: Mapping[Path, Any], prefix: Path = ()) -> Dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    p = prefix + (str(k),)
-    out[k] = _rebuild(v, new, p) if isinstance(v, Mapping) else new.get(p, v)
-  return out
+def _unknown_key_reason(key: str) -> str:
+  """Why a checkpoint key was not converted ('' when there is no known reason)."""
+  if key == 'dist_token' or key.startswith('head_dist.'):
+    return ' (DeiT distillation token/head: dropped, the CLS path is kept)'
+  if key.startswith('pre_logits'):
+    return ' (pre-logits representation layer: not used)'
+  return ''
 
 
-def _is_backbone(path: Path) -> bool:
-  return path[0] in ('embed', 'norm') or re.fullmatch(r'block_\d+', path[0]) is not None
+def _build_report(path: str, layout: _Layout, converted: _Converted, merged: _Merged,
+                  load_head: bool) -> LoadReport:
+  """The LoadReport: loaded / newly initialised leaves, unused keys with reasons, notes."""
+  report = LoadReport(path=path, layout=layout.name, loaded=list(merged.loaded),
+                      newly_initialized=list(merged.newly_initialized), notes=list(merged.notes))
+  for source, entry in converted.entries.items():
+    if source not in merged.used_sources:
+      reason = _unused_entry_reason(source, load_head)
+      report.unused.extend(f'{key}{reason}' for key in entry.sources)
+  for key in converted.unknown:
+    report.unused.append(key + _unknown_key_reason(_without_prefix(key, layout.prefix)))
+  if converted.num_prefix_tokens == 2:
+    report.notes.append('distilled DeiT checkpoint: dist_token and its pos_embed slot dropped')
+  return report
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+def _check_options(posemb_interpolation: str, grid_hw) -> Optional[Tuple[int, int]]:
+  """Validates the resize options; returns grid_hw as a (height, width) tuple or None."""
+  if posemb_interpolation not in POSEMB_METHODS:
+    raise ValueError(f'posemb_interpolation must be one of {POSEMB_METHODS}, '
+                     f'got {posemb_interpolation!r}')
+  if grid_hw is None:
+    return None
+  if isinstance(grid_hw, (int, np.integer)) or len(grid_hw) != 2:
+    raise ValueError(f'grid_hw must be (height, width), got {grid_hw!r}')
+  return _grid_height_width(grid_hw)
 
 
 def load_pretrained(path: PathLike, params: Mapping[str, Any], vit_config, *,
-                    posemb_interpolation: str = 'bicubic', load_head: bool = False,
+                    posemb_interpolation: str = 'bicubic',
+                    grid_hw: Optional[Tuple[int, int]] = None, load_head: bool = False,
                     head_name: Union[str, Sequence[str]] = 'head',
-                    strict: bool = True):
+                    strict: bool = True) -> Tuple[Any, LoadReport]:
   """Loads a Google npz or timm/DeiT checkpoint into a copy of `params`.
 
   Args:
     path: `.npz`, `.safetensors`, `.pth`/`.pt`/`.bin` file.
     params: our parameter tree (plain nested dict or FrozenDict; the `params` collection of
       `vit.VisionTransformer` or of the DCAL model). Never modified.
-    vit_config: the backbone's `ViTConfig` (used to check heads and the hybrid stem).
+    vit_config: the backbone's `ViTConfig` (used to check the npz head count).
     posemb_interpolation: 'bicubic' (timm's) or 'bilinear' (original ViT code) for resizing the
       position-embedding grid when the model's grid differs from the checkpoint's.
+    grid_hw: the model's patch grid (height, width), e.g. (16, 8) for 256x128 Re-ID inputs at
+      patch 16. None: square, inferred from the token count of the model's `pos_embed`.
     load_head: also load the classifier (`head`) — only for parity tests / same label space;
       otherwise every head is left as initialised (reported newly initialised).
     head_name: our head module name(s) that receive the checkpoint head when load_head=True.
@@ -517,120 +805,17 @@ def load_pretrained(path: PathLike, params: Mapping[str, Any], vit_config, *,
     leaves, untouched.
   """
   path = os.fspath(path)
-  if posemb_interpolation not in POSEMB_METHODS:
-    raise ValueError(f'posemb_interpolation must be one of {POSEMB_METHODS}, '
-                     f'got {posemb_interpolation!r}')
+  grid_hw = _check_options(posemb_interpolation, grid_hw)
   heads = (head_name,) if isinstance(head_name, str) else tuple(head_name)
-  ckpt = read_checkpoint(path)
-  layout, prefix = _detect_layout(ckpt)
-  extras: Dict[str, Any] = {'num_prefix_tokens': 1}
-  if layout == 'google_npz':
-    entries, unknown = _convert_google(ckpt, prefix, vit_config.num_heads, path)
-  elif layout == 'timm':
-    entries, unknown, extras = _convert_timm(ckpt, prefix, path)
-  else:
-    first = ', '.join(sorted(ckpt)[:5])
-    raise WeightLoadError(
-        f'{path}: unrecognised checkpoint layout (no `embedding/kernel` (Google npz) nor '
-        f'`patch_embed.proj.weight`/`cls_token` (timm) key); first keys: {first}')
-
-  report = LoadReport(path=path, layout=layout)
+  checkpoint = read_checkpoint(path)
+  layout = _detect_layout(checkpoint, path)
+  converted = _convert_checkpoint(checkpoint, layout, vit_config, path)
   if strict:
-    for key in unknown:
-      bare = key[len(prefix):] if key.startswith(prefix) else key
-      for pat, what in _UNSUPPORTED:
-        if pat.search(bare):
-          raise WeightLoadError(f'{path}: checkpoint uses {what} ({key}), which this backbone '
-                                'does not implement (pass strict=False to load around it)')
-
-  frozen = None
-  if not isinstance(params, dict) and hasattr(params, 'unfreeze'):
-    frozen = type(params)
-  flat = _flatten(params)
-  new: Dict[Path, Any] = {}
-  used_entries = set()
-  missing: List[Tuple[str, str]] = []
-
-  for tpath, leaf in flat.items():
-    name = '/'.join(tpath)
-    is_head = tpath[0] in heads
-    src = ('head',) + tpath[1:] if is_head else tpath
-    if is_head and not load_head:
-      report.newly_initialized.append(name)
-      continue
-    entry = entries.get(src)
-    if entry is None:
-      if _is_backbone(tpath) or is_head:
-        missing.append((name, '/'.join(src)))
-      report.newly_initialized.append(name)
-      continue
-    used_entries.add(src)
-    value = np.asarray(entry.value)
-    tshape = tuple(leaf.shape)
-    if src == ('embed', 'pos_embed') and value.shape != tshape:
-      value = _fit_posemb(value, tshape, extras['num_prefix_tokens'], posemb_interpolation,
-                          entry, path, report)
-    elif src == ('embed', 'pos_embed') and extras['num_prefix_tokens'] != 1:
-      value = _fit_posemb(value, tshape, extras['num_prefix_tokens'], posemb_interpolation,
-                          entry, path, report)
-    if value.shape != tshape:
-      how = f' ({entry.note})' if entry.note else ''
-      raise WeightLoadError(
-          f'{path}: shape mismatch for {name}: checkpoint {"+".join(entry.sources)}{how} gives '
-          f'{value.shape}, the model expects {tshape}')
-    new[tpath] = np.asarray(value).astype(np.dtype(leaf.dtype), copy=True)
-    report.loaded.append(name)
-
-  if missing and strict:
-    shown = ', '.join(f'{n}' for n, _ in missing[:6]) + (' ...' if len(missing) > 6 else '')
-    raise WeightLoadError(
-        f'{path}: checkpoint lacks {len(missing)} parameter(s) the model needs: {shown} '
-        f'(pass strict=False to keep them as initialised)')
-
-  for src, entry in entries.items():
-    if src in used_entries:
-      continue
-    why = ''
-    if src[0] == 'head' and not load_head:
-      why = ' (head not loaded: load_head=False)'
-    elif re.fullmatch(r'block_\d+', src[0]):
-      why = ' (block beyond the model depth)'
-    elif src[:2] == ('embed', 'stem'):
-      why = ' (ResNet stem: the model has none or fewer units)'
-    report.unused.extend(f'{s}{why}' for s in entry.sources)
-  for key in unknown:
-    bare = key[len(prefix):] if key.startswith(prefix) else key
-    why = ''
-    if bare == 'dist_token' or bare.startswith('head_dist.'):
-      why = ' (DeiT distillation token/head: dropped, the CLS path is kept)'
-    elif bare.startswith('pre_logits'):
-      why = ' (pre-logits representation layer: not used)'
-    report.unused.append(f'{key}{why}')
-  if extras.get('dist'):
-    report.notes.append('distilled DeiT checkpoint: dist_token and its pos_embed slot dropped')
-
-  out = _rebuild(params, new)
-  if frozen is not None:
-    out = frozen(out)
-  return out, report
-
-
-def _fit_posemb(value, tshape, num_prefix, method, entry, path, report):
-  src = '+'.join(entry.sources)
-  if value.ndim == 2:
-    value = value[None]
-  if value.ndim != 3 or len(tshape) != 3 or value.shape[-1] != tshape[-1]:
-    raise WeightLoadError(f'{path}: shape mismatch for embed/pos_embed: checkpoint {src} gives '
-                          f'{value.shape}, the model expects {tshape}')
-  if num_prefix == 2:
-    value = np.concatenate([value[:, :1], value[:, 2:]], axis=1)  # drop the dist slot
-  n_old, n_new = value.shape[1] - 1, tshape[1] - 1
-  g_old, g_new = int(round(math.sqrt(n_old))), int(round(math.sqrt(n_new)))
-  if g_old * g_old != n_old or g_new * g_new != n_new:
-    raise WeightLoadError(f'{path}: cannot resize embed/pos_embed: checkpoint {src} gives '
-                          f'{value.shape}, the model expects {tshape} (grids must be square)')
-  if g_old != g_new:
-    value = resize_posemb(value, g_new, method)
-    report.notes.append(f'embed/pos_embed grid resized {g_old}x{g_old} -> {g_new}x{g_new} '
-                        f'({method})')
-  return value
+    _refuse_unsupported_features(converted.unknown, layout.prefix, path)
+  merged = _merge_into_params(_flatten(params), converted, heads=heads, load_head=load_head,
+                              posemb_interpolation=posemb_interpolation, grid_hw=grid_hw,
+                              path=path)
+  if strict:
+    _raise_if_missing(merged.missing, path)
+  report = _build_report(path, layout, converted, merged, load_head)
+  return _replace_leaves(params, merged.values), report

@@ -2,8 +2,9 @@
 
 The fixtures in tests/fixtures/ come from `tools/make_timm_fixtures.py` (timm with random
 weights): the same tiny ViT and R50-hybrid saved as timm `.safetensors`/`.pth` and as Google
-`.npz` (checked there with timm's own npz loader), with timm's logits at 32 px (native) and
-64 px (position embedding resized by timm's `checkpoint_filter_fn`). No torch import here: the
+`.npz` (checked there with timm's own npz loader), with timm's logits at 32 px (native), 64 px
+and the non-square 64x32 and 48x24 px (timm built at `img_size=(H, W)`, position embedding resized
+by timm's `checkpoint_filter_fn` from the 4x4 grid to 8x8, 8x4, 6x3). No torch import here: the
 `.pth` cases are skipped where torch is not installed.
 """
 
@@ -43,14 +44,16 @@ _MODELS = {}
 
 
 def model_and_params(name, size, cfg=None, num_classes=10):
-  """(jitted apply, freshly initialised params) for a fixture model at an image size."""
+  """(jitted apply, freshly initialised params) for a fixture model at an image size (a side or
+  (height, width))."""
   cfg = cfg or CONFIGS[name]
-  key = (cfg, size, num_classes)
+  height, width = (size, size) if isinstance(size, int) else size
+  key = (cfg, height, width, num_classes)
   if key not in _MODELS:
     model = vit.VisionTransformer(cfg, num_classes=num_classes)
     # Shapes only (a real init costs seconds of eager op compiles on CPU); the loader fills
     # every leaf in the parity tests, the rest only look at names.
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)))
     params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes['params'])
     _MODELS[key] = (jax.jit(lambda p, x: model.apply({'params': p}, x)), params)
   return _MODELS[key]
@@ -60,19 +63,78 @@ def nhwc(x):
   return np.transpose(x, (0, 2, 3, 1))
 
 
+def fixture_images(expected, height, width):
+  """NHWC inputs timm saw: the 32 px set, or the top-left height x width of the 64 px set."""
+  if (height, width) == (32, 32):
+    return nhwc(expected['inputs_32'])
+  return nhwc(expected['inputs_64'][:, :, :height, :width])
+
+
+# (height, width) in px; both fixture models have stride 8 (patch 8 / the ResNet stem), so the
+# 32 px checkpoints hold a 4x4 grid, resized to 8x8, 8x4 and 6x3 here.
+SIZES = [(32, 32), (64, 64), (64, 32), (48, 24)]
+STRIDE = 8
+
+
 @pytest.mark.parametrize('fmt', FORMATS)
-@pytest.mark.parametrize('size', [32, 64])
+@pytest.mark.parametrize('height,width', SIZES, ids=[f'{h}x{w}' for h, w in SIZES])
 @pytest.mark.parametrize('name', ['vit', 'hybrid'])
-def test_logits_match_timm(expected, name, size, fmt):
-  apply, params = model_and_params(name, size)
+def test_logits_match_timm(expected, name, height, width, fmt):
+  apply, params = model_and_params(name, (height, width))
+  grid_hw = None if height == width else (height // STRIDE, width // STRIDE)
   new, report = W.load_pretrained(os.path.join(FIX, f'{name}.{fmt}'), params, CONFIGS[name],
-                                  load_head=True)
+                                  load_head=True, grid_hw=grid_hw)
   assert not report.newly_initialized and not report.unused, report.summary()
   assert len(report.loaded) == len(jax.tree_util.tree_leaves(params))
-  logits = np.asarray(apply(new, nhwc(expected[f'inputs_{size}'])))
+  logits = np.asarray(apply(new, fixture_images(expected, height, width)))
+  size = str(height) if height == width else f'{height}x{width}'
   np.testing.assert_allclose(logits, expected[f'{name}_logits_{size}'], atol=1e-4, rtol=0)
-  if size == 64:
-    assert any('4x4 -> 8x8 (bicubic)' in n for n in report.notes)
+  if height != 32:
+    resized = f'4x4 -> {height // STRIDE}x{width // STRIDE} (bicubic)'
+    assert any(resized in note for note in report.notes), report.notes
+
+
+def test_non_square_grid_without_grid_hw_refused():
+  _, params = model_and_params('vit', (64, 32))
+  with pytest.raises(W.WeightLoadError, match=r'pass grid_hw=\(height, width\)') as error:
+    W.load_pretrained(os.path.join(FIX, 'vit.safetensors'), params, CONFIGS['vit'])
+  assert 'embed/pos_embed' in str(error.value) and '\n' not in str(error.value)
+
+
+def test_grid_hw_checked_against_the_model():
+  _, params = model_and_params('vit', (64, 32))
+  with pytest.raises(W.WeightLoadError, match=r'grid_hw=\(8, 8\) gives 64 patches.* holds 32'):
+    W.load_pretrained(os.path.join(FIX, 'vit.safetensors'), params, CONFIGS['vit'],
+                      grid_hw=(8, 8))
+  with pytest.raises(ValueError, match='grid_hw must be'):
+    W.load_pretrained(os.path.join(FIX, 'vit.safetensors'), params, CONFIGS['vit'], grid_hw=8)
+
+
+def test_grid_hw_square_same_as_inferred():
+  _, params = model_and_params('vit', 64)
+  path = os.path.join(FIX, 'vit.npz')
+  inferred, _ = W.load_pretrained(path, params, CONFIGS['vit'], posemb_interpolation='bilinear')
+  given, report = W.load_pretrained(path, params, CONFIGS['vit'], posemb_interpolation='bilinear',
+                                    grid_hw=(8, 8))
+  np.testing.assert_array_equal(given['embed']['pos_embed'], inferred['embed']['pos_embed'])
+  assert any('4x4 -> 8x8 (bilinear)' in note for note in report.notes)
+
+
+def test_non_square_checkpoint_at_the_model_grid_loaded_as_is(tmp_path):
+  # E.g. a Re-ID checkpoint trained at 16x8: same grid, nothing to resize (with or without
+  # grid_hw); another grid cannot be derived from a non-square table and is refused.
+  state = _timm_state()
+  state['pos_embed'] = W.resize_posemb(state['pos_embed'], (8, 4))
+  path = str(tmp_path / 'reid.safetensors')
+  save_file(state, path)
+  _, params = model_and_params('vit', (64, 32))
+  for grid_hw in (None, (8, 4)):
+    new, report = W.load_pretrained(path, params, CONFIGS['vit'], grid_hw=grid_hw)
+    np.testing.assert_array_equal(new['embed']['pos_embed'], state['pos_embed'])
+    assert not report.notes
+  _, params = model_and_params('vit', (48, 24))
+  with pytest.raises(W.WeightLoadError, match='32 patches are no square grid'):
+    W.load_pretrained(path, params, CONFIGS['vit'], grid_hw=(6, 3))
 
 
 def test_head_not_loaded_by_default_and_input_untouched():
@@ -240,15 +302,32 @@ def test_resize_posemb_bicubic_matches_timm(expected, grid):
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('grid', [3, 4, 9, 12, 13])
-def test_resize_posemb_bilinear_matches_scipy_zoom(expected, grid):
+# (source side, target (height, width)): 14 -> (16, 8) is a 224 px checkpoint at 256x128 persons.
+NON_SQUARE_POSEMB = [(6, (16, 8)), (6, (4, 9)), (14, (16, 8))]
+
+
+@pytest.mark.parametrize('source_side,grid_hw', NON_SQUARE_POSEMB,
+                         ids=[f'{s}to{h}x{w}' for s, (h, w) in NON_SQUARE_POSEMB])
+def test_resize_posemb_non_square_bicubic_matches_timm(expected, source_side, grid_hw):
+  source = expected['posemb_src' if source_side == 6 else f'posemb_src_{source_side}']
+  height, width = grid_hw
+  out = W.resize_posemb(source, grid_hw, 'bicubic')
+  ref = expected[f'posemb_bicubic_{source_side}_to_{height}x{width}']
+  assert out.shape == ref.shape == (1, 1 + height * width, 8)
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(out[:, :1], source[:, :1])  # CLS slot kept
+
+
+@pytest.mark.parametrize('grid_hw', [3, 4, 9, 12, 13, (16, 8), (4, 9)])
+def test_resize_posemb_bilinear_matches_scipy_zoom(expected, grid_hw):
   ndimage = pytest.importorskip('scipy.ndimage')
-  pe = expected['posemb_src'].astype(np.float64)
+  height, width = (grid_hw, grid_hw) if isinstance(grid_hw, int) else grid_hw
+  posemb = expected['posemb_src'].astype(np.float64)
   # The original ViT code (vit_jax/checkpoint.py): zoom the grid with order=1, keep the CLS slot.
-  g = pe[0, 1:].reshape(6, 6, -1)
-  zoomed = ndimage.zoom(g, (grid / 6, grid / 6, 1), order=1)
-  ref = np.concatenate([pe[:, :1], zoomed.reshape(1, grid * grid, -1)], axis=1)
-  out = W.resize_posemb(pe, grid, 'bilinear')
+  grid = posemb[0, 1:].reshape(6, 6, -1)
+  zoomed = ndimage.zoom(grid, (height / 6, width / 6, 1), order=1)
+  ref = np.concatenate([posemb[:, :1], zoomed.reshape(1, height * width, -1)], axis=1)
+  out = W.resize_posemb(posemb, grid_hw, 'bilinear')
   np.testing.assert_allclose(out, ref, atol=1e-10, rtol=0)
 
 

@@ -1,15 +1,18 @@
 """Full-size parity check against timm with random weights (no download).
 
-Run with the timm venv (torch + timm + jax/flax installed side by side), from the repo root:
-  /work/timm_venv/bin/python tools/compare_timm_fullsize.py [--only deit_tiny_224 ...]
+Run from the repo root with a Python that has torch + timm and jax/flax; here the torch venv plus
+the system site-packages (same Python 3.11, same numpy) for jax:
+  PYTHONPATH=/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages \
+      /work/venvs/torch/bin/python tools/compare_timm_fullsize.py [--only deit_tiny_224 ...]
 
 For each case: create the timm model (pretrained=False), perturb every parameter as
 tools/make_timm_fixtures.py does (unit-gain weights, non-trivial norms/biases/tokens, so the
 logits depend on the input), save its state dict to a temp file (timm `.safetensors`, and for the
 ViT-B cases also the Google `.npz` layout), import it with `dca_jax.weights.load_pretrained(...,
 load_head=True)` into `vit.VisionTransformer` and report the max |logit difference| (float32,
-2 random images). The 448 px DeiT case builds timm at img_size=448 through timm's own
-`checkpoint_filter_fn` (bicubic+antialias pos-embed resize) and ours with the default 'bicubic'.
+2 random images). The 448 px and 256x128 px cases build timm at that img_size through timm's own
+`checkpoint_filter_fn` (bicubic+antialias pos-embed resize, 14x14 -> 28x28 / 16x8) and ours with
+the default 'bicubic' (and `grid_hw=(16, 8)` for the non-square Re-ID input).
 """
 
 from __future__ import annotations
@@ -36,24 +39,32 @@ from dca_jax import weights as W  # noqa: E402
 from dca_jax.models import vit  # noqa: E402
 from make_timm_fixtures import randomize, to_google_npz  # noqa: E402
 
-# name: (timm model, our variant, native size, eval size, formats)
+# name: (timm model, our variant, native size, eval size (height, width), formats)
 CASES = {
-    'deit_tiny_224': ('deit_tiny_patch16_224', 'deit_tiny', 224, 224, ('safetensors',)),
-    'deit_tiny_448': ('deit_tiny_patch16_224', 'deit_tiny', 224, 448, ('safetensors',)),
-    'vit_base_224': ('vit_base_patch16_224', 'vit_base', 224, 224, ('safetensors', 'npz')),
-    'r50_vit_base_224': ('vit_base_r50_s16_224', 'r50_vit_base', 224, 224, ('safetensors', 'npz')),
+    'deit_tiny_224': ('deit_tiny_patch16_224', 'deit_tiny', 224, (224, 224), ('safetensors',)),
+    'deit_tiny_448': ('deit_tiny_patch16_224', 'deit_tiny', 224, (448, 448), ('safetensors',)),
+    'deit_tiny_256x128': ('deit_tiny_patch16_224', 'deit_tiny', 224, (256, 128), ('safetensors',)),
+    'vit_base_224': ('vit_base_patch16_224', 'vit_base', 224, (224, 224), ('safetensors', 'npz')),
+    'vit_base_256x128': ('vit_base_patch16_224', 'vit_base', 224, (256, 128),
+                         ('safetensors', 'npz')),
+    'r50_vit_base_224': ('vit_base_r50_s16_224', 'r50_vit_base', 224, (224, 224),
+                         ('safetensors', 'npz')),
 }
+PATCH = 16  # the patch grid's stride for every case (patch 16, or the R50 stem's 16)
 
 
 def run_case(name, timm_name, variant, native, size, formats, batch=2):
+  height, width = size
   torch.manual_seed(0)
   model = randomize(timm.create_model(timm_name, pretrained=False, num_classes=1000).eval(), 0)
   sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-  if size != native:
-    model = timm.create_model(timm_name, pretrained=False, num_classes=1000, img_size=size).eval()
+  if size != (native, native):
+    img_size = height if height == width else (height, width)
+    model = timm.create_model(timm_name, pretrained=False, num_classes=1000,
+                              img_size=img_size).eval()
     filt = timm.models.vision_transformer.checkpoint_filter_fn
     model.load_state_dict(filt(dict(sd), model))
-  x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+  x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
   t = time.time()
   with torch.no_grad():
     ref = model(x).numpy()
@@ -61,7 +72,7 @@ def run_case(name, timm_name, variant, native, size, formats, batch=2):
 
   cfg = vit.get_variant(variant)
   ours = vit.VisionTransformer(cfg, num_classes=ref.shape[-1])
-  shapes = jax.eval_shape(ours.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  shapes = jax.eval_shape(ours.init, jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)))
   params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes['params'])
   apply = jax.jit(lambda p, x: ours.apply({'params': p}, x))
   rows = []
@@ -72,7 +83,8 @@ def run_case(name, timm_name, variant, native, size, formats, batch=2):
         save_file(sd, path)
       else:
         np.savez(path, **to_google_npz(sd, cfg.num_heads))
-      loaded, report = W.load_pretrained(path, params, cfg, load_head=True)
+      grid_hw = None if height == width else (height // PATCH, width // PATCH)
+      loaded, report = W.load_pretrained(path, params, cfg, load_head=True, grid_hw=grid_hw)
       assert not report.newly_initialized, report.summary()
       t = time.time()
       out = np.asarray(apply(loaded, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))

@@ -1,7 +1,7 @@
 """Builds the tiny timm parity fixtures in tests/fixtures/ (random weights, no download).
 
 Run with the timm venv (torch + timm; jax not needed):
-  /work/timm_venv/bin/python tools/make_timm_fixtures.py [--out tests/fixtures]
+  /work/venvs/torch/bin/python tools/make_timm_fixtures.py [--out tests/fixtures]
 
 Two tiny models with random weights (every parameter perturbed so that norms/biases/tokens are
 not at their trivial init):
@@ -16,16 +16,23 @@ Each is written as
 - `{name}.npz` in the Google ViT layout, by `to_google_npz` below; the script proves the npz with
   timm's own npz loader (`timm.models.vision_transformer._load_weights`, which also handles the
   hybrid stem): a fresh timm model loaded from it must give the same logits.
-`expected.npz` holds the inputs (NCHW), timm's logits at the native size and at 2x the size
-(the model rebuilt at img_size=64 and the state dict passed through timm's `checkpoint_filter_fn`,
-i.e. `resample_abs_pos_embed` bicubic + antialias), and timm resizes of a position embedding
-(`posemb_*`) for `resize_posemb`'s test.
+`expected.npz` holds the inputs (NCHW), timm's logits at the native size, at 2x the size and at
+two non-square sizes (the model rebuilt at `img_size=64` / `img_size=(H, W)` and the state dict
+passed through timm's `checkpoint_filter_fn`, i.e. `resample_abs_pos_embed` bicubic + antialias
+from the checkpoint's square 4x4 grid to 8x8, 8x4 and 6x3), and timm resizes of position
+embeddings (`posemb_*`, square and non-square) for `resize_posemb`'s tests. The non-square inputs
+are not stored: they are the top-left H x W corner of `inputs_64`.
+
+Everything is seeded and the npz files are written with fixed zip timestamps, so a re-run with the
+same torch/timm gives byte-identical files.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import zipfile
 from functools import partial
 
 import numpy as np
@@ -54,6 +61,31 @@ def make_hybrid(img_size=32):
 
 
 MODELS = {'vit': (make_vit, tv.checkpoint_filter_fn), 'hybrid': (make_hybrid, tvh.checkpoint_filter_fn)}
+
+# Non-square inputs (height, width): the 4x4 grid of the 32 px checkpoint goes to 8x4 (rows up,
+# columns kept) and to 6x3 (rows up, columns down), as persons at 256x128 take 14x14 to 16x8.
+NON_SQUARE_SIZES = ((64, 32), (48, 24))
+
+# resize_posemb references: (source grid side, target (height, width)).
+POSEMB_CASES = ((6, (3, 3)), (6, (4, 4)), (6, (9, 9)), (6, (12, 12)), (6, (13, 13)),
+                (6, (16, 8)), (6, (4, 9)), (14, (16, 8)))
+
+
+def posemb_key(source_side, height, width):
+  """expected.npz key of timm's bicubic resize (the square 6x6 ones keep their old names)."""
+  if source_side == 6 and height == width:
+    return f'posemb_bicubic_{height}'
+  return f'posemb_bicubic_{source_side}_to_{height}x{width}'
+
+
+def save_npz(path, arrays):
+  """np.savez without the wall-clock timestamps in the zip, so re-runs are byte-identical."""
+  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as archive:
+    for name, value in arrays.items():
+      buffer = io.BytesIO()
+      np.lib.format.write_array(buffer, np.asarray(value), allow_pickle=False)
+      archive.writestr(zipfile.ZipInfo(name + '.npy', date_time=(1980, 1, 1, 0, 0, 0)),
+                       buffer.getvalue())
 
 
 @torch.no_grad()
@@ -143,7 +175,7 @@ def main():
     save_file(sd, os.path.join(args.out, f'{name}.safetensors'))
     torch.save(sd, os.path.join(args.out, f'{name}.pth'))
     npz_path = os.path.join(args.out, f'{name}.npz')
-    np.savez(npz_path, **to_google_npz(sd, model.blocks[0].attn.num_heads))
+    save_npz(npz_path, to_google_npz(sd, model.blocks[0].attn.num_heads))
 
     # Proof of the npz writer: timm's own npz loader into a fresh model.
     fresh = make().eval()
@@ -154,23 +186,29 @@ def main():
     print(f'{name}: timm npz loader round trip max |dlogit| = {err:.3g}')
     assert err < 1e-5, err
 
-    # Larger image: timm's own pos-embed resample (checkpoint_filter_fn: bicubic, antialias).
-    big = make(img_size=64).eval()
-    big.load_state_dict(filter_fn(dict(sd), big))
-    with torch.no_grad():
-      big_logits = big(x_big).numpy()
     expected[f'{name}_logits_32'] = logits
-    expected[f'{name}_logits_64'] = big_logits
-    print(f'{name}: logits {logits.shape}, 64px {big_logits.shape}, '
-          f'grid {model.patch_embed.grid_size} -> {big.patch_embed.grid_size}')
+    # Other sizes: timm rebuilds the model at img_size and resamples the checkpoint's pos-embed
+    # itself (checkpoint_filter_fn: bicubic, antialias).
+    for height, width in ((64, 64),) + NON_SQUARE_SIZES:
+      resized = make(img_size=64 if height == width else (height, width)).eval()
+      resized.load_state_dict(filter_fn(dict(sd), resized))
+      with torch.no_grad():
+        resized_logits = resized(x_big[:, :, :height, :width].contiguous()).numpy()
+      size = str(height) if height == width else f'{height}x{width}'
+      expected[f'{name}_logits_{size}'] = resized_logits
+      print(f'{name}: {height}x{width} px, grid {tuple(model.patch_embed.grid_size)} -> '
+            f'{tuple(resized.patch_embed.grid_size)}, logits {resized_logits.shape}')
 
   # resize_posemb references from timm (bicubic, antialias=True, as checkpoint_filter_fn).
-  pe = torch.randn(1, 1 + 6 * 6, 8, generator=torch.Generator().manual_seed(3))
-  expected['posemb_src'] = pe.numpy()
-  for g in (3, 4, 9, 12, 13):
-    expected[f'posemb_bicubic_{g}'] = resample_abs_pos_embed(
-        pe, new_size=(g, g), num_prefix_tokens=1, interpolation='bicubic', antialias=True).numpy()
-  np.savez(os.path.join(args.out, 'expected.npz'), **expected)
+  sources = {6: torch.randn(1, 1 + 6 * 6, 8, generator=torch.Generator().manual_seed(3)),
+             14: torch.randn(1, 1 + 14 * 14, 8, generator=torch.Generator().manual_seed(4))}
+  expected['posemb_src'] = sources[6].numpy()
+  expected['posemb_src_14'] = sources[14].numpy()
+  for source_side, (height, width) in POSEMB_CASES:
+    expected[posemb_key(source_side, height, width)] = resample_abs_pos_embed(
+        sources[source_side], new_size=(height, width), num_prefix_tokens=1,
+        interpolation='bicubic', antialias=True).numpy()
+  save_npz(os.path.join(args.out, 'expected.npz'), expected)
   print('timm', timm.__version__, 'torch', torch.__version__)
   for f in sorted(os.listdir(args.out)):
     print(f'  {f}: {os.path.getsize(os.path.join(args.out, f)) / 1024:.0f} KiB')
