@@ -154,7 +154,8 @@ def write_msmt17(base: str, version: int = 1, seed: int = 3) -> ReidLayout:
 
   def add(which, image_dir, pid, cam):
     k = counter[(image_dir, pid)] = counter.get((image_dir, pid), -1) + 1
-    rel = f'{pid:04d}/{pid:04d}_{k:03d}_{cam:02d}_0303morning_{int(rng.integers(1, 9999)):04d}_0.jpg'
+    frame = int(rng.integers(1, 9999))
+    rel = f'{pid:04d}/{pid:04d}_{k:03d}_{cam:02d}_0303morning_{frame:04d}_0.jpg'
     path = os.path.join(root, image_dir, rel)
     write_jpeg(path, pid, rng)
     lists[which].append(f'{rel} {pid}\n')

@@ -3,7 +3,6 @@ sampler, the train/query/gallery streams and their errors. Tiny JPEGs, 32 x 16 p
 
 from __future__ import annotations
 
-import collections
 import os
 
 import numpy as np
