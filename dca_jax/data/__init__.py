@@ -10,10 +10,10 @@ package never imports the model or training code. See docs/DATA.md.
 """
 
 from dca_jax.data.errors import DataError, DataWarning, ImageLoadError
-from dca_jax.data.pipeline import DataInfo, Input, build_input
+from dca_jax.data.pipeline import DataInfo, Input, ReidInput, build_input
 from dca_jax.data.preprocess import denormalize, load_image_for_eval, normalize
 
 __all__ = [
-    'DataError', 'DataWarning', 'ImageLoadError', 'DataInfo', 'Input', 'build_input',
+    'DataError', 'DataWarning', 'ImageLoadError', 'DataInfo', 'Input', 'ReidInput', 'build_input',
     'denormalize', 'load_image_for_eval', 'normalize',
 ]

@@ -1,8 +1,11 @@
 """Image decoding, augmentation and normalisation (TensorFlow graph ops + numpy helpers).
 
-Train: decode -> resize to `resize_size` (square) -> random crop `input_size` -> random flip.
-Eval:  decode -> `center_crop`: resize `resize_size` + centre crop `input_size`;
-                 `resize`: resize straight to `input_size`.
+FGVC train: decode -> resize to `resize_size` (square) -> random crop `input_size` x
+            `input_width` (square when unset) -> random flip.
+FGVC eval:  decode -> `center_crop`: resize `resize_size` + centre crop; `resize`: resize
+            straight to `input_size` x `input_width`.
+Re-ID train: decode -> resize to `input_size` x `input_width` -> flip -> pad `crop_padding` +
+             random crop -> normalise -> random erasing. Re-ID eval: resize, normalise.
 Randomness is stateless: every example gets its own seed, folded from (config.seed, epoch,
 example id), so a stream is reproducible and resumable without global TF random state.
 """
@@ -81,43 +84,114 @@ def decode(encoded, crop_bottom: int = 0):
   return image
 
 
-def _resize(image, size: int):
+def _resize(image, size, width=None):
+  """float32 resize to (size, width or size), antialiased only when shrinking."""
   t = tf()
+  height, width = int(size), int(width or size)
   # Antialiasing only matters when shrinking; plain bilinear is much cheaper when enlarging
   # (550 px from ~500 px originals) and gives the same result there.
-  shrink = t.logical_or(t.shape(image)[0] > size, t.shape(image)[1] > size)
+  shrink = t.logical_or(t.shape(image)[0] > height, t.shape(image)[1] > width)
   image = t.cast(image, t.float32)
   out = t.cond(shrink,
-               lambda: t.image.resize(image, (size, size), 'bilinear', antialias=True),
-               lambda: t.image.resize(image, (size, size), 'bilinear', antialias=False))
-  return t.reshape(out, (size, size, 3))
+               lambda: t.image.resize(image, (height, width), 'bilinear', antialias=True),
+               lambda: t.image.resize(image, (height, width), 'bilinear', antialias=False))
+  return t.reshape(out, (height, width, 3))
 
 
-def train_transform(image, key, *, resize_size: int, input_size: int, normalization: str):
-  """uint8 [h, w, 3] -> normalised float32 [S, S, 3]; `key` is an int32/int64 [2] seed."""
+def train_transform(image, key, *, resize_size: int, input_size: int, normalization: str,
+                    input_width=None):
+  """uint8 [h, w, 3] -> normalised float32 [S, W, 3] (W = input_width or S); `key` is an
+  int32/int64 [2] seed. The crop is taken from the square `resize_size` image."""
   t = tf()
   keys = t.random.experimental.stateless_split(key, 2)
   image = _resize(image, resize_size)
-  image = t.image.stateless_random_crop(image, (input_size, input_size, 3), seed=keys[0])
+  image = t.image.stateless_random_crop(image, (input_size, input_width or input_size, 3),
+                                        seed=keys[0])
   image = t.image.stateless_random_flip_left_right(image, seed=keys[1])
   return tf_normalize(image, normalization)
 
 
-def eval_crop(image, *, resize_size: int, input_size: int, test_crop: str):
-  """uint8 [h, w, 3] -> float32 [S, S, 3] in [0, 255] (not yet normalised)."""
+def eval_crop(image, *, resize_size: int, input_size: int, test_crop: str, input_width=None):
+  """uint8 [h, w, 3] -> float32 [S, W, 3] in [0, 255] (not yet normalised)."""
+  width = int(input_width or input_size)
   if test_crop == 'center_crop':
     image = _resize(image, resize_size)
-    off = (resize_size - input_size) // 2
-    return image[off:off + input_size, off:off + input_size, :]
+    top, left = (resize_size - input_size) // 2, (resize_size - width) // 2
+    return image[top:top + input_size, left:left + width, :]
   if test_crop == 'resize':
-    return _resize(image, input_size)
+    return _resize(image, input_size, width)
   raise DataError(f'unknown test_crop {test_crop!r}; expected center_crop | resize')
 
 
 def eval_transform(image, *, resize_size: int, input_size: int, test_crop: str,
-                   normalization: str):
+                   normalization: str, input_width=None):
   return tf_normalize(eval_crop(image, resize_size=resize_size, input_size=input_size,
-                                test_crop=test_crop), normalization)
+                                test_crop=test_crop, input_width=input_width), normalization)
+
+
+# ----------------------------------------------------------------------------- Re-ID
+# Random erasing (Zhong et al. 2017): erased area 2-40 % of the image, aspect ratio h/w
+# log-uniform in [0.3, 1/0.3]; up to ERASE_ATTEMPTS draws, the first rectangle that fits is used.
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+ERASE_ATTEMPTS = 10
+ERASE_FILLS = ('random', 'mean')
+
+
+def random_erase(image, key, probability: float, fill: str = 'random'):
+  """Erases one random rectangle of normalised float32 [H, W, 3] with `probability`.
+
+  fill='random': per-pixel N(0, 1) values in normalised space (TransReID's timm
+  RandomErasing(mode='pixel')); 'mean': 0, i.e. the dataset mean colour in normalised space.
+  """
+  t = tf()
+  if fill not in ERASE_FILLS:
+    raise DataError(f'unknown random_erasing_fill {fill!r}; expected one of {ERASE_FILLS}')
+  h, w = int(image.shape[0]), int(image.shape[1])
+  keys = t.random.experimental.stateless_split(key, 6)
+  u = lambda k, shape, lo, hi: t.random.stateless_uniform(shape, seed=k, minval=lo, maxval=hi)
+  do = u(keys[0], [], 0.0, 1.0) < probability
+  area = u(keys[1], [ERASE_ATTEMPTS], *ERASE_AREA) * float(h * w)
+  aspect = t.exp(u(keys[2], [ERASE_ATTEMPTS], float(np.log(ERASE_ASPECT[0])),
+                   float(np.log(ERASE_ASPECT[1]))))
+  eh = t.cast(t.round(t.sqrt(area * aspect)), t.int32)
+  ew = t.cast(t.round(t.sqrt(area / aspect)), t.int32)
+  fits = (eh < h) & (ew < w) & (eh > 0) & (ew > 0)
+  first = t.argmax(t.cast(fits, t.int32))  # Index of the first fitting draw (0 if none).
+  eh, ew = eh[first], ew[first]
+  corner = u(keys[3], [2], 0.0, 1.0)
+  top = t.cast(corner[0] * t.cast(h - eh + 1, t.float32), t.int32)
+  left = t.cast(corner[1] * t.cast(w - ew + 1, t.float32), t.int32)
+  rows, cols = t.range(h)[:, None], t.range(w)[None, :]
+  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+  inside = inside & do & t.reduce_any(fits)
+  if fill == 'random':
+    value = t.random.stateless_normal([h, w, 3], seed=keys[4], dtype=image.dtype)
+  else:
+    value = t.zeros_like(image)
+  return t.where(inside[:, :, None], value, image)
+
+
+def reid_train_transform(image, key, *, height: int, width: int, padding: int,
+                         erasing: float, normalization: str, erasing_fill: str = 'random'):
+  """Re-ID train: resize (H, W) -> flip -> zero-pad `padding` + random crop (H, W) ->
+  normalise -> random erasing. uint8 [h, w, 3] -> float32 [H, W, 3]."""
+  t = tf()
+  keys = t.random.experimental.stateless_split(key, 3)
+  image = _resize(image, height, width)
+  image = t.image.stateless_random_flip_left_right(image, seed=keys[0])
+  if padding > 0:
+    image = t.pad(image, [[padding, padding], [padding, padding], [0, 0]])  # Black, as T.Pad.
+    image = t.image.stateless_random_crop(image, (height, width, 3), seed=keys[1])
+  image = tf_normalize(image, normalization)
+  if erasing > 0:
+    image = random_erase(image, keys[2], erasing, erasing_fill)
+  return image
+
+
+def reid_eval_transform(image, *, height: int, width: int, normalization: str):
+  """Re-ID eval: resize to (H, W), normalise."""
+  return tf_normalize(_resize(image, height, width), normalization)
 
 
 def example_key(base_seed: int, epoch, example_id):
@@ -158,7 +232,10 @@ def _read_rgb_for_eval(path: str) -> np.ndarray:
 
 
 def load_image_for_eval(path: str, config) -> tuple[np.ndarray, np.ndarray]:
-  """One image file -> (float32 [S, S, 3] normalised as eval, uint8 [S, S, 3] same crop).
+  """One image file -> (float32 [S, W, 3] normalised as eval, uint8 [S, W, 3] same crop).
+
+  S = config.input_size, W = config.input_width or S; task='reid' resizes to (S, W) as the
+  Re-ID eval stream does, FGVC applies `config.test_crop`.
 
   Accepts any size, RGB / grayscale / palette / RGBA (alpha composited on white), JPEG, PNG
   and whatever else PIL reads. Raises ImageLoadError naming the file when it is missing or
@@ -166,9 +243,13 @@ def load_image_for_eval(path: str, config) -> tuple[np.ndarray, np.ndarray]:
   """
   path = os.fspath(path)
   rgb = _read_rgb_for_eval(path)
-  crop = eval_crop(tf().convert_to_tensor(rgb), resize_size=int(config.resize_size),
-                   input_size=int(config.input_size),
-                   test_crop=config.get('test_crop', 'center_crop'))
+  height, width = int(config.input_size), int(config.get('input_width') or config.input_size)
+  if config.get('task', 'fgvc') == 'reid':
+    crop = _resize(tf().convert_to_tensor(rgb), height, width)
+  else:
+    crop = eval_crop(tf().convert_to_tensor(rgb), resize_size=int(config.resize_size),
+                     input_size=height, test_crop=config.get('test_crop', 'center_crop'),
+                     input_width=width)
   image = tf_normalize(crop, _normalization_name(config)).numpy()  # Exactly the eval op.
   display = np.clip(np.round(crop.numpy()), 0, 255).astype(np.uint8)
   return image.astype(np.float32), display

@@ -1,0 +1,383 @@
+"""Readers for the official Re-ID layouts: Market-1501, DukeMTMC-reID, MSMT17 (V1/V2), VeRi-776.
+
+Each reader returns a `ReidDataset`: train (paths, labels relabelled to 0..C-1 in the order of
+the sorted original ids, camids), query and gallery (paths, ORIGINAL pids, camids), with camids
+0-based. Protocol rules applied here (docs/REID_DATA.md):
+
+* junk images (pid -1) are dropped from every split and counted (`num_junk`);
+* pid 0 is a distractor in Market-1501 naming (Market, Duke, the synthetic set): kept in the
+  gallery, dropped (and listed in `skipped`) from train and query;
+* every query id must have at least one gallery image, else the layout is broken (DataError);
+* folder-read splits take `*.jpg` only; any other entry is skipped and listed in `skipped`.
+
+Bad inputs raise `DataError` with one line naming the folder, list file or file name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+
+import numpy as np
+from absl import logging
+
+from dca_jax.data import sources
+from dca_jax.data.errors import DataError, DataWarning
+
+REID_DATASETS = ('market1501', 'dukemtmc', 'msmt17', 'veri776')
+NOT_JPG = 'not a .jpg file'
+
+
+@dataclasses.dataclass
+class ReidSplit:
+  paths: list[str]
+  pids: np.ndarray    # int32: train = relabelled 0..C-1; query/gallery = the original ids
+  camids: np.ndarray  # int32, 0-based
+  where: str          # the folder or list file that defines the split (for messages)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def subset(self, keep) -> 'ReidSplit':
+    keep = np.asarray(keep, bool)
+    return ReidSplit([p for p, k in zip(self.paths, keep) if k], self.pids[keep],
+                     self.camids[keep], self.where)
+
+
+@dataclasses.dataclass
+class ReidDataset:
+  name: str           # config.dataset
+  version: str        # what was read, e.g. 'Market-1501', 'MSMT17_V2 (train+val)'
+  root: str
+  train: ReidSplit
+  query: ReidSplit
+  gallery: ReidSplit
+  train_pids: np.ndarray  # original pid of each train label: train_pids[label] = pid
+  num_junk: int = 0       # pid -1 images dropped (all splits)
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
+
+  @property
+  def num_train_ids(self) -> int:
+    return len(self.train_pids)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NameFormat:
+  """A file-name convention: regex with named groups pid and cam, camera range, an example."""
+  regex: re.Pattern
+  num_cameras: int
+  example: str
+
+
+MARKET_NAMES = _NameFormat(re.compile(r'^(?P<pid>-?\d+)_c(?P<cam>\d+)s\d+_\d+_\d+\.jpg$'), 6,
+                           '0002_c1s1_000451_03.jpg')
+DUKE_NAMES = _NameFormat(re.compile(r'^(?P<pid>-?\d+)_c(?P<cam>\d+)_f\d+\.jpg$'), 8,
+                         '0001_c2_f0046182.jpg')
+VERI_NAMES = _NameFormat(re.compile(r'^(?P<pid>-?\d+)_c(?P<cam>\d+)_\d+_\d+\.jpg$'), 20,
+                         '0001_c001_00016450_0.jpg')
+# <pid>_<index of the image of this person>_<camera>_<date+time slot>_<frame>_<n>.jpg
+MSMT17_NAMES = _NameFormat(re.compile(r'^(?P<pid>\d+)_\d+_(?P<cam>\d+)_\w+\.jpg$'), 15,
+                           '0000_000_01_0303morning_0015_0.jpg')
+
+
+def _parse_name(path: str, fmt: _NameFormat, what: str) -> tuple[int, int]:
+  """File name -> (pid, 0-based camid); DataError naming the file when it does not parse."""
+  m = fmt.regex.match(os.path.basename(path))
+  if not m:
+    raise DataError(f'{path}: file name does not parse as {what} (expected names like '
+                    f'{fmt.example}); is config.dataset right for this folder?')
+  pid, cam = int(m.group('pid')), int(m.group('cam'))
+  if not 1 <= cam <= fmt.num_cameras:
+    raise DataError(f'{path}: camera {cam} outside 1..{fmt.num_cameras} of {what}')
+  if pid < -1:
+    raise DataError(f'{path}: person id {pid} < -1')
+  return pid, cam - 1
+
+
+# ----------------------------------------------------------------------------- layout finding
+# Marker paths of every Re-ID layout (relative to a candidate root), for "wrong layout" hints.
+_MARKERS = {
+    'market1501': ('bounding_box_train', ['Market-1501-v15.09.15', 'Market-1501', 'market1501',
+                                          os.path.join('market1501', 'Market-1501-v15.09.15')]),
+    'dukemtmc': ('bounding_box_train', ['DukeMTMC-reID', 'dukemtmc-reid',
+                                        os.path.join('dukemtmc-reid', 'DukeMTMC-reID')]),
+    'msmt17': ('list_query.txt', ['MSMT17_V1', 'MSMT17_V2', 'MSMT17',
+                                  os.path.join('msmt17', 'MSMT17_V1'),
+                                  os.path.join('msmt17', 'MSMT17_V2')]),
+    'veri776': ('image_train', ['VeRi', 'VeRi-776', 'veri776', 'VeRi_with_plate']),
+}
+_TITLES = {'market1501': 'Market-1501', 'dukemtmc': 'DukeMTMC-reID', 'msmt17': 'MSMT17',
+           'veri776': 'VeRi-776'}
+
+
+def _other_layouts(data_dir: str, dataset: str) -> str:
+  """' (found: ...)' listing the other Re-ID layouts present under data_dir, or ''."""
+  found = []
+  own_marker = _MARKERS[dataset][0]
+  for name, (marker, candidates) in _MARKERS.items():
+    if name == dataset:
+      continue
+    # data_dir itself only counts where its marker tells the layouts apart.
+    for c in candidates + ([] if marker == own_marker else ['.']):
+      if os.path.exists(os.path.join(data_dir, c, marker)):
+        found.append(f"a {_TITLES[name]} layout in {os.path.normpath(os.path.join(data_dir, c))} "
+                      f"(config.dataset='{name}')")
+  return f' (found {"; ".join(found)})' if found else ''
+
+
+def _find_roots(data_dir: str, dataset: str) -> list[str]:
+  """Candidate roots under data_dir holding the dataset's marker (data_dir itself last)."""
+  if not data_dir:
+    raise DataError(f'config.data_dir is empty: set it to the folder that holds the '
+                    f'{_TITLES[dataset]} layout (data_source=folder)')
+  if not os.path.isdir(data_dir):
+    raise DataError(f'data_dir does not exist or is not a folder: {data_dir}')
+  marker, candidates = _MARKERS[dataset]
+  roots = [os.path.normpath(os.path.join(data_dir, c)) for c in candidates + ['.']
+           if os.path.exists(os.path.join(data_dir, c, marker))]
+  if not roots:
+    tried = ', '.join(os.path.normpath(os.path.join(data_dir, c, marker))
+                      for c in candidates + ['.'])
+    raise DataError(f'{_TITLES[dataset]} layout not found under {data_dir}: none of {tried} '
+                    f'exists{_other_layouts(data_dir, dataset)}')
+  return roots
+
+
+def _require_dirs(root: str, names: list[str], what: str) -> list[str]:
+  dirs = [os.path.join(root, n) for n in names]
+  for d in dirs:
+    if not os.path.isdir(d):
+      raise DataError(f'missing folder {d}: a {what} layout has {", ".join(n + "/" for n in names)}'
+                      f' under {root}')
+  return dirs
+
+
+# ----------------------------------------------------------------------------- split readers
+def _read_folder_split(folder: str, fmt: _NameFormat, what: str, skipped: list):
+  """*.jpg of one folder (sorted by name) -> (paths, pids, camids); others -> skipped."""
+  paths, pids, cams = [], [], []
+  with os.scandir(folder) as it:
+    entries = sorted(it, key=lambda e: e.name)
+  for e in entries:
+    if not (e.name.lower().endswith('.jpg') and e.is_file()):
+      skipped.append((e.path, NOT_JPG))
+      continue
+    pid, cam = _parse_name(e.path, fmt, what)
+    paths.append(e.path)
+    pids.append(pid)
+    cams.append(cam)
+  return paths, pids, cams
+
+
+def _read_list_split(list_file: str, image_dir: str, fmt: _NameFormat, what: str):
+  """MSMT17 list: '<relative/path.jpg> <pid>' lines; camera from the file name."""
+  if not os.path.isfile(list_file):
+    raise DataError(f'missing list file: {list_file}')
+  paths, pids, cams = [], [], []
+  with open(list_file, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      parts = line.split()
+      if len(parts) != 2:
+        raise DataError(f'{list_file}:{n}: expected "<relative/path.jpg> <pid>", got '
+                        f'{line.strip()!r}')
+      try:
+        pid = int(parts[1])
+      except ValueError:
+        raise DataError(f'{list_file}:{n}: pid {parts[1]!r} is not an integer') from None
+      path = os.path.join(image_dir, parts[0])
+      _, cam = _parse_name(path, fmt, what)
+      paths.append(path)
+      pids.append(pid)
+      cams.append(cam)
+  sources._check_files_exist(paths, list_file)  # pylint: disable=protected-access
+  return paths, pids, cams
+
+
+def _split(where: str, paths, pids, cams) -> ReidSplit:
+  return ReidSplit(list(paths), np.asarray(pids, np.int32).reshape(-1),
+                   np.asarray(cams, np.int32).reshape(-1), where)
+
+
+def _drop_junk(split: ReidSplit) -> tuple[ReidSplit, int]:
+  junk = split.pids == -1
+  return split.subset(~junk), int(junk.sum())
+
+
+def _drop_distractors(split: ReidSplit, which: str, skipped: list) -> ReidSplit:
+  """Market naming: pid 0 = distractor, which belongs to the gallery only."""
+  bad = split.pids == 0
+  skipped.extend((p, f'distractor id 0 in the {which} split (gallery only)')
+                 for p, b in zip(split.paths, bad) if b)
+  return split.subset(~bad)
+
+
+def _check_nonempty(split: ReidSplit, which: str) -> None:
+  if not len(split):
+    raise DataError(f'the {which} split is empty: {split.where} holds no usable images')
+
+
+def _check_query_in_gallery(query: ReidSplit, gallery: ReidSplit) -> None:
+  missing = np.setdiff1d(np.unique(query.pids), np.unique(gallery.pids))
+  if missing.size:
+    k = int(np.flatnonzero(query.pids == missing[0])[0])
+    more = f' ({missing.size - 1} more query ids likewise)' if missing.size > 1 else ''
+    raise DataError(f'query id {int(missing[0])} (e.g. {query.paths[k]}) has no image in the '
+                    f'gallery {gallery.where}: the Re-ID protocol needs every query id in the '
+                    f'gallery{more}')
+
+
+def _drop_unreadable(ds: ReidDataset, num_threads: int = 0) -> None:
+  """FGVC's pre-scan rules (sources.check_image) over the three splits."""
+  bad_all = []
+  for which in ('train', 'query', 'gallery'):
+    split = getattr(ds, which)
+    reasons = sources.scan_images(split.paths, 0, num_threads)
+    bad = [(p, r) for p, r in zip(split.paths, reasons) if r is not None]
+    if bad:
+      setattr(ds, which, split.subset([r is None for r in reasons]))
+      bad_all += bad
+      if not len(getattr(ds, which)):
+        raise DataError(f'the {which} split is empty: every image in {split.where} is '
+                        f'unreadable (e.g. {bad[0][0]}: {bad[0][1]})')
+  if bad_all:
+    ds.skipped.extend(bad_all)
+    shown = '; '.join(f'{p} ({r})' for p, r in bad_all[:20])
+    more = f'; ... and {len(bad_all) - 20} more' if len(bad_all) > 20 else ''
+    msg = f'{ds.name}: skipped {len(bad_all)} unreadable image(s) under {ds.root}: {shown}{more}'
+    logging.warning(msg)
+    warnings.warn(msg, DataWarning, stacklevel=4)
+
+
+def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSplit,
+            gallery: ReidSplit, skipped: list, *, distractor_zero: bool,
+            verify_images: bool) -> ReidDataset:
+  """Junk/distractor rules, protocol checks, optional pre-scan, train relabelling."""
+  num_junk = 0
+  splits = {}
+  for which, split in (('train', train), ('query', query), ('gallery', gallery)):
+    split, junk = _drop_junk(split)
+    num_junk += junk
+    if distractor_zero and which != 'gallery':
+      split = _drop_distractors(split, which, skipped)
+    _check_nonempty(split, which)
+    splits[which] = split
+  _check_query_in_gallery(splits['query'], splits['gallery'])
+  others = [p for p, r in skipped if r == NOT_JPG]
+  if others:  # Normal (e.g. Thumbs.db): logged, listed in skipped, no warning.
+    logging.info('%s: ignored %d non-.jpg entries under %s (e.g. %s)', name, len(others), root,
+                 others[0])
+  odd = [(p, r) for p, r in skipped if r != NOT_JPG]
+  if odd:
+    msg = (f'{name}: skipped {len(odd)} image(s) under {root}: '
+           + '; '.join(f'{p} ({r})' for p, r in odd[:5]) + (' ...' if len(odd) > 5 else ''))
+    logging.warning(msg)
+    warnings.warn(msg, DataWarning, stacklevel=4)
+  ds = ReidDataset(name, version, root, splits['train'], splits['query'], splits['gallery'],
+                   np.zeros((0,), np.int32), num_junk, skipped)
+  if verify_images:
+    _drop_unreadable(ds)
+  # Relabel after the pre-scan, so that every label has at least one image.
+  train_pids, labels = np.unique(ds.train.pids, return_inverse=True)
+  ds.train = ReidSplit(ds.train.paths, labels.astype(np.int32).reshape(-1), ds.train.camids,
+                       ds.train.where)
+  ds.train_pids = train_pids.astype(np.int32)
+  logging.info('%s (%s): train %d images / %d ids, query %d, gallery %d, junk dropped %d',
+               name, version, len(ds.train), ds.num_train_ids, len(ds.query), len(ds.gallery),
+               num_junk)
+  return ds
+
+
+# ----------------------------------------------------------------------------- datasets
+def _read_market_style(data_dir: str, dataset: str, fmt: _NameFormat, *,
+                       verify_images: bool, root: str | None = None,
+                       version: str | None = None) -> ReidDataset:
+  title = _TITLES.get(dataset, dataset)
+  root = root or _find_roots(data_dir, dataset)[0]
+  folders = _require_dirs(root, ['bounding_box_train', 'query', 'bounding_box_test'], title)
+  skipped = []
+  train, query, gallery = (_split(f, *_read_folder_split(f, fmt, title, skipped))
+                           for f in folders)
+  return _finish(dataset, version or title, root, train, query, gallery, skipped,
+                 distractor_zero=True, verify_images=verify_images)
+
+
+def read_market1501(data_dir: str, verify_images: bool = True, *,
+                    version: str | None = None) -> ReidDataset:
+  """`Market-1501-v15.09.15/` (or data_dir itself): bounding_box_train/, query/,
+  bounding_box_test/ with names like 0002_c1s1_000451_03.jpg (pid, camera 1..6)."""
+  return _read_market_style(data_dir, 'market1501', MARKET_NAMES, verify_images=verify_images,
+                            version=version)
+
+
+def read_dukemtmc(data_dir: str, verify_images: bool = True) -> ReidDataset:
+  """`DukeMTMC-reID/` (or data_dir itself): the Market folders, names 0001_c2_f0046182.jpg."""
+  return _read_market_style(data_dir, 'dukemtmc', DUKE_NAMES, verify_images=verify_images)
+
+
+def read_veri776(data_dir: str, verify_images: bool = True) -> ReidDataset:
+  """`VeRi/` (or data_dir itself): image_train/, image_query/, image_test/, names like
+  0001_c001_00016450_0.jpg (vehicle id, camera 1..20)."""
+  title = _TITLES['veri776']
+  root = _find_roots(data_dir, 'veri776')[0]
+  folders = _require_dirs(root, ['image_train', 'image_query', 'image_test'], title)
+  skipped = []
+  train, query, gallery = (_split(f, *_read_folder_split(f, VERI_NAMES, title, skipped))
+                           for f in folders)
+  return _finish('veri776', title, root, train, query, gallery, skipped, distractor_zero=False,
+                 verify_images=verify_images)
+
+
+MSMT17_VERSIONS = {'MSMT17_V1': ('train', 'test'), 'MSMT17_V2': ('mask_train_v2', 'mask_test_v2')}
+
+
+def _msmt17_version(root: str) -> str | None:
+  found = [v for v, (tr, te) in MSMT17_VERSIONS.items()
+           if os.path.isdir(os.path.join(root, tr)) or os.path.isdir(os.path.join(root, te))]
+  if len(found) > 1:
+    raise DataError(f'{root} holds the image folders of both MSMT17_V1 (train/, test/) and '
+                    'MSMT17_V2 (mask_train_v2/, mask_test_v2/): keep one')
+  return found[0] if found else None
+
+
+def read_msmt17(data_dir: str, verify_images: bool = True) -> ReidDataset:
+  """`MSMT17_V1/` (train/, test/) or `MSMT17_V2/` (mask_train_v2/, mask_test_v2/), each with
+  list_train.txt, list_val.txt, list_query.txt, list_gallery.txt ('<rel/path.jpg> <pid>').
+  Train = list_train + list_val (all 1,041 training ids); camera = 3rd '_' field of the name."""
+  roots = _find_roots(data_dir, 'msmt17')
+  versions = {}
+  for r in roots:
+    v = _msmt17_version(r)
+    if v is None:
+      raise DataError(f'{r} has list_query.txt but neither MSMT17_V1 image folders (train/, '
+                      'test/) nor MSMT17_V2 ones (mask_train_v2/, mask_test_v2/)')
+    versions.setdefault(v, r)
+  if len(versions) > 1:
+    raise DataError(f'both MSMT17 versions found under {data_dir} ('
+                    f'{", ".join(f"{v}: {r}" for v, r in sorted(versions.items()))}): set '
+                    'config.data_dir to the one to use (V1 and V2 give different mAP)')
+  (version, root), = versions.items()
+  train_dir, test_dir = _require_dirs(root, list(MSMT17_VERSIONS[version]), version)
+  lists = {n: os.path.join(root, f'list_{n}.txt') for n in ('train', 'val', 'query', 'gallery')}
+  parts = {n: _read_list_split(lists[n], train_dir if n in ('train', 'val') else test_dir,
+                               MSMT17_NAMES, version)
+           for n in lists}
+  train = _split(f'{lists["train"]} + {lists["val"]}',
+                 *(a + b for a, b in zip(parts['train'], parts['val'])))
+  query, gallery = (_split(lists[n], *parts[n]) for n in ('query', 'gallery'))
+  return _finish('msmt17', f'{version} (train+val)', root, train, query, gallery, [],
+                 distractor_zero=False, verify_images=verify_images)
+
+
+READERS = {'market1501': read_market1501, 'dukemtmc': read_dukemtmc, 'msmt17': read_msmt17,
+           'veri776': read_veri776}
+
+
+def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDataset:
+  if dataset not in READERS:
+    raise DataError(f'unknown Re-ID dataset {dataset!r} for data_source=folder; expected one '
+                    f'of {sorted(READERS)}')
+  return READERS[dataset](data_dir, verify_images)
