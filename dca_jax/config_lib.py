@@ -212,6 +212,11 @@ def input_hw(config) -> tuple[int, int]:
   return int(config.input_size), int(width)
 
 
+def total_steps(config, steps_per_epoch: int) -> int:
+  """Micro-steps of the whole run: max_steps when set, else num_epochs of the data."""
+  return int(config.max_steps or int(config.num_epochs * steps_per_epoch))
+
+
 def effective_batch_size(config) -> int:
   return config.batch_size * config.gradient_accumulation_steps
 

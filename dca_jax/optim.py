@@ -31,8 +31,8 @@ def loss_weights_mask(params):
 
 def num_optimizer_steps(config, steps_per_epoch: int) -> int:
   """Updates over the whole run (micro-steps / accumulation)."""
-  micro = config.max_steps or int(config.num_epochs * steps_per_epoch)
-  return max(1, micro // config.gradient_accumulation_steps)
+  micro_steps = config_lib.total_steps(config, steps_per_epoch)
+  return max(1, micro_steps // config.gradient_accumulation_steps)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int):

@@ -37,6 +37,41 @@ def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> 
   return '\n'.join(lines)
 
 
+class EpochProgress:
+  """One tqdm bar per epoch (images, img/s, ETA) with the latest losses and weights after it."""
+  SHOWN = ('loss', 'ce_sa', 'ce_glca', 'ce_pwca', 'triplet_sa', 'w_sa', 'w_glca', 'w_pwca', 'lr',
+           'peak_mem_gb')
+
+  def __init__(self, config, steps_per_epoch: int, enabled: bool = True):
+    self.config, self.steps_per_epoch, self.enabled = config, steps_per_epoch, enabled
+    self.bar = None
+
+  def step(self, steps_done: int) -> None:
+    """Called after each micro-step: opens the epoch's bar when needed and advances it."""
+    if not self.enabled:
+      return
+    import tqdm  # pylint: disable=g-import-not-at-top
+    batch = self.config.batch_size
+    if self.bar is None or (steps_done - 1) % self.steps_per_epoch == 0:
+      self.close()
+      epoch = (steps_done - 1) // self.steps_per_epoch
+      done_in_epoch = (steps_done - 1) % self.steps_per_epoch
+      self.bar = tqdm.tqdm(total=self.steps_per_epoch * batch, initial=done_in_epoch * batch,
+                           unit='img', desc=f'epoch {epoch + 1}/{self.config.num_epochs}',
+                           leave=True, dynamic_ncols=True, mininterval=1.0)
+    self.bar.update(batch)
+
+  def show(self, metrics: dict) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix({k: f'{float(metrics[k]):.3g}' for k in self.SHOWN if k in metrics},
+                           refresh=False)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+
 def device_memory() -> dict:
   """Bytes in use / peak on the first local device, where the backend reports them."""
   try:
@@ -134,90 +169,3 @@ def _tensorboard_writer(logdir: str):
 
 
 # ============================================================================ attention images
-def attention_picture(display, rollout_row, glca_index=None) -> np.ndarray:
-  """The test crop beside its attention map: uint8 [S, 2S, 3].
-
-  The map is drawn as `--mode visualize` draws it (docs/VISUALIZE.md), without the text: the
-  crop in grey under the SA attention-rollout heat map (jet, one block per patch cell), and the
-  patches GLCA selected (`glca_index`, CLS first) outlined in white.
-  """
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  from dca_jax import visualize  # pylint: disable=g-import-not-at-top  (imports train: cycle)
-  display = np.asarray(display, np.uint8)
-  size = display.shape[0]
-  grid = visualize.token_grid(np.asarray(rollout_row).size - 1)
-  heat = visualize.rollout_heatmap(rollout_row, grid, size)
-  grey = display.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
-  colour = colormaps['jet'](heat)[..., :3].astype(np.float32) * 255.0
-  blend = 0.55 * grey[..., None] + 0.45 * colour  # the alpha `visualize` draws the map with
-  if glca_index is not None:
-    for x0, y0, w, h in visualize.cell_boxes(visualize.selected_cells(glca_index, grid), grid,
-                                             size):
-      c0, r0 = int(round(x0 + 0.5)), int(round(y0 + 0.5))  # boxes are in imshow coordinates
-      c1, r1 = c0 + int(round(w)) - 1, r0 + int(round(h)) - 1
-      blend[r0:r1 + 1, [c0, c1]] = 255.0
-      blend[[r0, r1], c0:c1 + 1] = 255.0
-  picture = np.clip(np.round(blend), 0, 255).astype(np.uint8)
-  return np.concatenate([display, picture], axis=1)
-
-
-class AttentionImages:
-  """The attention pictures of a few fixed test images, for TensorBoard at each evaluation.
-
-  The first `num_images` test images of process 0 (its first eval batch) are drawn with
-  `attention_picture` under the current params, so TensorBoard shows the rollout sharpening on
-  the same images over training. Call it on EVERY process (the forward is one sharded program,
-  like the eval step); it returns {'attention/test_NNNNN': uint8 [S, 2S, 3]} on process 0 and
-  {} elsewhere, ready for `MetricWriter.write_images`.
-  """
-
-  def __init__(self, trainer, num_images: int = 4):
-    from dca_jax import distributed  # pylint: disable=g-import-not-at-top
-    self._trainer = trainer
-    self.num_images = int(num_images)
-    self._batch = None
-    model, dtype = trainer.model, trainer.dtype
-
-    def forward(variables, batch):
-      out = model.apply(variables, batch['image'].astype(dtype), train=False,
-                        with_selection=True)
-      res = {'rollout': out['rollout'], 'index': batch['index']}
-      if 'glca_index' in out:
-        res['glca_index'] = out['glca_index']
-      return res
-
-    self._forward = jax.jit(forward, in_shardings=(trainer.shardings.variables,
-                                                   trainer.batch_sharding),
-                            out_shardings=distributed.replicated(trainer.mesh))
-
-  def _first_batch(self):
-    """This host's first eval batch (read once; the test split is fixed) and process 0's picks."""
-    from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
-    batch = next(iter(self._trainer.input.eval_iter(with_index=True)))
-    keep = np.flatnonzero(batch['mask'])[:self.num_images]
-    # Matched by test index after the forward, whatever row order the global batch has.
-    self._displays = {int(batch['index'][i]): data.denormalize(batch['image'][i],
-                                                               self._trainer.config)
-                      for i in keep}
-    self._batch = {'image': batch['image'],
-                   'index': np.where(batch['mask'], batch['index'], -1).astype(np.int32)}
-
-  def __call__(self, variables) -> dict[str, np.ndarray]:
-    """variables: the train state's `variables` (params, and the necks' statistics if any)."""
-    if self.num_images <= 0:
-      return {}
-    from dca_jax import distributed  # pylint: disable=g-import-not-at-top
-    if self._batch is None:
-      self._first_batch()
-    out = jax.device_get(self._forward(
-        variables, distributed.global_batch(self._batch, self._trainer.batch_sharding)))
-    if jax.process_index() != 0:
-      return {}
-    row = {int(i): r for r, i in enumerate(out['index']) if int(i) >= 0}
-    pictures = {}
-    for index, display in self._displays.items():
-      r = row[index]
-      glca = out['glca_index'][r] if 'glca_index' in out else None
-      pictures[f'attention/test_{index:05d}'] = attention_picture(display, out['rollout'][r],
-                                                                  glca)
-    return pictures

@@ -1,4 +1,10 @@
-"""Train state, the jitted train step, and the training loop."""
+"""Training: the train state, the train step, and the loop of the `train` mode.
+
+Read top to bottom: `TrainState` and `create_train_state` (born sharded: shapes from
+eval_shape, values from a jitted init), `train_step` (one physical batch: forward, backward,
+optimizer/accumulation update, fp16 overflow handling), `Trainer` (what a run is built from)
+and `train_and_evaluate` (the loop: log, evaluate, save, pre-empt).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +25,15 @@ from flax.training import dynamic_scale as dynamic_scale_lib
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib
 from dca_jax import distributed
+from dca_jax import evaluate
 from dca_jax import losses
 from dca_jax import optim
 from dca_jax import reporting
-from dca_jax.models import dcal
+from dca_jax import visualize
+from dca_jax.models import build_model, dcal
 
 
+# ============================================================================ state
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array               # micro-steps taken (one physical batch each)
@@ -49,20 +58,22 @@ def count_params(params) -> int:
 def load_pretrained_params(config, params):
   """Pretrained backbone into `params` (host numpy); GLCA from the last SA block if asked."""
   from dca_jax import weights  # pylint: disable=g-import-not-at-top
-  vcfg = dcal.vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
+  vit_config = dcal.vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
+  grid_hw = tuple(vit_config.grid_size(side) for side in config_lib.input_hw(config))
   params, report = weights.load_pretrained(
-      config.pretrained_model, params, vcfg, posemb_interpolation=config.posemb_interpolation)
+      config.pretrained_model, params, vit_config,
+      posemb_interpolation=config.posemb_interpolation, grid_hw=grid_hw)
   logging.info('pretrained weights: %s', report.summary())
   if config.glca_init_from_sa and 'glca_block' in params:
-    params = dict(params)
-    params['glca_block'] = jax.tree.map(np.array, params[f'block_{vcfg.depth - 1}'])
-    logging.info('GLCA block initialised from block_%d', vcfg.depth - 1)
+    params = dcal.glca_from_last_block(params, vit_config.depth)
+    logging.info('GLCA block initialised from block_%d', vit_config.depth - 1)
   return params
 
 
 def create_train_state(config, model, tx, mesh, *, precision: str, rng,
                        load_pretrained: bool = True) -> tuple[TrainState, Any]:
-  """State born replicated on the mesh: shapes from eval_shape, values from a jitted init."""
+  """State born on the mesh (replicated, or FSDP-sharded): shapes from eval_shape, values from
+  a jitted init. Returns (state, its shardings)."""
   shape = (1, *config_lib.input_hw(config), 3)
 
   def init(rng):
@@ -83,77 +94,66 @@ def create_train_state(config, model, tx, mesh, *, precision: str, rng,
   return state, shardings
 
 
-def make_train_step(model, tx, config, *, dtype, rng):
-  """(state, batch) -> (state, metrics). PWCA partners and drop-path masks come from
-  fold_in(rng, step), so a resumed run draws exactly what the uninterrupted one would."""
-  use_pwca = config.num_pwca_layers > 0
+# ============================================================================ train step
+def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng):
+  """(state, batch) -> (state, metrics) for one physical batch.
+
+  PWCA partners, drop-path masks and random selections come from fold_in(base_rng, step), so
+  a resumed run draws exactly what the uninterrupted one would.
+  """
+  step_rng = jax.random.fold_in(base_rng, state.step)
+  partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
+  images = batch['image'].astype(dtype)
+  partner = None
+  if config.num_pwca_layers > 0:
+    partner = dcal.derangement(partner_rng, images.shape[0])
+  has_stats = state.batch_stats is not None
   triplet_margin = config.triplet_margin if config.task == 'reid' else None
 
-  def step_fn(state: TrainState, batch):
-    step_rng = jax.random.fold_in(rng, state.step)
-    partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
-    images = batch['image'].astype(dtype)
-    partner = dcal.derangement(partner_rng, images.shape[0]) if use_pwca else None
-    has_stats = state.batch_stats is not None
+  def loss_fn(params):
+    variables = {'params': params, **({'batch_stats': state.batch_stats} if has_stats else {})}
+    out, new_variables = model.apply(
+        variables, images, train=True, partner=partner,
+        rngs={'dropout': dropout_rng, 'selection': selection_rng},
+        mutable=['batch_stats'] if has_stats else [])
+    loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
+                                     label_smoothing=config.label_smoothing,
+                                     triplet_margin=triplet_margin)
+    return loss, (metrics, new_variables.get('batch_stats'))
 
-    def loss_fn(params):
-      variables = {'params': params}
-      if has_stats:
-        variables['batch_stats'] = state.batch_stats
-      out, new_variables = model.apply(
-          variables, images, train=True, partner=partner,
-          rngs={'dropout': dropout_rng, 'selection': selection_rng},
-          mutable=['batch_stats'] if has_stats else [])
-      loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
-                                       label_smoothing=config.label_smoothing,
-                                       triplet_margin=triplet_margin)
-      return loss, (metrics, new_variables.get('batch_stats'))
-
-    if state.loss_scale is not None:
-      grad_fn = state.loss_scale.value_and_grad(loss_fn, has_aux=True)
-      loss_scale, is_finite, (_, (metrics, batch_stats)), grads = grad_fn(state.params)
-    else:
-      (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      loss_scale, is_finite = None, jnp.array(True)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(jnp.add, state.params, updates)
-    if state.loss_scale is not None:
-      # Overflow: keep params, statistics and optimizer (and accumulation) state; the scale
-      # was lowered.
-      keep = lambda new, old: jax.tree.map(functools.partial(jnp.where, is_finite), new, old)
-      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-      batch_stats = keep(batch_stats, state.batch_stats)
-      metrics['loss_scale'] = loss_scale.scale
-    skipped = state.skipped + (~is_finite).astype(jnp.int32)
-    metrics.update(grad_norm=optax.tree.norm(grads), skipped_steps=skipped)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, loss_scale=loss_scale, skipped=skipped)
-    return new_state, metrics
-
-  return step_fn
+  if state.loss_scale is not None:
+    grad_fn = state.loss_scale.value_and_grad(loss_fn, has_aux=True)
+    loss_scale, is_finite, (_, (metrics, batch_stats)), grads = grad_fn(state.params)
+  else:
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss_scale, is_finite = None, jnp.array(True)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(jnp.add, state.params, updates)
+  if state.loss_scale is not None:
+    # Overflow: keep params, statistics and optimizer (and accumulation) state; the scale was
+    # lowered.
+    keep = lambda new, old: jax.tree.map(functools.partial(jnp.where, is_finite), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    batch_stats = keep(batch_stats, state.batch_stats)
+    metrics['loss_scale'] = loss_scale.scale
+  skipped = state.skipped + (~is_finite).astype(jnp.int32)
+  metrics.update(grad_norm=optax.tree.norm(grads), skipped_steps=skipped)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, loss_scale=loss_scale, skipped=skipped)
+  return new_state, metrics
 
 
-def make_eval_step(model, *, dtype):
-  """Masked sums of correct predictions for SA, GLCA and SA+GLCA (padding counts nowhere)."""
-
-  def eval_step(variables, batch):
-    out = model.apply(variables, batch['image'].astype(dtype), train=False)
-    mask = batch['mask'].astype(jnp.float32)
-    label = batch['label']
-    hit = lambda logits: jnp.sum((jnp.argmax(logits, -1) == label) * mask)
-    sums = {'correct_sa': hit(out['sa_logits']), 'correct': hit(dcal.predict_probs(out)),
-            'count': jnp.sum(mask)}
-    if 'glca_logits' in out:
-      sums['correct_glca'] = hit(out['glca_logits'])
-    return sums
-
-  return eval_step
+def make_train_step(model, tx, config, *, dtype, rng):
+  """`train_step` with its static parts bound: (state, batch) -> (state, metrics)."""
+  return functools.partial(train_step, model=model, tx=tx, config=config, dtype=dtype,
+                           base_rng=rng)
 
 
+# ============================================================================ a run
 class Trainer:
-  """Everything the train and eval modes share: data, model, mesh, jitted steps, checkpoints."""
+  """What a training run is built from: data, model, mesh, state, jitted step, checkpoints."""
 
-  def __init__(self, config, workdir: str, *, read_only: bool = False):
+  def __init__(self, config, workdir: str):
     from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
     config_lib.validate(config)
     self.config, self.workdir = config, workdir
@@ -166,61 +166,51 @@ class Trainer:
       raise ValueError(f'config.num_classes={config.num_classes} but the {config.dataset} data has '
                        f'{self.input.info.num_classes} classes')
     self.steps_per_epoch = self.input.steps_per_epoch
-    self.total_steps = config.max_steps or int(config.num_epochs * self.steps_per_epoch)
+    self.total_steps = config_lib.total_steps(config, self.steps_per_epoch)
     self.mesh = distributed.make_mesh()
     self.batch_sharding = distributed.data_sharding(self.mesh)
-    self.model = dcal.build_model(config, dtype=self.dtype)
+    self.model = build_model(config, dtype=self.dtype)
     self.tx = optim.make_optimizer(config, self.steps_per_epoch)
     self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
-    rng = jax.random.key(config.seed)
-    init_rng, self.step_rng = jax.random.split(rng)
-    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                              read_only=read_only)
-    # Pretrained weights only seed a new run: a resume or an eval restores over them anyway.
-    fresh = not read_only and self.checkpointer.latest_step() is None
-    self.state, self.shardings = create_train_state(config, self.model, self.tx, self.mesh,
-                                                    precision=self.precision, rng=init_rng,
-                                                    load_pretrained=fresh)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    self.resume_step = self.checkpointer.latest_step()
+    if self.resume_step is not None and config.pretrained_model:
+      print(f'Resuming {self.checkpointer.directory}/{self.resume_step}: pretrained_model '
+            f'{config.pretrained_model} is not loaded (the checkpoint holds the trained weights)',
+            flush=True)
+    self.state, self.shardings = create_train_state(
+        config, self.model, self.tx, self.mesh, precision=self.precision, rng=init_rng,
+        load_pretrained=self.resume_step is None)
     self.meta = ckpt_lib.model_meta(config, loss_scale=self.precision == 'fp16')
-    replicated = distributed.replicated(self.mesh)
     self.train_step = jax.jit(
-        make_train_step(self.model, self.tx, config, dtype=self.dtype, rng=self.step_rng),
+        make_train_step(self.model, self.tx, config, dtype=self.dtype, rng=step_rng),
         in_shardings=(self.shardings, self.batch_sharding),
-        out_shardings=(self.shardings, replicated), donate_argnums=(0,))
-    self.eval_step = jax.jit(make_eval_step(self.model, dtype=self.dtype),
-                             in_shardings=(self.shardings.variables, self.batch_sharding),
-                             out_shardings=replicated)
+        out_shardings=(self.shardings, distributed.replicated(self.mesh)), donate_argnums=(0,))
+    self.evaluate = evaluate.Evaluator(config, self.model, self.input, self.mesh,
+                                       self.shardings.variables, dtype=self.dtype)
 
   def restore(self, step: int) -> None:
     abstract = ckpt_lib.abstract_like(self.state, self.shardings)
     self.state = self.checkpointer.restore(step, abstract, self.meta)
 
-  def evaluate(self) -> dict:
-    """Top-1 of SA, GLCA and SA+GLCA over the whole test split, each image counted once."""
-    totals = None
-    for batch in self.input.eval_iter():
-      sums = self.eval_step(self.state.variables,
-                            distributed.global_batch(batch, self.batch_sharding))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals['count'])
-    result = {'accuracy': totals['correct'] / count, 'accuracy_sa': totals['correct_sa'] / count,
-              'num_images': int(count)}
-    if 'correct_glca' in totals:
-      result['accuracy_glca'] = totals['correct_glca'] / count
-    return {k: (v if k == 'num_images' else float(v)) for k, v in result.items()}
-
-  def save(self, accuracy: Optional[float] = None, force: bool = False) -> None:
+  def save(self, score: Optional[float] = None) -> None:
     self.checkpointer.save(int(jax.device_get(self.state.step)), self.state, self.meta,
-                           accuracy=accuracy, force=force)
+                           score=score, force=True)
 
 
-class _Preemption:
+# ============================================================================ the loop
+def is_time(count: int, every: int) -> bool:
+  """Whether `count` (steps or epochs done) is a multiple of `every` (0 = never)."""
+  return every > 0 and count % every == 0
+
+
+class Preemption:
   """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
 
   def __init__(self):
     self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
@@ -230,99 +220,96 @@ class _Preemption:
     flags are all-gathered, every `every` steps to keep the hot loop free of host syncs."""
     if jax.process_count() == 1:
       return self.requested
-    if step % every:
+    if not is_time(step, every):
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
     return bool(np.any(flags))
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Logger:
+  """Turns the train step's metrics into log records every `log_every_steps` micro-steps."""
+
+  def __init__(self, trainer: Trainer, writer: reporting.MetricWriter, start_step: int):
+    self.trainer, self.writer = trainer, writer
+    self.last_step, self.last_time = start_step, time.time()
+
+  def __call__(self, steps_done: int, metrics) -> dict:
+    metrics = jax.device_get(metrics)
+    now = time.time()
+    images = (steps_done - self.last_step) * self.trainer.config.batch_size
+    metrics['images_per_sec'] = images / max(now - self.last_time, 1e-9)
+    # the lr of the latest update (MultiSteps counts updates; fp16 skips do not count)
+    updates = int(jax.device_get(self.trainer.state.opt_state.gradient_step))
+    metrics['lr'] = float(self.trainer.schedule(max(updates - 1, 0)))
+    metrics['epoch'] = steps_done / self.trainer.steps_per_epoch
+    metrics.update(reporting.device_memory())
+    self.last_step, self.last_time = steps_done, now
+    self.writer.write(steps_done, metrics, prefix='train/')
+    return metrics
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """The `train` mode: resumes from the latest checkpoint in `workdir` if there is one."""
-  import tqdm  # pylint: disable=g-import-not-at-top
   trainer = Trainer(config, workdir)
-  cfg, chief = config, jax.process_index() == 0
+  chief = jax.process_index() == 0
   if chief:
-    print(reporting.banner(cfg, precision=trainer.precision,
+    print(reporting.banner(config, precision=trainer.precision,
                            num_params=count_params(trainer.state.params),
                            steps_per_epoch=trainer.steps_per_epoch), flush=True)
-  latest = trainer.checkpointer.latest_step()
-  if latest is not None:
-    trainer.restore(latest)  # refuses another model's checkpoint before anything is written
+  if trainer.resume_step is not None:
+    trainer.restore(trainer.resume_step)  # refuses another model's checkpoint before any write
     if chief:
-      print(f'Resumed from {trainer.checkpointer.directory}/{latest}', flush=True)
+      print(f'Resumed from {trainer.checkpointer.directory}/{trainer.resume_step}', flush=True)
   if chief:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-  writer = reporting.MetricWriter(workdir, cfg, cfg.wandb_project)
-  attention_images = reporting.AttentionImages(trainer, num_images=4)  # on every process
-  preemption = _Preemption()
+      f.write(config.to_json_best_effort(indent=2))
   start = int(jax.device_get(trainer.state.step))
-  spe = trainer.steps_per_epoch
+  writer = reporting.MetricWriter(workdir, config, config.wandb_project)
+  attention_images = visualize.AttentionImages(trainer, num_images=4)  # on every process
+  progress = reporting.EpochProgress(config, trainer.steps_per_epoch, enabled=chief)
+  logger = _Logger(trainer, writer, start)
+  preemption = Preemption()
   batches = trainer.input.train_iter(start_step=start)
-  eval_result, bar, t_log, last_logged = {}, None, time.time(), start
+  result = {}
   try:
     for step in range(start, trainer.total_steps):
-      epoch = step // spe
-      if chief and (bar is None or step % spe == 0):
-        if bar is not None:
-          bar.close()
-        done_in_epoch = step % spe
-        bar = tqdm.tqdm(total=spe * cfg.batch_size, initial=done_in_epoch * cfg.batch_size,
-                        unit='img', desc=f'epoch {epoch + 1}/{cfg.num_epochs}', leave=True,
-                        dynamic_ncols=True, mininterval=1.0)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = distributed.global_batch(next(batches), trainer.batch_sharding)
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
-      if bar is not None:
-        bar.update(cfg.batch_size)
-      done = step + 1
-      if done % cfg.log_every_steps == 0 or done == trainer.total_steps:
-        metrics = jax.device_get(metrics)
-        now = time.time()
-        metrics['images_per_sec'] = (done - last_logged) * cfg.batch_size / max(now - t_log, 1e-9)
-        # the lr of the latest update (MultiSteps counts updates; fp16 skips do not count)
-        updates = int(jax.device_get(trainer.state.opt_state.gradient_step))
-        metrics['lr'] = float(trainer.schedule(max(updates - 1, 0)))
-        metrics['epoch'] = done / spe
-        metrics.update(reporting.device_memory())
-        t_log, last_logged = now, done
-        writer.write(done, metrics, prefix='train/')
-        if bar is not None:
-          bar.set_postfix({k: f'{float(metrics[k]):.3g}' for k in
-                           ('loss', 'ce_sa', 'ce_glca', 'ce_pwca', 'w_sa', 'w_glca', 'w_pwca',
-                            'lr', 'peak_mem_gb') if k in metrics}, refresh=False)
-      end_of_epoch = done % spe == 0
-      is_last = done == trainer.total_steps
-      accuracy = None
-      if is_last or (end_of_epoch and (done // spe) % cfg.eval_frequency == 0):
-        eval_result = trainer.evaluate()
-        accuracy = eval_result['accuracy']
-        writer.write(done, eval_result, prefix='eval/')
-        writer.write_images(done, attention_images(trainer.state.variables), prefix='eval/')
+      steps_done = step + 1
+      is_last = steps_done == trainer.total_steps
+      epoch_end = steps_done % trainer.steps_per_epoch == 0
+      epochs_done = steps_done // trainer.steps_per_epoch
+      progress.step(steps_done)
+      # --- log
+      if is_time(steps_done, config.log_every_steps) or is_last:
+        progress.show(logger(steps_done, metrics))
+      # --- evaluate
+      score = None
+      if is_last or (epoch_end and is_time(epochs_done, config.eval_frequency)):
+        result = trainer.evaluate(trainer.state.variables)
+        score = evaluate.score(result)
+        writer.write(steps_done, result, prefix='eval/')
+        writer.write_images(steps_done, attention_images(trainer.state.variables), prefix='eval/')
         if chief:
-          print(f'\nstep {done}: test top-1 SA+GLCA {accuracy:.4f}, SA '
-                f'{eval_result["accuracy_sa"]:.4f}'
-                + (f', GLCA {eval_result["accuracy_glca"]:.4f}' if 'accuracy_glca' in eval_result
-                   else '') + f' on {eval_result["num_images"]} images', flush=True)
-      stop = preemption.agreed(done, cfg.log_every_steps)
-      save_now = (is_last or stop
-                  or (end_of_epoch and (done // spe) % cfg.save_frequency == 0)
-                  or (cfg.save_every_steps and done % cfg.save_every_steps == 0))
-      if save_now:
-        trainer.save(accuracy=accuracy, force=True)
+          print(f'\nstep {steps_done}: test {evaluate.summary_line(result)}', flush=True)
+      # --- save, pre-empt
+      stop = preemption.agreed(steps_done, config.log_every_steps)
+      if (is_last or stop or (epoch_end and is_time(epochs_done, config.save_frequency))
+          or is_time(steps_done, config.save_every_steps)):
+        trainer.save(score)
       if stop:
         if chief:
-          print(f'\nSIGTERM: saved step {done}, exiting; run the same command to resume.')
+          print(f'\nSIGTERM: saved step {steps_done}, exiting; run the same command to resume.')
         break
   finally:
     preemption.restore()
-    if bar is not None:
-      bar.close()
+    progress.close()
     trainer.checkpointer.close()
     writer.close()
-  return eval_result
+  return result

@@ -38,49 +38,88 @@ _OUTPUT_KEYS = ('rollout', 'glca_index')
 
 
 # ============================================================================ pure helpers
-def token_grid(num_patches: int) -> int:
-  """Side of the square patch grid holding `num_patches` tokens (CLS excluded)."""
-  g = math.isqrt(int(num_patches))
-  if g * g != num_patches:
-    raise ValueError(f'{num_patches} patch tokens do not form a square grid')
-  return g
+def token_grid(num_patches: int, image_hw=None) -> tuple[int, int]:
+  """(rows, columns) of the patch grid holding `num_patches` tokens (CLS excluded), with the
+  aspect of the image (height, width); square when `image_hw` is not given."""
+  height, width = image_hw if image_hw is not None else (1, 1)
+  for rows in range(1, int(num_patches) + 1):
+    if num_patches % rows == 0 and rows * width == (num_patches // rows) * height:
+      return rows, num_patches // rows
+  raise ValueError(f'{num_patches} patch tokens do not form a grid of aspect {height}:{width}')
 
 
-def _cell_index(size: int, grid: int) -> np.ndarray:
+def _cell_index(size: int, cells: int) -> np.ndarray:
   """For each of `size` pixels, the patch row/column it lies in (nearest-cell upsampling)."""
-  return np.minimum((np.arange(size) * grid) // size, grid - 1)
+  return np.minimum((np.arange(size) * cells) // size, cells - 1)
 
 
-def rollout_heatmap(rollout_row, grid: int, image_size: int) -> np.ndarray:
-  """Rollout CLS row [1 + grid²] -> float32 [S, S] in [0, 1], one constant block per patch.
+def rollout_heatmap(rollout_row, grid_hw, image_hw) -> np.ndarray:
+  """Rollout CLS row [1 + rows·columns] -> float32 [H, W] in [0, 1], one block per patch.
 
   The CLS column is dropped, the patch part reshaped row-major to the token grid, min-max
   normalised (a constant map gives zeros), and upsampled by nearest cell, so every pixel of a
   patch carries that patch's rollout value and the hottest blocks are GLCA's selected tokens.
   """
+  rows, cols = grid_hw
   row = np.asarray(rollout_row, np.float64).reshape(-1)
-  if row.size != 1 + grid * grid:
-    raise ValueError(f'rollout row has {row.size} entries, expected 1 + {grid}x{grid}')
-  cells = row[1:].reshape(grid, grid)
+  if row.size != 1 + rows * cols:
+    raise ValueError(f'rollout row has {row.size} entries, expected 1 + {rows}x{cols}')
+  cells = row[1:].reshape(rows, cols)
   lo, hi = cells.min(), cells.max()
   cells = (cells - lo) / (hi - lo) if hi > lo else np.zeros_like(cells)
-  idx = _cell_index(int(image_size), grid)
-  return cells[idx[:, None], idx[None, :]].astype(np.float32)
+  return cells[_cell_index(image_hw[0], rows)[:, None],
+               _cell_index(image_hw[1], cols)[None, :]].astype(np.float32)
 
 
-def selected_cells(glca_index, grid: int) -> list[tuple[int, int]]:
+def overlay(display, heat, strength: float = 0.65) -> np.ndarray:
+  """The colour image with the heat map blended over it: uint8 [H, W, 3].
+
+  Each pixel mixes in the 'jet' colour of its heat with weight strength x heat, so cold patches
+  show the image as it is and the hottest are mostly red (the image stays readable under it)."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  image = np.asarray(display, np.float32)
+  heat = np.asarray(heat, np.float32)
+  colour = colormaps['jet'](heat)[..., :3].astype(np.float32) * 255.0
+  alpha = (strength * heat)[..., None]
+  return np.clip(np.round((1 - alpha) * image + alpha * colour), 0, 255).astype(np.uint8)
+
+
+def selected_cells(glca_index, grid_hw) -> list[tuple[int, int]]:
   """GLCA token indices [1 + R] (CLS first, patches 1-based) -> [(row, col)] patch cells."""
+  rows, cols = grid_hw
   idx = np.asarray(glca_index).reshape(-1)[1:].astype(np.int64) - 1
-  if idx.size and (idx.min() < 0 or idx.max() >= grid * grid):
-    raise ValueError(f'GLCA index out of the {grid}x{grid} patch grid: {idx.tolist()}')
-  return [(int(i) // grid, int(i) % grid) for i in idx]
+  if idx.size and (idx.min() < 0 or idx.max() >= rows * cols):
+    raise ValueError(f'GLCA index out of the {rows}x{cols} patch grid: {idx.tolist()}')
+  return [(int(i) // cols, int(i) % cols) for i in idx]
 
 
-def cell_boxes(cells, grid: int, image_size: int) -> list[tuple[float, float, float, float]]:
+def cell_boxes(cells, grid_hw, image_hw) -> list[tuple[float, float, float, float]]:
   """(row, col) cells -> (x0, y0, width, height) pixel boxes in imshow coordinates."""
-  edges = np.searchsorted(_cell_index(image_size, grid), np.arange(grid + 1)) - 0.5
-  return [(float(edges[c]), float(edges[r]), float(edges[c + 1] - edges[c]),
-           float(edges[r + 1] - edges[r])) for r, c in cells]
+  y_edges = np.searchsorted(_cell_index(image_hw[0], grid_hw[0]), np.arange(grid_hw[0] + 1)) - 0.5
+  x_edges = np.searchsorted(_cell_index(image_hw[1], grid_hw[1]), np.arange(grid_hw[1] + 1)) - 0.5
+  return [(float(x_edges[c]), float(y_edges[r]), float(x_edges[c + 1] - x_edges[c]),
+           float(y_edges[r + 1] - y_edges[r])) for r, c in cells]
+
+
+def draw_boxes(picture: np.ndarray, boxes, value: int = 255) -> np.ndarray:
+  """`cell_boxes` outlined (1 px) into a uint8 [H, W, 3] picture, in place; returns it."""
+  for x0, y0, w, h in boxes:
+    c0, r0 = int(round(x0 + 0.5)), int(round(y0 + 0.5))  # boxes are in imshow coordinates
+    c1, r1 = c0 + int(round(w)) - 1, r0 + int(round(h)) - 1
+    picture[r0:r1 + 1, [c0, c1]] = value
+    picture[[r0, r1], c0:c1 + 1] = value
+  return picture
+
+
+def attention_picture(display, rollout_row, glca_index=None) -> np.ndarray:
+  """The crop beside its attention map (`overlay` + the GLCA cells outlined): uint8 [H, 2W, 3]."""
+  display = np.asarray(display, np.uint8)
+  image_hw = display.shape[:2]
+  grid = token_grid(np.asarray(rollout_row).size - 1, image_hw)
+  picture = overlay(display, rollout_heatmap(rollout_row, grid, image_hw))
+  if glca_index is not None:
+    draw_boxes(picture, cell_boxes(selected_cells(glca_index, grid), grid, image_hw))
+  return np.concatenate([display, picture], axis=1)
 
 
 def top_k(probs, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
@@ -103,24 +142,87 @@ def _reason(error: Exception, path: str) -> str:
   return msg.strip().rstrip(':') or type(error).__name__
 
 
+# ============================================================================ during training
+class AttentionImages:
+  """The attention pictures of a few fixed test images, for TensorBoard at each evaluation.
+
+  The first `num_images` test images of process 0 (its first eval batch) are drawn with
+  `attention_picture` under the current params, so TensorBoard shows the rollout sharpening on
+  the same images over training. Call it on EVERY process (the forward is one sharded program,
+  like the eval step); it returns {'attention/test_NNNNN': uint8 [S, 2S, 3]} on process 0 and
+  {} elsewhere, ready for `MetricWriter.write_images`.
+  """
+
+  def __init__(self, trainer, num_images: int = 4):
+    from dca_jax import distributed  # pylint: disable=g-import-not-at-top
+    self._trainer = trainer
+    self.num_images = int(num_images)
+    self._batch = None
+    model, dtype = trainer.model, trainer.dtype
+
+    def forward(variables, batch):
+      out = model.apply(variables, batch['image'].astype(dtype), train=False,
+                        with_selection=True)
+      res = {'rollout': out['rollout'], 'index': batch['index']}
+      if 'glca_index' in out:
+        res['glca_index'] = out['glca_index']
+      return res
+
+    self._forward = jax.jit(forward, in_shardings=(trainer.shardings.variables,
+                                                   trainer.batch_sharding),
+                            out_shardings=distributed.replicated(trainer.mesh))
+
+  def _first_batch(self):
+    """This host's first eval batch (read once; the test split is fixed) and process 0's picks."""
+    from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
+    split = {'split': 'query'} if self._trainer.config.task == 'reid' else {}
+    batch = next(iter(self._trainer.input.eval_iter(with_index=True, **split)))
+    keep = np.flatnonzero(batch['mask'])[:self.num_images]
+    # Matched by test index after the forward, whatever row order the global batch has.
+    self._displays = {int(batch['index'][i]): data.denormalize(batch['image'][i],
+                                                               self._trainer.config)
+                      for i in keep}
+    self._batch = {'image': batch['image'],
+                   'index': np.where(batch['mask'], batch['index'], -1).astype(np.int32)}
+
+  def __call__(self, variables) -> dict[str, np.ndarray]:
+    """variables: the train state's `variables` (params, and the necks' statistics if any)."""
+    if self.num_images <= 0:
+      return {}
+    from dca_jax import distributed  # pylint: disable=g-import-not-at-top
+    if self._batch is None:
+      self._first_batch()
+    out = jax.device_get(self._forward(
+        variables, distributed.global_batch(self._batch, self._trainer.batch_sharding)))
+    if jax.process_index() != 0:
+      return {}
+    row = {int(i): r for r, i in enumerate(out['index']) if int(i) >= 0}
+    pictures = {}
+    for index, display in self._displays.items():
+      r = row[index]
+      glca = out['glca_index'][r] if 'glca_index' in out else None
+      pictures[f'attention/test_{index:05d}'] = attention_picture(display, out['rollout'][r],
+                                                                  glca)
+    return pictures
+
+
 # ============================================================================ restored models
 class Predictor:
   """A restored checkpoint and ONE jitted forward, reused for every image and batch."""
 
   def __init__(self, config, workdir: str, which: str = 'latest'):
+    from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
     if jax.process_count() > 1:
       raise ValueError('visualize / predict run in a single process (no --num_processes)')
-    trainer = evaluate.restored_trainer(config, workdir, which)
-    trainer.checkpointer.close()
+    restored = evaluate.load_for_inference(config, workdir, which)
     self.config, self.workdir, self.which = config, workdir, which
-    self.step = int(trainer.restored_step)
-    self.variables = trainer.state.variables
-    self.input = trainer.input
-    self.class_names = list(trainer.input.info.class_names)
+    self.step = restored.step
+    self.variables = restored.variables
+    self.input = data.build_input(config, with_train=False)
+    self.class_names = list(self.input.info.class_names)
     self.has_glca = int(config.num_glca_layers) > 0
-    self.input_size = int(config.input_size)
     self.batch_size = max(1, int(config.eval_batch_size))
-    model, dtype = trainer.model, trainer.dtype
+    model, dtype = restored.model, restored.dtype
     num_heads = 2.0 if self.has_glca else 1.0
 
     def forward(variables, images):
@@ -287,6 +389,29 @@ def _test_examples(predictor: Predictor, num_images: int, indices=None) -> list[
   return [found[i] for i in (sorted(found) if indices is None else indices) if i in found]
 
 
+def pick_correct_and_wrong(correct: Sequence[bool], num_images: int) -> list[int]:
+  """Positions of up to `num_images` examples, alternating correct and wrong predictions in
+  split order (half each where both exist, the rest from whichever has more), sorted."""
+  right = [i for i, c in enumerate(correct) if c]
+  wrong = [i for i, c in enumerate(correct) if not c]
+  take_wrong = min(len(wrong), max(num_images - len(right), num_images // 2))
+  return sorted(right[:num_images - take_wrong] + wrong[:take_wrong])
+
+
+def _mixed_test_examples(predictor: Predictor, num_images: int) -> list[dict]:
+  """`num_images` test images with correct and wrong predictions of `predictor`, labelled,
+  chosen among the first max(64, 8·num_images) test images."""
+  pool = _test_examples(predictor, max(64, 8 * num_images))
+  if not pool:
+    return []
+  probs = predictor(np.stack([e['image'] for e in pool]))['probs']
+  correct = [predictor.class_names[int(np.argmax(p))] == e['truth'] for p, e in zip(probs, pool)]
+  chosen = pick_correct_and_wrong(correct, num_images)
+  for i in chosen:
+    pool[i]['title'] += ': correct' if correct[i] else ': wrong'
+  return [pool[i] for i in chosen]
+
+
 def _file_examples(paths, config) -> tuple[list[dict], list]:
   loaded, failed = _load_files(paths, config)
   names, examples = set(), []
@@ -302,21 +427,17 @@ def _file_examples(paths, config) -> tuple[list[dict], list]:
 
 
 def _draw_map(ax, display, out: dict, i: int, *, class_names, truth):
-  """Heat map + GLCA boxes of image i on `ax`; the top-3 prediction below it."""
+  """Heat map over the image + GLCA boxes of image i on `ax`; the top-3 prediction below it."""
   from matplotlib import patches  # pylint: disable=g-import-not-at-top
-  size = display.shape[0]
-  grid = token_grid(out['rollout'].shape[-1] - 1)
-  heat = rollout_heatmap(out['rollout'][i], grid, size)
-  # The image in grey under the heat map, so the map's colours read on colourful images.
-  grey = np.asarray(display, np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
-  ax.imshow(grey, cmap='gray', vmin=0, vmax=255)
-  ax.imshow(heat, cmap='jet', alpha=0.45, vmin=0.0, vmax=1.0, interpolation='nearest')
+  image_hw = display.shape[:2]
+  grid = token_grid(out['rollout'].shape[-1] - 1, image_hw)
+  ax.imshow(overlay(display, rollout_heatmap(out['rollout'][i], grid, image_hw)))
   if 'glca_index' in out:
     cells = selected_cells(out['glca_index'][i], grid)
-    for x0, y0, w, h in cell_boxes(cells, grid, size):
+    for x0, y0, w, h in cell_boxes(cells, grid, image_hw):
       ax.add_patch(patches.Rectangle((x0, y0), w, h, fill=False, edgecolor='white',
                                      linewidth=1.4))
-    what = f'rollout + GLCA top-{len(cells)} of {grid * grid} patches'
+    what = f'rollout + GLCA top-{len(cells)} of {grid[0] * grid[1]} patches'
   else:
     what = 'attention rollout (no GLCA)'
   lines = []
@@ -366,7 +487,8 @@ def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
                   compare_workdir: str = '', which: str = 'latest') -> list[str]:
   """Writes workdir/visualize/<name>.png per image; returns the paths written.
 
-  Without `images`, the first `num_images` test images (truth known); with `images`, those
+  Without `images`, `num_images` test images (truth known) with correct and wrong predictions
+  of this run, labelled (`pick_correct_and_wrong`); with `images`, those
   files (truth unknown; unreadable ones are reported and skipped). `compare_workdir`: a second
   run (e.g. the SA-only baseline) drawn beside this one, restored with the model knobs of its
   own config.json.
@@ -394,7 +516,7 @@ def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
       else:
         per_model.append(_file_examples([e['path'] for e in examples], p.config)[0])
   else:
-    examples = _test_examples(predictors[0], num_images)
+    examples = _mixed_test_examples(predictors[0], num_images)
     if not examples:
       raise ValueError('the test split is empty: nothing to visualize')
     per_model.append(examples)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dca_jax.models import build_model
 from dca_jax import losses
 from dca_jax.models import dcal, vit
 
@@ -791,17 +792,17 @@ def _init_abstract(model):
 
 
 def test_build_model_builds_the_configured_model():
-  model = dcal.build_model(_config(use_gradient_checkpointing=True, remat_policy='dots_saveable'))
+  model = build_model(_config(use_gradient_checkpointing=True, remat_policy='dots_saveable'))
   assert model.config.depth == 3 and model.config.width == 32
   assert model.remat_policy == 'dots_saveable' and model.num_pwca_layers == 3
-  assert dcal.build_model(_config(use_gradient_checkpointing=False)).remat_policy is None
+  assert build_model(_config(use_gradient_checkpointing=False)).remat_policy is None
   _init_abstract(model)
 
 
 @pytest.mark.parametrize('overrides', [dict(num_sa_layers=12), dict(num_sa_layers=2)])
 def test_build_model_rejects_num_sa_layers_not_depth(overrides):
   with pytest.raises(ValueError, match='num_sa_layers'):
-    dcal.build_model(_config(**overrides))
+    build_model(_config(**overrides))
 
 
 @pytest.mark.parametrize('overrides,match', [
@@ -812,11 +813,11 @@ def test_build_model_rejects_num_sa_layers_not_depth(overrides):
 ])
 def test_build_model_rejects_bad_branch_layers(overrides, match):
   with pytest.raises(ValueError, match=match):
-    _init_abstract(dcal.build_model(_config(**overrides)))
+    _init_abstract(build_model(_config(**overrides)))
 
 
 def test_num_glca_layers_zero_disables_glca():
-  model = dcal.build_model(_config(num_glca_layers=0))
+  model = build_model(_config(num_glca_layers=0))
   params = _init_abstract(model)['params']
   assert not any(k.startswith('glca') for k in params)
 

@@ -1,10 +1,13 @@
 """Optimiser: decay mask, schedule, and gradient accumulation == the large batch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from conftest import tiny_config
+from dca_jax.models import build_model
 from dca_jax import config_lib, distributed, optim, train
 from dca_jax.models import dcal
 
@@ -16,7 +19,7 @@ def _paths(tree, want):
 
 def test_decay_mask_excludes_bias_norm_posembed_cls_lossweights():
   config = tiny_config()
-  model = dcal.build_model(config)
+  model = build_model(config)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params'])
   mask = optim.decay_mask(params)
   no_decay, decay = _paths(mask, False), _paths(mask, True)
@@ -41,7 +44,7 @@ def test_schedule_scales_lr_by_effective_batch_and_warms_up():
 
 def _run(config, images, labels, micro):
   """Runs `micro` train steps over equal slices of (images, labels); returns params after each."""
-  model = dcal.build_model(config)
+  model = build_model(config)
   tx = optim.make_optimizer(config, steps_per_epoch=micro)
   mesh = distributed.make_mesh()
   state, _ = train.create_train_state(config, model, tx, mesh, precision='fp32',
@@ -77,3 +80,64 @@ def test_four_microbatches_of_four_equal_one_batch_of_sixteen():
   assert diff(big, init) > 0.5 * lr          # the update is not trivially zero
   assert diff(last_only, big) > 0.1 * lr     # a wrong accumulation would be caught
   assert diff(accum[4], big) < 0.01 * lr
+
+
+def _one_params():
+  return {'loss_weights': jnp.array([0.0, 0.1, -0.2]), 'head': {'kernel': jnp.ones((2, 3)),
+                                                               'bias': jnp.zeros(3)}}
+
+
+def _updates(config, grads, steps=3):
+  """Params after `steps` updates with the same gradient (1 micro-step per update)."""
+  tx = optim.make_optimizer(config, steps_per_epoch=100)
+  params = _one_params()
+  state = tx.init(params)
+  history = []
+  for _ in range(steps):
+    updates, state = tx.update(grads, state, params)
+    params = jax.tree.map(jnp.add, params, updates)
+    history.append(params)
+  return history
+
+
+def test_loss_weights_learn_at_lr_times_the_multiplier():
+  """Adam's step is lr·m̂/(√v̂+ε) whatever the gradient's scale: the multiplier scales the w_b
+  steps, and nothing else."""
+  grads = {'loss_weights': jnp.array([0.5, -1e-3, 2.0]),
+           'head': {'kernel': jnp.full((2, 3), 0.3), 'bias': jnp.full(3, -0.1)}}
+  base = dict(gradient_accumulation_steps=1, warmup_epochs=0.0, num_epochs=100,
+              learning_rate=0.512, batch_size=1)  # lr 1e-3 at the start of the cosine
+  one = _updates(tiny_config(loss_weights_lr_multiplier=1.0, **base), grads)
+  ten = _updates(tiny_config(loss_weights_lr_multiplier=10.0, **base), grads)
+  start = _one_params()['loss_weights']
+  for a, b in zip(one, ten):
+    np.testing.assert_allclose(b['loss_weights'] - start, 10 * (a['loss_weights'] - start),
+                               rtol=1e-5)
+    for k in ('kernel', 'bias'):
+      np.testing.assert_array_equal(a['head'][k], b['head'][k])
+  # numpy Adam's first step: -lr·g/(|g| + ε), no decay on the loss weights
+  g = np.array([0.5, -1e-3, 2.0])
+  np.testing.assert_allclose(one[0]['loss_weights'] - start, -1e-3 * g / (np.abs(g) + 1e-8),
+                             rtol=1e-4)
+
+
+def test_sgd_is_torch_sgd_with_l2_decay_on_kernels():
+  """torch.optim.SGD(lr, momentum, weight_decay): d = g + wd·p; b = μ·b + d; p -= lr·b."""
+  grads = {'loss_weights': jnp.array([0.5, 0.1, 2.0]),
+           'head': {'kernel': jnp.full((2, 3), 0.3), 'bias': jnp.full(3, -0.1)}}
+  config = tiny_config(optimizer='sgd', momentum=0.9, weight_decay=1e-2, learning_rate=0.512,
+                       batch_size=1, gradient_accumulation_steps=1, warmup_epochs=0.0,
+                       num_epochs=1000)
+  history = _updates(config, grads)
+  sched = optim.learning_rate_schedule(config, 100)
+  for path in (('head', 'kernel'), ('head', 'bias'), ('loss_weights',)):
+    p = np.asarray(functools.reduce(lambda t, k: t[k], path, _one_params()), np.float64)
+    g = np.asarray(functools.reduce(lambda t, k: t[k], path, grads), np.float64)
+    decay = 1e-2 if path[-1] == 'kernel' else 0.0
+    buf = None
+    for i, params in enumerate(history):
+      d = g + decay * p
+      buf = d if buf is None else 0.9 * buf + d
+      p = p - float(sched(i)) * buf
+      np.testing.assert_allclose(functools.reduce(lambda t, k: t[k], path, params), p,
+                                 rtol=1e-5, atol=1e-7)

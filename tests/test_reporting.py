@@ -57,7 +57,7 @@ def test_tiny_training_writes_losses_and_accuracies_to_tensorboard(tmp_path):
 def test_attention_images_are_written_and_read_back(tmp_path):
   from dca_jax import train  # pylint: disable=g-import-not-at-top
   trainer = train.Trainer(tiny_config(), str(tmp_path / 'run'))
-  attention = reporting.AttentionImages(trainer, num_images=3)
+  attention = visualize.AttentionImages(trainer, num_images=3)
   pictures = attention(trainer.state.variables)
   assert sorted(pictures) == ['attention/test_00000', 'attention/test_00001',
                               'attention/test_00002']
@@ -81,11 +81,12 @@ def test_attention_picture_marks_the_hot_patch_and_the_glca_cells():
   display = np.full((32, 32, 3), 128, np.uint8)
   rollout = np.zeros(1 + 16, np.float32)
   rollout[1 + 5] = 1.0  # patch (row 1, col 1) of the 4x4 grid: pixels 8..15
-  picture = reporting.attention_picture(display, rollout, glca_index=np.array([0, 6]))
+  picture = visualize.attention_picture(display, rollout, glca_index=np.array([0, 6]))
   np.testing.assert_array_equal(picture[:, :32], display)
   heat = picture[:, 32:].astype(int)
   inside, cold = heat[12, 12], heat[28, 28]
-  assert inside[0] > inside[2] and cold[2] > cold[0]  # jet: hot cell red, the others blue
+  assert inside[0] > 200 > 100 > inside[2]         # the hot cell: jet's red over the image
+  np.testing.assert_array_equal(cold, display[28, 28])  # heat 0: the image as it is
   assert (heat[8, 8:16] == 255).all() and (heat[8:16, 15] == 255).all()  # GLCA cell outlined
   assert (heat[7, 8:16] != 255).any()  # ...and only it
 

@@ -15,6 +15,7 @@ import pytest
 from flax.training import dynamic_scale as dynamic_scale_lib
 
 from conftest import ROOT, tiny_config
+from dca_jax.models import build_model
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib, distributed, optim, train
 from dca_jax.models import dcal
@@ -51,7 +52,7 @@ def _assert_same_params(a, b, atol=1e-6):
 # --- fp16 dynamic loss scaling -------------------------------------------------------------------
 def test_fp16_overflow_keeps_state_lowers_scale_and_counts():
   config = tiny_config(precision='fp16', gradient_accumulation_steps=2)
-  model = dcal.build_model(config, dtype=jnp.float16)
+  model = build_model(config, dtype=jnp.float16)
   tx = optim.make_optimizer(config, steps_per_epoch=8)
   state, _ = train.create_train_state(config, model, tx, distributed.make_mesh(),
                                       precision='fp16', rng=jax.random.key(0))
@@ -254,7 +255,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
   accuracies = [None, 0.9, None, 0.6, 0.2, None, 0.5]  # None: a save between evaluations
   for step, acc in enumerate(accuracies, start=1):
-    ck.save(step, {'x': jnp.full((2,), float(step))}, {'m': 1}, accuracy=acc)
+    ck.save(step, {'x': jnp.full((2,), float(step))}, {'m': 1}, score=acc)
   ck.close()
   ro = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   assert ro.best_step() == 2 and ro.latest_step() == 7

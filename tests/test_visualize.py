@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
   # model from the checkpoint's own description.
   sa_config = tiny_config(num_glca_layers=0, num_pwca_layers=0)
   trainer = train.Trainer(sa_config, str(sa_dir))
-  trainer.save(force=True)
+  trainer.save()
   trainer.checkpointer.close()
   # Restoring + compiling a Predictor is the slow part: build each run's once for the module.
   cache, real = {}, visualize.Predictor
@@ -76,18 +76,18 @@ def runs(tmp_path_factory):
 # --- the pure functions --------------------------------------------------------------------------
 def test_rollout_heatmap_blocks_normalised_and_upsampled():
   row = np.array([9.0, 1, 2, 3, 4, 5, 6, 7, 8, 9])  # CLS (dropped) then a 3x3 grid
-  heat = visualize.rollout_heatmap(row, 3, 7)       # 7 px: cells of 3, 2, 2 px... not equal
+  heat = visualize.rollout_heatmap(row, (3, 3), (7, 7))  # 7 px: cells of 3, 2, 2 px
   assert heat.shape == (7, 7) and heat.dtype == np.float32
   assert heat.min() == 0.0 and heat.max() == 1.0
   cells = (np.arange(1, 10).reshape(3, 3) - 1) / 8.0
   idx = np.minimum(np.arange(7) * 3 // 7, 2)
   np.testing.assert_allclose(heat, cells[idx[:, None], idx[None, :]], atol=1e-7)
-  assert visualize.rollout_heatmap(np.ones(5), 2, 4).max() == 0.0  # constant map: no NaN
-  assert visualize.selected_cells([0, 1, 6, 9], 3) == [(0, 0), (1, 2), (2, 2)]
-  boxes = visualize.cell_boxes([(0, 0), (2, 2)], 3, 7)
+  assert visualize.rollout_heatmap(np.ones(5), (2, 2), (4, 4)).max() == 0.0  # constant: no NaN
+  assert visualize.selected_cells([0, 1, 6, 9], (3, 3)) == [(0, 0), (1, 2), (2, 2)]
+  boxes = visualize.cell_boxes([(0, 0), (2, 2)], (3, 3), (7, 7))
   assert boxes[0][:2] == (-0.5, -0.5) and boxes[1][0] + boxes[1][2] == 6.5  # cover the image
   with pytest.raises(ValueError):
-    visualize.rollout_heatmap(np.ones(9), 3, 6)
+    visualize.rollout_heatmap(np.ones(9), (3, 3), (6, 6))
 
 
 def test_heatmap_is_the_rollout_glca_selects_from(runs):
@@ -97,33 +97,78 @@ def test_heatmap_is_the_rollout_glca_selects_from(runs):
   out = predictor(np.stack([e['image'] for e in examples]))
   size, n = config.input_size, out['rollout'].shape[-1] - 1
   grid = visualize.token_grid(n)
+  assert grid == (4, 4)
   r = dcal.num_selected(n, config.top_k_ratio)
   assert out['glca_index'].shape == (len(examples), 1 + r)
-  cell_px = size // grid
+  cell_px = size // grid[0]
   for i in range(len(examples)):
-    heat = visualize.rollout_heatmap(out['rollout'][i], grid, size)
+    heat = visualize.rollout_heatmap(out['rollout'][i], grid, (size, size))
     assert heat.shape == (size, size) and heat.min() == 0.0 and heat.max() == 1.0
     # Upsampled by whole cells: each patch's block is constant.
-    blocks = heat.reshape(grid, cell_px, grid, cell_px)
+    blocks = heat.reshape(grid[0], cell_px, grid[1], cell_px)
     assert np.all(blocks == blocks[:, :1, :, :1])
     cell_values = blocks[:, 0, :, 0]
     chosen = visualize.selected_cells(out['glca_index'][i], grid)
     assert len(set(chosen)) == r
-    mask = np.zeros((grid, grid), bool)
+    mask = np.zeros(grid, bool)
     mask[tuple(np.array(chosen).T)] = True
     # The outlined cells are exactly the R hottest cells of the drawn heat map.
     assert cell_values[mask].min() >= cell_values[~mask].max()
     hottest = np.argsort(-cell_values.reshape(-1), kind='stable')[:r]
-    assert set(map(tuple, np.stack(np.unravel_index(hottest, (grid, grid)), 1))) == set(chosen)
+    assert set(map(tuple, np.stack(np.unravel_index(hottest, grid), 1))) == set(chosen)
   # Probabilities: (softmax(SA) + softmax(GLCA)) / 2.
   np.testing.assert_allclose(out['probs'].sum(-1), 1.0, atol=1e-5)
+
+
+def test_non_square_grid_heatmap_and_boxes():
+  """A 256 x 128 person crop with patch 16: a 16 x 8 grid, row-major, boxes on the cells."""
+  assert visualize.token_grid(128, (256, 128)) == (16, 8)
+  assert visualize.token_grid(784, (448, 448)) == (28, 28)
+  with pytest.raises(ValueError, match='grid'):
+    visualize.token_grid(12, (256, 128))
+  row = np.zeros(1 + 128)
+  row[1 + 3 * 8 + 5] = 1.0                  # cell (3, 5)
+  heat = visualize.rollout_heatmap(row, (16, 8), (256, 128))
+  assert heat.shape == (256, 128)
+  ys, xs = np.nonzero(heat)
+  assert (ys.min(), ys.max(), xs.min(), xs.max()) == (48, 63, 80, 95)
+  assert visualize.selected_cells(np.array([0, 1 + 3 * 8 + 5]), (16, 8)) == [(3, 5)]
+  assert visualize.cell_boxes([(3, 5)], (16, 8), (256, 128)) == [(79.5, 47.5, 16.0, 16.0)]
+
+
+def test_overlay_keeps_cold_pixels_and_colours_hot_ones():
+  display = np.full((4, 4, 3), 100, np.uint8)
+  heat = np.zeros((4, 4), np.float32)
+  heat[0, 0] = 1.0
+  out = visualize.overlay(display, heat)
+  np.testing.assert_array_equal(out[1:, :], display[1:, :])   # heat 0: the image unchanged
+  # heat 1: 0.35 x the image + 0.65 x jet's dark red (128, 0, 0)
+  np.testing.assert_allclose(out[0, 0], 0.35 * 100 + 0.65 * np.array([127.5, 0, 0]), atol=1)
+
+
+@pytest.mark.parametrize('correct,n,want', [
+    ([True, False, True, True, False, True], 4, [0, 1, 2, 4]),
+    ([True] * 5, 3, [0, 1, 2]),
+    ([False, False, True], 2, [0, 2]),
+    ([False] * 3, 2, [0, 1]),
+])
+def test_pick_correct_and_wrong_mixes_both(correct, n, want):
+  assert visualize.pick_correct_and_wrong(correct, n) == want
 
 
 # --- figures ---------------------------------------------------------------------------------
 def test_visualize_writes_figures_and_side_by_side_comparison(runs):
   config = tiny_config()
   written = visualize.run_visualize(config, runs['dcal'], num_images=2)
-  assert [os.path.basename(p) for p in written] == ['test_00000.png', 'test_00001.png']
+  # One correct and one wrong prediction of the run, labelled, when the test split has both.
+  predictor = visualize.Predictor(config, runs['dcal'])
+  chosen = visualize._mixed_test_examples(predictor, 2)  # pylint: disable=protected-access
+  probs = predictor(np.stack([e['image'] for e in chosen]))['probs']
+  hits = [predictor.class_names[int(np.argmax(p))] == e['truth'] for p, e in zip(probs, chosen)]
+  assert sorted(hits) == [False, True]
+  for e, hit in zip(chosen, hits):
+    assert e['title'].endswith(': correct' if hit else ': wrong')
+  assert [os.path.basename(p) for p in written] == [f'{e["name"]}.png' for e in chosen]
   for p in written:
     with Image.open(p) as im:
       assert im.size == visualize.figure_size_px(2)  # input | rollout + GLCA boxes

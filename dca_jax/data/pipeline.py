@@ -398,9 +398,11 @@ class ReidInput(Input):
     return self.eval_dataset(with_index, split).as_numpy_iterator()
 
 
-def _build_reid(config, process_index: int, process_count: int) -> ReidInput:
+def _build_reid(config, process_index: int, process_count: int, with_train: bool) -> ReidInput:
   source_name, dataset = config.data_source, config.dataset
   verify = bool(config.get('verify_images', True))
+  if verify and not with_train:
+    verify = ('query', 'gallery')
   if dataset == 'synthetic_reid':
     # Imported here so that `python -m dca_jax.data.synthetic_reid` runs without a warning.
     from dca_jax.data import synthetic_reid  # pylint: disable=g-import-not-at-top
@@ -477,11 +479,16 @@ def _check_config(config, process_index: int, process_count: int) -> None:
     raise DataError(f'unknown test_crop {config.test_crop!r}; expected center_crop | resize')
 
 
-def build_input(config, process_index: int = 0, process_count: int = 1) -> Input:
-  """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib)."""
+def build_input(config, process_index: int = 0, process_count: int = 1, *,
+                with_train: bool = True) -> Input:
+  """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib).
+
+  with_train=False (eval, visualize, predict): the train split is listed but never pre-scanned
+  or read.
+  """
   _check_config(config, process_index, process_count)
   if config.get('task', 'fgvc') == 'reid':
-    return _build_reid(config, process_index, process_count)
+    return _build_reid(config, process_index, process_count, with_train)
   source_name, dataset = config.data_source, config.dataset
   skipped = []
   if source_name == 'synthetic' or dataset == 'synthetic':
@@ -498,7 +505,7 @@ def build_input(config, process_index: int = 0, process_count: int = 1) -> Input
   elif source_name == 'folder':
     fd = sources.read_folder(dataset, config.data_dir)
     if config.get('verify_images', True):
-      fd = sources.drop_unreadable(fd)
+      fd = sources.drop_unreadable(fd, splits=('train', 'test') if with_train else ('test',))
     skipped = [f'{p} ({r})' for p, r in fd.skipped]
     src, names = _FolderSource(fd), fd.class_names
   else:  # tfds

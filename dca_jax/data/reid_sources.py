@@ -230,10 +230,11 @@ def _check_query_in_gallery(query: ReidSplit, gallery: ReidSplit) -> None:
                     f'gallery{more}')
 
 
-def _drop_unreadable(ds: ReidDataset, num_threads: int = 0) -> None:
-  """FGVC's pre-scan rules (sources.check_image) over the three splits."""
+def _drop_unreadable(ds: ReidDataset, splits=('train', 'query', 'gallery'),
+                     num_threads: int = 0) -> None:
+  """FGVC's pre-scan rules (sources.check_image) over the given splits."""
   bad_all = []
-  for which in ('train', 'query', 'gallery'):
+  for which in splits:
     split = getattr(ds, which)
     reasons = sources.scan_images(split.paths, 0, num_threads)
     bad = [(p, r) for p, r in zip(split.paths, reasons) if r is not None]
@@ -278,8 +279,8 @@ def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSpl
     warnings.warn(msg, DataWarning, stacklevel=4)
   ds = ReidDataset(name, version, root, splits['train'], splits['query'], splits['gallery'],
                    np.zeros((0,), np.int32), num_junk, skipped)
-  if verify_images:
-    _drop_unreadable(ds)
+  if verify_images:  # True: every split; or a tuple of the split names to scan
+    _drop_unreadable(ds, *(() if verify_images is True else (tuple(verify_images),)))
   # Relabel after the pre-scan, so that every label has at least one image.
   train_pids, labels = np.unique(ds.train.pids, return_inverse=True)
   ds.train = ReidSplit(ds.train.paths, labels.astype(np.int32).reshape(-1), ds.train.camids,

@@ -252,9 +252,10 @@ def scan_images(paths: list[str], crop_bottom: int = 0, num_threads: int = 0) ->
     return list(pool.map(lambda p: check_image(p, crop_bottom), paths, chunksize=64))
 
 
-def drop_unreadable(ds: FolderDataset, num_threads: int = 0) -> FolderDataset:
-  """Pre-scans both splits; removes unreadable files and warns once, naming them."""
-  for which in ('train', 'test'):
+def drop_unreadable(ds: FolderDataset, num_threads: int = 0,
+                    splits=('train', 'test')) -> FolderDataset:
+  """Pre-scans the splits; removes unreadable files and warns once, naming them."""
+  for which in splits:
     split = getattr(ds, which)
     reasons = scan_images(split.paths, ds.crop_bottom, num_threads)
     keep = [r is None for r in reasons]

@@ -298,22 +298,8 @@ def reid_feature(outputs, after_bn: bool = False):
   return jnp.concatenate(parts, axis=-1)
 
 
-def build_model(config, *, dtype=jnp.float32) -> DCAL:
-  """DCAL from a config_lib config."""
-  from dca_jax import config_lib  # pylint: disable=g-import-not-at-top
-  vcfg = vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
-  for side in config_lib.input_hw(config):
-    vcfg.grid_size(side)  # each side must be a multiple of the backbone stride
-  if config.num_sa_layers != vcfg.depth:
-    raise ValueError(f'num_sa_layers={config.num_sa_layers} but backbone {config.backbone} has '
-                     f'{vcfg.depth} blocks; set backbone_overrides.depth to change L')
-  remat = config.remat_policy if config.use_gradient_checkpointing else None
-  return DCAL(config=vcfg, num_classes=config.num_classes,
-              num_glca_layers=config.num_glca_layers, num_pwca_layers=config.num_pwca_layers,
-              top_k_ratio=config.top_k_ratio, glca_input=config.glca_input,
-              glca_pool=config.glca_pool, glca_select=config.glca_select,
-              rollout_layers=config.rollout_layers, rollout_impl=config.rollout_impl,
-              loss_weights_init=config.loss_weights_init,
-              bnneck=config.task == 'reid' and config.bnneck,
-              stochastic_depth_prob=config.stochastic_depth_prob, dtype=dtype,
-              remat_policy=remat, attention_impl=config.attention_impl)
+def glca_from_last_block(params, depth: int):
+  """A copy of `params` whose GLCA block starts as the last SA block (pretrained start)."""
+  params = dict(params)
+  params['glca_block'] = jax.tree.map(lambda x: x.copy(), params[f'block_{depth - 1}'])
+  return params

@@ -1,0 +1,90 @@
+"""Losses against numpy re-derivations: label-smoothed cross-entropy, the batch-hard triplet loss
+(soft margin and hinge), and the Re-ID branch losses inside the uncertainty weighting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dca_jax import losses
+
+
+def np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_triplet(features, labels, margin):
+  """Hermans et al.: per anchor the farthest positive and the nearest negative, by loops."""
+  f = np.asarray(features, np.float64)
+  n = len(f)
+  dist = np.sqrt(np.maximum(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1), 1e-12))
+  terms, correct = [], []
+  for a in range(n):
+    pos = [dist[a, p] for p in range(n) if labels[p] == labels[a]]
+    neg = [dist[a, q] for q in range(n) if labels[q] != labels[a]]
+    if not neg:
+      continue
+    gap = max(pos) - min(neg)
+    terms.append(np.log1p(np.exp(gap)) if margin <= 0 else max(0.0, gap + margin))
+    correct.append(gap < 0)
+  return np.mean(terms), np.mean(correct)
+
+
+@pytest.mark.parametrize('eps', [0.0, 0.1, 0.3])
+def test_cross_entropy_with_label_smoothing(eps):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 7)) * 3
+  labels = rng.integers(0, 7, 6)
+  target = np.full((6, 7), eps / 7)
+  target[np.arange(6), labels] += 1 - eps
+  want = -(target * np_log_softmax(logits)).sum(-1).mean()
+  got = losses.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), eps)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('margin', [0.0, 0.3])
+def test_batch_hard_triplet_matches_loops(margin):
+  rng = np.random.default_rng(1)
+  labels = np.repeat(np.arange(4), 3)          # P = 4 identities x K = 3
+  features = rng.normal(size=(12, 8)) + labels[:, None] * 0.5
+  loss, acc = losses.batch_hard_triplet(jnp.asarray(features, jnp.float32), jnp.asarray(labels),
+                                        margin)
+  want_loss, want_acc = np_triplet(features, labels, margin)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(acc, want_acc)
+
+
+def test_triplet_gradient_is_finite_with_duplicate_features():
+  """Identical features (distance 0, e.g. a sampled-twice image) must not give NaN gradients."""
+  f = jnp.asarray(np.repeat(np.eye(3, 4), 2, axis=0), jnp.float32)
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2])
+  grad = jax.grad(lambda x: losses.batch_hard_triplet(x, labels)[0])(f)
+  assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_triplet_ignores_anchors_without_negatives():
+  f = jnp.asarray(np.random.default_rng(2).normal(size=(4, 5)), jnp.float32)
+  loss, acc = losses.batch_hard_triplet(f, jnp.zeros(4, jnp.int32))
+  assert float(loss) == 0.0 and float(acc) == 0.0
+
+
+def test_reid_branch_loss_is_ce_plus_triplet_under_uncertainty_weights():
+  rng = np.random.default_rng(3)
+  labels = np.repeat(np.arange(3), 2)
+  w = np.array([0.2, -0.1, 0.4])
+  out = {'loss_weights': jnp.asarray(w, jnp.float32)}
+  want = 0.0
+  for b in ('sa', 'glca', 'pwca'):
+    logits, feats = rng.normal(size=(6, 3)), rng.normal(size=(6, 4))
+    out[f'{b}_logits'], out[f'{b}_feature'] = jnp.asarray(logits), jnp.asarray(feats)
+    ce = -np_log_softmax(logits)[np.arange(6), labels].mean()
+    loss_b = ce + np_triplet(feats, labels, 0.0)[0]
+    want += 0.5 * (np.exp(-w[('sa', 'glca', 'pwca').index(b)]) * loss_b
+                   + w[('sa', 'glca', 'pwca').index(b)])
+  total, metrics = losses.dcal_loss(out, jnp.asarray(labels), triplet_margin=0.0)
+  np.testing.assert_allclose(total, want, rtol=1e-5)
+  assert {'ce_sa', 'triplet_sa', 'triplet_acc_pwca', 'w_glca'} <= set(metrics)
+  # FGVC (no triplet): the features are not read
+  _, fgvc = losses.dcal_loss(out, jnp.asarray(labels))
+  assert not any(k.startswith('triplet') for k in fgvc)
