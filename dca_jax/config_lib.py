@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic_num_train = 1000     # synthetic source only
   c.synthetic_num_test = 500       # synthetic source only
   c.synthetic_image_size = 64      # synthetic source only: generated image side in px
+  c.synthetic_distractors = 3      # synthetic (FGVC) only: look-alike squares per image
+  c.synthetic_detail_size = 0.125  # synthetic (FGVC) only: side of the class-defining detail / image side
   # --- Re-ID input (task=reid) ------------------------------------------------------------
   c.num_instances = 4              # K images per identity in a batch; batch_size = P x K (paper 16 x 4)
   c.crop_padding = 10              # pad by this many px, then random crop back to the input size

@@ -497,7 +497,8 @@ def build_input(config, process_index: int = 0, process_count: int = 1, *,
                       "set needs both dataset='synthetic' and data_source='synthetic'")
     d = synthetic.generate(int(config.num_classes), int(config.synthetic_num_train),
                            int(config.synthetic_num_test), int(config.synthetic_image_size),
-                           int(config.seed))
+                           int(config.seed), int(config.synthetic_distractors),
+                           float(config.synthetic_detail_size))
     if not len(d.train_labels) or not len(d.test_labels):
       raise DataError('synthetic split is empty: set config.synthetic_num_train / '
                       'synthetic_num_test > 0')

@@ -63,8 +63,9 @@ def _draw(img: np.ndarray, y: int, x: int, side: int, core: int, ring_rgb, core_
 
 
 def render(rng: np.random.Generator, label: int, size: int, palette: np.ndarray,
-           class_pairs: np.ndarray, num_distractors: int = 3) -> np.ndarray:
-  side = max(4, int(round(size / 8)))
+           class_pairs: np.ndarray, num_distractors: int = 3,
+           detail_size: float = 0.125) -> np.ndarray:
+  side = max(4, int(round(size * detail_size)))
   core = max(2, side // 2)
   img = _background(rng, size)
   for _ in range(num_distractors):
@@ -84,20 +85,24 @@ def render(rng: np.random.Generator, label: int, size: int, palette: np.ndarray,
 
 
 def make_split(num: int, num_classes: int, size: int, seed: int, split_id: int,
-               palette: np.ndarray, class_pairs: np.ndarray):
+               palette: np.ndarray, class_pairs: np.ndarray, num_distractors: int = 3,
+               detail_size: float = 0.125):
   rng = np.random.default_rng([seed, 7, split_id])
   labels = rng.permutation(np.arange(num) % num_classes).astype(np.int32)  # Balanced.
-  images = np.stack([render(rng, int(l), size, palette, class_pairs) for l in labels]) \
+  images = np.stack([render(rng, int(l), size, palette, class_pairs, num_distractors, detail_size) for l in labels]) \
       if num else np.zeros((0, size, size, 3), np.uint8)
   return images, labels
 
 
 def generate(num_classes: int, num_train: int, num_test: int, image_size: int,
-             seed: int) -> SyntheticData:
+             seed: int, num_distractors: int = 3, detail_size: float = 0.125) -> SyntheticData:
+  """The set; `num_distractors` look-alike squares per image, the class detail `detail_size` x
+  the image side (the ablations' harder variant: more distractors, a smaller detail)."""
   palette = palette_for(num_classes)
   pairs = class_pairs_for(num_classes, len(palette), seed)
   width = max(2, len(str(num_classes - 1)))
   names = [f'class_{i:0{width}d}' for i in range(num_classes)]
-  tr_x, tr_y = make_split(num_train, num_classes, image_size, seed, 0, palette, pairs)
-  te_x, te_y = make_split(num_test, num_classes, image_size, seed, 1, palette, pairs)
+  style = dict(num_distractors=num_distractors, detail_size=detail_size)
+  tr_x, tr_y = make_split(num_train, num_classes, image_size, seed, 0, palette, pairs, **style)
+  te_x, te_y = make_split(num_test, num_classes, image_size, seed, 1, palette, pairs, **style)
   return SyntheticData(names, tr_x, tr_y, te_x, te_y, palette, pairs)
