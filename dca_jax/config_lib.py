@@ -129,6 +129,23 @@ def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
   return c
 
 
+def reid_config(backbone: str = 'vit_base') -> ml_collections.ConfigDict:
+  """The paper's Re-ID recipe (TransReID's ViT-B settings, docs/METHOD.md); datasets set the
+  rest (persons 256 x 128, vehicles 256 x 256)."""
+  c = base_config()
+  c.task, c.backbone, c.data_source = 'reid', backbone, 'folder'
+  c.input_size, c.input_width = 256, 128
+  c.top_k_ratio = 0.3
+  c.optimizer, c.momentum, c.weight_decay = 'sgd', 0.9, 1e-4
+  # batch 64 = 16 identities x 4 images, lr 0.008 at that batch, 5 warm-up epochs, cosine
+  c.batch_size, c.num_instances, c.gradient_accumulation_steps = 64, 4, 1
+  c.learning_rate, c.lr_reference_batch = 0.008, 64
+  c.num_epochs, c.warmup_epochs = 120, 5.0
+  c.use_gradient_checkpointing = False   # batch 64 at 256 x 128 (128 tokens) fits a 24 GB GPU
+  c.eval_batch_size, c.eval_frequency, c.save_frequency = 256, 10, 10
+  return c
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming any key that `base_config` does not know."""
   known = base_config()

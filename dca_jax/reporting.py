@@ -122,9 +122,13 @@ class MetricWriter:
     return self._tb is not None
 
   def write(self, step: int, metrics: dict, prefix: str = '') -> None:
+    """The scalar entries of `metrics` (numbers and 0-d arrays; text such as the dataset's
+    version is left to eval.json)."""
     if not self.active:
       return
-    scalars = {f'{prefix}{k}': float(v) for k, v in metrics.items()}
+    scalars = {f'{prefix}{k}': float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float, np.number)) or np.ndim(v) == 0 and
+               np.issubdtype(np.asarray(v).dtype, np.number)}
     self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
     self._jsonl.flush()
     if self._tb is not None:

@@ -1,0 +1,13 @@
+"""DCAL on DukeMTMC-reID (702 train identities), the paper's Re-ID recipe (docs/REID.md).
+
+The set was withdrawn by its authors; the layout is supported for those who hold it.
+data_dir holds DukeMTMC-reID/ (bounding_box_train/, query/, bounding_box_test/).
+"""
+from dca_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.reid_config(backbone=arg or 'vit_base')
+  c.dataset = 'dukemtmc'
+  c.num_classes = 702
+  return c

@@ -1,0 +1,13 @@
+"""DCAL on MSMT17 (1,041 train identities; train + val lists merged), the paper's Re-ID recipe.
+
+data_dir holds MSMT17_V1/ or MSMT17_V2/ (the version read is recorded in eval.json: it moves
+published mAP by several points). See docs/REID.md.
+"""
+from dca_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.reid_config(backbone=arg or 'vit_base')
+  c.dataset = 'msmt17'
+  c.num_classes = 1041
+  return c

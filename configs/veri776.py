@@ -1,0 +1,13 @@
+"""DCAL on VeRi-776 (576 train vehicle identities), 256 x 256 input, the paper's Re-ID recipe.
+
+data_dir holds VeRi/ (image_train/, image_query/, image_test/). See docs/REID.md.
+"""
+from dca_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.reid_config(backbone=arg or 'vit_base')
+  c.dataset = 'veri776'
+  c.num_classes = 576
+  c.input_size, c.input_width = 256, 256
+  return c
