@@ -51,7 +51,7 @@ def reid_feature_step(variables, batch, *, model, dtype, after_bn: bool, flip: b
   if normalize:
     feature = feature / jnp.maximum(jnp.linalg.norm(feature, axis=-1, keepdims=True), 1e-12)
   return {'feature': feature, 'pid': batch['label'], 'camid': batch['camid'],
-          'mask': batch['mask']}
+          'index': batch['index'], 'mask': batch['mask']}
 
 
 # ============================================================================ Evaluator
@@ -99,7 +99,8 @@ class Evaluator:
     return result
 
   def features(self, variables, split: str) -> dict:
-    """{'feature' [n, D], 'pid' [n], 'camid' [n]} of every image of a Re-ID split, in order."""
+    """{'feature' [n, D], 'pid', 'camid', 'index' [n]} of every image of a Re-ID split (each
+    once; 'index' is the image's position in the split)."""
     parts = []
     for batch in self._batches(split=split):
       out = jax.device_get(self._step(variables, batch))

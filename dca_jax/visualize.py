@@ -483,6 +483,100 @@ def _save_figure(path: str, example: dict, models: Sequence[tuple]) -> None:
     plt.close(fig)
 
 
+# ============================================================================ Re-ID rankings
+RANK_PANEL_HEIGHT = 192  # px: every image of a ranking row is scaled to this height
+RANK_FRAME = 4           # px: the green (same identity) / red frame around a gallery image
+RANK_GAP = 12            # px between the query part and the gallery images
+GREEN, RED = (40, 170, 60), (210, 40, 40)
+
+
+def _scaled(image: np.ndarray, height: int) -> np.ndarray:
+  """Nearest-neighbour resize of a uint8 [h, w, 3] image to `height` rows (aspect kept)."""
+  h, w = image.shape[:2]
+  width = max(1, int(round(w * height / h)))
+  rows = np.minimum(np.arange(height) * h // height, h - 1)
+  cols = np.minimum(np.arange(width) * w // width, w - 1)
+  return np.asarray(image, np.uint8)[rows[:, None], cols[None, :]]
+
+
+def ranking_picture(query, query_map, gallery, matches) -> np.ndarray:
+  """One ranking row, uint8 [H, W, 3]: the query, its attention map, then the ranked gallery
+  images, each framed green if it shows the query's identity, red if not."""
+  height = RANK_PANEL_HEIGHT
+  parts = [_scaled(query, height), np.full((height, 2, 3), 255, np.uint8),
+           _scaled(query_map, height), np.full((height, RANK_GAP, 3), 255, np.uint8)]
+  for image, same in zip(gallery, matches):
+    framed = _scaled(image, height - 2 * RANK_FRAME)
+    framed = np.pad(framed, ((RANK_FRAME, RANK_FRAME), (RANK_FRAME, RANK_FRAME), (0, 0)))
+    framed[:RANK_FRAME], framed[-RANK_FRAME:] = GREEN if same else RED, GREEN if same else RED
+    framed[:, :RANK_FRAME], framed[:, -RANK_FRAME:] = (GREEN if same else RED,) * 2
+    parts += [framed, np.full((height, 2, 3), 255, np.uint8)]
+  return np.concatenate(parts, axis=1)
+
+
+def _split_images(input_data, config, split: str, wanted) -> dict:
+  """{index: displayable uint8 image} of the wanted positions of a Re-ID split."""
+  from dca_jax import data  # pylint: disable=g-import-not-at-top
+  wanted, found = set(int(i) for i in wanted), {}
+  for batch in input_data.eval_iter(split=split):
+    for image, index, mask in zip(batch['image'], batch['index'], batch['mask']):
+      if mask and int(index) in wanted:
+        found[int(index)] = data.denormalize(image, config)
+    if len(found) == len(wanted):
+      break
+  return found
+
+
+def run_visualize_reid(config, workdir: str, *, num_images: int = 8, top: int = 10,
+                       which: str = 'latest') -> list[str]:
+  """Per query: its rollout heat map and the top-`top` gallery images of the retrieval, framed
+  green (same identity) or red; same-identity same-camera images are left out as in the
+  evaluation. Queries whose rank-1 is right and wrong are both drawn, labelled.
+  Writes WORKDIR/visualize/query_NNNNN.png; returns the paths."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from dca_jax import data  # pylint: disable=g-import-not-at-top
+  restored = evaluate.load_for_inference(config, workdir, which)
+  input_data = data.build_input(config, with_train=False)
+  evaluator = evaluate.Evaluator(config, restored.model, input_data, restored.mesh,
+                                 restored.variables_sharding, dtype=restored.dtype)
+  query = evaluator.features(restored.variables, 'query')
+  gallery = evaluator.features(restored.variables, 'gallery')
+  dist = (np.sum(query['feature'] ** 2, 1)[:, None] + np.sum(gallery['feature'] ** 2, 1)[None]
+          - 2 * query['feature'] @ gallery['feature'].T)
+  junk = (query['pid'][:, None] == gallery['pid'][None]) & (
+      query['camid'][:, None] == gallery['camid'][None])
+  order = np.argsort(np.where(junk, np.inf, dist), axis=1, kind='stable')[:, :top]
+  matches = gallery['pid'][order] == query['pid'][:, None]
+  chosen = pick_correct_and_wrong(list(matches[:, 0]), num_images)
+  queries = _split_images(input_data, config, 'query', query['index'][chosen])
+  galleries = _split_images(input_data, config, 'gallery', gallery['index'][order[chosen]].ravel())
+  images = np.stack([data.normalize(queries[int(query['index'][q])], config) for q in chosen])
+  out = jax.device_get(jax.jit(lambda v, x: restored.model.apply(
+      v, x.astype(restored.dtype), train=False, with_selection=True))(restored.variables, images))
+  out_dir = os.path.join(workdir, 'visualize')
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for row, q in enumerate(chosen):
+    display = queries[int(query['index'][q])]
+    glca = out['glca_index'][row] if 'glca_index' in out else None
+    query_map = attention_picture(display, out['rollout'][row], glca)[:, display.shape[1]:]
+    gallery_images = [galleries[int(gallery['index'][g])] for g in order[q]]
+    picture = ranking_picture(display, query_map, gallery_images, matches[q])
+    canvas = Image.new('RGB', (picture.shape[1], picture.shape[0] + 28), 'white')
+    canvas.paste(Image.fromarray(picture), (0, 28))
+    verdict = 'rank-1 correct' if matches[q, 0] else 'rank-1 wrong'
+    ImageDraw.Draw(canvas).text(
+        (4, 6), f'query #{int(query["index"][q])} (id {int(query["pid"][q])}, camera '
+        f'{int(query["camid"][q])}): {verdict}; attention rollout + GLCA cells; top-{top} '
+        f'gallery (green: same id)', fill=(0, 0, 0))
+    path = os.path.join(out_dir, f'query_{int(query["index"][q]):05d}.png')
+    canvas.save(path)
+    written.append(path)
+  print(f'visualize ({which} checkpoint, step {restored.step}): {len(written)} ranking(s) -> '
+        f'{out_dir}', flush=True)
+  return written
+
+
 def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
                   compare_workdir: str = '', which: str = 'latest') -> list[str]:
   """Writes workdir/visualize/<name>.png per image; returns the paths written.
@@ -496,6 +590,11 @@ def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
   paths = _clean_paths(images)
   if not paths and num_images <= 0:
     raise ValueError(f'--num_images={num_images}: draw at least one test image')
+  if config.task == 'reid':
+    if paths or compare_workdir:
+      raise ValueError('Re-ID visualize draws query rankings: --images and --compare_workdir '
+                       'are for FGVC runs')
+    return run_visualize_reid(config, workdir, num_images=num_images, which=which)
   compare_workdir = (compare_workdir or '').strip()
   if compare_workdir and not os.path.isdir(compare_workdir):
     raise FileNotFoundError(f'--compare_workdir {compare_workdir}: no such directory')

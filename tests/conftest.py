@@ -43,6 +43,19 @@ def tiny_config(**overrides):
   return c
 
 
+def tiny_reid_config(**overrides):
+  """A tiny Re-ID DCAL on the synthetic Re-ID set: 32 x 16 px (4 x 2 patches of 8), P x K = 2 x 4."""
+  c = tiny_config(task='reid', dataset='synthetic_reid', num_classes=6, input_size=32,
+                  input_width=16, resize_size=36)
+  c.synthetic_num_train, c.synthetic_num_test, c.synthetic_image_size = 48, 60, 32
+  c.batch_size, c.num_instances, c.eval_batch_size = 8, 4, 16
+  c.crop_padding, c.top_k_ratio = 2, 0.3
+  c.optimizer, c.learning_rate, c.lr_reference_batch = 'adamw', 3e-3, 8
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
 @pytest.fixture
 def tiny():
   return tiny_config

@@ -1,0 +1,122 @@
+"""Re-ID end to end: a tiny DCAL trains on the synthetic Re-ID set (Market-1501 files), its
+checkpoint is restored and evaluated with the standard protocol; the features, the padding and
+the metrics are checked against computations that do not go through the Evaluator."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_reid_config
+from dca_jax import data, evaluate, train, visualize
+from dca_jax.models import dcal
+from dca_jax.reid import metrics
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp('reid')
+  config = tiny_reid_config(max_steps=6, data_dir=str(root / 'data'))
+  workdir = str(root / 'run')
+  trained = train.train_and_evaluate(config, workdir)
+  return config, workdir, trained
+
+
+def _files(folder):
+  """(pid, camid) of the images in a Market-1501 folder, junk (-1) left out: read by hand."""
+  out = []
+  for name in sorted(os.listdir(folder)):
+    if name.endswith('.jpg'):
+      pid, cam = name.split('_')[:2]
+      if int(pid) != -1:
+        out.append((int(pid), int(cam[1]) - 1))
+  return out
+
+
+def test_train_then_eval_reports_the_protocol_on_every_image(run):
+  config, workdir, trained = run
+  result = evaluate.run_eval(config, workdir)
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    saved = json.load(f)
+  for key in ('mAP', 'rank1', 'rank5', 'rank10', 'mINP', 'num_query', 'num_gallery',
+              'num_skipped', 'pixel_baseline_mAP', 'dataset_version', 'step'):
+    assert key in saved, key
+  assert saved['mAP'] == pytest.approx(trained['mAP'])      # the restored model = the trained one
+  assert saved['step'] == 6 and 'Market-1501 layout' in saved['dataset_version']
+  root = data.build_input(config, with_train=False).info.root
+  assert result['num_query'] == len(_files(os.path.join(root, 'query')))
+  assert result['num_gallery'] == len(_files(os.path.join(root, 'bounding_box_test')))
+  assert 0.0 <= result['mINP'] <= 1.0 and 0.0 <= result['mAP'] <= 1.0
+  assert result['rank1'] <= result['rank5'] <= result['rank10']
+
+
+def test_features_and_metrics_equal_an_independent_computation(run):
+  """Features straight from model.apply on the eval stream (not the jitted, sharded Evaluator),
+  L2-normalised in numpy; mAP/CMC from evaluate_rank on a float64 distance matrix."""
+  config, workdir, _ = run
+  restored = evaluate.load_for_inference(config, workdir)
+  assert set(restored.variables) == {'params', 'batch_stats'}   # the necks' statistics restored
+  input_data = data.build_input(config, with_train=False)
+  evaluator = evaluate.Evaluator(config, restored.model, input_data, restored.mesh,
+                                 restored.variables_sharding, dtype=restored.dtype)
+  apply = jax.jit(restored.model.apply)
+  mine = {}
+  for split in ('query', 'gallery'):
+    feats, pids, cams, seen = [], [], [], []
+    for batch in input_data.eval_iter(split=split):
+      keep = np.asarray(batch['mask'], bool)
+      out = apply(jax.device_get(restored.variables), batch['image'][keep])
+      f = np.asarray(dcal.reid_feature(out), np.float64)   # before the neck (reid_feature)
+      feats.append(f / np.linalg.norm(f, axis=1, keepdims=True))
+      pids.append(batch['label'][keep])
+      cams.append(batch['camid'][keep])
+      seen += list(batch['index'][keep])
+    assert sorted(seen) == list(range(len(seen)))          # every image once, padding dropped
+    got = evaluator.features(restored.variables, split)
+    np.testing.assert_allclose(got['feature'], np.concatenate(feats), atol=2e-5)
+    np.testing.assert_array_equal(got['pid'], np.concatenate(pids))
+    mine[split] = (np.concatenate(feats), np.concatenate(pids), np.concatenate(cams))
+  (qf, qp, qc), (gf, gp, gc) = mine['query'], mine['gallery']
+  dist = ((qf[:, None, :] - gf[None, :, :]) ** 2).sum(-1)
+  cmc, m_ap, m_inp = metrics.evaluate_rank(dist, qp, gp, qc, gc)
+  result = evaluator(restored.variables)
+  assert result['mAP'] == pytest.approx(m_ap, abs=1e-6)
+  assert result['mINP'] == pytest.approx(m_inp, abs=1e-6)
+  assert result['rank1'] == pytest.approx(cmc[0], abs=1e-6)
+
+
+def test_flip_and_after_bn_features(run):
+  config, workdir, _ = run
+  restored = evaluate.load_for_inference(config, workdir)
+  input_data = data.build_input(config, with_train=False)
+  batch = next(input_data.eval_iter(split='query'))
+  variables = jax.device_get(restored.variables)
+  kw = dict(model=restored.model, dtype=np.float32)
+  flipped = evaluate.reid_feature_step(variables, batch, after_bn=True, flip=True,
+                                       normalize=False, **kw)['feature']
+  out = restored.model.apply(variables, batch['image'])
+  out_mirror = restored.model.apply(variables, batch['image'][:, :, ::-1])
+  want = 0.5 * (dcal.reid_feature(out, after_bn=True) + dcal.reid_feature(out_mirror, after_bn=True))
+  np.testing.assert_allclose(flipped, want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(dcal.reid_feature(out, after_bn=True), dcal.reid_feature(out))
+
+
+def test_visualize_draws_rankings_with_frames(run):
+  config, workdir, _ = run
+  written = visualize.run_visualize(config, workdir, num_images=2)
+  assert len(written) == 2 and all(os.path.basename(p).startswith('query_') for p in written)
+  with pytest.raises(ValueError, match='Re-ID'):
+    visualize.run_visualize(config, workdir, images=['a.jpg'])
+
+
+def test_ranking_picture_frames_matches_green_and_others_red():
+  query = np.full((32, 16, 3), 100, np.uint8)
+  picture = visualize.ranking_picture(query, query, [query, query], [True, False])
+  h = visualize.RANK_PANEL_HEIGHT
+  assert picture.shape[0] == h
+  first = 2 * (h // 2) + 2 + visualize.RANK_GAP        # x of the first gallery frame
+  assert tuple(picture[0, first]) == visualize.GREEN
+  second = first + (h - 2 * visualize.RANK_FRAME) // 2 + 2 * visualize.RANK_FRAME + 2
+  assert tuple(picture[h // 2, second]) == visualize.RED
