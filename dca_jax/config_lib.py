@@ -37,12 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic_num_train = 1000     # synthetic source only
   c.synthetic_num_test = 500       # synthetic source only
   c.synthetic_image_size = 64      # synthetic source only: generated image side in px
+  c.synthetic_seed = 0             # synthetic sets: the generation seed (fixed data whatever `seed` trains with)
   c.synthetic_distractors = 3      # synthetic (FGVC) only: look-alike squares per image
   c.synthetic_detail_size = 0.125  # synthetic (FGVC) only: side of the class-defining detail / image side
   # --- Re-ID input (task=reid) ------------------------------------------------------------
   c.num_instances = 4              # K images per identity in a batch; batch_size = P x K (paper 16 x 4)
   c.crop_padding = 10              # pad by this many px, then random crop back to the input size
   c.random_erasing = 0.5           # probability of random erasing per train image; 0 = off
+  c.random_erasing_fill = 'random' # random (values N(0, 1) once normalised, TransReID) / mean (the mean colour)
   # --- model ------------------------------------------------------------------------------
   c.backbone = 'deit_tiny'         # deit_tiny | deit_small | deit_base | vit_base | r50_vit_base | tiny test variants
   c.backbone_overrides = ml_collections.ConfigDict(  # width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2
@@ -82,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 1.0            # linear warm-up, then cosine decay to 0
   c.num_epochs = 100               # training length
   c.max_grad_norm = 0.0            # 0 disables global-norm clipping
-  c.seed = 42                      # init, data order, augmentation, PWCA partners, drop path
+  c.seed = 42                      # init, data order, augmentation, PWCA partners, drop path (not the synthetic data: synthetic_seed)
   # --- evaluation, checkpoints, logging ----------------------------------------------------
   c.eval_batch_size = 16           # global; the last batch is padded and masked
   c.eval_frequency = 1             # epochs
@@ -165,6 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       'rollout_impl': ('vector', 'running_product'),
       'optimizer': ('adamw', 'sgd'),
       'reid_feature': ('before_bn', 'after_bn'),
+      'random_erasing_fill': ('random', 'mean'),
       'loss_weighting': ('uncertainty', 'sum'),
       'attention_impl': ('xla', 'cudnn'),
       'precision': ('auto', 'fp32', 'bf16', 'fp16'),

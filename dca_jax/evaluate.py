@@ -20,13 +20,15 @@ import numpy as np
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib
 from dca_jax import distributed
+from dca_jax.data import preprocess
 from dca_jax.models import build_model, dcal
 
 
 # ============================================================================ eval steps
-def fgvc_eval_step(variables, batch, *, model, dtype):
+def fgvc_eval_step(variables, batch, *, model, dtype, normalization):
   """Masked sums of correct predictions for SA, GLCA and SA+GLCA (padding counts nowhere)."""
-  out = model.apply(variables, batch['image'].astype(dtype), train=False)
+  images = preprocess.device_normalize(batch['image'], normalization, dtype)
+  out = model.apply(variables, images, train=False)
   mask = batch['mask'].astype(jnp.float32)
   label = batch['label']
   hits = lambda logits: jnp.sum((jnp.argmax(logits, -1) == label) * mask)
@@ -37,10 +39,10 @@ def fgvc_eval_step(variables, batch, *, model, dtype):
   return sums
 
 
-def reid_feature_step(variables, batch, *, model, dtype, after_bn: bool, flip: bool,
-                      normalize: bool):
-  """Retrieval features concat(SA, GLCA) of a batch (+ its pids, cameras and mask)."""
-  images = batch['image'].astype(dtype)
+def reid_feature_step(variables, batch, *, model, dtype, normalization, after_bn: bool,
+                      flip: bool, normalize: bool):
+  """Retrieval features concat(SA, GLCA) of a batch (+ its pids, cameras, indices and mask)."""
+  images = preprocess.device_normalize(batch['image'], normalization, dtype)
 
   def features(images):
     return dcal.reid_feature(model.apply(variables, images, train=False), after_bn=after_bn)
@@ -67,12 +69,15 @@ class Evaluator:
     self.config, self.input = config, input_data
     self.batch_sharding = distributed.data_sharding(mesh)
     replicated = distributed.replicated(mesh)
+    normalization = config_lib.resolve_normalization(config)
     if config.task == 'fgvc':
-      step = lambda v, b: fgvc_eval_step(v, b, model=model, dtype=dtype)
+      step = lambda v, b: fgvc_eval_step(v, b, model=model, dtype=dtype,
+                                         normalization=normalization)
     else:
       step = lambda v, b: reid_feature_step(
-          v, b, model=model, dtype=dtype, after_bn=config.reid_feature == 'after_bn',
-          flip=config.reid_flip_test, normalize=config.reid_normalize)
+          v, b, model=model, dtype=dtype, normalization=normalization,
+          after_bn=config.reid_feature == 'after_bn', flip=config.reid_flip_test,
+          normalize=config.reid_normalize)
     self._step = jax.jit(step, in_shardings=(variables_sharding, self.batch_sharding),
                          out_shardings=replicated)
 
@@ -124,9 +129,9 @@ class Evaluator:
     """mAP of nearest neighbours on the raw (normalised) eval pixels: what the model must beat."""
     pixels = {}
     for split in ('query', 'gallery'):
-      rows = [b['image'][np.asarray(b['mask'], bool)].reshape(int(np.sum(b['mask'])), -1)
-              for b in self.input.eval_iter(split=split)]
-      pixels[split] = np.concatenate(rows).astype(np.float32)
+      rows = [b['image'][np.asarray(b['mask'], bool)] for b in self.input.eval_iter(split=split)]
+      images = preprocess.normalize(np.concatenate(rows), self.config)
+      pixels[split] = images.reshape(len(images), -1)
     return metrics.evaluate_features(pixels['query'], pixels['gallery'], *ids)['mAP']
 
 

@@ -29,6 +29,7 @@ from dca_jax import evaluate
 from dca_jax import losses
 from dca_jax import optim
 from dca_jax import reporting
+from dca_jax.data import preprocess
 from dca_jax import visualize
 from dca_jax.models import build_model, dcal
 
@@ -103,7 +104,7 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng):
   """
   step_rng = jax.random.fold_in(base_rng, state.step)
   partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
-  images = batch['image'].astype(dtype)
+  images = preprocess.device_normalize(batch['image'], config, dtype)  # uint8 -> dtype
   partner = None
   if config.num_pwca_layers > 0:
     partner = dcal.derangement(partner_rng, images.shape[0])

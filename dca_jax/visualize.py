@@ -25,6 +25,7 @@ import numpy as np
 
 from dca_jax import config_lib
 from dca_jax import evaluate
+from dca_jax.data import preprocess
 from dca_jax.models import dcal
 
 # Figure geometry in pixels (fixed, so a figure's pixel size is known: `figure_size_px`).
@@ -161,8 +162,8 @@ class AttentionImages:
     model, dtype = trainer.model, trainer.dtype
 
     def forward(variables, batch):
-      out = model.apply(variables, batch['image'].astype(dtype), train=False,
-                        with_selection=True)
+      images = preprocess.device_normalize(batch['image'], trainer.config, dtype)
+      out = model.apply(variables, images, train=False, with_selection=True)
       res = {'rollout': out['rollout'], 'index': batch['index']}
       if 'glca_index' in out:
         res['glca_index'] = out['glca_index']
@@ -179,9 +180,7 @@ class AttentionImages:
     batch = next(iter(self._trainer.input.eval_iter(with_index=True, **split)))
     keep = np.flatnonzero(batch['mask'])[:self.num_images]
     # Matched by test index after the forward, whatever row order the global batch has.
-    self._displays = {int(batch['index'][i]): data.denormalize(batch['image'][i],
-                                                               self._trainer.config)
-                      for i in keep}
+    self._displays = {int(batch['index'][i]): batch['image'][i] for i in keep}
     self._batch = {'image': batch['image'],
                    'index': np.where(batch['mask'], batch['index'], -1).astype(np.int32)}
 
@@ -226,7 +225,8 @@ class Predictor:
     num_heads = 2.0 if self.has_glca else 1.0
 
     def forward(variables, images):
-      out = model.apply(variables, images.astype(dtype), train=False, with_selection=True)
+      images = preprocess.device_normalize(images, config, dtype)
+      out = model.apply(variables, images, train=False, with_selection=True)
       # softmax(SA) + softmax(GLCA) sums to 2: divide by the number of heads -> probabilities.
       res = {'probs': dcal.predict_probs(out) / num_heads}
       res.update({k: out[k] for k in _OUTPUT_KEYS if k in out})
@@ -240,11 +240,11 @@ class Predictor:
     return f'{name} ({"SA+GLCA" if self.has_glca else "SA only"})'
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """float32 [n, S, S, 3] -> numpy {'probs' [n, C], 'rollout' [n, 1+N], 'glca_index'?}.
+    """uint8 [n, S, W, 3] -> numpy {'probs' [n, C], 'rollout' [n, 1+N], 'glca_index'?}.
 
     Batches of min(n, eval_batch_size), the last one padded: one shape, one compilation.
     """
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images, np.uint8)
     n = images.shape[0]
     b = min(n, self.batch_size)
     chunks = []
@@ -267,13 +267,13 @@ def _load_files(paths: Sequence[str], config) -> tuple[list, list]:
   ok, failed = [], []
   for path in paths:
     try:
-      image, display = data.load_image_for_eval(path, config)
+      image = data.load_image_for_eval(path, config)
     except data.ImageLoadError as e:
       reason = _reason(e, path)
       print(f'error: {path}: {reason}', file=sys.stderr, flush=True)
       failed.append((path, reason))
       continue
-    ok.append((path, image, display))
+    ok.append((path, image, image))
   return ok, failed
 
 
@@ -379,7 +379,7 @@ def _test_examples(predictor: Predictor, num_images: int, indices=None) -> list[
         continue
       found[int(index)] = {
           'name': f'test_{int(index):05d}', 'title': f'test image #{int(index)}',
-          'image': image, 'display': data.denormalize(image, predictor.config),
+          'image': image, 'display': image,
           'truth': predictor.class_names[int(label)]}
       if len(found) == (num_images if want is None else len(want)):
         break
@@ -521,7 +521,7 @@ def _split_images(input_data, config, split: str, wanted) -> dict:
   for batch in input_data.eval_iter(split=split):
     for image, index, mask in zip(batch['image'], batch['index'], batch['mask']):
       if mask and int(index) in wanted:
-        found[int(index)] = data.denormalize(image, config)
+        found[int(index)] = image
     if len(found) == len(wanted):
       break
   return found
@@ -550,9 +550,10 @@ def run_visualize_reid(config, workdir: str, *, num_images: int = 8, top: int = 
   chosen = pick_correct_and_wrong(list(matches[:, 0]), num_images)
   queries = _split_images(input_data, config, 'query', query['index'][chosen])
   galleries = _split_images(input_data, config, 'gallery', gallery['index'][order[chosen]].ravel())
-  images = np.stack([data.normalize(queries[int(query['index'][q])], config) for q in chosen])
+  images = np.stack([queries[int(query['index'][q])] for q in chosen])
   out = jax.device_get(jax.jit(lambda v, x: restored.model.apply(
-      v, x.astype(restored.dtype), train=False, with_selection=True))(restored.variables, images))
+      v, preprocess.device_normalize(x, config, restored.dtype), train=False,
+      with_selection=True))(restored.variables, images))
   out_dir = os.path.join(workdir, 'visualize')
   os.makedirs(out_dir, exist_ok=True)
   written = []

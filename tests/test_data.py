@@ -14,6 +14,7 @@ from PIL import Image
 
 from dca_jax import config_lib
 from dca_jax import data
+from dca_jax.data import preprocess
 
 try:
   from tests import layouts  # pylint: disable=g-import-not-at-top
@@ -120,7 +121,7 @@ def test_tfds_mock(dataset, num_classes, tmp_path):
     it = inp.train_iter()
     batches = [next(it) for _ in range(5)]
     for b in batches:
-      assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.float32
+      assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
       assert b['label'].dtype == np.int32 and ((0 <= b['label']) & (b['label'] < num_classes)).all()
     resumed = inp.train_iter(start_step=3)
     for want in batches[3:]:
@@ -143,13 +144,14 @@ def test_shapes_dtypes_ranges(normalization, lo, hi):
   inp = data.build_input(tiny_config(normalization=normalization))
   assert inp.info.class_names == ['class_00', 'class_01', 'class_02']
   b = next(inp.train_iter())
-  assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.float32
+  assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
   assert b['label'].shape == (4,) and b['label'].dtype == np.int32
-  assert b['image'].min() >= lo - 1e-3 and b['image'].max() <= hi + 1e-3
-  assert b['image'].max() - b['image'].min() > 0.5 * (hi - lo)
+  # uint8 travels; the step normalises it into the backbone's range
+  x = np.asarray(preprocess.device_normalize(b['image'], normalization))
+  assert x.min() >= lo - 1e-3 and x.max() <= hi + 1e-3
+  assert x.max() - x.min() > 0.5 * (hi - lo)
   e = next(inp.eval_iter())
   assert e['image'].shape == (4, 32, 32, 3) and e['mask'].dtype == np.bool_
-  assert e['image'].min() >= lo - 1e-3 and e['image'].max() <= hi + 1e-3
 
 
 def test_determinism_epochs_and_resume():
@@ -295,11 +297,13 @@ def test_load_image_for_eval(kind, tmp_path):
   else:
     layouts.write_image(path, (77, 41), 1, rng)
   cfg = tiny_config()
-  img, display = data.load_image_for_eval(path, cfg)
-  assert img.shape == (32, 32, 3) and img.dtype == np.float32
-  assert display.shape == (32, 32, 3) and display.dtype == np.uint8
-  np.testing.assert_allclose(data.normalize(display, cfg), img, atol=0.02)
-  np.testing.assert_array_equal(data.denormalize(img, cfg), display)
+  img = data.load_image_for_eval(path, cfg)
+  assert img.shape == (32, 32, 3) and img.dtype == np.uint8   # what the eval stream yields
+  if kind == 'gray_png':
+    assert (img == img[..., :1]).all()
+  if kind == 'rgba_png':   # the alpha composited on white: a brighter image than the RGB alone
+    rgb = np.asarray(Image.open(path).convert('RGB'), np.float64)
+    assert img.mean() > rgb.mean()
 
 
 def test_load_image_for_eval_matches_the_eval_pipeline(cub):
@@ -307,7 +311,8 @@ def test_load_image_for_eval_matches_the_eval_pipeline(cub):
     cfg = folder_config(cub, test_crop=test_crop)
     batch = next(data.build_input(cfg).eval_iter())
     for k in range(2):
-      img, _ = data.load_image_for_eval(cub.test[k][0], cfg)
+      img = data.load_image_for_eval(cub.test[k][0], cfg)
+      assert batch['image'].dtype == np.uint8
       np.testing.assert_array_equal(img, batch['image'][k])
 
 
@@ -327,10 +332,16 @@ def test_load_image_for_eval_errors(tmp_path):
   assert issubclass(data.DataError, ValueError)
 
 
-def test_normalize_roundtrip():
+def test_normalize_roundtrip_and_on_device():
   x = np.arange(256, dtype=np.uint8).reshape(1, -1, 1).repeat(3, -1)
   for name in ('imagenet', 'inception'):
     np.testing.assert_array_equal(data.denormalize(data.normalize(x, name), name), x)
+    # the jitted steps' normalisation is numpy's, on the device
+    np.testing.assert_allclose(preprocess.device_normalize(x, name), data.normalize(x, name),
+                               atol=1e-6)
+  np.testing.assert_allclose(data.normalize(x, 'inception')[0, [0, 255], 0], [-1.0, 1.0])
+  np.testing.assert_allclose(data.normalize(x, 'imagenet')[0, 0],
+                             -np.array([0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225], rtol=1e-6)
 
 
 def test_import_is_light():

@@ -200,7 +200,7 @@ def test_train_stream_pk_resume_and_hosts(market):
   it = inp.train_iter()
   stream = [next(it) for _ in range(2 * 3 + 2)]
   for b in stream:
-    assert b['image'].shape == (4, H, W, 3) and b['image'].dtype == np.float32
+    assert b['image'].shape == (4, H, W, 3) and b['image'].dtype == np.uint8
     assert b['label'].dtype == np.int32
     check_pk(b['label'], np.arange(4), 2, 2)
     assert set(b['label'].tolist()) <= set(range(5))
@@ -219,26 +219,26 @@ def test_train_stream_pk_resume_and_hosts(market):
 
 
 def test_train_augmentation_is_flip_pad_crop_of_the_eval_image(market):
-  """With erasing off, a train image is the eval image (same resize and normalisation),
-  maybe mirrored, shifted by at most crop_padding with black (normalised 0) borders."""
+  """With erasing off, a train image is the eval image (same resize), maybe mirrored, shifted by
+  at most crop_padding with black borders; both uint8."""
   pad = 3
   cfg = folder_config(market, batch_size=4, num_instances=2, crop_padding=pad,
                       random_erasing=0.0, normalization='imagenet')
   inp = data.build_input(cfg)
   src = inp.source
-  black = preprocess.normalize(np.zeros((1, 1, 3), np.uint8), 'imagenet')[0, 0]
+  black = np.zeros(3, np.uint8)
   ids = inp.sampler.host_epoch(0)[0]
   batch = next(inp.train_iter())
   for j in range(4):
-    ref = preprocess.reid_eval_transform(src.load('train', int(ids[j])), height=H, width=W,
-                                         normalization='imagenet').numpy()
+    ref = preprocess.reid_eval_transform(src.load('train', int(ids[j])), height=H,
+                                         width=W).numpy()
     padded = np.broadcast_to(black, (H + 2 * pad, W + 2 * pad, 3)).copy()
     found = False
     for cand in (ref, ref[:, ::-1]):
       padded[pad:pad + H, pad:pad + W] = cand
       for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-          if np.allclose(padded[dy:dy + H, dx:dx + W], batch['image'][j], atol=1e-5):
+          if np.array_equal(padded[dy:dy + H, dx:dx + W], batch['image'][j]):
             found = True
     assert found, f'train image {j} is not a flip/shift of its eval image'
 
@@ -258,8 +258,13 @@ def test_random_erasing_area_and_fill(fill):
       box = erased[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
       assert box.all(), 'the erased region is not one rectangle'
       areas.append(box.size / erased.size)
-      if fill == 'mean':
-        assert (out[erased] == 0).all()
+      if fill == 'mean':   # the ImageNet mean colour, 0 once normalised
+        np.testing.assert_allclose(out[erased], np.broadcast_to(
+            255 * np.array([0.485, 0.456, 0.406]), out[erased].shape), rtol=1e-6)
+      else:                # N(0, 1) once normalised: mean ~0, std ~1 (clipped at the tails)
+        z = preprocess.normalize(out[erased][None], 'imagenet')[0]
+        if z.size > 300:
+          assert abs(z.mean()) < 0.2 and 0.7 < z.std() < 1.1
   assert len(areas) >= 18  # probability 1: nearly always (unless no draw fits)
   assert 0.012 <= min(areas) and max(areas) <= 0.43  # 2-40 %, up to side rounding
   assert (preprocess.random_erase(img, tf.constant([1, 2], tf.int64), 0.0, fill).numpy()
@@ -274,7 +279,9 @@ def test_train_stream_random_erasing_changes_images(market):
   erased = next(data.build_input(base).train_iter())['image']
   diff = (plain != erased).any(-1)
   assert diff.any(axis=(1, 2)).sum() >= 3
-  assert (erased[diff] == 0).all()
+  np.testing.assert_array_equal(  # the mean colour, as uint8
+      erased[diff], np.broadcast_to(np.round(255 * np.array([0.485, 0.456, 0.406])),
+                                    erased[diff].shape))
 
 
 # ------------------------------------------------------------------------------ eval streams
@@ -310,8 +317,9 @@ def test_eval_images_are_resized_and_normalised(market):
     with Image.open(market.query[j][0]) as im:
       ref = np.asarray(im.convert('RGB').resize((W, H), Image.BILINEAR), np.float32)
     assert batch['image'][j].shape == (H, W, 3)
-    assert np.abs(batch['image'][j] - (ref / 127.5 - 1.0)).mean() < 0.06  # [-1, 1] scale
-    img, _ = data.load_image_for_eval(market.query[j][0], cfg)
+    assert batch['image'].dtype == np.uint8      # normalised on the device, not here
+    assert np.abs(batch['image'][j] - ref).mean() < 0.06 * 127.5
+    img = data.load_image_for_eval(market.query[j][0], cfg)
     np.testing.assert_array_equal(img, batch['image'][j])
 
 
@@ -392,7 +400,11 @@ def test_synthetic_reid_is_deterministic_cached_and_atomic(tmp_path):
   again = data.build_input(reid_config(data_dir=str(tmp_path / 'a'), **SYN)).info.root
   assert again == a and os.path.getmtime(os.path.join(a, synthetic_reid.MARKER)) == mtime
   assert os.listdir(tmp_path / 'a') == [os.path.basename(a)]  # no temp folder left behind
-  other = data.build_input(reid_config(data_dir=str(tmp_path / 'a'), seed=1, **SYN)).info.root
+  # the training seed does not change the data; the generation seed does
+  same = data.build_input(reid_config(data_dir=str(tmp_path / 'a'), seed=1, **SYN)).info.root
+  assert same == a
+  other = data.build_input(reid_config(data_dir=str(tmp_path / 'a'), synthetic_seed=1,
+                                       **SYN)).info.root
   assert other != a
 
 

@@ -231,7 +231,6 @@ class Input:
       key = preprocess.example_key(seed, elem['epoch'], elem['id'])
       image = preprocess.train_transform(image, key, resize_size=self.resize_size,
                                          input_size=self.input_size,
-                                         normalization=self.normalization,
                                          input_width=self.input_width)
       return {'image': image, 'label': label}
 
@@ -247,7 +246,7 @@ class Input:
     return ds.with_options(self._options())
 
   def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator of {'image': f32 [b, S, W, 3], 'label': i32 [b]} for this host."""
+    """Infinite iterator of {'image': uint8 [b, S, W, 3], 'label': i32 [b]} for this host."""
     return self.train_dataset(start_step).as_numpy_iterator()
 
   # ---------------------------------------------------------------- eval
@@ -260,14 +259,13 @@ class Input:
     def process(elem):
       image, label = src.test_element(elem)
       image = preprocess.eval_transform(image, resize_size=self.resize_size, input_size=S,
-                                        test_crop=self.test_crop,
-                                        normalization=self.normalization, input_width=W)
+                                        test_crop=self.test_crop, input_width=W)
       out = {'image': image, 'label': label, 'mask': t.constant(True)}
       if with_index:
         out['index'] = t.cast(elem['index'], t.int64)
       return out
 
-    pad = {'image': t.zeros((S, W, 3), t.float32), 'label': t.constant(0, t.int32),
+    pad = {'image': t.zeros((S, W, 3), t.uint8), 'label': t.constant(0, t.int32),
            'mask': t.constant(False)}
     if with_index:
       pad['index'] = t.constant(-1, t.int64)
@@ -304,7 +302,7 @@ class _ReidSource:
 class ReidInput(Input):
   """task='reid': P x K train stream, query/gallery eval streams. See docs/REID_DATA.md.
 
-  train_iter(start_step) -> {'image': f32 [b, H, W, 3], 'label': i32 [b]} (relabelled train id);
+  train_iter(start_step) -> {'image': uint8 [b, H, W, 3], 'label': i32 [b]} (relabelled train id);
   every global batch is P = batch_size // num_instances identities x K images, identity by
   identity; host p gets the contiguous slice [p * b, (p + 1) * b) of it.
   eval_iter(split='query' | 'gallery') -> {'image', 'label' (original pid), 'camid', 'mask',
@@ -376,12 +374,11 @@ class ReidInput(Input):
     idx = np.arange(self.process_index, src.sizes[split], self.process_count, dtype=np.int64)
 
     def process(i):
-      image = preprocess.reid_eval_transform(src.load(split, i), height=H, width=W,
-                                             normalization=self.normalization)
+      image = preprocess.reid_eval_transform(src.load(split, i), height=H, width=W)
       return {'image': image, 'label': t.gather(src.pids[split], i),
               'camid': t.gather(src.camids[split], i), 'mask': t.constant(True), 'index': i}
 
-    pad = {'image': t.zeros((H, W, 3), t.float32), 'label': t.constant(-1, t.int32),
+    pad = {'image': t.zeros((H, W, 3), t.uint8), 'label': t.constant(-1, t.int32),
            'camid': t.constant(-1, t.int32), 'mask': t.constant(False),
            'index': t.constant(-1, t.int64)}
     ds = t.data.Dataset.from_tensor_slices(idx)
@@ -497,7 +494,7 @@ def build_input(config, process_index: int = 0, process_count: int = 1, *,
                       "set needs both dataset='synthetic' and data_source='synthetic'")
     d = synthetic.generate(int(config.num_classes), int(config.synthetic_num_train),
                            int(config.synthetic_num_test), int(config.synthetic_image_size),
-                           int(config.seed), int(config.synthetic_distractors),
+                           int(config.synthetic_seed), int(config.synthetic_distractors),
                            float(config.synthetic_detail_size))
     if not len(d.train_labels) or not len(d.test_labels):
       raise DataError('synthetic split is empty: set config.synthetic_num_train / '

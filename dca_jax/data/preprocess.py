@@ -63,7 +63,28 @@ def denormalize(image: np.ndarray, config_or_name: Any = 'imagenet') -> np.ndarr
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
+def device_normalize(images, config_or_name: Any, dtype=None):
+  """uint8 (or [0, 255] float) images -> normalised `dtype` inside a jitted step (jax.numpy):
+  the same numbers as `normalize`, computed on the accelerator."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  name = _normalization_name(config_or_name)
+  x = jnp.asarray(images).astype(jnp.float32)
+  if name == 'imagenet':
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    x = x * (1.0 / (255.0 * std)) - mean / std
+  else:
+    x = x * (2.0 / 255.0) - 1.0
+  return x.astype(dtype or jnp.float32)
+
+
 # ----------------------------------------------------------------------------- TF graph ops
+def to_uint8(image):
+  """float [0, 255] -> uint8, rounded and clipped (what the streams hand to the device)."""
+  t = tf()
+  return t.cast(t.clip_by_value(t.round(image), 0.0, 255.0), t.uint8)
+
+
+
 def tf_normalize(image, name: str):
   """float32 [0, 255] -> normalised float32 (TF version of `normalize`)."""
   t = tf()
@@ -98,17 +119,16 @@ def _resize(image, size, width=None):
   return t.reshape(out, (height, width, 3))
 
 
-def train_transform(image, key, *, resize_size: int, input_size: int, normalization: str,
-                    input_width=None):
-  """uint8 [h, w, 3] -> normalised float32 [S, W, 3] (W = input_width or S); `key` is an
-  int32/int64 [2] seed. The crop is taken from the square `resize_size` image."""
+def train_transform(image, key, *, resize_size: int, input_size: int, input_width=None):
+  """uint8 [h, w, 3] -> uint8 [S, W, 3] (W = input_width or S); `key` is an int32/int64 [2]
+  seed. The crop is taken from the square `resize_size` image."""
   t = tf()
   keys = t.random.experimental.stateless_split(key, 2)
   image = _resize(image, resize_size)
   image = t.image.stateless_random_crop(image, (input_size, input_width or input_size, 3),
                                         seed=keys[0])
   image = t.image.stateless_random_flip_left_right(image, seed=keys[1])
-  return tf_normalize(image, normalization)
+  return to_uint8(image)
 
 
 def eval_crop(image, *, resize_size: int, input_size: int, test_crop: str, input_width=None):
@@ -124,9 +144,10 @@ def eval_crop(image, *, resize_size: int, input_size: int, test_crop: str, input
 
 
 def eval_transform(image, *, resize_size: int, input_size: int, test_crop: str,
-                   normalization: str, input_width=None):
-  return tf_normalize(eval_crop(image, resize_size=resize_size, input_size=input_size,
-                                test_crop=test_crop, input_width=input_width), normalization)
+                   input_width=None):
+  """uint8 [h, w, 3] -> the uint8 eval crop [S, W, 3]."""
+  return to_uint8(eval_crop(image, resize_size=resize_size, input_size=input_size,
+                            test_crop=test_crop, input_width=input_width))
 
 
 # ----------------------------------------------------------------------------- Re-ID
@@ -138,11 +159,13 @@ ERASE_ATTEMPTS = 10
 ERASE_FILLS = ('random', 'mean')
 
 
-def random_erase(image, key, probability: float, fill: str = 'random'):
-  """Erases one random rectangle of normalised float32 [H, W, 3] with `probability`.
+def random_erase(image, key, probability: float, fill: str = 'random',
+                 normalization: str = 'imagenet'):
+  """Erases one random rectangle of a float32 [H, W, 3] image in [0, 255] with `probability`.
 
-  fill='random': per-pixel N(0, 1) values in normalised space (TransReID's timm
-  RandomErasing(mode='pixel')); 'mean': 0, i.e. the dataset mean colour in normalised space.
+  fill='random': per-pixel values that are N(0, 1) once normalised (TransReID's timm
+  RandomErasing(mode='pixel')), clipped to [0, 255] since images travel as uint8; 'mean': the
+  normalisation's mean colour (0 once normalised).
   """
   t = tf()
   if fill not in ERASE_FILLS:
@@ -165,17 +188,22 @@ def random_erase(image, key, probability: float, fill: str = 'random'):
   rows, cols = t.range(h)[:, None], t.range(w)[None, :]
   inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
   inside = inside & do & t.reduce_any(fits)
+  if normalization == 'imagenet':
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+  else:  # inception: x / 127.5 - 1
+    mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
   if fill == 'random':
-    value = t.random.stateless_normal([h, w, 3], seed=keys[4], dtype=image.dtype)
+    normal = t.random.stateless_normal([h, w, 3], seed=keys[4], dtype=t.float32)
+    value = t.clip_by_value(255.0 * (mean + std * normal), 0.0, 255.0)
   else:
-    value = t.zeros_like(image)
-  return t.where(inside[:, :, None], value, image)
+    value = t.broadcast_to(t.constant(255.0 * mean, t.float32), [h, w, 3])
+  return t.where(inside[:, :, None], value, t.cast(image, t.float32))
 
 
 def reid_train_transform(image, key, *, height: int, width: int, padding: int,
                          erasing: float, normalization: str, erasing_fill: str = 'random'):
   """Re-ID train: resize (H, W) -> flip -> zero-pad `padding` + random crop (H, W) ->
-  normalise -> random erasing. uint8 [h, w, 3] -> float32 [H, W, 3]."""
+  random erasing (`normalization` sets its fill). uint8 [h, w, 3] -> uint8 [H, W, 3]."""
   t = tf()
   keys = t.random.experimental.stateless_split(key, 3)
   image = _resize(image, height, width)
@@ -183,15 +211,14 @@ def reid_train_transform(image, key, *, height: int, width: int, padding: int,
   if padding > 0:
     image = t.pad(image, [[padding, padding], [padding, padding], [0, 0]])  # Black, as T.Pad.
     image = t.image.stateless_random_crop(image, (height, width, 3), seed=keys[1])
-  image = tf_normalize(image, normalization)
   if erasing > 0:
-    image = random_erase(image, keys[2], erasing, erasing_fill)
-  return image
+    image = random_erase(image, keys[2], erasing, erasing_fill, normalization)
+  return to_uint8(image)
 
 
-def reid_eval_transform(image, *, height: int, width: int, normalization: str):
-  """Re-ID eval: resize to (H, W), normalise."""
-  return tf_normalize(_resize(image, height, width), normalization)
+def reid_eval_transform(image, *, height: int, width: int):
+  """Re-ID eval: resize to (H, W). uint8 [h, w, 3] -> uint8 [H, W, 3]."""
+  return to_uint8(_resize(image, height, width))
 
 
 def example_key(base_seed: int, epoch, example_id):
@@ -231,8 +258,8 @@ def _read_rgb_for_eval(path: str) -> np.ndarray:
     raise ImageLoadError(f'cannot decode image {path}: {e}') from None
 
 
-def load_image_for_eval(path: str, config) -> tuple[np.ndarray, np.ndarray]:
-  """One image file -> (float32 [S, W, 3] normalised as eval, uint8 [S, W, 3] same crop).
+def load_image_for_eval(path: str, config) -> np.ndarray:
+  """One image file -> its uint8 eval crop [S, W, 3], exactly what the eval stream yields.
 
   S = config.input_size, W = config.input_width or S; task='reid' resizes to (S, W) as the
   Re-ID eval stream does, FGVC applies `config.test_crop`.
@@ -250,6 +277,4 @@ def load_image_for_eval(path: str, config) -> tuple[np.ndarray, np.ndarray]:
     crop = eval_crop(tf().convert_to_tensor(rgb), resize_size=int(config.resize_size),
                      input_size=height, test_crop=config.get('test_crop', 'center_crop'),
                      input_width=width)
-  image = tf_normalize(crop, _normalization_name(config)).numpy()  # Exactly the eval op.
-  display = np.clip(np.round(crop.numpy()), 0, 255).astype(np.uint8)
-  return image.astype(np.float32), display
+  return to_uint8(crop).numpy()

@@ -336,7 +336,8 @@ def ensure(p: Params, base_dir: str = '') -> str:
 def params_from_config(config) -> Params:
   return Params(num_train_ids=int(config.num_classes), num_train=int(config.synthetic_num_train),
                 num_test=int(config.synthetic_num_test),
-                image_size=int(config.synthetic_image_size), seed=int(config.seed))
+                image_size=int(config.synthetic_image_size),
+                seed=int(config.get('synthetic_seed', 0)))
 
 
 # ----------------------------------------------------------------------------- baseline
