@@ -148,52 +148,109 @@ def reid_config(backbone: str = 'vit_base') -> ml_collections.ConfigDict:
   return c
 
 
+# Every choice knob and its values (the data package and the model read them from here).
+CHOICES = {
+    'task': TASKS,
+    'data_source': ('tfds', 'folder', 'synthetic'),
+    'test_crop': ('center_crop', 'resize'),
+    'normalization': ('auto', 'imagenet', 'inception'),
+    'random_erasing_fill': ('random', 'mean'),
+    'glca_input': ('parallel', 'on_top'),
+    'glca_pool': ('cls', 'mean', 'local'),
+    'glca_select': ('rollout', 'random', 'last_layer'),
+    'rollout_layers': ('before_glca', 'all'),
+    'rollout_impl': ('vector', 'running_product'),
+    'loss_weighting': ('uncertainty', 'sum'),
+    'attention_impl': ('xla', 'cudnn'),
+    'precision': ('auto', 'fp32', 'bf16', 'fp16'),
+    'posemb_interpolation': ('bicubic', 'bilinear'),
+    'optimizer': ('adamw', 'sgd'),
+    'reid_feature': ('before_bn', 'after_bn'),
+}
+INF = float('inf')
+# Every numeric knob's range: (low, high, whether low is allowed); high is always allowed.
+RANGES = {
+    'num_classes': (1, INF, True), 'input_size': (1, INF, True), 'input_width': (1, INF, True),
+    'resize_size': (1, INF, True), 'shuffle_buffer': (1, INF, True),
+    'num_parallel_calls': (-1, INF, True), 'synthetic_num_train': (1, INF, True),
+    'synthetic_num_test': (1, INF, True), 'synthetic_image_size': (8, INF, True),
+    'synthetic_distractors': (0, INF, True), 'synthetic_detail_size': (0.0, 0.5, False),
+    'synthetic_seed': (0, INF, True), 'num_instances': (1, INF, True),
+    'crop_padding': (0, INF, True), 'random_erasing': (0.0, 1.0, True),
+    'num_sa_layers': (1, INF, True), 'num_glca_layers': (0, 1, True),
+    'num_pwca_layers': (0, INF, True), 'top_k_ratio': (0.0, 1.0, False),
+    'loss_weights_init': (-INF, INF, True), 'loss_weights_lr_multiplier': (0.0, INF, True),
+    'label_smoothing': (0.0, 0.999, True), 'triplet_margin': (0.0, INF, True),
+    'stochastic_depth_prob': (0.0, 0.999, True), 'momentum': (0.0, 0.999, True),
+    'batch_size': (1, INF, True), 'gradient_accumulation_steps': (1, INF, True),
+    'learning_rate': (0.0, INF, False), 'lr_reference_batch': (1, INF, True),
+    'weight_decay': (0.0, INF, True), 'warmup_epochs': (0.0, INF, True),
+    'num_epochs': (0.0, INF, False), 'max_grad_norm': (0.0, INF, True), 'seed': (0, INF, True),
+    'eval_batch_size': (1, INF, True), 'eval_frequency': (1, INF, True),
+    'save_frequency': (1, INF, True), 'save_every_steps': (0, INF, True),
+    'keep_checkpoints': (1, INF, True), 'log_every_steps': (1, INF, True),
+    'max_steps': (0, INF, True),
+}
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run: an unknown key, a value out of range, a bad pair."""
+
+
+def _check_range(key: str, value) -> None:
+  if value is None and key == 'input_width':
+    return  # unset: square
+  low, high, low_allowed = RANGES[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f'config.{key}={value!r} must be a number')
+  if not (value > low or (low_allowed and value == low)) or value > high:
+    bounds = ('[' if low_allowed else '(') + f'{low}, {high}]'
+    raise ConfigError(f'config.{key}={value} is out of its range {bounds}')
+
+
+def _check_pairs(config) -> None:
+  """Checks that involve several knobs."""
+  datasets = REID_DATASETS if config.task == 'reid' else FGVC_DATASETS
+  if config.dataset not in datasets:
+    other = "task='reid'" if config.task == 'fgvc' else "task='fgvc'"
+    raise ConfigError(f'config.dataset={config.dataset!r} is not a {config.task} dataset: one of '
+                      f'{datasets} (or set {other})')
+  if config.task == 'fgvc':
+    for key in ('input_size', 'input_width'):
+      if config[key] is not None and config[key] > config.resize_size:
+        raise ConfigError(f'config.{key}={config[key]} exceeds config.resize_size='
+                          f'{config.resize_size} (the crop is taken from the resized image)')
+  elif config.batch_size % config.num_instances:
+    raise ConfigError(f'config.batch_size={config.batch_size} is not a multiple of '
+                      f'config.num_instances={config.num_instances}: a Re-ID batch is P '
+                      'identities x K images')
+  policy = config.remat_policy
+  if policy != 'full' and not _is_remat_policy(policy):
+    raise ConfigError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
+                      f'jax.checkpoint_policies: {", ".join(_remat_policy_names())}')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming any key that `base_config` does not know."""
+  """The one validator: raises ConfigError (a ValueError) with one line naming the first
+  unknown key, unknown choice, value out of range or inconsistent pair."""
   known = base_config()
   unknown = sorted(set(config.keys()) - set(known.keys()))
   if unknown:
-    raise ValueError(f'unknown config key(s): {", ".join(unknown)}; '
-                     f'known keys are listed in dca_jax/config_lib.py')
-  choices = {
-      'data_source': ('tfds', 'folder', 'synthetic'),
-      'test_crop': ('center_crop', 'resize'),
-      'normalization': ('auto', 'imagenet', 'inception'),
-      'glca_input': ('parallel', 'on_top'),
-      'task': TASKS,
-      'glca_pool': ('cls', 'mean', 'local'),
-      'glca_select': ('rollout', 'random', 'last_layer'),
-      'rollout_layers': ('before_glca', 'all'),
-      'rollout_impl': ('vector', 'running_product'),
-      'optimizer': ('adamw', 'sgd'),
-      'reid_feature': ('before_bn', 'after_bn'),
-      'random_erasing_fill': ('random', 'mean'),
-      'loss_weighting': ('uncertainty', 'sum'),
-      'attention_impl': ('xla', 'cudnn'),
-      'precision': ('auto', 'fp32', 'bf16', 'fp16'),
-      'posemb_interpolation': ('bicubic', 'bilinear'),
-  }
-  for key, allowed in choices.items():
+    raise ConfigError(f'unknown config key(s): {", ".join(unknown)}; '
+                      f'known keys are listed in dca_jax/config_lib.py')
+  for key, allowed in CHOICES.items():
     if config[key] not in allowed:
-      raise ValueError(f'config.{key}={config[key]!r} is not one of {allowed}')
-  for key in ('gradient_accumulation_steps', 'batch_size', 'eval_batch_size', 'log_every_steps',
-              'eval_frequency', 'save_frequency', 'keep_checkpoints'):
-    if config[key] < 1:
-      raise ValueError(f'config.{key}={config[key]} must be >= 1')
-  policy = config.remat_policy
-  if policy != 'full' and not _is_remat_policy(policy):
-    raise ValueError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
-                     f'jax.checkpoint_policies: {", ".join(_remat_policy_names())}')
+      raise ConfigError(f'config.{key}={config[key]!r} is not one of {allowed}')
+  for key in RANGES:
+    _check_range(key, config[key])
   unknown = set(config.backbone_overrides.keys()) - set(OVERRIDABLE_BACKBONE_FIELDS)
   if unknown:
-    raise ValueError(f'unknown backbone_overrides {sorted(unknown)}; '
-                     f'known: {", ".join(OVERRIDABLE_BACKBONE_FIELDS)}')
-  datasets = REID_DATASETS if config.task == 'reid' else FGVC_DATASETS
-  if config.dataset not in datasets:
-    raise ValueError(f'config.dataset={config.dataset!r} is not a {config.task} dataset: '
-                     f'one of {datasets}')
-  if not 0.0 < config.top_k_ratio <= 1.0:
-    raise ValueError(f'config.top_k_ratio={config.top_k_ratio} must be in (0, 1]')
+    raise ConfigError(f'unknown backbone_overrides {sorted(unknown)}; '
+                      f'known: {", ".join(OVERRIDABLE_BACKBONE_FIELDS)}')
+  for key, value in backbone_overrides(config).items():
+    if value < 1:
+      raise ConfigError(f'config.backbone_overrides.{key}={value} must be >= 1')
+  _check_pairs(config)
 
 
 # The knobs that describe a trained model, in one place: the checkpoint's meta records them, and

@@ -89,3 +89,41 @@ def test_auto_normalization_follows_the_backbone(backbone, expected):
   x = np.full((2, 2, 3), 255, np.uint8)
   top = {'imagenet': (1 - 0.485) / 0.229, 'inception': 1.0}[expected]
   np.testing.assert_allclose(preprocess.normalize(x, c)[0, 0, 0], top, rtol=1e-5)
+
+
+def test_every_numeric_knob_has_a_range_and_every_choice_its_values():
+  defaults = config_lib.base_config()
+  numeric = {k for k, v in defaults.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  assert numeric | {'input_width'} == set(config_lib.RANGES)
+  for key, allowed in config_lib.CHOICES.items():
+    assert defaults[key] in allowed, key
+  config_lib.validate(defaults)
+
+
+@pytest.mark.parametrize('key,value', [
+    ('num_classes', 0), ('learning_rate', -1.0), ('learning_rate', 0.0), ('top_k_ratio', 0.0),
+    ('top_k_ratio', 1.5), ('random_erasing', 1.5), ('momentum', 1.0), ('label_smoothing', -0.1),
+    ('input_width', 0), ('max_steps', -1), ('synthetic_detail_size', 0.6), ('num_glca_layers', 2),
+    ('batch_size', 0), ('weight_decay', -0.01), ('stochastic_depth_prob', 1.0)])
+def test_numeric_knob_out_of_range_is_one_line(key, value):
+  c = config_lib.base_config()
+  c[key] = value
+  with pytest.raises(config_lib.ConfigError, match=rf'config\.{key}={value}') as e:
+    config_lib.validate(c)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.num_classes=0', 'config.num_classes=0 is out of its range'),
+    ('--config.learning_rate=-1', 'config.learning_rate=-1.0 is out of its range'),
+])
+def test_main_refuses_out_of_range_knobs_in_one_line(tmp_path, override, message):
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), '--config',
+                      os.path.join(ROOT, 'configs', 'demo.py'), '--workdir', str(tmp_path),
+                      override], capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines() == [f'error: {message} [1, inf]'] or \
+      r.stderr.strip().splitlines() == [f'error: {message} (0.0, inf]'], r.stderr
+  assert not os.listdir(tmp_path)  # nothing written

@@ -279,7 +279,7 @@ def test_empty_split(tmp_path):
 
 @pytest.mark.parametrize('key,value', [('dataset', 'imagenet'), ('data_source', 'hdf5')])
 def test_unknown_dataset_or_source(key, value):
-  with pytest.raises(data.DataError, match=value):
+  with pytest.raises(ValueError, match=value):  # config_lib.ConfigError
     data.build_input(tiny_config(**{key: value}))
 
 

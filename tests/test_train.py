@@ -225,6 +225,15 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path):
          {k: v for k, v in snapshot.items() if 'metrics' not in k}
 
 
+def test_resume_says_the_pretrained_weights_are_not_loaded(tmp_path, capsys):
+  train.train_and_evaluate(tiny_config(max_steps=2, save_every_steps=2), str(tmp_path))
+  capsys.readouterr()
+  missing = str(tmp_path / 'not_even_there.npz')  # never opened: the checkpoint wins
+  train.train_and_evaluate(tiny_config(max_steps=3, pretrained_model=missing), str(tmp_path))
+  out = capsys.readouterr().out
+  assert f'pretrained_model {missing} is not loaded' in out and 'Resumed from' in out
+
+
 def test_batch_not_divisible_by_devices_and_missing_dataset(tmp_path):
   cmd, _ = _worker(tmp_path, 'bad', dict(batch_size=6), devices=4)
   r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

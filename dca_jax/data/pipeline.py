@@ -27,16 +27,13 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from dca_jax import config_lib
 from dca_jax.data import preprocess, reid_sources, sampler, sources, synthetic
 from dca_jax.data._tf import tf
 from dca_jax.data.errors import DataError
 
 TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196'}
-DATASETS = ('cub', 'cars', 'aircraft', 'synthetic')
-REID_DATASETS = reid_sources.REID_DATASETS + ('synthetic_reid',)
-TASKS = ('fgvc', 'reid')
 REID_SPLITS = ('query', 'gallery')
-DATA_SOURCES = ('tfds', 'folder', 'synthetic')
 _NEVER_ENDS = 2**62  # Last epoch number of the "infinite" train stream.
 
 
@@ -429,51 +426,14 @@ def _build_reid(config, process_index: int, process_count: int, with_train: bool
 
 # ============================================================================ build
 def _check_config(config, process_index: int, process_count: int) -> None:
-  task = config.get('task', 'fgvc')
-  if task not in TASKS:
-    raise DataError(f'unknown task {task!r}; expected one of {TASKS}')
-  datasets = REID_DATASETS if task == 'reid' else DATASETS
-  if config.get('dataset') not in datasets:
-    raise DataError(f'unknown {task} dataset {config.get("dataset")!r}; expected one of '
-                    f'{datasets}' + (" (task='reid' datasets: " + ', '.join(REID_DATASETS) + ')'
-                                      if task == 'fgvc' and config.get('dataset') in REID_DATASETS
-                                      else ''))
-  if config.get('data_source') not in DATA_SOURCES:
-    raise DataError(f'unknown data_source {config.get("data_source")!r}; expected one of '
-                    f'{DATA_SOURCES}')
+  """config_lib.validate (the one validator), then what depends on the process count."""
+  config_lib.validate(config)
   if not 0 <= process_index < process_count:
     raise DataError(f'process_index={process_index} not in [0, {process_count})')
   for key in ('batch_size', 'eval_batch_size'):
-    if int(config[key]) <= 0 or int(config[key]) % process_count:
-      raise DataError(f'config.{key}={config[key]} must be a positive multiple of the '
-                      f'process count {process_count}')
-  width = config.get('input_width')
-  if width is not None and int(width) <= 0:
-    raise DataError(f'config.input_width={width} must be > 0 (or unset: square)')
-  if int(config.input_size) <= 0:
-    raise DataError(f'config.input_size={config.input_size} must be > 0')
-  if task == 'fgvc':
-    for key in ('input_size', 'input_width'):
-      if config.get(key) is not None and int(config[key]) > int(config.resize_size):
-        raise DataError(f'config.{key}={config[key]} exceeds '
-                        f'config.resize_size={config.resize_size}')
-  else:
-    k = int(config.get('num_instances', 4))
-    if k < 1 or int(config.batch_size) % k:
-      raise DataError(f'config.batch_size={config.batch_size} is not a multiple of '
-                      f'config.num_instances={k}: a Re-ID batch is P identities x K images')
-    if int(config.get('crop_padding', 10)) < 0:
-      raise DataError(f'config.crop_padding={config.crop_padding} must be >= 0')
-    if not 0.0 <= float(config.get('random_erasing', 0.5)) <= 1.0:
-      raise DataError(f'config.random_erasing={config.random_erasing} is a probability: '
-                      'it must be in [0, 1]')
-    fill = config.get('random_erasing_fill', 'random')
-    if fill not in preprocess.ERASE_FILLS:
-      raise DataError(f'unknown random_erasing_fill {fill!r}; expected one of '
-                      f'{preprocess.ERASE_FILLS}')
-  preprocess._normalization_name(config)  # pylint: disable=protected-access
-  if config.get('test_crop', 'center_crop') not in ('center_crop', 'resize'):
-    raise DataError(f'unknown test_crop {config.test_crop!r}; expected center_crop | resize')
+    if int(config[key]) % process_count:
+      raise DataError(f'config.{key}={config[key]} must be a multiple of the process count '
+                      f'{process_count}')
 
 
 def build_input(config, process_index: int = 0, process_count: int = 1, *,

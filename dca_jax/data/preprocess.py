@@ -23,7 +23,7 @@ from dca_jax.data.errors import DataError, ImageLoadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ('imagenet', 'inception')
+NORMALIZATIONS = tuple(n for n in config_lib.CHOICES['normalization'] if n != 'auto')
 # Formats tf.io.decode_image reads; the folder pre-scan skips anything else.
 TF_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
 
@@ -156,7 +156,7 @@ def eval_transform(image, *, resize_size: int, input_size: int, test_crop: str,
 ERASE_AREA = (0.02, 0.4)
 ERASE_ASPECT = (0.3, 1 / 0.3)
 ERASE_ATTEMPTS = 10
-ERASE_FILLS = ('random', 'mean')
+ERASE_FILLS = config_lib.CHOICES['random_erasing_fill']
 
 
 def random_erase(image, key, probability: float, fill: str = 'random',
