@@ -55,12 +55,12 @@ def rollout_cls_row(maps, impl: str = 'vector'):
     for head_mean in reversed(maps[:-1]):
       row = jnp.einsum('bj,bjk->bk', row, rollout_matrix(head_mean))
     return row
-  acc = None
+  product = None  # Ŝ_{K-1}
   for head_mean in maps[:-1]:
-    s = rollout_matrix(head_mean)
-    acc = s if acc is None else jnp.einsum('bij,bjk->bik', s, acc)
+    s_bar = rollout_matrix(head_mean)
+    product = s_bar if product is None else jnp.einsum('bij,bjk->bik', s_bar, product)
   row = rollout_matrix(maps[-1])[:, 0]
-  return row if acc is None else jnp.einsum('bj,bjk->bk', row, acc)
+  return row if product is None else jnp.einsum('bj,bjk->bk', row, product)
 
 
 def num_selected(num_patches: int, top_k_ratio: float) -> int:
@@ -180,6 +180,16 @@ class DCAL(nn.Module):
     """Whether GLCA's token selection can change any output (logits, features, losses)."""
     return self.num_glca_layers > 0 and self.glca_pool != 'cls'
 
+  def attention_blocks(self, select: bool, draw: bool) -> set:
+    """The SA blocks whose head-mean attention is needed: those the selection ranks by (all the
+    rollout's, or only its last for 'last_layer'), all the rollout's when drawing, else none."""
+    blocks = self.rollout_blocks()
+    if draw or (select and self.glca_select == 'rollout'):
+      return set(blocks)
+    if select and self.glca_select == 'last_layer':
+      return set(blocks[-1:])
+    return set()
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, partner=None, with_selection: bool = False):
     """Returns a dict of logits/features. PWCA runs only when `partner` is given.
@@ -188,78 +198,77 @@ class DCAL(nn.Module):
     ('glca_index', [B, 1+R]) when they would otherwise be skipped as dead compute.
     """
     self._check()
-    cfg = self.config
-    deterministic = not train
-    rates = vit.drop_path_rates(self.stochastic_depth_prob, cfg.depth)
+    depth = self.config.depth
+    rates = vit.drop_path_rates(self.stochastic_depth_prob, depth)
     block_args = dict(dtype=self.dtype, remat_policy=self.remat_policy)
+    blocks = [vit.make_block(self.config, drop_path=rate, attention_impl=self.attention_impl,
+                             name=f'block_{i}', dcal_step=True, **block_args)
+              for i, rate in enumerate(rates)]
     # Uncertainty loss weights w_sa, w_glca, w_pwca (Kendall et al.).
     loss_weights = self.param('loss_weights', nn.initializers.constant(self.loss_weights_init),
                               (len(BRANCHES),))
     norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='norm')
     head = Classifier(self.num_classes, self.bnneck, name='head')
-
     select = self.num_glca_layers > 0 and (self.selection_reaches_outputs() or with_selection)
-    draw = with_selection  # the visualize mode draws the full rollout whatever GLCA uses
-    rollout_blocks = self.rollout_blocks()
-    if select and self.glca_select == 'last_layer' and not draw:
-      # one map only: the last block the rollout would cover
-      weight_blocks = set(rollout_blocks[-1:])
-    elif select and (self.glca_select == 'rollout' or draw):
-      weight_blocks = set(rollout_blocks)
-    else:
-      weight_blocks = set()
-    maps = []  # head-mean attention of the blocks in weight_blocks, in order
 
-    x = vit.Embedding(cfg, dtype=self.dtype, name='embed')(images)
-    batch, num_tokens = x.shape[0], x.shape[1]
-    pwca_start = cfg.depth - self.num_pwca_layers
-    run_pwca = partner is not None and self.num_pwca_layers > 0
-    x_pw, glca_in = None, None
-    for i, rate in enumerate(rates):
-      block = vit.make_block(cfg, drop_path=rate, attention_impl=self.attention_impl,
-                             name=f'block_{i}', dcal_step=True, **block_args)
-      if run_pwca and i == pwca_start:
-        x_pw = x  # the PWCA stream starts from the SA hidden state entering block L-T+1
-      if i == cfg.depth - 1:
-        glca_in = x  # GLCA sits parallel to the last SA block
-      # head_mean carries no gradient (vit.attention): none flows through the rollout
-      x, x_pw, head_mean = block.sa_pwca(x, x_pw, partner, deterministic, i in weight_blocks)
-      if i in weight_blocks:
-        maps.append(head_mean)
-
+    x = vit.Embedding(self.config, dtype=self.dtype, name='embed')(images)
+    x, x_pw, glca_in, maps = self._backbone(blocks, x, partner, not train,
+                                            self.attention_blocks(select, with_selection))
     sa_feature = norm(x[:, 0])  # LN is per token: normalise only the CLS the head reads
     sa_logits, sa_neck = head(sa_feature, train=train)
     out = {'sa_logits': sa_logits, 'sa_feature': sa_feature, 'loss_weights': loss_weights}
     if self.bnneck:
       out['sa_bn_feature'] = sa_neck
+    if with_selection or (select and self.glca_select == 'rollout'):
+      out['rollout'] = self._rollout(maps, x.shape[0], x.shape[1])
     if self.num_glca_layers:
-      if self.glca_input == 'on_top':
-        glca_in = x
-      index = None
+      glca_block = vit.make_block(self.config, drop_path=rates[-1], name='glca_block',
+                                  **block_args)
+      glca_norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')
+      glca_head = Classifier(self.num_classes, self.bnneck, name='glca_head')
       if select:
-        if draw or self.glca_select == 'rollout':
-          out['rollout'] = self._rollout(maps, batch, num_tokens)
-        index = self._select(out.get('rollout'), maps, batch, num_tokens)
-        out['glca_index'] = index
-      # Queries: CLS + the R selected patches when the classifier reads them, else CLS alone
-      # (its output is the same whatever else is selected).
-      queries = index if self.selection_reaches_outputs() else jnp.zeros((batch, 1), jnp.int32)
-      g, _, _ = vit.make_block(cfg, drop_path=rates[-1], name='glca_block', **block_args)(
-          glca_in, deterministic, False, queries)
-      g = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')(g)
-      glca_feature = {'cls': lambda: g[:, 0], 'mean': lambda: g.mean(axis=1),
-                      'local': lambda: g[:, 1:].mean(axis=1)}[self.glca_pool]()
-      glca_logits, glca_neck = Classifier(self.num_classes, self.bnneck, name='glca_head')(
-          glca_feature, train=train)
-      out.update(glca_feature=glca_feature, glca_logits=glca_logits)
-      if self.bnneck:
-        out['glca_bn_feature'] = glca_neck
-    elif with_selection:
-      out['rollout'] = self._rollout(maps, batch, num_tokens)
-    if run_pwca:
+        out['glca_index'] = self._select(out.get('rollout'), maps, x.shape[0], x.shape[1])
+      out.update(self._glca(glca_block, glca_norm, glca_head,
+                            x if self.glca_input == 'on_top' else glca_in,
+                            out.get('glca_index'), train))
+    if x_pw is not None:
       pwca_feature = norm(x_pw[:, 0])
       out['pwca_logits'], _ = head(pwca_feature, train=train, update_stats=False)
       out['pwca_feature'] = pwca_feature
+    return out
+
+  def _backbone(self, blocks, x, partner, deterministic: bool, attention_blocks: set):
+    """The L SA blocks, the PWCA stream through the last T of them when `partner` is given.
+
+    Returns (SA output, PWCA output or None, the input of block L (GLCA's parallel input),
+    the head-mean attention maps of `attention_blocks` in order)."""
+    run_pwca = partner is not None and self.num_pwca_layers > 0
+    pwca_start = len(blocks) - self.num_pwca_layers
+    x_pw, glca_in, maps = None, None, []
+    for i, block in enumerate(blocks):
+      if run_pwca and i == pwca_start:
+        x_pw = x  # the PWCA stream starts from the SA hidden state entering block L-T+1
+      if i == len(blocks) - 1:
+        glca_in = x  # GLCA sits parallel to the last SA block
+      # head_mean carries no gradient (vit.attention): none flows through the rollout
+      x, x_pw, head_mean = block.sa_pwca(x, x_pw, partner, deterministic, i in attention_blocks)
+      if i in attention_blocks:
+        maps.append(head_mean)
+    return x, x_pw, glca_in, maps
+
+  def _glca(self, block, norm, head, glca_in, index, train: bool) -> dict:
+    """GLCA's block on CLS + the selected patches (or CLS alone when only its output is read:
+    an attention row depends only on its own query), its LN, pooling and classifier."""
+    if not self.selection_reaches_outputs():
+      index = jnp.zeros((glca_in.shape[0], 1), jnp.int32)
+    tokens, _, _ = block(glca_in, not train, False, index)
+    tokens = norm(tokens)  # [B, 1 + R] or [B, 1] tokens
+    feature = {'cls': lambda: tokens[:, 0], 'mean': lambda: tokens.mean(axis=1),
+               'local': lambda: tokens[:, 1:].mean(axis=1)}[self.glca_pool]()
+    logits, neck = head(feature, train=train)
+    out = {'glca_feature': feature, 'glca_logits': logits}
+    if self.bnneck:
+      out['glca_bn_feature'] = neck
     return out
 
   def _rollout(self, maps, batch: int, num_tokens: int):
@@ -283,10 +292,10 @@ class DCAL(nn.Module):
 
 def predict_probs(outputs):
   """FGVC prediction: softmax(SA) + softmax(GLCA) (SA alone when GLCA is off)."""
-  p = jax.nn.softmax(outputs['sa_logits'].astype(jnp.float32), axis=-1)
+  probs = jax.nn.softmax(outputs['sa_logits'].astype(jnp.float32), axis=-1)
   if 'glca_logits' in outputs:
-    p = p + jax.nn.softmax(outputs['glca_logits'].astype(jnp.float32), axis=-1)
-  return p
+    probs = probs + jax.nn.softmax(outputs['glca_logits'].astype(jnp.float32), axis=-1)
+  return probs
 
 
 def reid_feature(outputs, after_bn: bool = False):
