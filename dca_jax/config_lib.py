@@ -18,9 +18,8 @@ OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_
                                'resnet_width')
 
 
-def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  # --- data -------------------------------------------------------------------------------
+def _data_knobs(c: ml_collections.ConfigDict) -> None:
+  """Data knobs."""
   c.task = 'fgvc'                  # fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)
   c.dataset = 'synthetic'          # fgvc: cub | cars | aircraft | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid
   c.data_source = 'synthetic'      # tfds | folder | synthetic
@@ -40,12 +39,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic_seed = 0             # synthetic sets: the generation seed (fixed data whatever `seed` trains with)
   c.synthetic_distractors = 3      # synthetic (FGVC) only: look-alike squares per image
   c.synthetic_detail_size = 0.125  # synthetic (FGVC) only: side of the class-defining detail / image side
-  # --- Re-ID input (task=reid) ------------------------------------------------------------
+
+def _reid_input_knobs(c: ml_collections.ConfigDict) -> None:
+  """Re-ID input (task=reid) knobs."""
   c.num_instances = 4              # K images per identity in a batch; batch_size = P x K (paper 16 x 4)
   c.crop_padding = 10              # pad by this many px, then random crop back to the input size
   c.random_erasing = 0.5           # probability of random erasing per train image; 0 = off
   c.random_erasing_fill = 'random' # random (values N(0, 1) once normalised, TransReID) / mean (the mean colour)
-  # --- model ------------------------------------------------------------------------------
+
+def _model_knobs(c: ml_collections.ConfigDict) -> None:
+  """Model knobs."""
   c.backbone = 'deit_tiny'         # deit_tiny | deit_small | deit_base | vit_base | r50_vit_base | tiny test variants
   c.backbone_overrides = ml_collections.ConfigDict(  # width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2
       {k: ml_collections.config_dict.placeholder(int) for k in OVERRIDABLE_BACKBONE_FIELDS})
@@ -72,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.precision = 'auto'             # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)
   c.pretrained_model = ''          # path to .npz / .safetensors / .pth, '' = random init
   c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
-  # --- optimisation -----------------------------------------------------------------------
+
+def _optimisation_knobs(c: ml_collections.ConfigDict) -> None:
+  """Optimisation knobs."""
   c.optimizer = 'adamw'            # adamw (FGVC) | sgd (Re-ID: momentum, coupled L2 weight decay)
   c.momentum = 0.9                 # sgd only
   c.batch_size = 4                 # physical batch, global across devices
@@ -85,7 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 100               # training length
   c.max_grad_norm = 0.0            # 0 disables global-norm clipping
   c.seed = 42                      # init, data order, augmentation, PWCA partners, drop path (not the synthetic data: synthetic_seed)
-  # --- evaluation, checkpoints, logging ----------------------------------------------------
+
+def _evaluation_knobs(c: ml_collections.ConfigDict) -> None:
+  """Evaluation, checkpoints, logging knobs."""
   c.eval_batch_size = 16           # global; the last batch is padded and masked
   c.eval_frequency = 1             # epochs
   c.reid_feature = 'before_bn'     # task=reid: retrieval feature concat(SA, GLCA) taken before_bn / after_bn (the neck)
@@ -98,6 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10           # metrics to TensorBoard / metrics.jsonl / progress bar
   c.wandb_project = ''             # log to Weights & Biases when set (pip install wandb)
   c.max_steps = 0                  # stop after this many micro-steps; 0 = run num_epochs
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob at its default (FGVC on the synthetic set): the README's knob table."""
+  c = ml_collections.ConfigDict()
+  for add_knobs in (_data_knobs, _reid_input_knobs, _model_knobs, _optimisation_knobs,
+                    _evaluation_knobs):
+    add_knobs(c)
   return c
 
 
@@ -115,19 +129,11 @@ def _is_remat_policy(name: str) -> bool:
 
 
 def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
-  """The paper's FGVC recipe (METHOD.md) on top of the defaults; datasets set the rest."""
+  """The paper's FGVC recipe (docs/METHOD.md) is what the defaults are: 448 crops of 550,
+  R = 10 %, M = 1, T = 12, physical batch 4 x accumulation 4 = 16, AdamW lr 5e-4 / 512 x 16,
+  100 epochs, drop path 0.1, gradient checkpointing. Datasets set the rest."""
   c = base_config()
   c.backbone = backbone
-  c.input_size, c.resize_size, c.test_crop = 448, 550, 'center_crop'
-  c.top_k_ratio = 0.1
-  c.num_sa_layers, c.num_glca_layers, c.num_pwca_layers = 12, 1, 12
-  # Physical 4 x accumulation 4 = the paper's batch 16 (the PyTorch memory guide's default).
-  c.batch_size, c.gradient_accumulation_steps = 4, 4
-  c.learning_rate, c.weight_decay = 5e-4, 0.05   # -> 1.5625e-5 at effective batch 16
-  c.num_epochs, c.warmup_epochs = 100, 1.0
-  c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
-  c.use_gradient_checkpointing, c.remat_policy = True, 'nothing_saveable'
-  c.eval_batch_size = 16           # global; the last batch is padded and masked
   return c
 
 

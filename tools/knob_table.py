@@ -1,4 +1,5 @@
-"""Prints the README's knob table from dca_jax/config_lib.py (defaults and their comments).
+"""Prints the README's knob table from dca_jax/config_lib.py (defaults and their comments,
+read from the `_*_knobs` sections that `base_config` assembles).
 
   python tools/knob_table.py > /tmp/knobs.md   # then paste between the README markers
   python tools/knob_table.py --check README.md # exits 1 if the README's table is stale
@@ -16,17 +17,21 @@ BEGIN, END = '<!-- knobs:begin -->', '<!-- knobs:end -->'
 def table() -> str:
   from dca_jax import config_lib
   defaults = config_lib.base_config()
-  fgvc = config_lib.fgvc_config()
+  reid = config_lib.reid_config()
   src = open(os.path.join(ROOT, 'dca_jax', 'config_lib.py')).read()
-  src = src.split('def base_config')[1].split('\ndef ')[0]
-  rows = ['| knob | default | paper recipe (`fgvc_config`) | meaning |', '|---|---|---|---|']
+  # the knob sections: every `def _<section>_knobs(c)` up to base_config, in order
+  src = src.split('\ndef base_config')[0]
+  src = '\n'.join(part for part in src.split('\ndef ')[1:] if part.split('(')[0].endswith('_knobs'))
+  rows = ['| knob | default (= the FGVC recipe) | Re-ID recipe (`reid_config`) | meaning |',
+          '|---|---|---|---|']
   for key, comment in re.findall(r'^  c\.(\w+) = [^#\n]*(?:#\s*(.*))?$', src, re.M):
     if key not in defaults:
       continue
-    d, f = defaults[key], fgvc[key]
+    d, r = defaults[key], reid[key]
     unset_dropped = lambda d: {k: v for k, v in d.to_dict().items() if v is not None}
     show = lambda v: '`' + (repr(unset_dropped(v)) if hasattr(v, 'to_dict') else repr(v)) + '`'
-    rows.append(f'| `{key}` | {show(d)} | {show(f) if f != d else ""} | {comment.replace("|", "/")} |')
+    rows.append(f'| `{key}` | {show(d)} | {show(r) if r != d else ""} '
+                f'| {comment.replace("|", "/")} |')
   return '\n'.join(rows)
 
 
