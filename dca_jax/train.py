@@ -253,23 +253,29 @@ class _Logger:
     return metrics
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """The `train` mode: resumes from the latest checkpoint in `workdir` if there is one."""
-  trainer = Trainer(config, workdir)
-  chief = jax.process_index() == 0
+def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
+  """The banner, the resume (which refuses another model's checkpoint before anything is
+  written), then config.json. Returns the micro-step to start from."""
   if chief:
     print(reporting.banner(config, precision=trainer.precision,
                            num_params=count_params(trainer.state.params),
                            steps_per_epoch=trainer.steps_per_epoch), flush=True)
   if trainer.resume_step is not None:
-    trainer.restore(trainer.resume_step)  # refuses another model's checkpoint before any write
+    trainer.restore(trainer.resume_step)
     if chief:
       print(f'Resumed from {trainer.checkpointer.directory}/{trainer.resume_step}', flush=True)
   if chief:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  start = int(jax.device_get(trainer.state.step))
+  return int(jax.device_get(trainer.state.step))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """The `train` mode: resumes from the latest checkpoint in `workdir` if there is one."""
+  trainer = Trainer(config, workdir)
+  chief = jax.process_index() == 0
+  start = _start(trainer, config, workdir, chief)
   writer = reporting.MetricWriter(workdir, config, config.wandb_project)
   attention_images = visualize.AttentionImages(trainer, num_images=4)  # on every process
   progress = reporting.EpochProgress(config, trainer.steps_per_epoch, enabled=chief)

@@ -362,9 +362,9 @@ def _model_config(config, workdir: str):
 
 
 def _same_preprocessing(a, b) -> bool:
-  keys = ('input_size', 'resize_size', 'test_crop')
-  return (all(a.get(k) == b.get(k) for k in keys)
-          and config_lib.resolve_normalization(a) == config_lib.resolve_normalization(b))
+  """Whether two configs crop images alike (each model normalises the uint8 crop itself)."""
+  keys = ('input_size', 'input_width', 'resize_size', 'test_crop')
+  return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _test_examples(predictor: Predictor, num_images: int, indices=None) -> list[dict]:
@@ -578,6 +578,33 @@ def run_visualize_reid(config, workdir: str, *, num_images: int = 8, top: int = 
   return written
 
 
+def _examples_per_model(predictors, config, paths, num_images: int) -> list[list[dict]]:
+  """The examples each predictor draws: the files, or test images with correct and wrong
+  predictions of the first; each model sees them preprocessed its own way (the same crop when
+  the configs agree)."""
+  per_model: list[list[dict]] = []
+  if paths:
+    examples, _ = _file_examples(paths, config)
+    if not examples:
+      raise ValueError(f'none of the {len(paths)} image file(s) could be read')
+    per_model.append(examples)
+    for predictor in predictors[1:]:
+      if _same_preprocessing(config, predictor.config):
+        per_model.append(examples)
+      else:
+        per_model.append(_file_examples([e['path'] for e in examples], predictor.config)[0])
+    return per_model
+  examples = _mixed_test_examples(predictors[0], num_images)
+  if not examples:
+    raise ValueError('the test split is empty: nothing to visualize')
+  per_model.append(examples)
+  indices = [int(e['name'].split('_')[1]) for e in examples]
+  for predictor in predictors[1:]:
+    per_model.append(examples if _same_preprocessing(config, predictor.config)
+                     else _test_examples(predictor, len(indices), indices))
+  return per_model
+
+
 def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
                   compare_workdir: str = '', which: str = 'latest') -> list[str]:
   """Writes workdir/visualize/<name>.png per image; returns the paths written.
@@ -603,34 +630,15 @@ def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
   if compare_workdir:
     predictors.append(Predictor(_model_config(config, compare_workdir), compare_workdir, which))
 
-  # Each model sees the image preprocessed its own way (the same crop when the configs agree).
-  per_model: list[list[dict]] = []
-  if paths:
-    examples, _ = _file_examples(paths, config)
-    if not examples:
-      raise ValueError(f'none of the {len(paths)} image file(s) could be read')
-    per_model.append(examples)
-    for p in predictors[1:]:
-      if _same_preprocessing(config, p.config):
-        per_model.append(examples)
-      else:
-        per_model.append(_file_examples([e['path'] for e in examples], p.config)[0])
-  else:
-    examples = _mixed_test_examples(predictors[0], num_images)
-    if not examples:
-      raise ValueError('the test split is empty: nothing to visualize')
-    per_model.append(examples)
-    indices = [int(e['name'].split('_')[1]) for e in examples]
-    for p in predictors[1:]:
-      per_model.append(examples if _same_preprocessing(config, p.config)
-                       else _test_examples(p, len(indices), indices))
-
-  outputs = [p(np.stack([e['image'] for e in exs])) for p, exs in zip(predictors, per_model)]
+  per_model = _examples_per_model(predictors, config, paths, num_images)
+  outputs = [predictor(np.stack([e['image'] for e in examples]))
+             for predictor, examples in zip(predictors, per_model)]
   out_dir = os.path.join(workdir, 'visualize')
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for i, example in enumerate(per_model[0]):
-    models = [(p, out, exs[i], i) for p, out, exs in zip(predictors, outputs, per_model)]
+    models = [(predictor, out, examples[i], i)
+              for predictor, out, examples in zip(predictors, outputs, per_model)]
     path = os.path.join(out_dir, f'{example["name"]}.png')
     _save_figure(path, example, models)
     written.append(path)

@@ -1,0 +1,96 @@
+"""Inference speed of DCAL (the eval/predict forward: softmax(SA) + softmax(GLCA)), img/s.
+
+  python benchmarks/inference.py                          # DeiT-T 448 px, batch 8, the variants
+  python benchmarks/inference.py --repo /path/to/old/checkout --label before
+
+Times the jitted forward of random images for the DCAL variants that differ in what they
+compute: glca_pool=cls (no attention maps, rollout, selection or local query rows: only GLCA's
+CLS query), glca_pool=mean with the code's default rollout (now the vector chain), and with the
+running product. With
+`--repo` the model code of another checkout is timed instead (e.g. the commit before the
+change), so the before/after figures come from one script; variants that checkout lacks are
+skipped. Medians of `--repeats` calls after one warm-up call; XLA's FLOP count alongside.
+Prints one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {  # None: the plain ViT; else DCAL's keyword arguments (the code's defaults otherwise)
+    'sa_only_vit': None,
+    'dcal_cls': dict(glca_pool='cls'),
+    'dcal_mean': dict(glca_pool='mean'),
+    'dcal_mean_running_product': dict(glca_pool='mean', rollout_impl='running_product'),
+}
+
+
+def _cpu_name() -> str:
+  try:
+    for line in open('/proc/cpuinfo'):
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--repo', default=ROOT, help='checkout whose dca_jax is timed')
+  parser.add_argument('--label', default='after')
+  parser.add_argument('--backbone', default='deit_tiny')
+  parser.add_argument('--size', type=int, default=448)
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--num_classes', type=int, default=200)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--variants', default=','.join(VARIANTS))
+  args = parser.parse_args()
+  sys.path.insert(0, os.path.abspath(args.repo))
+  import jax  # pylint: disable=g-import-not-at-top
+  from dca_jax.models import dcal, vit  # pylint: disable=g-import-not-at-top
+
+  config = vit.get_variant(args.backbone)
+  images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
+  fields = set(inspect.signature(dcal.DCAL).parameters)
+  for name in args.variants.split(','):
+    kwargs = VARIANTS[name]
+    if kwargs is None:
+      model = vit.VisionTransformer(config, args.num_classes)
+      forward = lambda v, x, m=model: jax.nn.softmax(m.apply(v, x))
+    else:
+      if not set(kwargs) <= fields:
+        print(json.dumps({'label': args.label, 'variant': name, 'skipped': 'not in this code'}))
+        continue
+      model = dcal.DCAL(config, args.num_classes, **kwargs)
+      forward = lambda v, x, m=model: dcal.predict_probs(m.apply(v, x))
+    variables = jax.jit(model.init)(jax.random.key(1), images[:1])
+    compiled = jax.jit(forward).lower(variables, images).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    jax.block_until_ready(compiled(variables, images))
+    times = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(variables, images))
+      times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    print(json.dumps({'label': args.label, 'variant': name, 'backbone': args.backbone,
+                      'size': args.size, 'batch': args.batch, 'median_s': round(median, 4),
+                      'images_per_s': round(args.batch / median, 2),
+                      'gflop_per_image': round(cost['flops'] / args.batch / 1e9, 3),
+                      'load_avg': os.getloadavg()[0], 'cpu': _cpu_name(),
+                      'jax': jax.__version__}), flush=True)
+
+
+if __name__ == '__main__':
+  main()
