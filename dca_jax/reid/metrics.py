@@ -11,7 +11,7 @@ distance, 'cosine' is 1 - cosine similarity; smaller means more similar.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -21,28 +21,76 @@ METRICS = ('euclidean', 'cosine')
 _BLOCK_ELEMENTS = 1 << 23
 
 
-def _ids(name: str, x, n: int, n_name: str) -> np.ndarray:
-  x = np.asarray(x)
-  if x.ndim != 1 or x.shape[0] != n:
-    raise ValueError(f'{name} must be a 1-D array of length {n} ({n_name}), got shape {x.shape}')
-  return x
+def _ids(name: str, values, length: int, what: str) -> np.ndarray:
+  values = np.asarray(values)
+  if values.ndim != 1 or values.shape[0] != length:
+    raise ValueError(f'{name} must be a 1-D array of length {length} ({what}), got shape '
+                     f'{values.shape}')
+  return values
 
 
-def _all_ids(nq: int, ng: int, q_pids, g_pids, q_camids, g_camids):
-  return (_ids('q_pids', q_pids, nq, 'queries'), _ids('g_pids', g_pids, ng, 'gallery'),
-          _ids('q_camids', q_camids, nq, 'queries'), _ids('g_camids', g_camids, ng, 'gallery'))
+def _all_ids(shape: tuple[int, int], q_pids, g_pids, q_camids, g_camids):
+  """The four id arrays, checked against the (queries, gallery) `shape`."""
+  num_query, num_gallery = shape
+  return (_ids('q_pids', q_pids, num_query, 'queries'),
+          _ids('g_pids', g_pids, num_gallery, 'gallery'),
+          _ids('q_camids', q_camids, num_query, 'queries'),
+          _ids('g_camids', g_camids, num_gallery, 'gallery'))
 
 
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f'{name} must be a positive integer, got {value!r}')
+def _int_at_least(name: str, value, low: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    wanted = 'a positive integer' if low == 1 else f'an integer >= {low}'
+    raise ValueError(f'{name} must be {wanted}, got {value!r}')
   return int(value)
 
 
-def _block(block_size, num_gallery: int) -> int:
+def _queries_per_block(block_size, num_gallery: int) -> int:
   if block_size is None:
     return max(1, _BLOCK_ELEMENTS // max(1, num_gallery))
-  return _positive_int('block_size', block_size)
+  return _int_at_least('block_size', block_size)
+
+
+def _query_gallery_matrix(name: str, values) -> np.ndarray:
+  values = np.asarray(values)
+  if values.ndim != 2 or 0 in values.shape:
+    raise ValueError(f'{name} must be a non-empty 2-D (queries, gallery) array, got shape '
+                     f'{values.shape}')
+  return values
+
+
+def _run_starts(lengths: np.ndarray) -> np.ndarray:
+  """Where each of consecutive runs of these lengths starts."""
+  return np.cumsum(lengths) - lengths
+
+
+def _run_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """starts[0] + (0, 1, ..., lengths[0] - 1), starts[1] + (0, ...), ... concatenated."""
+  within = np.arange(lengths.sum()) - np.repeat(_run_starts(lengths), lengths)
+  return np.repeat(starts, lengths) + within
+
+
+def _hit_ranks(dist: np.ndarray, q_pids, g_pids, q_camids, g_camids):
+  """(query, rank) of every true match, in query then rank order.
+
+  rank: 1-based, among the gallery items kept once the query's junk is removed.
+  """
+  order = np.argsort(dist, axis=1)
+  match = g_pids[order] == q_pids[:, None]
+  junk = match & (g_camids[order] == q_camids[:, None])
+  hit = match ^ junk
+  del order, match
+  # Hits and junk are sparse: work on their (query, position) lists, both in row-major order,
+  # keyed query * G + position so that one searchsorted counts the junk before each hit.
+  hit_query, hit_position = np.nonzero(hit)
+  junk_query, junk_position = np.nonzero(junk)
+  del hit, junk
+  num_gallery = dist.shape[1]
+  junk_key = junk_query.astype(np.int64) * num_gallery + junk_position
+  hit_key = hit_query.astype(np.int64) * num_gallery + hit_position
+  row_key = hit_query.astype(np.int64) * num_gallery
+  junk_before = np.searchsorted(junk_key, hit_key) - np.searchsorted(junk_key, row_key)
+  return hit_query, hit_position + 1 - junk_before
 
 
 def rank_stats(dist: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> dict:
@@ -67,36 +115,25 @@ def rank_stats(dist: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> dict:
   dist = np.asarray(dist)
   if dist.ndim != 2:
     raise ValueError(f'dist must be a 2-D (queries, gallery) array, got shape {dist.shape}')
-  nq, ng = dist.shape
-  q_pids, g_pids, q_camids, g_camids = _all_ids(nq, ng, q_pids, g_pids, q_camids, g_camids)
+  num_query = dist.shape[0]
+  q_pids, g_pids, q_camids, g_camids = _all_ids(dist.shape, q_pids, g_pids, q_camids, g_camids)
   if np.issubdtype(dist.dtype, np.floating) and np.isnan(dist).any():
     raise ValueError('dist contains NaN: the ranking would be meaningless')
 
-  order = np.argsort(dist, axis=1)
-  match = g_pids[order] == q_pids[:, None]
-  junk = match & (g_camids[order] == q_camids[:, None])
-  hit = match ^ junk
-  del order, match
-  # Hits and junk are sparse: work on their (row, column) lists, both in row-major order.
-  h_row, h_col = np.nonzero(hit)
-  j_row, j_col = np.nonzero(junk)
-  del hit, junk
-  j_key = j_row.astype(np.int64) * ng + j_col
-  h_key = h_row.astype(np.int64) * ng + h_col
-  junk_before = np.searchsorted(j_key, h_key) - np.searchsorted(j_key, h_row.astype(np.int64) * ng)
-  rank = h_col + 1 - junk_before  # 1-based rank among the kept items
-  num_hits = np.bincount(h_row, minlength=nq)
+  hit_query, rank = _hit_ranks(dist, q_pids, g_pids, q_camids, g_camids)
+  num_hits = np.bincount(hit_query, minlength=num_query)
   valid = num_hits > 0
-  start = np.cumsum(num_hits) - num_hits  # index of each row's first hit
-  k = np.arange(h_row.size) - start[h_row] + 1  # 1, 2, ... within each row
-  precision = k / rank  # float64, as the reference
-  ap = np.zeros(nq)
-  inp = np.zeros(nq)
-  first_hit = np.zeros(nq, np.int64)
-  ap[valid] = np.bincount(h_row, weights=precision, minlength=nq)[valid] / num_hits[valid]
-  last = start[valid] + num_hits[valid] - 1
-  inp[valid] = num_hits[valid] / rank[last]
-  first_hit[valid] = rank[start[valid]]
+  first_index = _run_starts(num_hits)  # where each query's hits start
+  hit_number = np.arange(hit_query.size) - first_index[hit_query] + 1  # 1, 2, ... per query
+  precision = hit_number / rank  # float64, as the reference
+  ap = np.zeros(num_query)
+  inp = np.zeros(num_query)
+  first_hit = np.zeros(num_query, np.int64)
+  precision_sum = np.bincount(hit_query, weights=precision, minlength=num_query)
+  ap[valid] = precision_sum[valid] / num_hits[valid]
+  last_index = first_index[valid] + num_hits[valid] - 1
+  inp[valid] = num_hits[valid] / rank[last_index]
+  first_hit[valid] = rank[first_index[valid]]
   return dict(ap=ap, inp=inp, valid=valid, first_hit=first_hit)
 
 
@@ -115,7 +152,7 @@ def summarize(stats: Sequence[dict] | dict, num_gallery: int, max_rank: int = 50
   Raises:
     ValueError: when no query has a true match in the gallery.
   """
-  max_rank = _positive_int('max_rank', max_rank)
+  max_rank = _int_at_least('max_rank', max_rank)
   if isinstance(stats, dict):
     stats = [stats]
   ap, inp, valid, first_hit = (np.concatenate([s[key] for s in stats])
@@ -158,17 +195,14 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
   Raises:
     ValueError: for mismatched shapes, NaN distances, or when no query has a true match.
   """
-  distmat = np.asarray(distmat)
-  if distmat.ndim != 2 or 0 in distmat.shape:
-    raise ValueError(f'distmat must be a non-empty 2-D (queries, gallery) array, got shape '
-                     f'{distmat.shape}')
-  max_rank = _positive_int('max_rank', max_rank)
-  nq, ng = distmat.shape
-  q_pids, g_pids, q_camids, g_camids = _all_ids(nq, ng, q_pids, g_pids, q_camids, g_camids)
-  block = _block(block_size, ng)
+  distmat = _query_gallery_matrix('distmat', distmat)
+  max_rank = _int_at_least('max_rank', max_rank)
+  num_query, num_gallery = distmat.shape
+  q_pids, g_pids, q_camids, g_camids = _all_ids(distmat.shape, q_pids, g_pids, q_camids, g_camids)
+  block = _queries_per_block(block_size, num_gallery)
   stats = [rank_stats(distmat[i:i + block], q_pids[i:i + block], g_pids, q_camids[i:i + block],
-                      g_camids) for i in range(0, nq, block)]
-  result = summarize(stats, ng, max_rank)
+                      g_camids) for i in range(0, num_query, block)]
+  result = summarize(stats, num_gallery, max_rank)
   return result['cmc'], result['mAP'], result['mINP']
 
 
@@ -177,18 +211,26 @@ def _normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
 
-def _features(name: str, x) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  if x.ndim != 2:
-    raise ValueError(f'{name} must be a 2-D (items, dims) array, got shape {x.shape}')
-  return x
+def _features(name: str, values) -> np.ndarray:
+  values = np.asarray(values, np.float32)
+  if values.ndim != 2:
+    raise ValueError(f'{name} must be a 2-D (items, dims) array, got shape {values.shape}')
+  return values
+
+
+def _feature_pair(qf, gf) -> tuple[np.ndarray, np.ndarray]:
+  qf, gf = _features('qf', qf), _features('gf', gf)
+  if qf.shape[1] != gf.shape[1]:
+    raise ValueError(f'qf and gf must have the same feature size, got {qf.shape} and {gf.shape}')
+  return qf, gf
 
 
 def _gallery_distance(gf: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
   """q_block -> (B, G) float32 distances, with the gallery's part computed once."""
   if metric == 'euclidean':
-    g_sq = np.einsum('ij,ij->i', gf, gf)
-    return lambda q: (np.einsum('ij,ij->i', q, q)[:, None] + g_sq[None, :]) - 2 * (q @ gf.T)
+    g_squared_norm = np.einsum('ij,ij->i', gf, gf)
+    return lambda q: ((np.einsum('ij,ij->i', q, q)[:, None] + g_squared_norm[None, :])
+                      - 2 * (q @ gf.T))
   if metric == 'cosine':
     g_unit = _normalize(gf)
     return lambda q: 1 - _normalize(q) @ g_unit.T
@@ -202,9 +244,7 @@ def distance_matrix(qf, gf, metric: str = 'euclidean') -> np.ndarray:
   slightly negative from rounding, as in torchreid); 'cosine': 1 - cos(q, g) with torch's
   `F.normalize` (norms floored at 1e-12).
   """
-  qf, gf = _features('qf', qf), _features('gf', gf)
-  if qf.shape[1] != gf.shape[1]:
-    raise ValueError(f'qf and gf must have the same feature size, got {qf.shape} and {gf.shape}')
+  qf, gf = _feature_pair(qf, gf)
   return _gallery_distance(gf, metric)(qf)
 
 
@@ -233,26 +273,50 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str
   Raises:
     ValueError: for bad shapes, an unknown metric, or when no query has a true match.
   """
-  qf, gf = _features('qf', qf), _features('gf', gf)
-  if qf.shape[1] != gf.shape[1]:
-    raise ValueError(f'qf and gf must have the same feature size, got {qf.shape} and {gf.shape}')
-  nq, ng = qf.shape[0], gf.shape[0]
-  if nq == 0 or ng == 0:
-    raise ValueError(f'need at least one query and one gallery item, got {nq} and {ng}')
-  max_rank = _positive_int('max_rank', max_rank)
-  q_pids, g_pids, q_camids, g_camids = _all_ids(nq, ng, q_pids, g_pids, q_camids, g_camids)
+  qf, gf = _feature_pair(qf, gf)
+  num_query, num_gallery = qf.shape[0], gf.shape[0]
+  if num_query == 0 or num_gallery == 0:
+    raise ValueError(f'need at least one query and one gallery item, got {num_query} and '
+                     f'{num_gallery}')
+  max_rank = _int_at_least('max_rank', max_rank)
+  q_pids, g_pids, q_camids, g_camids = _all_ids((num_query, num_gallery), q_pids, g_pids,
+                                                q_camids, g_camids)
   if distance_fn is None:
     gallery_fn = _gallery_distance(gf, metric)
     distance_fn = lambda q, _: gallery_fn(q)  # noqa: E731
-  block = _block(block_size, ng)
+  block = _queries_per_block(block_size, num_gallery)
   stats = []
-  for i in range(0, nq, block):
-    dist = np.asarray(distance_fn(qf[i:i + block], gf))
-    if dist.shape != (min(block, nq - i), ng):
+  for start in range(0, num_query, block):
+    stop = min(start + block, num_query)
+    dist = np.asarray(distance_fn(qf[start:stop], gf))
+    if dist.shape != (stop - start, num_gallery):
       raise ValueError(f'distance_fn returned shape {dist.shape} for a block of '
-                       f'{min(block, nq - i)} queries and {ng} gallery items')
-    stats.append(rank_stats(dist, q_pids[i:i + block], g_pids, q_camids[i:i + block], g_camids))
-  return summarize(stats, ng, max_rank)
+                       f'{stop - start} queries and {num_gallery} gallery items')
+    stats.append(rank_stats(dist, q_pids[start:stop], g_pids, q_camids[start:stop], g_camids))
+  return summarize(stats, num_gallery, max_rank)
+
+
+# Re-ranking works on slices of the dense (Q+G)^2 matrix and on blocks of items, to bound the
+# temporaries; no result depends on these sizes.
+_SLICE_ELEMENTS = 1 << 24  # elements of the dense matrix (or of the output) handled at once
+_RECIPROCAL_BLOCK = 4096  # items whose neighbour lists are cross-checked at once
+_EXPANSION_BLOCK = 2048  # items whose neighbours' half-size sets are compared at once
+_JACCARD_TERMS = 1 << 22  # (query, column, gallery item) terms of the Jaccard sums at once
+
+
+class _Sparse(NamedTuple):
+  """A sparse float32 matrix as (row, col, value) lists, sorted by row, then column."""
+  row: np.ndarray
+  col: np.ndarray
+  value: np.ndarray
+
+
+class _Columns(NamedTuple):
+  """A sparse matrix's (row, value) lists grouped by column: j's from start[j], length[j] long."""
+  start: np.ndarray
+  length: np.ndarray
+  row: np.ndarray
+  value: np.ndarray
 
 
 def _top_ranks(rows: np.ndarray, width: int) -> np.ndarray:
@@ -262,30 +326,30 @@ def _top_ranks(rows: np.ndarray, width: int) -> np.ndarray:
   all below the rest: then a partial sort gives exactly what any full sort gives. Other rows
   (ties or NaN near the cut) take the full np.argsort, i.e. the reference's tie order.
   """
-  n = rows.shape[1]
-  if width >= n:
+  if width >= rows.shape[1]:
     return np.argsort(rows, axis=1)[:, :width]
-  part = np.argpartition(rows, width, axis=1)
-  top = part[:, :width]
-  top_vals = np.take_along_axis(rows, top, axis=1)
-  inner = np.argsort(top_vals, axis=1, kind='stable')
-  top = np.take_along_axis(top, inner, axis=1)
-  top_vals = np.take_along_axis(top_vals, inner, axis=1)
-  next_val = np.take_along_axis(rows, part[:, width:width + 1], axis=1)[:, 0]
-  ok = (np.all(top_vals[:, 1:] > top_vals[:, :-1], axis=1) & (top_vals[:, -1] < next_val))
-  if not ok.all():
-    bad = np.flatnonzero(~ok)
-    top[bad] = np.argsort(rows[bad], axis=1)[:, :width]
+  partition = np.argpartition(rows, width, axis=1)
+  top = partition[:, :width]
+  top_values = np.take_along_axis(rows, top, axis=1)
+  by_value = np.argsort(top_values, axis=1, kind='stable')
+  top = np.take_along_axis(top, by_value, axis=1)
+  top_values = np.take_along_axis(top_values, by_value, axis=1)
+  next_value = np.take_along_axis(rows, partition[:, width:width + 1], axis=1)[:, 0]
+  provable = (np.all(top_values[:, 1:] > top_values[:, :-1], axis=1)
+              & (top_values[:, -1] < next_value))
+  if not provable.all():
+    unproven = np.flatnonzero(~provable)
+    top[unproven] = np.argsort(rows[unproven], axis=1)[:, :width]
   return top
 
 
-def _reciprocal(neighbours: np.ndarray, block: int = 4096) -> np.ndarray:
+def _reciprocal(neighbours: np.ndarray) -> np.ndarray:
   """mask[i, t]: is i among the neighbours of its t-th neighbour (k-reciprocal)?"""
-  n = neighbours.shape[0]
+  num_items = neighbours.shape[0]
   mask = np.empty(neighbours.shape, bool)
-  for s in range(0, n, block):
-    idx = np.arange(s, min(s + block, n))
-    mask[idx] = (neighbours[neighbours[idx]] == idx[:, None, None]).any(axis=2)
+  for start in range(0, num_items, _RECIPROCAL_BLOCK):
+    items = np.arange(start, min(start + _RECIPROCAL_BLOCK, num_items))
+    mask[items] = (neighbours[neighbours[items]] == items[:, None, None]).any(axis=2)
   return mask
 
 
@@ -296,11 +360,11 @@ def _rowwise_sum(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   summation as for a 1-D np.sum, so the sums match the reference's per-row np.sum bit for bit.
   """
   sums = np.zeros(lengths.size, values.dtype)
-  starts = np.cumsum(lengths) - lengths
+  starts = _run_starts(lengths)
   for length in np.unique(lengths[lengths > 0]):
     rows = np.flatnonzero(lengths == length)
-    idx = starts[rows][:, None] + np.arange(length)
-    sums[rows] = values[idx].sum(axis=1)
+    positions = starts[rows][:, None] + np.arange(length)
+    sums[rows] = values[positions].sum(axis=1)
   return sums
 
 
@@ -331,118 +395,189 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
   Raises:
     ValueError: for mismatched shapes, bad k1/k2, or when the dense matrix exceeds max_bytes.
   """
-  q_g, q_q, g_g = np.asarray(q_g_dist), np.asarray(q_q_dist), np.asarray(g_g_dist)
-  if q_g.ndim != 2 or 0 in q_g.shape:
-    raise ValueError(f'q_g_dist must be a non-empty 2-D (queries, gallery) array, got shape '
-                     f'{q_g.shape}')
-  nq, ng = q_g.shape
-  n = nq + ng
-  need = 4 * n * n
-  if need > max_bytes:
-    raise ValueError(f're_ranking needs the (Q+G)^2 = {n}x{n} float32 distance matrix, '
-                     f'{need / GiB:.1f} GiB, over max_bytes={max_bytes / GiB:.1f} GiB: raise '
-                     'max_bytes if the memory is there, or evaluate without re-ranking')
-  if q_q.shape != (nq, nq) or g_g.shape != (ng, ng):
-    raise ValueError(f'with q_g_dist of shape {q_g.shape}, q_q_dist must be {(nq, nq)} and '
-                     f'g_g_dist {(ng, ng)}; got {q_q.shape} and {g_g.shape}')
-  for name, value, low in (('k1', k1, 0), ('k2', k2, 1)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
+  q_g, q_q, g_g = _rerank_inputs(q_g_dist, q_q_dist, g_g_dist, k1, k2, max_bytes)
   lambda_value = float(lambda_value)  # a python float keeps the arithmetic in float32
-  # The reference squares the concatenated matrix (in the inputs' common dtype), then casts.
-  dtype = np.result_type(q_q, q_g, g_g)
-  dist = np.empty((n, n), np.float32)
-  parts = ((q_q, 0, 0), (q_g, 0, nq), (q_g.T, nq, 0), (g_g, nq, nq))
-  for part, r0, c0 in parts:
-    step = max(1, (1 << 24) // part.shape[1])
-    for s in range(0, part.shape[0], step):
-      e = min(s + step, part.shape[0])
-      dist[r0 + s:r0 + e, c0:c0 + part.shape[1]] = np.square(part[s:e].astype(dtype))
-  dist /= dist.max(axis=0)
-  orig = dist.T  # orig[i, j] = dist[j, i] / max(column i): the reference's `original_dist`
-
-  half = int(np.around(k1 / 2.))
-  width = min(max(k1 + 1, k2), n)
-  step = max(1, (1 << 24) // n)
-  ranks = np.concatenate([_top_ranks(np.ascontiguousarray(orig[s:s + step]), width)
-                          for s in range(0, n, step)])
-  near = ranks[:, :k1 + 1]
-  recip_mask = _reciprocal(near)
-  recip = np.where(recip_mask, near, -1)
-  half_near = ranks[:, :half + 1]
-  half_mask = _reciprocal(half_near)
-  cand = np.where(half_mask, half_near, -2)  # pads differ from recip's so they never match
-  cand_size = half_mask.sum(axis=1)
-
-  # Expansion: candidate c of item i joins when |R(c, k1/2) & R(i, k1)| > 2/3 |R(c, k1/2)|.
-  rows, cols = [], []
-  for s in range(0, n, 2048):
-    idx = np.arange(s, min(s + 2048, n))
-    members = cand[near[idx]]                                           # (B, k1+1, half+1)
-    common = (members[..., None] == recip[idx][:, None, None, :]).any(axis=3).sum(axis=2)
-    accept = recip_mask[idx] & (common > 2. / 3 * cand_size[near[idx]])
-    r, t, u = np.nonzero(accept[..., None] & (members >= 0))
-    rows += [idx[np.nonzero(recip_mask[idx])[0]], idx[r]]
-    cols += [recip[idx][recip_mask[idx]], members[r, t, u]]
-  key = np.unique(np.concatenate(rows).astype(np.int64) * n + np.concatenate(cols))
-  v_row, v_col = key // n, key % n
-  weight = np.exp(-orig[v_row, v_col])
-  lengths = np.bincount(v_row, minlength=n)
-  v_val = 1. * weight / np.repeat(_rowwise_sum(weight, lengths), lengths)
-
+  original = _normalized_distance(q_g, q_q, g_g)
+  num_items = original.shape[0]
+  nearest = _nearest(original, min(max(k1 + 1, k2), num_items))
+  encoding = _neighbour_weights(original, _k_reciprocal_sets(nearest, k1))
   if k2 != 1:
-    # V_qe[i] = mean of V's rows ranks[i, :k2], summed in that order as np.mean does.
-    kk = min(k2, n)
-    starts = np.cumsum(lengths) - lengths
-    src = ranks[:, :kk]                                                 # (n, kk) rows to average
-    cnt = lengths[src]
-    tgt = np.repeat(np.repeat(np.arange(n), kk), cnt.ravel())
-    t_of = np.repeat(np.tile(np.arange(kk), n), cnt.ravel())
-    first = np.repeat(starts[src].ravel(), cnt.ravel())
-    offset = np.arange(first.size) - np.repeat(np.cumsum(cnt.ravel()) - cnt.ravel(), cnt.ravel())
-    entry = first + offset
-    key, inverse = np.unique(tgt * n + v_col[entry], return_inverse=True)
-    acc = np.zeros(key.size, np.float32)
-    for t in range(kk):
-      sel = t_of == t
-      acc[inverse[sel]] += v_val[entry[sel]]
-    # np.mean divides the float32 sum by an np.intp count (in float64, cast back): same here.
-    v_val = np.true_divide(acc, np.intp(kk), out=acc, casting='unsafe')
-    v_row, v_col = key // n, key % n
-    keep = v_val != 0
-    v_row, v_col, v_val = v_row[keep], v_col[keep], v_val[keep]
+    encoding = _query_expansion(encoding, nearest[:, :min(k2, num_items)])
+  return _mix_with_jaccard(encoding, original, q_g.shape[0], lambda_value)
 
-  # Gallery columns of V in column order (the Jaccard term only needs r >= Q).
-  g_sel = v_row >= nq
-  g_col, g_row, g_val = v_col[g_sel], v_row[g_sel] - nq, v_val[g_sel]
-  col_order = np.argsort(g_col, kind='stable')
-  g_row, g_val = g_row[col_order], g_val[col_order]
-  col_len = np.bincount(g_col, minlength=n)
-  col_start = np.cumsum(col_len) - col_len
 
-  # V's query rows come first (sorted by row, then column); blocks of queries with at most
-  # ~4M (query, column, gallery row) triples each.
-  q_end = np.searchsorted(v_row, nq)
-  row_start = np.searchsorted(v_row[:q_end], np.arange(nq + 1))
-  triples = np.cumsum(np.bincount(v_row[:q_end], weights=col_len[v_col[:q_end]], minlength=nq))
-  final = np.empty((nq, ng), np.float32)
-  s = 0
-  while s < nq:
-    done = triples[s - 1] if s else 0.
-    e = max(s + 1, int(np.searchsorted(triples, done + (1 << 22), side='right')))
-    e = min(e, s + max(1, (1 << 24) // ng), nq)
-    a, b = row_start[s], row_start[e]
-    i_row, j_col, i_val = v_row[a:b] - s, v_col[a:b], v_val[a:b]
-    cnt = col_len[j_col]
-    pos = (np.repeat(col_start[j_col], cnt)
-           + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt))
-    # (i, j, r) triples in the order i, j ascending: np.add.at accumulates each (i, r) over j
-    # in ascending order, in float32, as the reference's loop over indNonZero.
-    temp = np.zeros((e - s) * ng, np.float32)
-    np.add.at(temp, np.repeat(i_row, cnt) * ng + g_row[pos],
-              np.minimum(np.repeat(i_val, cnt), g_val[pos]))
-    temp = temp.reshape(e - s, ng)
-    jaccard = 1 - temp / (2. - temp)
-    final[s:e] = jaccard * (1 - lambda_value) + orig[s:e, nq:] * lambda_value
-    s = e
+def _rerank_inputs(q_g_dist, q_q_dist, g_g_dist, k1, k2, max_bytes):
+  """(q_g, q_q, g_g) as arrays, checked before anything large is allocated."""
+  q_g, q_q, g_g = np.asarray(q_g_dist), np.asarray(q_q_dist), np.asarray(g_g_dist)
+  _query_gallery_matrix('q_g_dist', q_g)
+  num_query, num_gallery = q_g.shape
+  num_items = num_query + num_gallery
+  need = 4 * num_items * num_items
+  if need > max_bytes:
+    raise ValueError(f're_ranking needs the (Q+G)^2 = {num_items}x{num_items} float32 distance '
+                     f'matrix, {need / GiB:.1f} GiB, over max_bytes={max_bytes / GiB:.1f} GiB: '
+                     'raise max_bytes if the memory is there, or evaluate without re-ranking')
+  if q_q.shape != (num_query, num_query) or g_g.shape != (num_gallery, num_gallery):
+    raise ValueError(f'with q_g_dist of shape {q_g.shape}, q_q_dist must be '
+                     f'{(num_query, num_query)} and g_g_dist {(num_gallery, num_gallery)}; got '
+                     f'{q_q.shape} and {g_g.shape}')
+  _int_at_least('k1', k1, 0)
+  _int_at_least('k2', k2, 1)
+  return q_g, q_q, g_g
+
+
+def _normalized_distance(q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray) -> np.ndarray:
+  """The reference's `original_dist`: [[QQ, QG], [GQ, GG]] squared, over column maxima, transposed.
+
+  Each block is squared in the inputs' common dtype and then cast to float32, as the reference
+  does with the whole matrix; in slices, so that no wider copy of the whole matrix exists.
+  """
+  num_query = q_q.shape[0]
+  num_items = num_query + g_g.shape[0]
+  dtype = np.result_type(q_q, q_g, g_g)
+  dist = np.empty((num_items, num_items), np.float32)
+  blocks = ((q_q, 0, 0), (q_g, 0, num_query), (q_g.T, num_query, 0), (g_g, num_query, num_query))
+  for block, first_row, first_col in blocks:
+    num_rows, num_cols = block.shape
+    rows_per_slice = max(1, _SLICE_ELEMENTS // num_cols)
+    for start in range(0, num_rows, rows_per_slice):
+      stop = min(start + rows_per_slice, num_rows)
+      dist[first_row + start:first_row + stop, first_col:first_col + num_cols] = np.square(
+          block[start:stop].astype(dtype))
+  dist /= dist.max(axis=0)
+  return dist.T  # original[i, j] = dist[j, i] / max(column i)
+
+
+def _nearest(original: np.ndarray, width: int) -> np.ndarray:
+  """(n, width): each item's `width` nearest items, as np.argsort of its row of `original`."""
+  num_items = original.shape[0]
+  rows_per_slice = max(1, _SLICE_ELEMENTS // num_items)
+  return np.concatenate([_top_ranks(np.ascontiguousarray(original[s:s + rows_per_slice]), width)
+                         for s in range(0, num_items, rows_per_slice)])
+
+
+def _k_reciprocal_sets(nearest: np.ndarray, k1: int) -> np.ndarray:
+  """Each item's expanded k1-reciprocal set, as sorted unique keys item * n + member.
+
+  R(i, k1) holds the items j among i's k1+1 nearest that have i among their k1+1 nearest. A
+  member c of R(i, k1) adds its whole R(c, round(k1/2)) (numpy rounds half to even) when more
+  than 2/3 of that set lies in R(i, k1).
+  """
+  num_items = nearest.shape[0]
+  half = int(np.around(k1 / 2.))
+  k1_nearest = nearest[:, :k1 + 1]
+  is_mutual = _reciprocal(k1_nearest)
+  mutual = np.where(is_mutual, k1_nearest, -1)  # R(i, k1), padded with -1
+  half_nearest = nearest[:, :half + 1]
+  is_half_mutual = _reciprocal(half_nearest)
+  half_sets = np.where(is_half_mutual, half_nearest, -2)  # other pads than `mutual`: never equal
+  half_set_size = is_half_mutual.sum(axis=1)
+  items, members = [np.nonzero(is_mutual)[0]], [mutual[is_mutual]]
+  for start in range(0, num_items, _EXPANSION_BLOCK):
+    block = np.arange(start, min(start + _EXPANSION_BLOCK, num_items))
+    candidates = half_sets[k1_nearest[block]]  # (B, k1+1, half+1): R(c, k1/2) of each neighbour
+    shared = (candidates[..., None] == mutual[block][:, None, None, :]).any(axis=3).sum(axis=2)
+    accepted = is_mutual[block] & (shared > 2. / 3 * half_set_size[k1_nearest[block]])
+    item, neighbour, member = np.nonzero(accepted[..., None] & (candidates >= 0))
+    items.append(block[item])
+    members.append(candidates[item, neighbour, member])
+  return np.unique(np.concatenate(items).astype(np.int64) * num_items + np.concatenate(members))
+
+
+def _neighbour_weights(original: np.ndarray, keys: np.ndarray) -> _Sparse:
+  """V, the paper's k-reciprocal encoding of each item's expanded set (sorted unique keys).
+
+  V[i, j] = exp(-original[i, j]) for j in i's set, normalised to sum 1 per row.
+  """
+  num_items = original.shape[0]
+  row, col = keys // num_items, keys % num_items
+  weight = np.exp(-original[row, col])
+  lengths = np.bincount(row, minlength=num_items)
+  return _Sparse(row, col, 1. * weight / np.repeat(_rowwise_sum(weight, lengths), lengths))
+
+
+def _query_expansion(encoding: _Sparse, nearest_rows: np.ndarray) -> _Sparse:
+  """V_qe[i] = mean of V's rows nearest_rows[i] (the k2 nearest items); zeros are dropped.
+
+  Each entry sums its terms t = 0, 1, ..., k2-1 in that order, in float32, as the reference's
+  np.mean(V[nearest_rows[i]], axis=0).
+  """
+  num_items, k2 = nearest_rows.shape
+  row_length = np.bincount(encoding.row, minlength=num_items)
+  terms = row_length[nearest_rows].ravel()  # entries that row nearest_rows[i, t] brings to V_qe[i]
+  target_row = np.repeat(np.repeat(np.arange(num_items), k2), terms)
+  term_index = np.repeat(np.tile(np.arange(k2), num_items), terms)
+  entry = _run_positions(_run_starts(row_length)[nearest_rows].ravel(), terms)
+  keys, slot = np.unique(target_row * num_items + encoding.col[entry], return_inverse=True)
+  sums = np.zeros(keys.size, np.float32)
+  for t in range(k2):
+    chosen = term_index == t  # one term per key, so the buffered += is exact
+    sums[slot[chosen]] += encoding.value[entry[chosen]]
+  # np.mean divides the float32 sum by an np.intp count (in float64, cast back): same here.
+  mean = np.true_divide(sums, np.intp(k2), out=sums, casting='unsafe')
+  keep = mean != 0
+  return _Sparse(keys[keep] // num_items, keys[keep] % num_items, mean[keep])
+
+
+def _gallery_columns(encoding: _Sparse, num_query: int, num_items: int) -> _Columns:
+  """V's gallery rows (row - Q), grouped by column, in row order within a column."""
+  in_gallery = encoding.row >= num_query
+  col = encoding.col[in_gallery]
+  by_column = np.argsort(col, kind='stable')
+  length = np.bincount(col, minlength=num_items)
+  return _Columns(_run_starts(length), length, (encoding.row[in_gallery] - num_query)[by_column],
+                  encoding.value[in_gallery][by_column])
+
+
+def _query_blocks(encoding: _Sparse, column_length: np.ndarray, num_query: int,
+                  num_gallery: int):
+  """Yields (start, stop, V's entries of those queries) for blocks of consecutive queries.
+
+  A block has at most ~_JACCARD_TERMS (query, column, gallery item) terms and _SLICE_ELEMENTS
+  outputs, and at least one query. V's query rows come first (sorted by row, then column).
+  """
+  num_entries = np.searchsorted(encoding.row, num_query)
+  rows = encoding.row[:num_entries]
+  row_start = np.searchsorted(rows, np.arange(num_query + 1))
+  terms_to = np.cumsum(np.bincount(rows, weights=column_length[encoding.col[:num_entries]],
+                                   minlength=num_query))  # terms of queries 0..i
+  start = 0
+  while start < num_query:
+    done = terms_to[start - 1] if start else 0.
+    stop = max(start + 1, int(np.searchsorted(terms_to, done + _JACCARD_TERMS, side='right')))
+    stop = min(stop, start + max(1, _SLICE_ELEMENTS // num_gallery), num_query)
+    yield start, stop, slice(row_start[start], row_start[stop])
+    start = stop
+
+
+def _min_sums(block: _Sparse, columns: _Columns, num_rows: int, num_gallery: int) -> np.ndarray:
+  """(num_rows, G): sum over j of min(V[i, j], V[Q + g, j]), `block` holding rows i from 0.
+
+  The (i, j, g) terms come in order i, j ascending: np.add.at accumulates each (i, g) over j in
+  ascending order, in float32, as the reference's loop over indNonZero.
+  """
+  terms = columns.length[block.col]  # gallery items sharing column j, per entry (i, j)
+  positions = _run_positions(columns.start[block.col], terms)
+  sums = np.zeros(num_rows * num_gallery, np.float32)
+  np.add.at(sums, np.repeat(block.row, terms) * num_gallery + columns.row[positions],
+            np.minimum(np.repeat(block.value, terms), columns.value[positions]))
+  return sums.reshape(num_rows, num_gallery)
+
+
+def _mix_with_jaccard(encoding: _Sparse, original: np.ndarray, num_query: int,
+                      lambda_value: float) -> np.ndarray:
+  """(Q, G): (1 - lambda) * Jaccard distance of V's query and gallery rows + lambda * original.
+
+  With rows of V summing to 1, Jaccard = 1 - sum(min) / sum(max) = 1 - m / (2 - m), m = sum(min).
+  """
+  num_items = original.shape[0]
+  num_gallery = num_items - num_query
+  columns = _gallery_columns(encoding, num_query, num_items)
+  final = np.empty((num_query, num_gallery), np.float32)
+  for start, stop, entries in _query_blocks(encoding, columns.length, num_query, num_gallery):
+    block = _Sparse(encoding.row[entries] - start, encoding.col[entries], encoding.value[entries])
+    min_sum = _min_sums(block, columns, stop - start, num_gallery)
+    jaccard = 1 - min_sum / (2. - min_sum)
+    final[start:stop] = (jaccard * (1 - lambda_value)
+                         + original[start:stop, num_query:] * lambda_value)
   return final
