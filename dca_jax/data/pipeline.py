@@ -32,8 +32,8 @@ from dca_jax.data import preprocess, reid_sources, sampler, sources, synthetic
 from dca_jax.data._tf import tf
 from dca_jax.data.errors import DataError
 
-TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196'}
-REID_SPLITS = ('query', 'gallery')
+TFDS_NAMES = sources.TFDS_NAMES
+REID_SPLITS = reid_sources.REID_SPLITS
 _NEVER_ENDS = 2**62  # Last epoch number of the "infinite" train stream.
 
 
@@ -54,127 +54,6 @@ class DataInfo:
   num_junk: int = 0         # pid -1 images dropped by the reader
   train_pids: list[int] = dataclasses.field(default_factory=list)  # label -> original id
   root: str = ''            # folder read (Re-ID)
-
-
-def _seed_mix(seed: int, salt: int) -> int:
-  return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, salt]).integers(1, 2**62))
-
-
-# ============================================================================ sources
-class _IndexedSource:
-  """A split held as an indexable table (file paths or in-memory images) + labels."""
-
-  def __init__(self, train_labels, test_labels):
-    t = tf()
-    self.train_labels = t.constant(np.asarray(train_labels, np.int32))
-    self.test_labels = t.constant(np.asarray(test_labels, np.int32))
-    self.num_train, self.num_test = len(train_labels), len(test_labels)
-
-  def load(self, split: str, idx):
-    raise NotImplementedError
-
-  def train_epoch(self, epoch, n_host: int, seed: int, p: int, P: int):
-    t = tf()
-    perm = t.random.experimental.stateless_shuffle(
-        t.range(self.num_train, dtype=t.int64),
-        seed=t.stack([t.constant(_seed_mix(seed, 1), t.int64), epoch]))
-    host = perm[p::P][:n_host]
-    return t.data.Dataset.from_tensor_slices(host).map(lambda i: {'id': i, 'epoch': epoch})
-
-  def train_element(self, elem):
-    return self.load('train', elem['id']), tf().gather(self.train_labels, elem['id'])
-
-  def test_host(self, p: int, P: int):
-    idx = np.arange(p, self.num_test, P, dtype=np.int64)
-    return tf().data.Dataset.from_tensor_slices({'id': idx, 'index': idx})
-
-  def test_element(self, elem):
-    return self.load('test', elem['id']), tf().gather(self.test_labels, elem['id'])
-
-
-class _FolderSource(_IndexedSource):
-
-  def __init__(self, ds: sources.FolderDataset):
-    super().__init__(ds.train.labels, ds.test.labels)
-    t = tf()
-    self.paths = {'train': t.constant(ds.train.paths), 'test': t.constant(ds.test.paths)}
-    self.crop_bottom = ds.crop_bottom
-
-  def load(self, split, idx):
-    raw = tf().io.read_file(tf().gather(self.paths[split], idx))
-    return preprocess.decode(raw, self.crop_bottom)
-
-
-class _SyntheticSource(_IndexedSource):
-
-  def __init__(self, d: synthetic.SyntheticData):
-    super().__init__(d.train_labels, d.test_labels)
-    t = tf()
-    self.images = {'train': t.constant(d.train_images), 'test': t.constant(d.test_images)}
-
-  def load(self, split, idx):
-    return tf().gather(self.images[split], idx)
-
-
-class _TfdsSource:
-  """TFDS reader: encoded images (decoding skipped in the reader), decoded in the map."""
-
-  def __init__(self, config, p: int, P: int):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tf()  # Hide GPUs before TFDS touches TensorFlow.
-    name = TFDS_NAMES[config.dataset]
-    data_dir = config.data_dir or None
-    try:
-      self.builder = tfds.builder(name, data_dir=data_dir)
-      self.builder.download_and_prepare()  # No-op (a quick check) when already prepared.
-    except Exception as e:  # pylint: disable=broad-except
-      where = data_dir or '~/tensorflow_datasets'
-      raise DataError(f'TFDS dataset {name} is not prepared under {where} and could not be '
-                      f'downloaded/prepared: {type(e).__name__}: {str(e).splitlines()[0]}'
-                      ) from None
-    self.class_names = list(self.builder.info.features['label'].names)
-    self.decoders = tfds.decode.PartialDecoding(
-        {'image': True, 'label': True}, decoders={'image': tfds.decode.SkipDecoding()})
-    self.num_train = self._split_size('train')
-    self.num_test = self._split_size('test')
-    self.p, self.P = p, P
-    self.shuffle_buffer = int(config.get('shuffle_buffer', 2048))
-    split_fn = (lambda s: s) if P == 1 else (
-        lambda s: tfds.split_for_jax_process(s, process_index=p, process_count=P))
-    self.splits = {'train': split_fn('train'), 'test': split_fn('test')}
-
-  def _split_size(self, split: str) -> int:
-    try:
-      return int(self.builder.info.splits[split].num_examples)
-    except (KeyError, IndexError):  # Not in the metadata (e.g. tfds.testing.mock_data).
-      ds = self.builder.as_dataset(split=split, decoders=self.decoders)
-      n = int(ds.cardinality().numpy())
-      return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1).numpy())
-
-  def _read(self, split: str):
-    ds = self.builder.as_dataset(split=self.splits[split], decoders=self.decoders,
-                                 shuffle_files=False)
-    return ds.enumerate()  # (position in this host's share, example)
-
-  def train_epoch(self, epoch, n_host: int, seed: int, p: int, P: int):
-    t = tf()
-    ep_seed = t.bitwise.bitwise_xor(t.constant(_seed_mix(seed, 2), t.int64),
-                                    epoch * 1_000_003)
-    ds = self._read('train').shuffle(self.shuffle_buffer, seed=ep_seed,
-                                     reshuffle_each_iteration=False).take(n_host)
-    return ds.map(lambda i, ex: {'id': i, 'epoch': epoch, 'raw': ex['image'],
-                                 'label': ex['label']})
-
-  def train_element(self, elem):
-    return preprocess.decode(elem['raw']), tf().cast(elem['label'], tf().int32)
-
-  def test_host(self, p, P):
-    # 'index' is the position inside this host's share for TFDS.
-    return self._read('test').map(lambda i, ex: {'index': i, 'raw': ex['image'],
-                                                 'label': ex['label']})
-
-  def test_element(self, elem):
-    return self.train_element(elem)
 
 
 # ============================================================================ Input
@@ -281,21 +160,6 @@ class Input:
 
 
 # ============================================================================ Re-ID
-class _ReidSource:
-  """The three Re-ID splits as path tables; train labels, eval pids and camids."""
-
-  def __init__(self, ds: reid_sources.ReidDataset):
-    t = tf()
-    self.dataset = ds
-    self.paths = {w: t.constant(getattr(ds, w).paths) for w in ('train',) + REID_SPLITS}
-    self.pids = {w: t.constant(getattr(ds, w).pids) for w in ('train',) + REID_SPLITS}
-    self.camids = {w: t.constant(getattr(ds, w).camids) for w in ('train',) + REID_SPLITS}
-    self.sizes = {w: len(getattr(ds, w)) for w in ('train',) + REID_SPLITS}
-
-  def load(self, split: str, idx):
-    return preprocess.decode(tf().io.read_file(tf().gather(self.paths[split], idx)))
-
-
 class ReidInput(Input):
   """task='reid': P x K train stream, query/gallery eval streams. See docs/REID_DATA.md.
 
@@ -306,7 +170,7 @@ class ReidInput(Input):
   'index'} with padding (mask False, label/camid/index -1) as in the FGVC eval.
   """
 
-  def __init__(self, config, source: _ReidSource, info: DataInfo, process_index: int,
+  def __init__(self, config, source: reid_sources.ReidSource, info: DataInfo, process_index: int,
                process_count: int):
     super().__init__(config, source, info, process_index, process_count)
     self.num_instances = int(config.get('num_instances', 4))
@@ -421,7 +285,7 @@ def _build_reid(config, process_index: int, process_count: int, with_train: bool
   if int(config.get('num_classes', info.num_classes)) != info.num_classes:
     logging.warning('config.num_classes=%s but %s has %d train identities (use '
                     'info.num_classes)', config.num_classes, ds.version, info.num_classes)
-  return ReidInput(config, _ReidSource(ds), info, process_index, process_count)
+  return ReidInput(config, reid_sources.ReidSource(ds), info, process_index, process_count)
 
 
 # ============================================================================ build
@@ -459,18 +323,18 @@ def build_input(config, process_index: int = 0, process_count: int = 1, *,
     if not len(d.train_labels) or not len(d.test_labels):
       raise DataError('synthetic split is empty: set config.synthetic_num_train / '
                       'synthetic_num_test > 0')
-    src, names = _SyntheticSource(d), d.class_names
+    src, names = sources.SyntheticSource(d), d.class_names
   elif source_name == 'folder':
     fd = sources.read_folder(dataset, config.data_dir)
     if config.get('verify_images', True):
       fd = sources.drop_unreadable(fd, splits=('train', 'test') if with_train else ('test',))
     skipped = [f'{p} ({r})' for p, r in fd.skipped]
-    src, names = _FolderSource(fd), fd.class_names
+    src, names = sources.FolderSource(fd), fd.class_names
   else:  # tfds
     if dataset not in TFDS_NAMES:
       raise DataError(f'dataset {dataset!r} has no TFDS builder; use data_source=folder '
                       f'(TFDS datasets: {sorted(TFDS_NAMES)})')
-    src = _TfdsSource(config, process_index, process_count)
+    src = sources.TfdsSource(config, process_index, process_count)
     names = src.class_names
     if not src.num_train or not src.num_test:
       raise DataError(f'TFDS {TFDS_NAMES[dataset]} under {config.data_dir or "default"}: '

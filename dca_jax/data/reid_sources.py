@@ -23,10 +23,12 @@ import warnings
 import numpy as np
 from absl import logging
 
-from dca_jax.data import sources
+from dca_jax.data import preprocess, sources
+from dca_jax.data._tf import tf
 from dca_jax.data.errors import DataError, DataWarning
 
 REID_DATASETS = ('market1501', 'dukemtmc', 'msmt17', 'veri776')
+REID_SPLITS = ('query', 'gallery')
 NOT_JPG = 'not a .jpg file'
 
 
@@ -382,3 +384,19 @@ def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDa
     raise DataError(f'unknown Re-ID dataset {dataset!r} for data_source=folder; expected one '
                     f'of {sorted(READERS)}')
   return READERS[dataset](data_dir, verify_images)
+
+
+# ----------------------------------------------------------------------------- stream source
+class ReidSource:
+  """The three Re-ID splits as path tables; train labels, eval pids and camids."""
+
+  def __init__(self, ds: ReidDataset):
+    t = tf()
+    self.dataset = ds
+    self.paths = {w: t.constant(getattr(ds, w).paths) for w in ('train',) + REID_SPLITS}
+    self.pids = {w: t.constant(getattr(ds, w).pids) for w in ('train',) + REID_SPLITS}
+    self.camids = {w: t.constant(getattr(ds, w).camids) for w in ('train',) + REID_SPLITS}
+    self.sizes = {w: len(getattr(ds, w)) for w in ('train',) + REID_SPLITS}
+
+  def load(self, split: str, idx):
+    return preprocess.decode(tf().io.read_file(tf().gather(self.paths[split], idx)))
