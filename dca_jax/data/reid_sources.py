@@ -92,18 +92,18 @@ MSMT17_NAMES = _NameFormat(re.compile(r'^(?P<pid>\d+)_\d+_(?P<cam>\d+)_\w+\.jpg$
                            '0000_000_01_0303morning_0015_0.jpg')
 
 
-def _parse_name(path: str, fmt: _NameFormat, what: str) -> tuple[int, int]:
+def _parse_name(path: str, name_format: _NameFormat, what: str) -> tuple[int, int]:
   """File name -> (pid, 0-based camid); DataError naming the file when it does not parse."""
-  match = fmt.regex.match(os.path.basename(path))
+  match = name_format.regex.match(os.path.basename(path))
   if not match:
     raise DataError(f'{path}: file name does not parse as {what} (expected names like '
-                    f'{fmt.example}); is config.dataset right for this folder?')
-  pid, cam = int(match.group('pid')), int(match.group('cam'))
-  if not 1 <= cam <= fmt.num_cameras:
-    raise DataError(f'{path}: camera {cam} outside 1..{fmt.num_cameras} of {what}')
+                    f'{name_format.example}); is config.dataset right for this folder?')
+  pid, camera = int(match.group('pid')), int(match.group('cam'))
+  if not 1 <= camera <= name_format.num_cameras:
+    raise DataError(f'{path}: camera {camera} outside 1..{name_format.num_cameras} of {what}')
   if pid < -1:
     raise DataError(f'{path}: person id {pid} < -1')
-  return pid, cam - 1
+  return pid, camera - 1
 
 
 # ----------------------------------------------------------------------------- layout finding
@@ -162,7 +162,7 @@ def _require_dirs(root: str, names: list[str], what: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- split readers
-def _read_folder_split(folder: str, fmt: _NameFormat, what: str, skipped: list):
+def _read_folder_split(folder: str, name_format: _NameFormat, what: str, skipped: list):
   """*.jpg of one folder (sorted by name) -> (paths, pids, camids); others -> skipped."""
   paths, pids, camids = [], [], []
   with os.scandir(folder) as scanned:
@@ -171,14 +171,14 @@ def _read_folder_split(folder: str, fmt: _NameFormat, what: str, skipped: list):
     if not (entry.name.lower().endswith('.jpg') and entry.is_file()):
       skipped.append((entry.path, NOT_JPG))
       continue
-    pid, camid = _parse_name(entry.path, fmt, what)
+    pid, camid = _parse_name(entry.path, name_format, what)
     paths.append(entry.path)
     pids.append(pid)
     camids.append(camid)
   return paths, pids, camids
 
 
-def _read_list_split(list_file: str, image_dir: str, fmt: _NameFormat, what: str):
+def _read_list_split(list_file: str, image_dir: str, name_format: _NameFormat, what: str):
   """MSMT17 list: '<relative/path.jpg> <pid>' lines; camera from the file name."""
   if not os.path.isfile(list_file):
     raise DataError(f'missing list file: {list_file}')
@@ -197,7 +197,7 @@ def _read_list_split(list_file: str, image_dir: str, fmt: _NameFormat, what: str
         raise DataError(f'{list_file}:{line_number}: pid {parts[1]!r} is not an integer'
                         ) from None
       path = os.path.join(image_dir, parts[0])
-      _, camid = _parse_name(path, fmt, what)
+      _, camid = _parse_name(path, name_format, what)
       paths.append(path)
       pids.append(pid)
       camids.append(camid)
@@ -285,43 +285,44 @@ def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSpl
 
 
 # ----------------------------------------------------------------------------- datasets
-def _read_market_style(data_dir: str, dataset: str, fmt: _NameFormat, *,
-                       verify_images: bool, root: str | None = None,
-                       version: str | None = None) -> ReidDataset:
-  title = _TITLES.get(dataset, dataset)
-  root = root or _find_roots(data_dir, dataset)[0]
-  folders = _require_dirs(root, ['bounding_box_train', 'query', 'bounding_box_test'], title)
+MARKET_FOLDERS = ['bounding_box_train', 'query', 'bounding_box_test']
+VERI_FOLDERS = ['image_train', 'image_query', 'image_test']
+
+
+def _read_folder_layout(data_dir: str, dataset: str, name_format: _NameFormat,
+                        folder_names: list[str], *, distractor_zero: bool, verify_images: bool,
+                        version: str | None = None) -> ReidDataset:
+  """A layout of three image folders (train, query, gallery); ids and cameras in the names."""
+  title = _TITLES[dataset]
+  root = _find_roots(data_dir, dataset)[0]
+  folders = _require_dirs(root, folder_names, title)
   skipped = []
-  train, query, gallery = (_split(f, *_read_folder_split(f, fmt, title, skipped))
-                           for f in folders)
+  train, query, gallery = (
+      _split(folder, *_read_folder_split(folder, name_format, title, skipped))
+      for folder in folders)
   return _finish(dataset, version or title, root, train, query, gallery, skipped,
-                 distractor_zero=True, verify_images=verify_images)
+                 distractor_zero=distractor_zero, verify_images=verify_images)
 
 
 def read_market1501(data_dir: str, verify_images: bool = True, *,
                     version: str | None = None) -> ReidDataset:
   """`Market-1501-v15.09.15/` (or data_dir itself): bounding_box_train/, query/,
   bounding_box_test/ with names like 0002_c1s1_000451_03.jpg (pid, camera 1..6)."""
-  return _read_market_style(data_dir, 'market1501', MARKET_NAMES, verify_images=verify_images,
-                            version=version)
+  return _read_folder_layout(data_dir, 'market1501', MARKET_NAMES, MARKET_FOLDERS,
+                             distractor_zero=True, verify_images=verify_images, version=version)
 
 
 def read_dukemtmc(data_dir: str, verify_images: bool = True) -> ReidDataset:
   """`DukeMTMC-reID/` (or data_dir itself): the Market folders, names 0001_c2_f0046182.jpg."""
-  return _read_market_style(data_dir, 'dukemtmc', DUKE_NAMES, verify_images=verify_images)
+  return _read_folder_layout(data_dir, 'dukemtmc', DUKE_NAMES, MARKET_FOLDERS,
+                             distractor_zero=True, verify_images=verify_images)
 
 
 def read_veri776(data_dir: str, verify_images: bool = True) -> ReidDataset:
   """`VeRi/` (or data_dir itself): image_train/, image_query/, image_test/, names like
   0001_c001_00016450_0.jpg (vehicle id, camera 1..20)."""
-  title = _TITLES['veri776']
-  root = _find_roots(data_dir, 'veri776')[0]
-  folders = _require_dirs(root, ['image_train', 'image_query', 'image_test'], title)
-  skipped = []
-  train, query, gallery = (_split(f, *_read_folder_split(f, VERI_NAMES, title, skipped))
-                           for f in folders)
-  return _finish('veri776', title, root, train, query, gallery, skipped, distractor_zero=False,
-                 verify_images=verify_images)
+  return _read_folder_layout(data_dir, 'veri776', VERI_NAMES, VERI_FOLDERS,
+                             distractor_zero=False, verify_images=verify_images)
 
 
 MSMT17_VERSIONS = {'MSMT17_V1': ('train', 'test'), 'MSMT17_V2': ('mask_train_v2', 'mask_test_v2')}
