@@ -36,7 +36,7 @@ NOT_JPG = 'not a .jpg file'
 
 
 @dataclasses.dataclass
-class ReidSplit:
+class ReidSplit(sources.ImageSplit):
   paths: list[str]
   pids: np.ndarray    # int32: train = relabelled 0..C-1; query/gallery = the original ids
   camids: np.ndarray  # int32, 0-based
@@ -49,11 +49,6 @@ class ReidSplit:
   def listing(self) -> str:
     """Where messages say the split's images come from."""
     return f'in {self.where}'
-
-  def subset(self, keep) -> 'ReidSplit':
-    keep = np.asarray(keep, bool)
-    return ReidSplit([path for path, kept in zip(self.paths, keep) if kept], self.pids[keep],
-                     self.camids[keep], self.where)
 
 
 @dataclasses.dataclass
@@ -240,15 +235,15 @@ def _check_query_in_gallery(query: ReidSplit, gallery: ReidSplit) -> None:
 
 def _report_skipped(name: str, root: str, skipped: list) -> None:
   """Logs the non-.jpg entries; warns about the other skipped images (distractor ids ...)."""
-  others = [path for path, reason in skipped if reason == NOT_JPG]
-  if others:  # Normal (e.g. Thumbs.db): logged, listed in skipped, no warning.
-    logging.info('%s: ignored %d non-.jpg entries under %s (e.g. %s)', name, len(others), root,
-                 others[0])
-  odd = [(path, reason) for path, reason in skipped if reason != NOT_JPG]
-  if odd:
-    message = (f'{name}: skipped {len(odd)} image(s) under {root}: '
-               + '; '.join(f'{path} ({reason})' for path, reason in odd[:5])
-               + (' ...' if len(odd) > 5 else ''))
+  not_jpg = [path for path, reason in skipped if reason == NOT_JPG]
+  if not_jpg:  # Normal (e.g. Thumbs.db): logged, listed in skipped, no warning.
+    logging.info('%s: ignored %d non-.jpg entries under %s (e.g. %s)', name, len(not_jpg),
+                 root, not_jpg[0])
+  images = [(path, reason) for path, reason in skipped if reason != NOT_JPG]
+  if images:
+    message = (f'{name}: skipped {len(images)} image(s) under {root}: '
+               + '; '.join(f'{path} ({reason})' for path, reason in images[:5])
+               + (' ...' if len(images) > 5 else ''))
     logging.warning(message)
     warnings.warn(message, DataWarning, stacklevel=5)
 

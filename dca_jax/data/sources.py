@@ -31,8 +31,20 @@ AIRCRAFT_BANNER_PX = 20
 TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196'}
 
 
+class ImageSplit:
+  """Base of the split dataclasses: `paths` and per-image numpy arrays (labels, pids, ...)."""
+
+  def subset(self, keep):
+    """The split with the images where `keep` is True (its paths and every per-image array)."""
+    keep = np.asarray(keep, bool)
+    arrays = {field.name: getattr(self, field.name)[keep] for field in dataclasses.fields(self)
+              if isinstance(getattr(self, field.name), np.ndarray)}
+    paths = [path for path, kept in zip(self.paths, keep) if kept]
+    return dataclasses.replace(self, paths=paths, **arrays)
+
+
 @dataclasses.dataclass
-class FileSplit:
+class FileSplit(ImageSplit):
   paths: list[str]
   labels: np.ndarray  # int32, 0-based
   label_file: str     # the file that defines this split (for messages)
@@ -41,11 +53,6 @@ class FileSplit:
   def listing(self) -> str:
     """Where messages say the split's images come from."""
     return f'listed by {self.label_file}'
-
-  def subset(self, keep) -> 'FileSplit':
-    keep = np.asarray(keep, bool)
-    return FileSplit([path for path, kept in zip(self.paths, keep) if kept], self.labels[keep],
-                     self.label_file)
 
 
 @dataclasses.dataclass
