@@ -4,17 +4,21 @@ Train stream (resume-exact): epoch e = step // steps_per_epoch has an order fixe
 (config.seed, e); augmentation keys are folded from (config.seed, e, example id). The stream
 started at `start_step` is the tail of the stream started at 0 (only index records are
 skipped, nothing is decoded). For the folder and synthetic sources epoch e is a global
-permutation of the whole train split; host p takes every P-th element of it, so the union of
-the hosts' batches at a step is the single-host batch whatever P is. For TFDS each host reads
-its own `tfds.split_for_jax_process` share and shuffles it with a seeded buffer
-(`config.shuffle_buffer`). Every host yields `steps_per_epoch` batches per epoch.
+permutation of the whole train split; host `process_index` takes every `process_count`-th
+element of it, so the union of the hosts' batches at a step is the single-host batch whatever
+the process count. For TFDS each host reads its own `tfds.split_for_jax_process` share and
+shuffles it with a seeded buffer (`config.shuffle_buffer`). Every host yields
+`steps_per_epoch` batches per epoch.
 
-Eval stream: host p reads its share in order, pads the last batch with mask=False elements,
-and every host yields ceil(ceil(N / P) / b) batches (the eval is a collective).
+Eval stream: each host reads its share in order, pads the last batch with mask=False
+elements, and every host yields ceil(ceil(num_test / process_count) / host eval batch size)
+batches (the eval is a collective).
 
 task='reid' (`ReidInput`): the train stream is identity-balanced (sampler.PKSampler: every
-batch holds P identities x K images); host p takes a contiguous slice of each global batch.
+batch holds P identities x K images); each host takes a contiguous slice of each global batch.
 `eval_iter(split='query' | 'gallery')` streams the two retrieval sets. See docs/REID_DATA.md.
+
+The stream sources (what the streams read) live in sources.py (FGVC) and reid_sources.py.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from absl import logging
 
 from dca_jax import config_lib
 from dca_jax.data import preprocess, reid_sources, sampler, sources, synthetic
-from dca_jax.data._tf import tf
+from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError
 
-TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196'}
-REID_SPLITS = ('query', 'gallery')
+TFDS_NAMES = sources.TFDS_NAMES
+REID_SPLITS = reid_sources.REID_SPLITS
 _NEVER_ENDS = 2**62  # Last epoch number of the "infinite" train stream.
 
 
@@ -56,125 +60,9 @@ class DataInfo:
   root: str = ''            # folder read (Re-ID)
 
 
-def _seed_mix(seed: int, salt: int) -> int:
-  return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, salt]).integers(1, 2**62))
-
-
-# ============================================================================ sources
-class _IndexedSource:
-  """A split held as an indexable table (file paths or in-memory images) + labels."""
-
-  def __init__(self, train_labels, test_labels):
-    t = tf()
-    self.train_labels = t.constant(np.asarray(train_labels, np.int32))
-    self.test_labels = t.constant(np.asarray(test_labels, np.int32))
-    self.num_train, self.num_test = len(train_labels), len(test_labels)
-
-  def load(self, split: str, idx):
-    raise NotImplementedError
-
-  def train_epoch(self, epoch, n_host: int, seed: int, p: int, P: int):
-    t = tf()
-    perm = t.random.experimental.stateless_shuffle(
-        t.range(self.num_train, dtype=t.int64),
-        seed=t.stack([t.constant(_seed_mix(seed, 1), t.int64), epoch]))
-    host = perm[p::P][:n_host]
-    return t.data.Dataset.from_tensor_slices(host).map(lambda i: {'id': i, 'epoch': epoch})
-
-  def train_element(self, elem):
-    return self.load('train', elem['id']), tf().gather(self.train_labels, elem['id'])
-
-  def test_host(self, p: int, P: int):
-    idx = np.arange(p, self.num_test, P, dtype=np.int64)
-    return tf().data.Dataset.from_tensor_slices({'id': idx, 'index': idx})
-
-  def test_element(self, elem):
-    return self.load('test', elem['id']), tf().gather(self.test_labels, elem['id'])
-
-
-class _FolderSource(_IndexedSource):
-
-  def __init__(self, ds: sources.FolderDataset):
-    super().__init__(ds.train.labels, ds.test.labels)
-    t = tf()
-    self.paths = {'train': t.constant(ds.train.paths), 'test': t.constant(ds.test.paths)}
-    self.crop_bottom = ds.crop_bottom
-
-  def load(self, split, idx):
-    raw = tf().io.read_file(tf().gather(self.paths[split], idx))
-    return preprocess.decode(raw, self.crop_bottom)
-
-
-class _SyntheticSource(_IndexedSource):
-
-  def __init__(self, d: synthetic.SyntheticData):
-    super().__init__(d.train_labels, d.test_labels)
-    t = tf()
-    self.images = {'train': t.constant(d.train_images), 'test': t.constant(d.test_images)}
-
-  def load(self, split, idx):
-    return tf().gather(self.images[split], idx)
-
-
-class _TfdsSource:
-  """TFDS reader: encoded images (decoding skipped in the reader), decoded in the map."""
-
-  def __init__(self, config, p: int, P: int):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tf()  # Hide GPUs before TFDS touches TensorFlow.
-    name = TFDS_NAMES[config.dataset]
-    data_dir = config.data_dir or None
-    try:
-      self.builder = tfds.builder(name, data_dir=data_dir)
-      self.builder.download_and_prepare()  # No-op (a quick check) when already prepared.
-    except Exception as e:  # pylint: disable=broad-except
-      where = data_dir or '~/tensorflow_datasets'
-      raise DataError(f'TFDS dataset {name} is not prepared under {where} and could not be '
-                      f'downloaded/prepared: {type(e).__name__}: {str(e).splitlines()[0]}'
-                      ) from None
-    self.class_names = list(self.builder.info.features['label'].names)
-    self.decoders = tfds.decode.PartialDecoding(
-        {'image': True, 'label': True}, decoders={'image': tfds.decode.SkipDecoding()})
-    self.num_train = self._split_size('train')
-    self.num_test = self._split_size('test')
-    self.p, self.P = p, P
-    self.shuffle_buffer = int(config.get('shuffle_buffer', 2048))
-    split_fn = (lambda s: s) if P == 1 else (
-        lambda s: tfds.split_for_jax_process(s, process_index=p, process_count=P))
-    self.splits = {'train': split_fn('train'), 'test': split_fn('test')}
-
-  def _split_size(self, split: str) -> int:
-    try:
-      return int(self.builder.info.splits[split].num_examples)
-    except (KeyError, IndexError):  # Not in the metadata (e.g. tfds.testing.mock_data).
-      ds = self.builder.as_dataset(split=split, decoders=self.decoders)
-      n = int(ds.cardinality().numpy())
-      return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1).numpy())
-
-  def _read(self, split: str):
-    ds = self.builder.as_dataset(split=self.splits[split], decoders=self.decoders,
-                                 shuffle_files=False)
-    return ds.enumerate()  # (position in this host's share, example)
-
-  def train_epoch(self, epoch, n_host: int, seed: int, p: int, P: int):
-    t = tf()
-    ep_seed = t.bitwise.bitwise_xor(t.constant(_seed_mix(seed, 2), t.int64),
-                                    epoch * 1_000_003)
-    ds = self._read('train').shuffle(self.shuffle_buffer, seed=ep_seed,
-                                     reshuffle_each_iteration=False).take(n_host)
-    return ds.map(lambda i, ex: {'id': i, 'epoch': epoch, 'raw': ex['image'],
-                                 'label': ex['label']})
-
-  def train_element(self, elem):
-    return preprocess.decode(elem['raw']), tf().cast(elem['label'], tf().int32)
-
-  def test_host(self, p, P):
-    # 'index' is the position inside this host's share for TFDS.
-    return self._read('test').map(lambda i, ex: {'index': i, 'raw': ex['image'],
-                                                 'label': ex['label']})
-
-  def test_element(self, elem):
-    return self.train_element(elem)
+def _num_eval_steps(num_examples: int, process_count: int, host_batch_size: int) -> int:
+  """Batches every host yields for a split of `num_examples`: the largest host share, padded."""
+  return math.ceil(math.ceil(num_examples / process_count) / host_batch_size)
 
 
 # ============================================================================ Input
@@ -189,90 +77,114 @@ class Input:
     self.host_batch_size = int(config.batch_size) // process_count
     self.host_eval_batch_size = int(config.eval_batch_size) // process_count
     self.steps_per_epoch = info.num_train // int(config.batch_size)
-    self.eval_steps = math.ceil(math.ceil(info.num_test / process_count) /
-                                self.host_eval_batch_size)
+    self.eval_steps = _num_eval_steps(info.num_test, process_count, self.host_eval_batch_size)
     self.seed = int(config.get('seed', 0))
     self.input_size = int(config.input_size)
     self.input_width = int(config.get('input_width') or config.input_size)
     self.resize_size = int(config.resize_size)
-    self.normalization = preprocess._normalization_name(config)  # pylint: disable=protected-access
+    self.normalization = preprocess.normalization_name(config)
     self.test_crop = config.get('test_crop', 'center_crop')
-    npc = int(config.get('num_parallel_calls', -1))
-    self.num_parallel_calls = tf().data.AUTOTUNE if npc <= 0 else npc
+    parallel_calls = int(config.get('num_parallel_calls', -1))
+    self.num_parallel_calls = tensorflow().data.AUTOTUNE if parallel_calls <= 0 else parallel_calls
 
   def _options(self):
-    t = tf()
-    opts = t.data.Options()
-    opts.deterministic = True
-    opts.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
-    opts.threading.max_intra_op_parallelism = 1
-    opts.autotune.enabled = True
-    return opts
+    options = tensorflow().data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = True
+    return options
 
-  # ---------------------------------------------------------------- train
-  def train_dataset(self, start_step: int = 0):
-    """The infinite per-host train `tf.data.Dataset` (batched, normalised)."""
-    t = tf()
-    if self.steps_per_epoch <= 0:
-      raise DataError(f'the train split has {self.info.num_train} images, fewer than '
-                      f'config.batch_size={self.config.batch_size}: no full batch')
+  def _batched(self, stream, batch_size: int):
+    """Full batches of `stream`, prefetched, with the pipeline's options."""
+    stream = stream.batch(batch_size, drop_remainder=True)
+    stream = stream.prefetch(tensorflow().data.AUTOTUNE)
+    return stream.with_options(self._options())
+
+  def _train_stream(self, start_step: int, epoch_records, process, *, drop_errors: bool):
+    """The infinite batched stream from `start_step`, shared by FGVC and Re-ID.
+
+    Args:
+      start_step: the first step the stream yields.
+      epoch_records: epoch (int64 scalar tensor) -> this host's index records of that epoch.
+      process: index record -> {'image', 'label'}, decoded and augmented.
+      drop_errors: log and drop the elements that `process` fails on.
+    """
     if start_step < 0:
       raise ValueError(f'start_step={start_step} must be >= 0')
     start_epoch, offset = divmod(int(start_step), self.steps_per_epoch)
-    b, src, seed = self.host_batch_size, self.source, self.seed
-    n_host = self.steps_per_epoch * b
-    p, P = self.process_index, self.process_count
+    stream = tensorflow().data.Dataset.range(start_epoch, _NEVER_ENDS)
+    stream = stream.flat_map(epoch_records)
+    stream = stream.skip(offset * self.host_batch_size)  # Index records only: cheap.
+    stream = stream.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
+    if drop_errors:
+      stream = stream.ignore_errors(log_warning=True)
+    return self._batched(stream, self.host_batch_size)
 
-    def process(elem):
-      image, label = src.train_element(elem)
-      key = preprocess.example_key(seed, elem['epoch'], elem['id'])
+  def _eval_stream(self, records, process, padding: dict, num_steps: int):
+    """`num_steps` eval batches of processed `records`, then `padding` (mask=False) elements."""
+    tf = tensorflow()
+    stream = records.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
+    # As in the train stream, a file TF cannot decode is logged and dropped; the padding keeps
+    # every host at `num_steps` batches (verify_images=False, or the pre-scan missed it).
+    stream = stream.ignore_errors(log_warning=True)
+    stream = stream.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+    stream = stream.take(num_steps * self.host_eval_batch_size)
+    return self._batched(stream, self.host_eval_batch_size)
+
+  # ---------------------------------------------------------------- train
+  def train_dataset(self, start_step: int = 0):
+    """The infinite per-host train `tf.data.Dataset` (batched, augmented, uint8)."""
+    if self.steps_per_epoch <= 0:
+      raise DataError(f'the train split has {self.info.num_train} images, fewer than '
+                      f'config.batch_size={self.config.batch_size}: no full batch')
+    source, seed = self.source, self.seed
+    host_epoch_size = self.steps_per_epoch * self.host_batch_size
+    process_index, process_count = self.process_index, self.process_count
+
+    def epoch_records(epoch):
+      return source.train_records(epoch, host_epoch_size, seed, process_index, process_count)
+
+    def process(record):
+      image, label = source.train_element(record)
+      key = preprocess.example_key(seed, record['epoch'], record['id'])
       image = preprocess.train_transform(image, key, resize_size=self.resize_size,
                                          input_size=self.input_size,
                                          input_width=self.input_width)
       return {'image': image, 'label': label}
 
-    ds = t.data.Dataset.range(start_epoch, _NEVER_ENDS)
-    ds = ds.flat_map(lambda e: src.train_epoch(e, n_host, seed, p, P))
-    ds = ds.skip(offset * b)  # Index records only: cheap.
-    ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
     # Last-resort net for a file the pre-scan passed but TF cannot decode: logged and dropped
     # (the pre-scan normally removes such files first, keeping epochs aligned to batches).
-    ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(b, drop_remainder=True)
-    ds = ds.prefetch(t.data.AUTOTUNE)
-    return ds.with_options(self._options())
+    return self._train_stream(start_step, epoch_records, process, drop_errors=True)
 
   def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator of {'image': uint8 [b, S, W, 3], 'label': i32 [b]} for this host."""
+    """Infinite iterator of {'image': uint8 [host batch, input_size, input_width, 3],
+    'label': int32 [host batch]} for this host."""
     return self.train_dataset(start_step).as_numpy_iterator()
 
   # ---------------------------------------------------------------- eval
   def eval_dataset(self, with_index: bool = False, split: str | None = None):
-    t = tf()
+    """The finite per-host eval `tf.data.Dataset` of the test split, padded."""
+    tf = tensorflow()
     if split not in (None, 'test'):
       raise DataError(f"eval split {split!r}: task='fgvc' has one eval split, 'test'")
-    b, src, S, W = self.host_eval_batch_size, self.source, self.input_size, self.input_width
+    source, height, width = self.source, self.input_size, self.input_width
 
-    def process(elem):
-      image, label = src.test_element(elem)
-      image = preprocess.eval_transform(image, resize_size=self.resize_size, input_size=S,
-                                        test_crop=self.test_crop, input_width=W)
-      out = {'image': image, 'label': label, 'mask': t.constant(True)}
+    def process(record):
+      image, label = source.test_element(record)
+      image = preprocess.eval_transform(image, resize_size=self.resize_size, input_size=height,
+                                        test_crop=self.test_crop, input_width=width)
+      out = {'image': image, 'label': label, 'mask': tf.constant(True)}
       if with_index:
-        out['index'] = t.cast(elem['index'], t.int64)
+        out['index'] = tf.cast(record['index'], tf.int64)
       return out
 
-    pad = {'image': t.zeros((S, W, 3), t.uint8), 'label': t.constant(0, t.int32),
-           'mask': t.constant(False)}
+    padding = {'image': tf.zeros((height, width, 3), tf.uint8),
+               'label': tf.constant(0, tf.int32), 'mask': tf.constant(False)}
     if with_index:
-      pad['index'] = t.constant(-1, t.int64)
-    ds = src.test_host(self.process_index, self.process_count)
-    ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
-    ds = ds.ignore_errors(log_warning=True)  # See train_dataset; padding keeps hosts aligned.
-    ds = ds.concatenate(t.data.Dataset.from_tensors(pad).repeat())
-    ds = ds.take(self.eval_steps * b).batch(b, drop_remainder=True)
-    ds = ds.prefetch(t.data.AUTOTUNE)
-    return ds.with_options(self._options())
+      padding['index'] = tf.constant(-1, tf.int64)
+    records = source.test_records(self.process_index, self.process_count)
+    return self._eval_stream(records, process, padding, self.eval_steps)
 
   def eval_iter(self, with_index: bool = False,
                 split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -281,33 +193,19 @@ class Input:
 
 
 # ============================================================================ Re-ID
-class _ReidSource:
-  """The three Re-ID splits as path tables; train labels, eval pids and camids."""
-
-  def __init__(self, ds: reid_sources.ReidDataset):
-    t = tf()
-    self.dataset = ds
-    self.paths = {w: t.constant(getattr(ds, w).paths) for w in ('train',) + REID_SPLITS}
-    self.pids = {w: t.constant(getattr(ds, w).pids) for w in ('train',) + REID_SPLITS}
-    self.camids = {w: t.constant(getattr(ds, w).camids) for w in ('train',) + REID_SPLITS}
-    self.sizes = {w: len(getattr(ds, w)) for w in ('train',) + REID_SPLITS}
-
-  def load(self, split: str, idx):
-    return preprocess.decode(tf().io.read_file(tf().gather(self.paths[split], idx)))
-
-
 class ReidInput(Input):
   """task='reid': P x K train stream, query/gallery eval streams. See docs/REID_DATA.md.
 
-  train_iter(start_step) -> {'image': uint8 [b, H, W, 3], 'label': i32 [b]} (relabelled train id);
-  every global batch is P = batch_size // num_instances identities x K images, identity by
-  identity; host p gets the contiguous slice [p * b, (p + 1) * b) of it.
+  train_iter(start_step) -> {'image': uint8 [host batch, input_size, input_width, 3],
+  'label': int32 [host batch]} (relabelled train id); every global batch is
+  P = batch_size // num_instances identities x K images, identity by identity; host
+  `process_index` gets the contiguous slice starting at process_index * host batch of it.
   eval_iter(split='query' | 'gallery') -> {'image', 'label' (original pid), 'camid', 'mask',
   'index'} with padding (mask False, label/camid/index -1) as in the FGVC eval.
   """
 
-  def __init__(self, config, source: _ReidSource, info: DataInfo, process_index: int,
-               process_count: int):
+  def __init__(self, config, source: reid_sources.ReidSource, info: DataInfo,
+               process_index: int, process_count: int):
     super().__init__(config, source, info, process_index, process_count)
     self.num_instances = int(config.get('num_instances', 4))
     self.crop_padding = int(config.get('crop_padding', 10))
@@ -317,111 +215,68 @@ class ReidInput(Input):
                                      self.num_instances, self.seed)
     self.steps_per_epoch = self.sampler.steps_per_epoch
     self.eval_steps_per_split = {
-        w: math.ceil(math.ceil(source.sizes[w] / process_count) / self.host_eval_batch_size)
-        for w in REID_SPLITS}
+        split: _num_eval_steps(source.sizes[split], process_count, self.host_eval_batch_size)
+        for split in REID_SPLITS}
     self.eval_steps = sum(self.eval_steps_per_split.values())
 
   # ---------------------------------------------------------------- train
   def train_dataset(self, start_step: int = 0):
-    """The infinite per-host P x K train `tf.data.Dataset` (batched, augmented)."""
-    t = tf()
-    if start_step < 0:
-      raise ValueError(f'start_step={start_step} must be >= 0')
-    start_epoch, offset = divmod(int(start_step), self.steps_per_epoch)
-    b, src, seed, pk = self.host_batch_size, self.source, self.seed, self.sampler
-    p, P = self.process_index, self.process_count
-    n_host = self.steps_per_epoch * b
+    """The infinite per-host P x K train `tf.data.Dataset` (batched, augmented, uint8)."""
+    tf = tensorflow()
+    source, seed, pk_sampler = self.source, self.seed, self.sampler
+    process_index, process_count = self.process_index, self.process_count
+    host_epoch_size = self.steps_per_epoch * self.host_batch_size
 
-    def epoch_elements(epoch):
-      idx, pos = t.numpy_function(lambda e: pk.host_epoch(int(e), p, P), [epoch],
-                                  (t.int64, t.int64), stateful=False)
-      idx.set_shape([n_host])
-      pos.set_shape([n_host])
-      return t.data.Dataset.from_tensor_slices({'id': idx, 'pos': pos}).map(
-          lambda e: {**e, 'epoch': epoch})
+    def epoch_records(epoch):
+      indices, positions = tf.numpy_function(
+          lambda epoch_number: pk_sampler.host_epoch(int(epoch_number), process_index,
+                                                     process_count),
+          [epoch], (tf.int64, tf.int64), stateful=False)
+      indices.set_shape([host_epoch_size])
+      positions.set_shape([host_epoch_size])
+      return tf.data.Dataset.from_tensor_slices({'id': indices, 'pos': positions}).map(
+          lambda record: {**record, 'epoch': epoch})
 
-    def process(elem):
-      image = src.load('train', elem['id'])
+    def process(record):
+      image = source.load('train', record['id'])
       # Keyed by the position in the epoch, not the image: an image drawn twice in an epoch
       # (identities with < K images) gets two different augmentations.
-      key = preprocess.example_key(seed, elem['epoch'], elem['pos'])
+      key = preprocess.example_key(seed, record['epoch'], record['pos'])
       image = preprocess.reid_train_transform(
           image, key, height=self.input_size, width=self.input_width,
           padding=self.crop_padding, erasing=self.random_erasing,
           normalization=self.normalization, erasing_fill=self.erasing_fill)
-      return {'image': image, 'label': t.gather(src.pids['train'], elem['id'])}
+      return {'image': image, 'label': tf.gather(source.pids['train'], record['id'])}
 
-    ds = t.data.Dataset.range(start_epoch, _NEVER_ENDS)
-    ds = ds.flat_map(epoch_elements)
-    ds = ds.skip(offset * b)  # Index records only: cheap.
-    ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
-    # No ignore_errors here: dropping one element would shift every later P x K group.
-    ds = ds.batch(b, drop_remainder=True)
-    ds = ds.prefetch(t.data.AUTOTUNE)
-    return ds.with_options(self._options())
+    # No dropping of errors here: dropping one element would shift every later P x K group.
+    return self._train_stream(start_step, epoch_records, process, drop_errors=False)
 
   # ---------------------------------------------------------------- eval
   def eval_dataset(self, with_index: bool = True, split: str | None = None):
     """Finite per-host stream of one retrieval split ('query' | 'gallery'), padded."""
     del with_index  # Re-ID eval batches always carry 'index'.
-    t = tf()
+    tf = tensorflow()
     if split not in REID_SPLITS:
       raise DataError(f"task='reid' eval needs split='query' or split='gallery', got {split!r}")
-    b, src, H, W = self.host_eval_batch_size, self.source, self.input_size, self.input_width
-    idx = np.arange(self.process_index, src.sizes[split], self.process_count, dtype=np.int64)
+    source, height, width = self.source, self.input_size, self.input_width
 
-    def process(i):
-      image = preprocess.reid_eval_transform(src.load(split, i), height=H, width=W)
-      return {'image': image, 'label': t.gather(src.pids[split], i),
-              'camid': t.gather(src.camids[split], i), 'mask': t.constant(True), 'index': i}
+    def process(index):
+      image = preprocess.reid_eval_transform(source.load(split, index), height=height,
+                                             width=width)
+      return {'image': image, 'label': tf.gather(source.pids[split], index),
+              'camid': tf.gather(source.camids[split], index), 'mask': tf.constant(True),
+              'index': index}
 
-    pad = {'image': t.zeros((H, W, 3), t.uint8), 'label': t.constant(-1, t.int32),
-           'camid': t.constant(-1, t.int32), 'mask': t.constant(False),
-           'index': t.constant(-1, t.int64)}
-    ds = t.data.Dataset.from_tensor_slices(idx)
-    ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
-    ds = ds.ignore_errors(log_warning=True)  # As FGVC (verify_images=False); padding aligns.
-    ds = ds.concatenate(t.data.Dataset.from_tensors(pad).repeat())
-    ds = ds.take(self.eval_steps_per_split[split] * b).batch(b, drop_remainder=True)
-    ds = ds.prefetch(t.data.AUTOTUNE)
-    return ds.with_options(self._options())
+    padding = {'image': tf.zeros((height, width, 3), tf.uint8),
+               'label': tf.constant(-1, tf.int32), 'camid': tf.constant(-1, tf.int32),
+               'mask': tf.constant(False), 'index': tf.constant(-1, tf.int64)}
+    records = source.eval_records(split, self.process_index, self.process_count)
+    return self._eval_stream(records, process, padding, self.eval_steps_per_split[split])
 
   def eval_iter(self, with_index: bool = True,
                 split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Finite iterator of {'image', 'label' (pid), 'camid', 'mask', 'index'} of `split`."""
     return self.eval_dataset(with_index, split).as_numpy_iterator()
-
-
-def _build_reid(config, process_index: int, process_count: int, with_train: bool) -> ReidInput:
-  source_name, dataset = config.data_source, config.dataset
-  verify = bool(config.get('verify_images', True))
-  if verify and not with_train:
-    verify = ('query', 'gallery')
-  if dataset == 'synthetic_reid':
-    # Imported here so that `python -m dca_jax.data.synthetic_reid` runs without a warning.
-    from dca_jax.data import synthetic_reid  # pylint: disable=g-import-not-at-top
-    if source_name != 'synthetic':
-      raise DataError(f"dataset='synthetic_reid' needs data_source='synthetic', got "
-                      f"{source_name!r}")
-    params = synthetic_reid.params_from_config(config)
-    folder = synthetic_reid.ensure(params, config.get('data_dir') or '')
-    ds = reid_sources.read_market1501(
-        folder, verify, version=f'synthetic_reid (Market-1501 layout, {os.path.basename(folder)})')
-  else:
-    if source_name != 'folder':
-      raise DataError(f"dataset={dataset!r} is read from its official layout: set "
-                      f"data_source='folder' (got {source_name!r})")
-    ds = reid_sources.read_reid(dataset, config.data_dir, verify)
-  info = DataInfo(
-      num_classes=ds.num_train_ids, class_names=[str(int(x)) for x in ds.train_pids],
-      num_train=len(ds.train), num_test=len(ds.query) + len(ds.gallery),
-      skipped_files=[f'{p} ({r})' for p, r in ds.skipped], task='reid', version=ds.version,
-      num_query=len(ds.query), num_gallery=len(ds.gallery), num_junk=ds.num_junk,
-      train_pids=[int(x) for x in ds.train_pids], root=ds.root)
-  if int(config.get('num_classes', info.num_classes)) != info.num_classes:
-    logging.warning('config.num_classes=%s but %s has %d train identities (use '
-                    'info.num_classes)', config.num_classes, ds.version, info.num_classes)
-  return ReidInput(config, _ReidSource(ds), info, process_index, process_count)
 
 
 # ============================================================================ build
@@ -436,6 +291,91 @@ def _check_config(config, process_index: int, process_count: int) -> None:
                       f'{process_count}')
 
 
+def _skipped_files(skipped: list[tuple[str, str]]) -> list[str]:
+  return [f'{path} ({reason})' for path, reason in skipped]
+
+
+def _warn_num_classes(config, info: DataInfo, what: str, counted: str) -> None:
+  """Logs a config.num_classes that disagrees with the data (`info.num_classes` wins)."""
+  if int(config.get('num_classes', info.num_classes)) != info.num_classes:
+    logging.warning('config.num_classes=%s but %s has %d %s (use info.num_classes)',
+                    config.num_classes, what, info.num_classes, counted)
+
+
+def _read_reid(config, with_train: bool) -> reid_sources.ReidDataset:
+  """The Re-ID dataset of `config`: the synthetic set (generated if needed) or a folder."""
+  source_name, dataset = config.data_source, config.dataset
+  verify_images = bool(config.get('verify_images', True))
+  if verify_images and not with_train:
+    verify_images = ('query', 'gallery')
+  if dataset != 'synthetic_reid':
+    if source_name != 'folder':
+      raise DataError(f"dataset={dataset!r} is read from its official layout: set "
+                      f"data_source='folder' (got {source_name!r})")
+    return reid_sources.read_reid(dataset, config.data_dir, verify_images)
+  # Imported here so that `python -m dca_jax.data.synthetic_reid` runs without a warning.
+  from dca_jax.data import synthetic_reid  # pylint: disable=g-import-not-at-top
+  if source_name != 'synthetic':
+    raise DataError(f"dataset='synthetic_reid' needs data_source='synthetic', got "
+                    f"{source_name!r}")
+  params = synthetic_reid.params_from_config(config)
+  folder = synthetic_reid.ensure(params, config.get('data_dir') or '')
+  return reid_sources.read_market1501(
+      folder, verify_images,
+      version=f'synthetic_reid (Market-1501 layout, {os.path.basename(folder)})')
+
+
+def _build_reid(config, process_index: int, process_count: int, with_train: bool) -> ReidInput:
+  dataset = _read_reid(config, with_train)
+  info = DataInfo(
+      num_classes=dataset.num_train_ids,
+      class_names=[str(int(pid)) for pid in dataset.train_pids],
+      num_train=len(dataset.train), num_test=len(dataset.query) + len(dataset.gallery),
+      skipped_files=_skipped_files(dataset.skipped), task='reid', version=dataset.version,
+      num_query=len(dataset.query), num_gallery=len(dataset.gallery),
+      num_junk=dataset.num_junk, train_pids=[int(pid) for pid in dataset.train_pids],
+      root=dataset.root)
+  _warn_num_classes(config, info, dataset.version, 'train identities')
+  return ReidInput(config, reid_sources.ReidSource(dataset), info, process_index,
+                   process_count)
+
+
+def _synthetic_source(config):
+  """(source, class names, skipped files) of the generated FGVC set."""
+  if config.data_source != config.dataset:
+    raise DataError(f'dataset={config.dataset!r} with data_source={config.data_source!r}: the '
+                    "synthetic set needs both dataset='synthetic' and data_source='synthetic'")
+  generated = synthetic.generate(
+      int(config.num_classes), int(config.synthetic_num_train), int(config.synthetic_num_test),
+      int(config.synthetic_image_size), int(config.synthetic_seed),
+      int(config.synthetic_distractors), float(config.synthetic_detail_size))
+  if not len(generated.train_labels) or not len(generated.test_labels):
+    raise DataError('synthetic split is empty: set config.synthetic_num_train / '
+                    'synthetic_num_test > 0')
+  return sources.SyntheticSource(generated), generated.class_names, []
+
+
+def _folder_source(config, with_train: bool):
+  """(source, class names, skipped files) of an official layout, pre-scanned if asked."""
+  dataset = sources.read_folder(config.dataset, config.data_dir)
+  if config.get('verify_images', True):
+    dataset = sources.drop_unreadable(  # Its warning points at the caller of build_input.
+        dataset, splits=('train', 'test') if with_train else ('test',), stacklevel=4)
+  return sources.FolderSource(dataset), dataset.class_names, _skipped_files(dataset.skipped)
+
+
+def _tfds_source(config, process_index: int, process_count: int):
+  """(source, class names, skipped files) of a TFDS dataset, this host's shares."""
+  if config.dataset not in TFDS_NAMES:
+    raise DataError(f'dataset {config.dataset!r} has no TFDS builder; use data_source=folder '
+                    f'(TFDS datasets: {sorted(TFDS_NAMES)})')
+  source = sources.TfdsSource(config, process_index, process_count)
+  if not source.num_train or not source.num_test:
+    raise DataError(f'TFDS {TFDS_NAMES[config.dataset]} under {config.data_dir or "default"}: '
+                    f'empty split (train={source.num_train}, test={source.num_test})')
+  return source, source.class_names, []
+
+
 def build_input(config, process_index: int = 0, process_count: int = 1, *,
                 with_train: bool = True) -> Input:
   """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib).
@@ -447,38 +387,14 @@ def build_input(config, process_index: int = 0, process_count: int = 1, *,
   if config.get('task', 'fgvc') == 'reid':
     return _build_reid(config, process_index, process_count, with_train)
   source_name, dataset = config.data_source, config.dataset
-  skipped = []
   if source_name == 'synthetic' or dataset == 'synthetic':
-    if source_name != dataset:
-      raise DataError(f'dataset={dataset!r} with data_source={source_name!r}: the synthetic '
-                      "set needs both dataset='synthetic' and data_source='synthetic'")
-    d = synthetic.generate(int(config.num_classes), int(config.synthetic_num_train),
-                           int(config.synthetic_num_test), int(config.synthetic_image_size),
-                           int(config.synthetic_seed), int(config.synthetic_distractors),
-                           float(config.synthetic_detail_size))
-    if not len(d.train_labels) or not len(d.test_labels):
-      raise DataError('synthetic split is empty: set config.synthetic_num_train / '
-                      'synthetic_num_test > 0')
-    src, names = _SyntheticSource(d), d.class_names
+    source, class_names, skipped_files = _synthetic_source(config)
   elif source_name == 'folder':
-    fd = sources.read_folder(dataset, config.data_dir)
-    if config.get('verify_images', True):
-      fd = sources.drop_unreadable(fd, splits=('train', 'test') if with_train else ('test',))
-    skipped = [f'{p} ({r})' for p, r in fd.skipped]
-    src, names = _FolderSource(fd), fd.class_names
+    source, class_names, skipped_files = _folder_source(config, with_train)
   else:  # tfds
-    if dataset not in TFDS_NAMES:
-      raise DataError(f'dataset {dataset!r} has no TFDS builder; use data_source=folder '
-                      f'(TFDS datasets: {sorted(TFDS_NAMES)})')
-    src = _TfdsSource(config, process_index, process_count)
-    names = src.class_names
-    if not src.num_train or not src.num_test:
-      raise DataError(f'TFDS {TFDS_NAMES[dataset]} under {config.data_dir or "default"}: '
-                      f'empty split (train={src.num_train}, test={src.num_test})')
-  info = DataInfo(num_classes=len(names), class_names=list(names), num_train=src.num_train,
-                  num_test=src.num_test, skipped_files=skipped,
-                  version=f'{dataset} ({source_name})')
-  if int(config.get('num_classes', info.num_classes)) != info.num_classes:
-    logging.warning('config.num_classes=%s but %s/%s has %d classes (use info.num_classes)',
-                    config.num_classes, dataset, source_name, info.num_classes)
-  return Input(config, src, info, process_index, process_count)
+    source, class_names, skipped_files = _tfds_source(config, process_index, process_count)
+  info = DataInfo(num_classes=len(class_names), class_names=list(class_names),
+                  num_train=source.num_train, num_test=source.num_test,
+                  skipped_files=skipped_files, version=f'{dataset} ({source_name})')
+  _warn_num_classes(config, info, f'{dataset}/{source_name}', 'classes')
+  return Input(config, source, info, process_index, process_count)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dca_jax import config_lib
-from dca_jax.data._tf import tf
+from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError, ImageLoadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,7 +28,7 @@ NORMALIZATIONS = tuple(n for n in config_lib.CHOICES['normalization'] if n != 'a
 TF_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
 
 
-def _normalization_name(config_or_name: Any) -> str:
+def normalization_name(config_or_name: Any) -> str:
   name = config_or_name if isinstance(config_or_name, str) else config_or_name.get(
       'normalization', 'imagenet')
   if name == 'auto' and not isinstance(config_or_name, str):
@@ -44,61 +44,63 @@ def normalize(image: np.ndarray, config_or_name: Any = 'imagenet') -> np.ndarray
 
   `config_or_name` is a config (its `normalization` is used) or 'imagenet' | 'inception'.
   """
-  name = _normalization_name(config_or_name)
-  x = np.asarray(image, np.float32) / 255.0
+  name = normalization_name(config_or_name)
+  pixels = np.asarray(image, np.float32) / 255.0
   if name == 'imagenet':
-    return ((x - np.asarray(IMAGENET_MEAN, np.float32)) /
+    return ((pixels - np.asarray(IMAGENET_MEAN, np.float32)) /
             np.asarray(IMAGENET_STD, np.float32)).astype(np.float32)
-  return (x * 2.0 - 1.0).astype(np.float32)
+  return (pixels * 2.0 - 1.0).astype(np.float32)
 
 
 def denormalize(image: np.ndarray, config_or_name: Any = 'imagenet') -> np.ndarray:
   """Inverse of `normalize`: float32 [..., 3] -> uint8 RGB in [0, 255] (rounded, clipped)."""
-  name = _normalization_name(config_or_name)
-  x = np.asarray(image, np.float32)
+  name = normalization_name(config_or_name)
+  pixels = np.asarray(image, np.float32)
   if name == 'imagenet':
-    x = x * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
+    pixels = (pixels * np.asarray(IMAGENET_STD, np.float32) +
+              np.asarray(IMAGENET_MEAN, np.float32))
   else:
-    x = (x + 1.0) / 2.0
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    pixels = (pixels + 1.0) / 2.0
+  return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
 def device_normalize(images, config_or_name: Any, dtype=None):
   """uint8 (or [0, 255] float) images -> normalised `dtype` inside a jitted step (jax.numpy):
   the same numbers as `normalize`, computed on the accelerator."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  name = _normalization_name(config_or_name)
-  x = jnp.asarray(images).astype(jnp.float32)
+  name = normalization_name(config_or_name)
+  pixels = jnp.asarray(images).astype(jnp.float32)
   if name == 'imagenet':
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    x = x * (1.0 / (255.0 * std)) - mean / std
+    pixels = pixels * (1.0 / (255.0 * std)) - mean / std
   else:
-    x = x * (2.0 / 255.0) - 1.0
-  return x.astype(dtype or jnp.float32)
+    pixels = pixels * (2.0 / 255.0) - 1.0
+  return pixels.astype(dtype or jnp.float32)
 
 
 # ----------------------------------------------------------------------------- TF graph ops
 def to_uint8(image):
   """float [0, 255] -> uint8, rounded and clipped (what the streams hand to the device)."""
-  t = tf()
-  return t.cast(t.clip_by_value(t.round(image), 0.0, 255.0), t.uint8)
+  tf = tensorflow()
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 
 def tf_normalize(image, name: str):
   """float32 [0, 255] -> normalised float32 (TF version of `normalize`)."""
-  t = tf()
-  x = t.cast(image, t.float32)
-  if name == 'imagenet':  # (x / 255 - mean) / std as one multiply-add.
+  tf = tensorflow()
+  pixels = tf.cast(image, tf.float32)
+  if name == 'imagenet':  # (pixels / 255 - mean) / std as one multiply-add.
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    return x * t.constant(1.0 / (255.0 * std), t.float32) + t.constant(-mean / std, t.float32)
-  return x * (2.0 / 255.0) - 1.0
+    return (pixels * tf.constant(1.0 / (255.0 * std), tf.float32) +
+            tf.constant(-mean / std, tf.float32))
+  return pixels * (2.0 / 255.0) - 1.0
 
 
 def decode(encoded, crop_bottom: int = 0):
   """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3] (grayscale and RGBA become RGB)."""
-  t = tf()
-  image = t.io.decode_image(encoded, channels=3, dtype=t.uint8, expand_animations=False)
+  tf = tensorflow()
+  image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
   image.set_shape([None, None, 3])
   if crop_bottom:
     image = image[:-crop_bottom]  # FGVC-Aircraft: 20-px copyright banner at the bottom.
@@ -107,32 +109,33 @@ def decode(encoded, crop_bottom: int = 0):
 
 def _resize(image, size, width=None):
   """float32 resize to (size, width or size), antialiased only when shrinking."""
-  t = tf()
+  tf = tensorflow()
   height, width = int(size), int(width or size)
   # Antialiasing only matters when shrinking; plain bilinear is much cheaper when enlarging
   # (550 px from ~500 px originals) and gives the same result there.
-  shrink = t.logical_or(t.shape(image)[0] > height, t.shape(image)[1] > width)
-  image = t.cast(image, t.float32)
-  out = t.cond(shrink,
-               lambda: t.image.resize(image, (height, width), 'bilinear', antialias=True),
-               lambda: t.image.resize(image, (height, width), 'bilinear', antialias=False))
-  return t.reshape(out, (height, width, 3))
+  shrink = tf.logical_or(tf.shape(image)[0] > height, tf.shape(image)[1] > width)
+  image = tf.cast(image, tf.float32)
+  resized = tf.cond(
+      shrink,
+      lambda: tf.image.resize(image, (height, width), 'bilinear', antialias=True),
+      lambda: tf.image.resize(image, (height, width), 'bilinear', antialias=False))
+  return tf.reshape(resized, (height, width, 3))
 
 
 def train_transform(image, key, *, resize_size: int, input_size: int, input_width=None):
-  """uint8 [h, w, 3] -> uint8 [S, W, 3] (W = input_width or S); `key` is an int32/int64 [2]
-  seed. The crop is taken from the square `resize_size` image."""
-  t = tf()
-  keys = t.random.experimental.stateless_split(key, 2)
+  """uint8 [h, w, 3] -> uint8 [input_size, input_width or input_size, 3]; `key` is an
+  int32/int64 [2] seed. The crop is taken from the square `resize_size` image."""
+  tf = tensorflow()
+  keys = tf.random.experimental.stateless_split(key, 2)
   image = _resize(image, resize_size)
-  image = t.image.stateless_random_crop(image, (input_size, input_width or input_size, 3),
-                                        seed=keys[0])
-  image = t.image.stateless_random_flip_left_right(image, seed=keys[1])
+  image = tf.image.stateless_random_crop(image, (input_size, input_width or input_size, 3),
+                                         seed=keys[0])
+  image = tf.image.stateless_random_flip_left_right(image, seed=keys[1])
   return to_uint8(image)
 
 
 def eval_crop(image, *, resize_size: int, input_size: int, test_crop: str, input_width=None):
-  """uint8 [h, w, 3] -> float32 [S, W, 3] in [0, 255] (not yet normalised)."""
+  """uint8 [h, w, 3] -> float32 [input_size, input_width or input_size, 3] in [0, 255]."""
   width = int(input_width or input_size)
   if test_crop == 'center_crop':
     image = _resize(image, resize_size)
@@ -145,7 +148,7 @@ def eval_crop(image, *, resize_size: int, input_size: int, test_crop: str, input
 
 def eval_transform(image, *, resize_size: int, input_size: int, test_crop: str,
                    input_width=None):
-  """uint8 [h, w, 3] -> the uint8 eval crop [S, W, 3]."""
+  """uint8 [h, w, 3] -> the uint8 eval crop [input_size, input_width or input_size, 3]."""
   return to_uint8(eval_crop(image, resize_size=resize_size, input_size=input_size,
                             test_crop=test_crop, input_width=input_width))
 
@@ -161,72 +164,78 @@ ERASE_FILLS = config_lib.CHOICES['random_erasing_fill']
 
 def random_erase(image, key, probability: float, fill: str = 'random',
                  normalization: str = 'imagenet'):
-  """Erases one random rectangle of a float32 [H, W, 3] image in [0, 255] with `probability`.
+  """Erases one random rectangle of a float32 [h, w, 3] image in [0, 255] with `probability`.
 
   fill='random': per-pixel values that are N(0, 1) once normalised (TransReID's timm
   RandomErasing(mode='pixel')), clipped to [0, 255] since images travel as uint8; 'mean': the
   normalisation's mean colour (0 once normalised).
   """
-  t = tf()
+  tf = tensorflow()
   if fill not in ERASE_FILLS:
     raise DataError(f'unknown random_erasing_fill {fill!r}; expected one of {ERASE_FILLS}')
-  h, w = int(image.shape[0]), int(image.shape[1])
-  keys = t.random.experimental.stateless_split(key, 6)
-  u = lambda k, shape, lo, hi: t.random.stateless_uniform(shape, seed=k, minval=lo, maxval=hi)
-  do = u(keys[0], [], 0.0, 1.0) < probability
-  area = u(keys[1], [ERASE_ATTEMPTS], *ERASE_AREA) * float(h * w)
-  aspect = t.exp(u(keys[2], [ERASE_ATTEMPTS], float(np.log(ERASE_ASPECT[0])),
-                   float(np.log(ERASE_ASPECT[1]))))
-  eh = t.cast(t.round(t.sqrt(area * aspect)), t.int32)
-  ew = t.cast(t.round(t.sqrt(area / aspect)), t.int32)
-  fits = (eh < h) & (ew < w) & (eh > 0) & (ew > 0)
-  first = t.argmax(t.cast(fits, t.int32))  # Index of the first fitting draw (0 if none).
-  eh, ew = eh[first], ew[first]
-  corner = u(keys[3], [2], 0.0, 1.0)
-  top = t.cast(corner[0] * t.cast(h - eh + 1, t.float32), t.int32)
-  left = t.cast(corner[1] * t.cast(w - ew + 1, t.float32), t.int32)
-  rows, cols = t.range(h)[:, None], t.range(w)[None, :]
-  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-  inside = inside & do & t.reduce_any(fits)
+  height, width = int(image.shape[0]), int(image.shape[1])
+  keys = tf.random.experimental.stateless_split(key, 6)
+
+  def uniform(seed, shape, low, high):
+    return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
+
+  erase = uniform(keys[0], [], 0.0, 1.0) < probability
+  area = uniform(keys[1], [ERASE_ATTEMPTS], *ERASE_AREA) * float(height * width)
+  aspect = tf.exp(uniform(keys[2], [ERASE_ATTEMPTS], float(np.log(ERASE_ASPECT[0])),
+                          float(np.log(ERASE_ASPECT[1]))))
+  erase_height = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  erase_width = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = ((erase_height < height) & (erase_width < width) & (erase_height > 0) &
+          (erase_width > 0))
+  first = tf.argmax(tf.cast(fits, tf.int32))  # Index of the first fitting draw (0 if none).
+  erase_height, erase_width = erase_height[first], erase_width[first]
+  corner = uniform(keys[3], [2], 0.0, 1.0)
+  top = tf.cast(corner[0] * tf.cast(height - erase_height + 1, tf.float32), tf.int32)
+  left = tf.cast(corner[1] * tf.cast(width - erase_width + 1, tf.float32), tf.int32)
+  rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
+  inside = ((rows >= top) & (rows < top + erase_height) & (cols >= left) &
+            (cols < left + erase_width))
+  inside = inside & erase & tf.reduce_any(fits)
   if normalization == 'imagenet':
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
   else:  # inception: x / 127.5 - 1
     mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
   if fill == 'random':
-    normal = t.random.stateless_normal([h, w, 3], seed=keys[4], dtype=t.float32)
-    value = t.clip_by_value(255.0 * (mean + std * normal), 0.0, 255.0)
+    normal = tf.random.stateless_normal([height, width, 3], seed=keys[4], dtype=tf.float32)
+    value = tf.clip_by_value(255.0 * (mean + std * normal), 0.0, 255.0)
   else:
-    value = t.broadcast_to(t.constant(255.0 * mean, t.float32), [h, w, 3])
-  return t.where(inside[:, :, None], value, t.cast(image, t.float32))
+    value = tf.broadcast_to(tf.constant(255.0 * mean, tf.float32), [height, width, 3])
+  return tf.where(inside[:, :, None], value, tf.cast(image, tf.float32))
 
 
 def reid_train_transform(image, key, *, height: int, width: int, padding: int,
                          erasing: float, normalization: str, erasing_fill: str = 'random'):
-  """Re-ID train: resize (H, W) -> flip -> zero-pad `padding` + random crop (H, W) ->
-  random erasing (`normalization` sets its fill). uint8 [h, w, 3] -> uint8 [H, W, 3]."""
-  t = tf()
-  keys = t.random.experimental.stateless_split(key, 3)
+  """Re-ID train: resize (height, width) -> flip -> zero-pad `padding` + random crop (height,
+  width) -> random erasing (`normalization` sets its fill). uint8 [h, w, 3] -> uint8
+  [height, width, 3]."""
+  tf = tensorflow()
+  keys = tf.random.experimental.stateless_split(key, 3)
   image = _resize(image, height, width)
-  image = t.image.stateless_random_flip_left_right(image, seed=keys[0])
+  image = tf.image.stateless_random_flip_left_right(image, seed=keys[0])
   if padding > 0:
-    image = t.pad(image, [[padding, padding], [padding, padding], [0, 0]])  # Black, as T.Pad.
-    image = t.image.stateless_random_crop(image, (height, width, 3), seed=keys[1])
+    image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])  # Black, as T.Pad.
+    image = tf.image.stateless_random_crop(image, (height, width, 3), seed=keys[1])
   if erasing > 0:
     image = random_erase(image, keys[2], erasing, erasing_fill, normalization)
   return to_uint8(image)
 
 
 def reid_eval_transform(image, *, height: int, width: int):
-  """Re-ID eval: resize to (H, W). uint8 [h, w, 3] -> uint8 [H, W, 3]."""
+  """Re-ID eval: resize. uint8 [h, w, 3] -> uint8 [height, width, 3]."""
   return to_uint8(_resize(image, height, width))
 
 
 def example_key(base_seed: int, epoch, example_id):
   """Per-example stateless seed [2] from (config.seed, epoch, example id)."""
-  t = tf()
-  key = t.constant([int(base_seed) & 0x7FFFFFFF, 0x5EED], t.int64)
-  key = t.random.experimental.stateless_fold_in(key, t.cast(epoch, t.int64))
-  return t.random.experimental.stateless_fold_in(key, t.cast(example_id, t.int64))
+  tf = tensorflow()
+  key = tf.constant([int(base_seed) & 0x7FFFFFFF, 0x5EED], tf.int64)
+  key = tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(example_id, tf.int64))
 
 
 # ----------------------------------------------------------------------------- single file
@@ -236,25 +245,25 @@ def _read_rgb_for_eval(path: str) -> np.ndarray:
   if not os.path.isfile(path):
     raise ImageLoadError(f'image file not found: {path}')
   try:
-    with Image.open(path) as im:
-      fmt, mode = im.format, im.mode
-      has_alpha = mode in ('RGBA', 'LA', 'PA') or (mode == 'P' and 'transparency' in im.info)
-      if fmt in TF_FORMATS and not has_alpha:
-        im.load()  # Raises on truncated / corrupt data, so TF below gets a readable file.
+    with Image.open(path) as image:
+      mode = image.mode
+      has_alpha = mode in ('RGBA', 'LA', 'PA') or (mode == 'P' and 'transparency' in image.info)
+      if image.format in TF_FORMATS and not has_alpha:
+        image.load()  # Raises on truncated / corrupt data, so TF below gets a readable file.
         pil_rgb = None
       else:
         # Alpha: composite on white (what a viewer shows); other formats: PIL decodes.
-        im = im.convert('RGBA')
-        background = Image.new('RGBA', im.size, (255, 255, 255, 255))
-        pil_rgb = np.asarray(Image.alpha_composite(background, im).convert('RGB'))
+        rgba = image.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        pil_rgb = np.asarray(Image.alpha_composite(background, rgba).convert('RGB'))
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise ImageLoadError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
   if pil_rgb is not None:
     return pil_rgb
-  t = tf()
+  tf = tensorflow()
   try:
-    return decode(t.io.read_file(path)).numpy()  # Same decoder as the dataset pipeline.
-  except (t.errors.OpError, ValueError) as e:
+    return decode(tf.io.read_file(path)).numpy()  # Same decoder as the dataset pipeline.
+  except (tf.errors.OpError, ValueError) as e:
     raise ImageLoadError(f'cannot decode image {path}: {e}') from None
 
 
@@ -272,9 +281,9 @@ def load_image_for_eval(path: str, config) -> np.ndarray:
   rgb = _read_rgb_for_eval(path)
   height, width = int(config.input_size), int(config.get('input_width') or config.input_size)
   if config.get('task', 'fgvc') == 'reid':
-    crop = _resize(tf().convert_to_tensor(rgb), height, width)
+    crop = _resize(tensorflow().convert_to_tensor(rgb), height, width)
   else:
-    crop = eval_crop(tf().convert_to_tensor(rgb), resize_size=int(config.resize_size),
+    crop = eval_crop(tensorflow().convert_to_tensor(rgb), resize_size=int(config.resize_size),
                      input_size=height, test_crop=config.get('test_crop', 'center_crop'),
                      input_width=width)
   return to_uint8(crop).numpy()

@@ -11,6 +11,8 @@ the sorted original ids, camids), query and gallery (paths, ORIGINAL pids, camid
 * folder-read splits take `*.jpg` only; any other entry is skipped and listed in `skipped`.
 
 Bad inputs raise `DataError` with one line naming the folder, list file or file name.
+
+`ReidSource` (end of the file) is what `pipeline.ReidInput` streams from.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ import warnings
 import numpy as np
 from absl import logging
 
-from dca_jax.data import sources
+from dca_jax.data import preprocess, sources
+from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError, DataWarning
 
 REID_DATASETS = ('market1501', 'dukemtmc', 'msmt17', 'veri776')
+REID_SPLITS = ('query', 'gallery')
+ALL_SPLITS = ('train',) + REID_SPLITS
 NOT_JPG = 'not a .jpg file'
 
 
 @dataclasses.dataclass
-class ReidSplit:
+class ReidSplit(sources.ImageSplit):
   paths: list[str]
   pids: np.ndarray    # int32: train = relabelled 0..C-1; query/gallery = the original ids
   camids: np.ndarray  # int32, 0-based
@@ -40,10 +45,10 @@ class ReidSplit:
   def __len__(self) -> int:
     return len(self.paths)
 
-  def subset(self, keep) -> 'ReidSplit':
-    keep = np.asarray(keep, bool)
-    return ReidSplit([p for p, k in zip(self.paths, keep) if k], self.pids[keep],
-                     self.camids[keep], self.where)
+  @property
+  def listing(self) -> str:
+    """Where messages say the split's images come from."""
+    return f'in {self.where}'
 
 
 @dataclasses.dataclass
@@ -82,18 +87,18 @@ MSMT17_NAMES = _NameFormat(re.compile(r'^(?P<pid>\d+)_\d+_(?P<cam>\d+)_\w+\.jpg$
                            '0000_000_01_0303morning_0015_0.jpg')
 
 
-def _parse_name(path: str, fmt: _NameFormat, what: str) -> tuple[int, int]:
+def _parse_name(path: str, name_format: _NameFormat, what: str) -> tuple[int, int]:
   """File name -> (pid, 0-based camid); DataError naming the file when it does not parse."""
-  m = fmt.regex.match(os.path.basename(path))
-  if not m:
+  match = name_format.regex.match(os.path.basename(path))
+  if not match:
     raise DataError(f'{path}: file name does not parse as {what} (expected names like '
-                    f'{fmt.example}); is config.dataset right for this folder?')
-  pid, cam = int(m.group('pid')), int(m.group('cam'))
-  if not 1 <= cam <= fmt.num_cameras:
-    raise DataError(f'{path}: camera {cam} outside 1..{fmt.num_cameras} of {what}')
+                    f'{name_format.example}); is config.dataset right for this folder?')
+  pid, camera = int(match.group('pid')), int(match.group('cam'))
+  if not 1 <= camera <= name_format.num_cameras:
+    raise DataError(f'{path}: camera {camera} outside 1..{name_format.num_cameras} of {what}')
   if pid < -1:
     raise DataError(f'{path}: person id {pid} < -1')
-  return pid, cam - 1
+  return pid, camera - 1
 
 
 # ----------------------------------------------------------------------------- layout finding
@@ -120,86 +125,84 @@ def _other_layouts(data_dir: str, dataset: str) -> str:
     if name == dataset:
       continue
     # data_dir itself only counts where its marker tells the layouts apart.
-    for c in candidates + ([] if marker == own_marker else ['.']):
-      if os.path.exists(os.path.join(data_dir, c, marker)):
-        found.append(f"a {_TITLES[name]} layout in {os.path.normpath(os.path.join(data_dir, c))} "
-                      f"(config.dataset='{name}')")
+    for candidate in candidates + ([] if marker == own_marker else ['.']):
+      if os.path.exists(os.path.join(data_dir, candidate, marker)):
+        root = os.path.normpath(os.path.join(data_dir, candidate))
+        found.append(f"a {_TITLES[name]} layout in {root} (config.dataset='{name}')")
   return f' (found {"; ".join(found)})' if found else ''
 
 
 def _find_roots(data_dir: str, dataset: str) -> list[str]:
   """Candidate roots under data_dir holding the dataset's marker (data_dir itself last)."""
-  if not data_dir:
-    raise DataError(f'config.data_dir is empty: set it to the folder that holds the '
-                    f'{_TITLES[dataset]} layout (data_source=folder)')
-  if not os.path.isdir(data_dir):
-    raise DataError(f'data_dir does not exist or is not a folder: {data_dir}')
+  sources.check_data_dir(data_dir, _TITLES[dataset])
   marker, candidates = _MARKERS[dataset]
-  roots = [os.path.normpath(os.path.join(data_dir, c)) for c in candidates + ['.']
-           if os.path.exists(os.path.join(data_dir, c, marker))]
+  candidates = candidates + ['.']
+  roots = [os.path.normpath(os.path.join(data_dir, candidate)) for candidate in candidates
+           if os.path.exists(os.path.join(data_dir, candidate, marker))]
   if not roots:
-    tried = ', '.join(os.path.normpath(os.path.join(data_dir, c, marker))
-                      for c in candidates + ['.'])
+    tried = ', '.join(os.path.normpath(os.path.join(data_dir, candidate, marker))
+                      for candidate in candidates)
     raise DataError(f'{_TITLES[dataset]} layout not found under {data_dir}: none of {tried} '
                     f'exists{_other_layouts(data_dir, dataset)}')
   return roots
 
 
 def _require_dirs(root: str, names: list[str], what: str) -> list[str]:
-  dirs = [os.path.join(root, n) for n in names]
-  for d in dirs:
-    if not os.path.isdir(d):
-      raise DataError(f'missing folder {d}: a {what} layout has {", ".join(n + "/" for n in names)}'
-                      f' under {root}')
-  return dirs
+  folders = [os.path.join(root, name) for name in names]
+  for folder in folders:
+    if not os.path.isdir(folder):
+      expected = ', '.join(name + '/' for name in names)
+      raise DataError(f'missing folder {folder}: a {what} layout has {expected} under {root}')
+  return folders
 
 
 # ----------------------------------------------------------------------------- split readers
-def _read_folder_split(folder: str, fmt: _NameFormat, what: str, skipped: list):
+def _read_folder_split(folder: str, name_format: _NameFormat, what: str, skipped: list):
   """*.jpg of one folder (sorted by name) -> (paths, pids, camids); others -> skipped."""
-  paths, pids, cams = [], [], []
-  with os.scandir(folder) as it:
-    entries = sorted(it, key=lambda e: e.name)
-  for e in entries:
-    if not (e.name.lower().endswith('.jpg') and e.is_file()):
-      skipped.append((e.path, NOT_JPG))
+  paths, pids, camids = [], [], []
+  with os.scandir(folder) as scanned:
+    entries = sorted(scanned, key=lambda entry: entry.name)
+  for entry in entries:
+    if not (entry.name.lower().endswith('.jpg') and entry.is_file()):
+      skipped.append((entry.path, NOT_JPG))
       continue
-    pid, cam = _parse_name(e.path, fmt, what)
-    paths.append(e.path)
+    pid, camid = _parse_name(entry.path, name_format, what)
+    paths.append(entry.path)
     pids.append(pid)
-    cams.append(cam)
-  return paths, pids, cams
+    camids.append(camid)
+  return paths, pids, camids
 
 
-def _read_list_split(list_file: str, image_dir: str, fmt: _NameFormat, what: str):
+def _read_list_split(list_file: str, image_dir: str, name_format: _NameFormat, what: str):
   """MSMT17 list: '<relative/path.jpg> <pid>' lines; camera from the file name."""
   if not os.path.isfile(list_file):
     raise DataError(f'missing list file: {list_file}')
-  paths, pids, cams = [], [], []
+  paths, pids, camids = [], [], []
   with open(list_file, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
+    for line_number, line in enumerate(f, 1):
       if not line.strip():
         continue
       parts = line.split()
       if len(parts) != 2:
-        raise DataError(f'{list_file}:{n}: expected "<relative/path.jpg> <pid>", got '
+        raise DataError(f'{list_file}:{line_number}: expected "<relative/path.jpg> <pid>", got '
                         f'{line.strip()!r}')
       try:
         pid = int(parts[1])
       except ValueError:
-        raise DataError(f'{list_file}:{n}: pid {parts[1]!r} is not an integer') from None
+        raise DataError(f'{list_file}:{line_number}: pid {parts[1]!r} is not an integer'
+                        ) from None
       path = os.path.join(image_dir, parts[0])
-      _, cam = _parse_name(path, fmt, what)
+      _, camid = _parse_name(path, name_format, what)
       paths.append(path)
       pids.append(pid)
-      cams.append(cam)
-  sources._check_files_exist(paths, list_file)  # pylint: disable=protected-access
-  return paths, pids, cams
+      camids.append(camid)
+  sources.check_files_exist(paths, list_file)
+  return paths, pids, camids
 
 
-def _split(where: str, paths, pids, cams) -> ReidSplit:
+def _split(where: str, paths, pids, camids) -> ReidSplit:
   return ReidSplit(list(paths), np.asarray(pids, np.int32).reshape(-1),
-                   np.asarray(cams, np.int32).reshape(-1), where)
+                   np.asarray(camids, np.int32).reshape(-1), where)
 
 
 def _drop_junk(split: ReidSplit) -> tuple[ReidSplit, int]:
@@ -209,10 +212,10 @@ def _drop_junk(split: ReidSplit) -> tuple[ReidSplit, int]:
 
 def _drop_distractors(split: ReidSplit, which: str, skipped: list) -> ReidSplit:
   """Market naming: pid 0 = distractor, which belongs to the gallery only."""
-  bad = split.pids == 0
-  skipped.extend((p, f'distractor id 0 in the {which} split (gallery only)')
-                 for p, b in zip(split.paths, bad) if b)
-  return split.subset(~bad)
+  distractor = split.pids == 0
+  skipped.extend((path, f'distractor id 0 in the {which} split (gallery only)')
+                 for path, dropped in zip(split.paths, distractor) if dropped)
+  return split.subset(~distractor)
 
 
 def _check_nonempty(split: ReidSplit, which: str) -> None:
@@ -223,34 +226,26 @@ def _check_nonempty(split: ReidSplit, which: str) -> None:
 def _check_query_in_gallery(query: ReidSplit, gallery: ReidSplit) -> None:
   missing = np.setdiff1d(np.unique(query.pids), np.unique(gallery.pids))
   if missing.size:
-    k = int(np.flatnonzero(query.pids == missing[0])[0])
+    example = query.paths[int(np.flatnonzero(query.pids == missing[0])[0])]
     more = f' ({missing.size - 1} more query ids likewise)' if missing.size > 1 else ''
-    raise DataError(f'query id {int(missing[0])} (e.g. {query.paths[k]}) has no image in the '
+    raise DataError(f'query id {int(missing[0])} (e.g. {example}) has no image in the '
                     f'gallery {gallery.where}: the Re-ID protocol needs every query id in the '
                     f'gallery{more}')
 
 
-def _drop_unreadable(ds: ReidDataset, splits=('train', 'query', 'gallery'),
-                     num_threads: int = 0) -> None:
-  """FGVC's pre-scan rules (sources.check_image) over the given splits."""
-  bad_all = []
-  for which in splits:
-    split = getattr(ds, which)
-    reasons = sources.scan_images(split.paths, 0, num_threads)
-    bad = [(p, r) for p, r in zip(split.paths, reasons) if r is not None]
-    if bad:
-      setattr(ds, which, split.subset([r is None for r in reasons]))
-      bad_all += bad
-      if not len(getattr(ds, which)):
-        raise DataError(f'the {which} split is empty: every image in {split.where} is '
-                        f'unreadable (e.g. {bad[0][0]}: {bad[0][1]})')
-  if bad_all:
-    ds.skipped.extend(bad_all)
-    shown = '; '.join(f'{p} ({r})' for p, r in bad_all[:20])
-    more = f'; ... and {len(bad_all) - 20} more' if len(bad_all) > 20 else ''
-    msg = f'{ds.name}: skipped {len(bad_all)} unreadable image(s) under {ds.root}: {shown}{more}'
-    logging.warning(msg)
-    warnings.warn(msg, DataWarning, stacklevel=4)
+def _report_skipped(name: str, root: str, skipped: list) -> None:
+  """Logs the non-.jpg entries; warns about the other skipped images (distractor ids ...)."""
+  not_jpg = [path for path, reason in skipped if reason == NOT_JPG]
+  if not_jpg:  # Normal (e.g. Thumbs.db): logged, listed in skipped, no warning.
+    logging.info('%s: ignored %d non-.jpg entries under %s (e.g. %s)', name, len(not_jpg),
+                 root, not_jpg[0])
+  images = [(path, reason) for path, reason in skipped if reason != NOT_JPG]
+  if images:
+    message = (f'{name}: skipped {len(images)} image(s) under {root}: '
+               + '; '.join(f'{path} ({reason})' for path, reason in images[:5])
+               + (' ...' if len(images) > 5 else ''))
+    logging.warning(message)
+    warnings.warn(message, DataWarning, stacklevel=5)
 
 
 def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSplit,
@@ -259,7 +254,7 @@ def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSpl
   """Junk/distractor rules, protocol checks, optional pre-scan, train relabelling."""
   num_junk = 0
   splits = {}
-  for which, split in (('train', train), ('query', query), ('gallery', gallery)):
+  for which, split in zip(ALL_SPLITS, (train, query, gallery)):
     split, junk = _drop_junk(split)
     num_junk += junk
     if distractor_zero and which != 'gallery':
@@ -267,77 +262,70 @@ def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSpl
     _check_nonempty(split, which)
     splits[which] = split
   _check_query_in_gallery(splits['query'], splits['gallery'])
-  others = [p for p, r in skipped if r == NOT_JPG]
-  if others:  # Normal (e.g. Thumbs.db): logged, listed in skipped, no warning.
-    logging.info('%s: ignored %d non-.jpg entries under %s (e.g. %s)', name, len(others), root,
-                 others[0])
-  odd = [(p, r) for p, r in skipped if r != NOT_JPG]
-  if odd:
-    msg = (f'{name}: skipped {len(odd)} image(s) under {root}: '
-           + '; '.join(f'{p} ({r})' for p, r in odd[:5]) + (' ...' if len(odd) > 5 else ''))
-    logging.warning(msg)
-    warnings.warn(msg, DataWarning, stacklevel=4)
-  ds = ReidDataset(name, version, root, splits['train'], splits['query'], splits['gallery'],
-                   np.zeros((0,), np.int32), num_junk, skipped)
-  if verify_images:  # True: every split; or a tuple of the split names to scan
-    _drop_unreadable(ds, *(() if verify_images is True else (tuple(verify_images),)))
+  _report_skipped(name, root, skipped)
+  dataset = ReidDataset(name, version, root, splits['train'], splits['query'],
+                        splits['gallery'], np.zeros((0,), np.int32), num_junk, skipped)
+  if verify_images:  # True: every split; or a tuple of the split names to scan.
+    scanned = ALL_SPLITS if verify_images is True else tuple(verify_images)
+    sources.drop_unreadable(dataset, splits=scanned, stacklevel=4)
   # Relabel after the pre-scan, so that every label has at least one image.
-  train_pids, labels = np.unique(ds.train.pids, return_inverse=True)
-  ds.train = ReidSplit(ds.train.paths, labels.astype(np.int32).reshape(-1), ds.train.camids,
-                       ds.train.where)
-  ds.train_pids = train_pids.astype(np.int32)
+  train_pids, labels = np.unique(dataset.train.pids, return_inverse=True)
+  dataset.train = ReidSplit(dataset.train.paths, labels.astype(np.int32).reshape(-1),
+                            dataset.train.camids, dataset.train.where)
+  dataset.train_pids = train_pids.astype(np.int32)
   logging.info('%s (%s): train %d images / %d ids, query %d, gallery %d, junk dropped %d',
-               name, version, len(ds.train), ds.num_train_ids, len(ds.query), len(ds.gallery),
-               num_junk)
-  return ds
+               name, version, len(dataset.train), dataset.num_train_ids, len(dataset.query),
+               len(dataset.gallery), num_junk)
+  return dataset
 
 
 # ----------------------------------------------------------------------------- datasets
-def _read_market_style(data_dir: str, dataset: str, fmt: _NameFormat, *,
-                       verify_images: bool, root: str | None = None,
-                       version: str | None = None) -> ReidDataset:
-  title = _TITLES.get(dataset, dataset)
-  root = root or _find_roots(data_dir, dataset)[0]
-  folders = _require_dirs(root, ['bounding_box_train', 'query', 'bounding_box_test'], title)
+MARKET_FOLDERS = ['bounding_box_train', 'query', 'bounding_box_test']
+VERI_FOLDERS = ['image_train', 'image_query', 'image_test']
+
+
+def _read_folder_layout(data_dir: str, dataset: str, name_format: _NameFormat,
+                        folder_names: list[str], *, distractor_zero: bool, verify_images: bool,
+                        version: str | None = None) -> ReidDataset:
+  """A layout of three image folders (train, query, gallery); ids and cameras in the names."""
+  title = _TITLES[dataset]
+  root = _find_roots(data_dir, dataset)[0]
+  folders = _require_dirs(root, folder_names, title)
   skipped = []
-  train, query, gallery = (_split(f, *_read_folder_split(f, fmt, title, skipped))
-                           for f in folders)
+  train, query, gallery = (
+      _split(folder, *_read_folder_split(folder, name_format, title, skipped))
+      for folder in folders)
   return _finish(dataset, version or title, root, train, query, gallery, skipped,
-                 distractor_zero=True, verify_images=verify_images)
+                 distractor_zero=distractor_zero, verify_images=verify_images)
 
 
 def read_market1501(data_dir: str, verify_images: bool = True, *,
                     version: str | None = None) -> ReidDataset:
   """`Market-1501-v15.09.15/` (or data_dir itself): bounding_box_train/, query/,
   bounding_box_test/ with names like 0002_c1s1_000451_03.jpg (pid, camera 1..6)."""
-  return _read_market_style(data_dir, 'market1501', MARKET_NAMES, verify_images=verify_images,
-                            version=version)
+  return _read_folder_layout(data_dir, 'market1501', MARKET_NAMES, MARKET_FOLDERS,
+                             distractor_zero=True, verify_images=verify_images, version=version)
 
 
 def read_dukemtmc(data_dir: str, verify_images: bool = True) -> ReidDataset:
   """`DukeMTMC-reID/` (or data_dir itself): the Market folders, names 0001_c2_f0046182.jpg."""
-  return _read_market_style(data_dir, 'dukemtmc', DUKE_NAMES, verify_images=verify_images)
+  return _read_folder_layout(data_dir, 'dukemtmc', DUKE_NAMES, MARKET_FOLDERS,
+                             distractor_zero=True, verify_images=verify_images)
 
 
 def read_veri776(data_dir: str, verify_images: bool = True) -> ReidDataset:
   """`VeRi/` (or data_dir itself): image_train/, image_query/, image_test/, names like
   0001_c001_00016450_0.jpg (vehicle id, camera 1..20)."""
-  title = _TITLES['veri776']
-  root = _find_roots(data_dir, 'veri776')[0]
-  folders = _require_dirs(root, ['image_train', 'image_query', 'image_test'], title)
-  skipped = []
-  train, query, gallery = (_split(f, *_read_folder_split(f, VERI_NAMES, title, skipped))
-                           for f in folders)
-  return _finish('veri776', title, root, train, query, gallery, skipped, distractor_zero=False,
-                 verify_images=verify_images)
+  return _read_folder_layout(data_dir, 'veri776', VERI_NAMES, VERI_FOLDERS,
+                             distractor_zero=False, verify_images=verify_images)
 
 
 MSMT17_VERSIONS = {'MSMT17_V1': ('train', 'test'), 'MSMT17_V2': ('mask_train_v2', 'mask_test_v2')}
 
 
 def _msmt17_version(root: str) -> str | None:
-  found = [v for v, (tr, te) in MSMT17_VERSIONS.items()
-           if os.path.isdir(os.path.join(root, tr)) or os.path.isdir(os.path.join(root, te))]
+  found = [version for version, folders in MSMT17_VERSIONS.items()
+           if any(os.path.isdir(os.path.join(root, folder)) for folder in folders)]
   if len(found) > 1:
     raise DataError(f'{root} holds the image folders of both MSMT17_V1 (train/, test/) and '
                     'MSMT17_V2 (mask_train_v2/, mask_test_v2/): keep one')
@@ -350,25 +338,29 @@ def read_msmt17(data_dir: str, verify_images: bool = True) -> ReidDataset:
   Train = list_train + list_val (all 1,041 training ids); camera = 3rd '_' field of the name."""
   roots = _find_roots(data_dir, 'msmt17')
   versions = {}
-  for r in roots:
-    v = _msmt17_version(r)
-    if v is None:
-      raise DataError(f'{r} has list_query.txt but neither MSMT17_V1 image folders (train/, '
+  for root in roots:
+    version = _msmt17_version(root)
+    if version is None:
+      raise DataError(f'{root} has list_query.txt but neither MSMT17_V1 image folders (train/, '
                       'test/) nor MSMT17_V2 ones (mask_train_v2/, mask_test_v2/)')
-    versions.setdefault(v, r)
+    versions.setdefault(version, root)
   if len(versions) > 1:
-    raise DataError(f'both MSMT17 versions found under {data_dir} ('
-                    f'{", ".join(f"{v}: {r}" for v, r in sorted(versions.items()))}): set '
+    found = ', '.join(f'{version}: {root}' for version, root in sorted(versions.items()))
+    raise DataError(f'both MSMT17 versions found under {data_dir} ({found}): set '
                     'config.data_dir to the one to use (V1 and V2 give different mAP)')
   (version, root), = versions.items()
   train_dir, test_dir = _require_dirs(root, list(MSMT17_VERSIONS[version]), version)
-  lists = {n: os.path.join(root, f'list_{n}.txt') for n in ('train', 'val', 'query', 'gallery')}
-  parts = {n: _read_list_split(lists[n], train_dir if n in ('train', 'val') else test_dir,
-                               MSMT17_NAMES, version)
-           for n in lists}
+  lists = {name: os.path.join(root, f'list_{name}.txt')
+           for name in ('train', 'val', 'query', 'gallery')}
+  parts = {name: _read_list_split(lists[name],
+                                  train_dir if name in ('train', 'val') else test_dir,
+                                  MSMT17_NAMES, version)
+           for name in lists}
+  # Train = list_train + list_val: (paths, pids, camids) of both, concatenated.
   train = _split(f'{lists["train"]} + {lists["val"]}',
-                 *(a + b for a, b in zip(parts['train'], parts['val'])))
-  query, gallery = (_split(lists[n], *parts[n]) for n in ('query', 'gallery'))
+                 *(train_part + val_part
+                   for train_part, val_part in zip(parts['train'], parts['val'])))
+  query, gallery = (_split(lists[name], *parts[name]) for name in REID_SPLITS)
   return _finish('msmt17', f'{version} (train+val)', root, train, query, gallery, [],
                  distractor_zero=False, verify_images=verify_images)
 
@@ -382,3 +374,27 @@ def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDa
     raise DataError(f'unknown Re-ID dataset {dataset!r} for data_source=folder; expected one '
                     f'of {sorted(READERS)}')
   return READERS[dataset](data_dir, verify_images)
+
+
+# ----------------------------------------------------------------------------- stream source
+class ReidSource:
+  """The three Re-ID splits as path tables; train labels, eval pids and camids."""
+
+  def __init__(self, dataset: ReidDataset):
+    tf = tensorflow()
+    self.dataset = dataset
+    splits = {name: getattr(dataset, name) for name in ALL_SPLITS}
+    self.paths = {name: tf.constant(split.paths) for name, split in splits.items()}
+    self.pids = {name: tf.constant(split.pids) for name, split in splits.items()}
+    self.camids = {name: tf.constant(split.camids) for name, split in splits.items()}
+    self.sizes = {name: len(split) for name, split in splits.items()}
+
+  def load(self, split: str, index):
+    """Image `index` of `split`, uint8 [h, w, 3]."""
+    tf = tensorflow()
+    return preprocess.decode(tf.io.read_file(tf.gather(self.paths[split], index)))
+
+  def eval_records(self, split: str, process_index: int, process_count: int):
+    """This host's indices (int64) into `split`, in order."""
+    indices = np.arange(process_index, self.sizes[split], process_count, dtype=np.int64)
+    return tensorflow().data.Dataset.from_tensor_slices(indices)

@@ -18,9 +18,10 @@ contiguous, the first B * P chunks written row-major into a P x B grid and read 
 column. An identity's run of <= B chunks then falls into distinct columns, so no batch holds an
 identity twice. Batch order and the order of the groups inside a batch are shuffled too.
 
-Hosts: host p of H takes the contiguous slice [p * b, (p + 1) * b) of every global batch (b =
-batch_size // H), so the union of the hosts' batches is the single-host batch, and identity
-groups stay whole on a host whenever b is a multiple of K.
+Hosts: host `process_index` of `process_count` takes the contiguous slice of every global
+batch that starts at process_index * host batch size (batch_size // process_count), so the
+union of the hosts' batches is the single-host batch, and identity groups stay whole on a host
+whenever the host batch size is a multiple of K.
 """
 
 from __future__ import annotations
@@ -37,48 +38,50 @@ class PKSampler:
 
   def __init__(self, labels, batch_size: int, num_instances: int, seed: int = 0):
     labels = np.asarray(labels).reshape(-1)
-    batch_size, k = int(batch_size), int(num_instances)
-    if k < 1 or batch_size < 1 or batch_size % k:
+    batch_size, instances = int(batch_size), int(num_instances)
+    if instances < 1 or batch_size < 1 or batch_size % instances:
       raise DataError(f'config.batch_size={batch_size} is not a positive multiple of '
                       f'config.num_instances={num_instances} (P identities x K images)')
-    self.batch_size, self.num_instances = batch_size, k
-    self.num_identities_per_batch = p = batch_size // k
+    self.batch_size, self.num_instances = batch_size, instances
+    self.num_identities_per_batch = identities_per_batch = batch_size // instances
     self.seed = int(seed)
     ids, inverse = np.unique(labels, return_inverse=True)
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind='stable')
     bounds = np.cumsum(np.bincount(inverse, minlength=len(ids)))[:-1]
     self.members = np.split(order.astype(np.int64), bounds)  # image indices of each identity
-    if len(ids) < p:
+    if len(ids) < identities_per_batch:
       raise DataError(f'the train split has {len(ids)} identities, fewer than the '
-                      f'{p} per batch (config.batch_size={batch_size} // '
-                      f'config.num_instances={k})')
-    chunks = np.maximum(1, np.asarray([len(m) for m in self.members]) // k)
-    b = int(chunks.sum()) // p
-    while b > 0 and int(np.minimum(chunks, b).sum()) < b * p:
-      b -= 1
-    self.steps_per_epoch = b
+                      f'{identities_per_batch} per batch (config.batch_size={batch_size} // '
+                      f'config.num_instances={instances})')
+    chunks = np.maximum(1, np.asarray([len(members) for members in self.members]) // instances)
+    steps = int(chunks.sum()) // identities_per_batch
+    while steps > 0 and int(np.minimum(chunks, steps).sum()) < steps * identities_per_batch:
+      steps -= 1
+    self.steps_per_epoch = steps
 
   def epoch(self, epoch: int) -> np.ndarray:
     """int64 [steps_per_epoch, batch_size]: the image indices of every global batch."""
-    k, p, b = self.num_instances, self.num_identities_per_batch, self.steps_per_epoch
+    # K, P and B of the module docstring.
+    instances, identities, steps = (self.num_instances, self.num_identities_per_batch,
+                                    self.steps_per_epoch)
     rng = np.random.default_rng([self.seed & 0xFFFFFFFF, _SALT, int(epoch)])
     groups, count = [], 0
-    for i in rng.permutation(len(self.members)):
-      m = self.members[i]
-      if len(m) < k:
-        pick = rng.choice(m, k, replace=True)
+    for identity in rng.permutation(len(self.members)):
+      members = self.members[identity]
+      if len(members) < instances:
+        pick = rng.choice(members, instances, replace=True)
       else:
-        pick = rng.permutation(m)[:len(m) // k * k]
-      groups.append(pick.reshape(-1, k)[:b])
+        pick = rng.permutation(members)[:len(members) // instances * instances]
+      groups.append(pick.reshape(-1, instances)[:steps])
       count += len(groups[-1])
-      if count >= b * p:  # Enough chunks: the remaining identities sit this epoch out.
+      if count >= steps * identities:  # Enough chunks: the other identities sit this epoch out.
         break
-    grid = np.concatenate(groups)[:b * p].reshape(p, b, k)
-    batches = grid.transpose(1, 0, 2)[rng.permutation(b)]           # [B, P, K]
-    inner = np.argsort(rng.random((b, p)), axis=1)                  # group order per batch
+    grid = np.concatenate(groups)[:steps * identities].reshape(identities, steps, instances)
+    batches = grid.transpose(1, 0, 2)[rng.permutation(steps)]       # [B, P, K]
+    inner = np.argsort(rng.random((steps, identities)), axis=1)     # group order per batch
     batches = np.take_along_axis(batches, inner[:, :, None], axis=1)
-    return batches.reshape(b, p * k)
+    return batches.reshape(steps, identities * instances)
 
   def host_epoch(self, epoch: int, process_index: int = 0, process_count: int = 1):
     """This host's share of epoch `epoch`, flattened in stream order: (indices, positions),
@@ -87,9 +90,9 @@ class PKSampler:
     if self.batch_size % process_count:
       raise DataError(f'config.batch_size={self.batch_size} is not a multiple of the process '
                       f'count {process_count}')
-    hb = self.batch_size // process_count
-    lo = process_index * hb
-    idx = self.epoch(epoch)[:, lo:lo + hb]
-    pos = (np.arange(self.steps_per_epoch, dtype=np.int64)[:, None] * self.batch_size +
-           np.arange(lo, lo + hb, dtype=np.int64)[None, :])
-    return idx.reshape(-1), pos.reshape(-1)
+    host_batch = self.batch_size // process_count
+    start = process_index * host_batch
+    indices = self.epoch(epoch)[:, start:start + host_batch]
+    positions = (np.arange(self.steps_per_epoch, dtype=np.int64)[:, None] * self.batch_size +
+                 np.arange(start, start + host_batch, dtype=np.int64)[None, :])
+    return indices.reshape(-1), positions.reshape(-1)

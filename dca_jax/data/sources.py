@@ -1,10 +1,15 @@
-"""Readers for the official extracted dataset layouts (`data_source='folder'`).
+"""FGVC data: readers of the official extracted layouts, the shared pre-scan, stream sources.
 
-Each reader returns a `FolderDataset`: class names in label order, and per split the image
-paths and 0-based labels, in a fixed order (sorted by the ids of the label files). The label
-files are checked against each other and against the image folder; any disagreement raises
-DataError naming the file. `verify_images` then pre-scans every listed image with PIL and drops
-(with one warning naming them) the files that are corrupt, truncated or not images.
+Each reader (`data_source='folder'`) returns a `FolderDataset`: class names in label order,
+and per split the image paths and 0-based labels, in a fixed order (sorted by the ids of the
+label files). The label files are checked against each other and against the image folder;
+any disagreement raises DataError naming the file. `verify_images` then pre-scans every listed
+image with PIL and drops (with one warning naming them) the files that are corrupt, truncated
+or not images (`drop_unreadable`, also used by the Re-ID readers).
+
+The stream sources (`FolderSource`, `SyntheticSource`, `TfdsSource`) are what
+`pipeline.Input` reads: this host's index records of a split, and one record -> (image,
+label). The Re-ID one, `ReidSource`, is in reid_sources.py.
 """
 
 from __future__ import annotations
@@ -17,17 +22,37 @@ import warnings
 import numpy as np
 from absl import logging
 
+from dca_jax.data import preprocess, synthetic
+from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError, DataWarning
 from dca_jax.data.preprocess import TF_FORMATS
 
 AIRCRAFT_BANNER_PX = 20
+TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196'}
+
+
+class ImageSplit:
+  """Base of the split dataclasses: `paths` and per-image numpy arrays (labels, pids, ...)."""
+
+  def subset(self, keep):
+    """The split with the images where `keep` is True (its paths and every per-image array)."""
+    keep = np.asarray(keep, bool)
+    arrays = {field.name: getattr(self, field.name)[keep] for field in dataclasses.fields(self)
+              if isinstance(getattr(self, field.name), np.ndarray)}
+    paths = [path for path, kept in zip(self.paths, keep) if kept]
+    return dataclasses.replace(self, paths=paths, **arrays)
 
 
 @dataclasses.dataclass
-class FileSplit:
+class FileSplit(ImageSplit):
   paths: list[str]
   labels: np.ndarray  # int32, 0-based
   label_file: str     # the file that defines this split (for messages)
+
+  @property
+  def listing(self) -> str:
+    """Where messages say the split's images come from."""
+    return f'listed by {self.label_file}'
 
 
 @dataclasses.dataclass
@@ -41,17 +66,23 @@ class FolderDataset:
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
 
 
-def _find_root(data_dir: str, candidates: list[str], marker: str, what: str) -> str:
+def check_data_dir(data_dir: str, what: str) -> None:
+  """DataError unless `data_dir` is an existing folder (`what`: the layout, for the message)."""
   if not data_dir:
     raise DataError(f'config.data_dir is empty: set it to the folder that holds the {what} '
                     'layout (data_source=folder)')
   if not os.path.isdir(data_dir):
     raise DataError(f'data_dir does not exist or is not a folder: {data_dir}')
-  for c in candidates:
-    root = os.path.join(data_dir, c)
+
+
+def _find_root(data_dir: str, candidates: list[str], marker: str, what: str) -> str:
+  check_data_dir(data_dir, what)
+  for candidate in candidates:
+    root = os.path.join(data_dir, candidate)
     if os.path.exists(os.path.join(root, marker)):
       return os.path.normpath(root)
-  tried = ', '.join(os.path.normpath(os.path.join(data_dir, c, marker)) for c in candidates)
+  tried = ', '.join(os.path.normpath(os.path.join(data_dir, candidate, marker))
+                    for candidate in candidates)
   raise DataError(f'{what} layout not found under {data_dir}: none of {tried} exists')
 
 
@@ -65,22 +96,23 @@ def _read_lines(path: str) -> list[str]:
 def _read_id_table(path: str, cast=str) -> dict[int, object]:
   """'<id> <value>' lines -> {id: value}; the value may contain spaces."""
   table = {}
-  for n, line in enumerate(_read_lines(path), 1):
+  for line_number, line in enumerate(_read_lines(path), 1):
     parts = line.split(maxsplit=1)
     if len(parts) != 2:
-      raise DataError(f'{path}:{n}: expected "<id> <value>", got {line!r}')
+      raise DataError(f'{path}:{line_number}: expected "<id> <value>", got {line!r}')
     try:
       key, value = int(parts[0]), cast(parts[1].strip())
     except ValueError:
-      raise DataError(f'{path}:{n}: cannot parse {line!r}') from None
+      raise DataError(f'{path}:{line_number}: cannot parse {line!r}') from None
     if key in table:
-      raise DataError(f'{path}:{n}: id {key} appears twice')
+      raise DataError(f'{path}:{line_number}: id {key} appears twice')
     table[key] = value
   return table
 
 
-def _check_files_exist(paths: list[str], label_file: str) -> None:
-  missing = [p for p in paths if not os.path.isfile(p)]
+def check_files_exist(paths: list[str], label_file: str) -> None:
+  """DataError naming `label_file` and a missing file when any of `paths` does not exist."""
+  missing = [path for path in paths if not os.path.isfile(path)]
   if missing:
     more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
     raise DataError(f'{label_file} lists {len(missing)} image(s) that do not exist, e.g. '
@@ -96,33 +128,35 @@ def _nonempty(split: FileSplit, which: str) -> FileSplit:
 # ----------------------------------------------------------------------------- CUB-200-2011
 def read_cub(data_dir: str) -> FolderDataset:
   root = _find_root(data_dir, ['CUB_200_2011', '.'], 'images.txt', 'CUB-200-2011')
-  f_images, f_labels, f_split, f_classes = (os.path.join(root, n) for n in (
+  images_file, labels_file, split_file, classes_file = (os.path.join(root, name) for name in (
       'images.txt', 'image_class_labels.txt', 'train_test_split.txt', 'classes.txt'))
-  images = _read_id_table(f_images)
-  labels = _read_id_table(f_labels, int)
-  is_train = _read_id_table(f_split, int)
-  classes = _read_id_table(f_classes)
-  class_names = [classes[k] for k in sorted(classes)]
+  images = _read_id_table(images_file)
+  labels = _read_id_table(labels_file, int)
+  is_train = _read_id_table(split_file, int)
+  classes = _read_id_table(classes_file)
+  class_names = [classes[class_id] for class_id in sorted(classes)]
   if sorted(classes) != list(range(1, len(classes) + 1)):
-    raise DataError(f'{f_classes}: class ids must be 1..{len(classes)}')
-  for f, table in ((f_labels, labels), (f_split, is_train)):
+    raise DataError(f'{classes_file}: class ids must be 1..{len(classes)}')
+  for table_file, table in ((labels_file, labels), (split_file, is_train)):
     if set(table) != set(images):
-      raise DataError(f'{f} does not match {f_images}: {len(table)} vs {len(images)} ids, '
-                      f'{len(set(images) ^ set(table))} ids in only one of them')
+      raise DataError(f'{table_file} does not match {images_file}: {len(table)} vs '
+                      f'{len(images)} ids, {len(set(images) ^ set(table))} ids in only one of '
+                      'them')
   bad = [i for i in images if not 1 <= labels[i] <= len(class_names)]
   if bad:
-    raise DataError(f'{f_labels}: image id {bad[0]} has label {labels[bad[0]]}, outside '
-                    f'1..{len(class_names)} ({f_classes})')
+    raise DataError(f'{labels_file}: image id {bad[0]} has label {labels[bad[0]]}, outside '
+                    f'1..{len(class_names)} ({classes_file})')
   bad = [i for i in images if is_train[i] not in (0, 1)]
   if bad:
-    raise DataError(f'{f_split}: image id {bad[0]} has flag {is_train[bad[0]]}, expected 0|1')
+    raise DataError(f'{split_file}: image id {bad[0]} has flag {is_train[bad[0]]}, expected '
+                    '0|1')
   splits = {}
-  for flag, name in ((1, 'train'), (0, 'test')):
+  for flag, which in ((1, 'train'), (0, 'test')):
     ids = sorted(i for i in images if is_train[i] == flag)
     paths = [os.path.join(root, 'images', images[i]) for i in ids]
-    _check_files_exist(paths, f_images)
-    splits[name] = _nonempty(FileSplit(paths, np.asarray([labels[i] - 1 for i in ids],
-                                                         np.int32), f_split), name)
+    check_files_exist(paths, images_file)
+    split_labels = np.asarray([labels[i] - 1 for i in ids], np.int32)
+    splits[which] = _nonempty(FileSplit(paths, split_labels, split_file), which)
   return FolderDataset('cub', root, class_names, splits['train'], splits['test'])
 
 
@@ -130,26 +164,28 @@ def read_cub(data_dir: str) -> FolderDataset:
 def read_aircraft(data_dir: str) -> FolderDataset:
   root = _find_root(data_dir, [os.path.join('fgvc-aircraft-2013b', 'data'), 'data', '.'],
                     'variants.txt', 'FGVC-Aircraft (fgvc-aircraft-2013b/data)')
-  f_variants = os.path.join(root, 'variants.txt')
-  class_names = _read_lines(f_variants)
+  variants_file = os.path.join(root, 'variants.txt')
+  class_names = _read_lines(variants_file)
   if len(set(class_names)) != len(class_names):
-    raise DataError(f'{f_variants}: a variant name appears twice')
-  index = {n: i for i, n in enumerate(class_names)}
+    raise DataError(f'{variants_file}: a variant name appears twice')
+  label_of = {name: label for label, name in enumerate(class_names)}
   splits = {}
-  for which, fname in (('train', 'images_variant_trainval.txt'),
-                       ('test', 'images_variant_test.txt')):
-    f = os.path.join(root, fname)
+  for which, file_name in (('train', 'images_variant_trainval.txt'),
+                           ('test', 'images_variant_test.txt')):
+    label_file = os.path.join(root, file_name)
     paths, labels = [], []
-    for n, line in enumerate(_read_lines(f), 1):
+    for line_number, line in enumerate(_read_lines(label_file), 1):
       parts = line.split(maxsplit=1)
       if len(parts) != 2:
-        raise DataError(f'{f}:{n}: expected "<image id> <variant>", got {line!r}')
-      if parts[1] not in index:
-        raise DataError(f'{f}:{n}: variant {parts[1]!r} is not in {f_variants}')
+        raise DataError(f'{label_file}:{line_number}: expected "<image id> <variant>", got '
+                        f'{line!r}')
+      if parts[1] not in label_of:
+        raise DataError(f'{label_file}:{line_number}: variant {parts[1]!r} is not in '
+                        f'{variants_file}')
       paths.append(os.path.join(root, 'images', parts[0] + '.jpg'))
-      labels.append(index[parts[1]])
-    _check_files_exist(paths, f)
-    splits[which] = _nonempty(FileSplit(paths, np.asarray(labels, np.int32), f), which)
+      labels.append(label_of[parts[1]])
+    check_files_exist(paths, label_file)
+    splits[which] = _nonempty(FileSplit(paths, np.asarray(labels, np.int32), label_file), which)
   return FolderDataset('aircraft', root, class_names, splits['train'], splits['test'],
                        crop_bottom=AIRCRAFT_BANNER_PX)
 
@@ -175,44 +211,55 @@ def _image_folder(root: str, name: str) -> str:
   return folder
 
 
+def _cars_test_annotations(root: str) -> str:
+  """The test annotations with labels (not the label-less devkit/cars_test_annos.mat)."""
+  for candidate in ('cars_test_annos_withlabels.mat',
+                    os.path.join('devkit', 'cars_test_annos_withlabels.mat')):
+    if os.path.isfile(os.path.join(root, candidate)):
+      return os.path.join(root, candidate)
+  raise DataError(f'missing {os.path.join(root, "cars_test_annos_withlabels.mat")} (the '
+                  'test labels; devkit/cars_test_annos.mat has none)')
+
+
+def _read_cars_split(annotations_file: str, root: str, folder: str, class_names: list[str],
+                     meta_file: str, which: str) -> FileSplit:
+  """One split: the annotations' file names (in `folder`) and labels, checked."""
+  mat = _loadmat(annotations_file)
+  if 'annotations' not in mat:
+    raise DataError(f'{annotations_file} has no annotations struct')
+  annotations = np.atleast_1d(mat['annotations'])
+  fields = annotations.dtype.names or ()
+  if 'fname' not in fields or 'class' not in fields:
+    raise DataError(f'{annotations_file}: annotations lack the fname/class fields (found '
+                    f'{fields})')
+  image_dir = _image_folder(root, folder)
+  file_names = [str(name) for name in np.atleast_1d(annotations['fname'])]
+  class_ids = [int(class_id) for class_id in np.atleast_1d(annotations['class'])]
+  labels = np.asarray(class_ids, np.int64) - 1
+  bad = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
+  if bad.size:
+    raise DataError(f'{annotations_file}: {file_names[bad[0]]} has class {labels[bad[0]] + 1}, '
+                    f'outside 1..{len(class_names)} ({meta_file})')
+  paths = [os.path.join(image_dir, name) for name in file_names]
+  check_files_exist(paths, annotations_file)
+  return _nonempty(FileSplit(paths, labels.astype(np.int32), annotations_file), which)
+
+
 def read_cars(data_dir: str) -> FolderDataset:
   root = _find_root(data_dir, ['.', 'stanford_cars', 'stanford-cars'],
                     os.path.join('devkit', 'cars_meta.mat'), 'Stanford Cars devkit')
-  f_meta = os.path.join(root, 'devkit', 'cars_meta.mat')
-  meta = _loadmat(f_meta)
+  meta_file = os.path.join(root, 'devkit', 'cars_meta.mat')
+  meta = _loadmat(meta_file)
   if 'class_names' not in meta:
-    raise DataError(f'{f_meta} has no class_names')
-  class_names = [str(n).strip() for n in np.atleast_1d(meta['class_names'])]
-  f_test = None
-  for c in ('cars_test_annos_withlabels.mat',
-            os.path.join('devkit', 'cars_test_annos_withlabels.mat')):
-    if os.path.isfile(os.path.join(root, c)):
-      f_test = os.path.join(root, c)
-      break
-  if f_test is None:
-    raise DataError(f'missing {os.path.join(root, "cars_test_annos_withlabels.mat")} (the '
-                    'test labels; devkit/cars_test_annos.mat has none)')
+    raise DataError(f'{meta_file} has no class_names')
+  class_names = [str(name).strip() for name in np.atleast_1d(meta['class_names'])]
+  test_file = _cars_test_annotations(root)
   splits = {}
-  for which, f, folder in (
+  for which, annotations_file, folder in (
       ('train', os.path.join(root, 'devkit', 'cars_train_annos.mat'), 'cars_train'),
-      ('test', f_test, 'cars_test')):
-    mat = _loadmat(f)
-    if 'annotations' not in mat:
-      raise DataError(f'{f} has no annotations struct')
-    ann = np.atleast_1d(mat['annotations'])
-    names = ann.dtype.names or ()
-    if 'fname' not in names or 'class' not in names:
-      raise DataError(f'{f}: annotations lack the fname/class fields (found {names})')
-    image_dir = _image_folder(root, folder)
-    fnames = [str(x) for x in np.atleast_1d(ann['fname'])]
-    labels = np.asarray([int(x) for x in np.atleast_1d(ann['class'])], np.int64) - 1
-    bad = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
-    if bad.size:
-      raise DataError(f'{f}: {fnames[bad[0]]} has class {labels[bad[0]] + 1}, outside '
-                      f'1..{len(class_names)} ({f_meta})')
-    paths = [os.path.join(image_dir, n) for n in fnames]
-    _check_files_exist(paths, f)
-    splits[which] = _nonempty(FileSplit(paths, labels.astype(np.int32), f), which)
+      ('test', test_file, 'cars_test')):
+    splits[which] = _read_cars_split(annotations_file, root, folder, class_names, meta_file,
+                                     which)
   return FolderDataset('cars', root, class_names, splits['train'], splits['test'])
 
 
@@ -232,14 +279,14 @@ def check_image(path: str, crop_bottom: int = 0) -> str | None:
   1/8 scale: still reads every entropy-coded byte, so truncation is caught) with PIL."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(path) as im:
-      if im.format not in TF_FORMATS:
-        return f'unsupported image format {im.format}'
-      if im.height <= crop_bottom + 1 or im.width < 2:
-        return f'image too small ({im.width}x{im.height})'
-      if im.format == 'JPEG':
-        im.draft('RGB', (max(1, im.width // 8), max(1, im.height // 8)))
-      im.load()
+    with Image.open(path) as image:
+      if image.format not in TF_FORMATS:
+        return f'unsupported image format {image.format}'
+      if image.height <= crop_bottom + 1 or image.width < 2:
+        return f'image too small ({image.width}x{image.height})'
+      if image.format == 'JPEG':
+        image.draft('RGB', (max(1, image.width // 8), max(1, image.height // 8)))
+      image.load()
   except Exception as e:  # pylint: disable=broad-except
     return f'{type(e).__name__}: {e}'
   return None
@@ -249,30 +296,193 @@ def scan_images(paths: list[str], crop_bottom: int = 0, num_threads: int = 0) ->
   """check_image over many files with a thread pool (PIL decodes without the GIL)."""
   num_threads = num_threads or min(32, 4 * (os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    return list(pool.map(lambda p: check_image(p, crop_bottom), paths, chunksize=64))
+    return list(pool.map(lambda path: check_image(path, crop_bottom), paths, chunksize=64))
 
 
-def drop_unreadable(ds: FolderDataset, num_threads: int = 0,
-                    splits=('train', 'test')) -> FolderDataset:
-  """Pre-scans the splits; removes unreadable files and warns once, naming them."""
+def drop_unreadable(dataset, num_threads: int = 0, splits=('train', 'test'), *,
+                    stacklevel: int = 3):
+  """Pre-scans `splits`; removes unreadable files and warns once, naming them.
+
+  Args:
+    dataset: a FolderDataset, or a reid_sources.ReidDataset (its splits have no banner to
+      crop); changed in place and returned.
+    num_threads: of the scan (0: 4 per core, at most 32).
+    splits: the names of the splits to scan.
+    stacklevel: of the warning, counted from this function (3: its caller's caller).
+
+  Returns:
+    `dataset`, its unreadable files moved from the splits to `dataset.skipped`.
+  """
+  crop_bottom = getattr(dataset, 'crop_bottom', 0)
+  unreadable = []
   for which in splits:
-    split = getattr(ds, which)
-    reasons = scan_images(split.paths, ds.crop_bottom, num_threads)
-    keep = [r is None for r in reasons]
-    bad = [(p, r) for p, r in zip(split.paths, reasons) if r is not None]
-    if bad:
-      ds.skipped.extend(bad)
-      split = FileSplit([p for p, k in zip(split.paths, keep) if k],
-                        split.labels[np.asarray(keep, bool)], split.label_file)
-      setattr(ds, which, split)
-      if not split.paths:
-        raise DataError(f'the {which} split is empty: every image listed by '
-                        f'{split.label_file} is unreadable (e.g. {bad[0][0]}: {bad[0][1]})')
-  if ds.skipped:
-    shown = '; '.join(f'{p} ({r})' for p, r in ds.skipped[:20])
-    more = f'; ... and {len(ds.skipped) - 20} more' if len(ds.skipped) > 20 else ''
-    msg = (f'{ds.name}: skipped {len(ds.skipped)} unreadable image(s) under {ds.root}: '
-           f'{shown}{more}')
-    logging.warning(msg)
-    warnings.warn(msg, DataWarning, stacklevel=3)
-  return ds
+    split = getattr(dataset, which)
+    reasons = scan_images(split.paths, crop_bottom, num_threads)
+    found = [(path, reason) for path, reason in zip(split.paths, reasons) if reason is not None]
+    if found:
+      unreadable += found
+      setattr(dataset, which, split.subset([reason is None for reason in reasons]))
+      if not getattr(dataset, which).paths:
+        raise DataError(f'the {which} split is empty: every image {split.listing} is '
+                        f'unreadable (e.g. {found[0][0]}: {found[0][1]})')
+  if unreadable:
+    dataset.skipped.extend(unreadable)
+    shown = '; '.join(f'{path} ({reason})' for path, reason in unreadable[:20])
+    more = f'; ... and {len(unreadable) - 20} more' if len(unreadable) > 20 else ''
+    message = (f'{dataset.name}: skipped {len(unreadable)} unreadable image(s) under '
+               f'{dataset.root}: {shown}{more}')
+    logging.warning(message)
+    warnings.warn(message, DataWarning, stacklevel=stacklevel)
+  return dataset
+
+
+# ----------------------------------------------------------------------------- stream sources
+def _seed_mix(seed: int, salt: int) -> int:
+  """A seed for one use (`salt`) of config.seed, independent of its other uses."""
+  return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, salt]).integers(1, 2**62))
+
+
+class IndexedSource:
+  """A split held as an indexable table (file paths or in-memory images) + labels.
+
+  Train epoch `epoch` is a seeded permutation of the whole train split; each host takes every
+  `process_count`-th element of it, from its `process_index`.
+  """
+
+  def __init__(self, train_labels, test_labels):
+    tf = tensorflow()
+    self.train_labels = tf.constant(np.asarray(train_labels, np.int32))
+    self.test_labels = tf.constant(np.asarray(test_labels, np.int32))
+    self.num_train, self.num_test = len(train_labels), len(test_labels)
+
+  def load(self, split: str, index):
+    """Image `index` of `split` ('train' | 'test'), uint8 [h, w, 3]."""
+    raise NotImplementedError
+
+  def train_records(self, epoch, host_epoch_size: int, seed: int, process_index: int,
+                    process_count: int):
+    """This host's {'id', 'epoch'} records of train epoch `epoch` (an int64 scalar tensor)."""
+    tf = tensorflow()
+    permutation = tf.random.experimental.stateless_shuffle(
+        tf.range(self.num_train, dtype=tf.int64),
+        seed=tf.stack([tf.constant(_seed_mix(seed, 1), tf.int64), epoch]))
+    host_ids = permutation[process_index::process_count][:host_epoch_size]
+    return tf.data.Dataset.from_tensor_slices(host_ids).map(
+        lambda example_id: {'id': example_id, 'epoch': epoch})
+
+  def train_element(self, record):
+    return self.load('train', record['id']), tensorflow().gather(self.train_labels, record['id'])
+
+  def test_records(self, process_index: int, process_count: int):
+    """This host's {'id', 'index'} records of the test split, in order."""
+    indices = np.arange(process_index, self.num_test, process_count, dtype=np.int64)
+    return tensorflow().data.Dataset.from_tensor_slices({'id': indices, 'index': indices})
+
+  def test_element(self, record):
+    return self.load('test', record['id']), tensorflow().gather(self.test_labels, record['id'])
+
+
+class FolderSource(IndexedSource):
+  """A FolderDataset: the files are read and decoded in the stream."""
+
+  def __init__(self, dataset: FolderDataset):
+    super().__init__(dataset.train.labels, dataset.test.labels)
+    tf = tensorflow()
+    self.paths = {'train': tf.constant(dataset.train.paths),
+                  'test': tf.constant(dataset.test.paths)}
+    self.crop_bottom = dataset.crop_bottom
+
+  def load(self, split, index):
+    tf = tensorflow()
+    encoded = tf.io.read_file(tf.gather(self.paths[split], index))
+    return preprocess.decode(encoded, self.crop_bottom)
+
+
+class SyntheticSource(IndexedSource):
+  """The generated set, held in memory."""
+
+  def __init__(self, generated: synthetic.SyntheticData):
+    super().__init__(generated.train_labels, generated.test_labels)
+    tf = tensorflow()
+    self.images = {'train': tf.constant(generated.train_images),
+                   'test': tf.constant(generated.test_images)}
+
+  def load(self, split, index):
+    return tensorflow().gather(self.images[split], index)
+
+
+class TfdsSource:
+  """TFDS reader: encoded images (decoding skipped in the reader), decoded in the map.
+
+  Each host reads its own `tfds.split_for_jax_process` share; a train epoch is that share
+  shuffled with a seeded buffer (`config.shuffle_buffer`).
+  """
+
+  def __init__(self, config, process_index: int, process_count: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tensorflow()  # Hide GPUs before TFDS touches TensorFlow.
+    name = TFDS_NAMES[config.dataset]
+    data_dir = config.data_dir or None
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+      self.builder.download_and_prepare()  # No-op (a quick check) when already prepared.
+    except Exception as e:  # pylint: disable=broad-except
+      where = data_dir or '~/tensorflow_datasets'
+      raise DataError(f'TFDS dataset {name} is not prepared under {where} and could not be '
+                      f'downloaded/prepared: {type(e).__name__}: {str(e).splitlines()[0]}'
+                      ) from None
+    self.class_names = list(self.builder.info.features['label'].names)
+    self.decoders = tfds.decode.PartialDecoding(
+        {'image': True, 'label': True}, decoders={'image': tfds.decode.SkipDecoding()})
+    self.num_train = self._split_size('train')
+    self.num_test = self._split_size('test')
+    self.shuffle_buffer = int(config.get('shuffle_buffer', 2048))
+    if process_count == 1:
+      self.splits = {'train': 'train', 'test': 'test'}
+    else:
+      self.splits = {split: tfds.split_for_jax_process(split, process_index=process_index,
+                                                       process_count=process_count)
+                     for split in ('train', 'test')}
+
+  def _split_size(self, split: str) -> int:
+    try:
+      return int(self.builder.info.splits[split].num_examples)
+    except (KeyError, IndexError):  # Not in the metadata (e.g. tfds.testing.mock_data).
+      examples = self.builder.as_dataset(split=split, decoders=self.decoders)
+      count = int(examples.cardinality().numpy())
+      if count >= 0:
+        return count
+      return int(examples.reduce(0, lambda counted, _: counted + 1).numpy())
+
+  def _read(self, split: str):
+    examples = self.builder.as_dataset(split=self.splits[split], decoders=self.decoders,
+                                       shuffle_files=False)
+    return examples.enumerate()  # (position in this host's share, example)
+
+  def train_records(self, epoch, host_epoch_size: int, seed: int, process_index: int,
+                    process_count: int):
+    """This host's {'id', 'epoch', 'raw', 'label'} records of train epoch `epoch`."""
+    del process_index, process_count  # The share was chosen in __init__.
+    tf = tensorflow()
+    epoch_seed = tf.bitwise.bitwise_xor(tf.constant(_seed_mix(seed, 2), tf.int64),
+                                        epoch * 1_000_003)
+    examples = self._read('train').shuffle(self.shuffle_buffer, seed=epoch_seed,
+                                           reshuffle_each_iteration=False)
+    return examples.take(host_epoch_size).map(
+        lambda position, example: {'id': position, 'epoch': epoch, 'raw': example['image'],
+                                   'label': example['label']})
+
+  def train_element(self, record):
+    tf = tensorflow()
+    return preprocess.decode(record['raw']), tf.cast(record['label'], tf.int32)
+
+  def test_records(self, process_index: int, process_count: int):
+    """This host's {'index', 'raw', 'label'} records of the test split; 'index' is the
+    position inside this host's share."""
+    del process_index, process_count  # The share was chosen in __init__.
+    return self._read('test').map(
+        lambda position, example: {'index': position, 'raw': example['image'],
+                                   'label': example['label']})
+
+  def test_element(self, record):
+    return self.train_element(record)

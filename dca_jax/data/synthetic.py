@@ -34,16 +34,18 @@ class SyntheticData:
 
 def palette_for(num_classes: int) -> np.ndarray:
   """k saturated colours with distinct hues, k(k-1) >= num_classes ordered pairs, k >= 5."""
-  k = 5
-  while k * (k - 1) < num_classes:
-    k += 1
-  colours = [colorsys.hsv_to_rgb(i / k, 1.0, 1.0 if i % 2 == 0 or k <= 6 else 0.75)
-             for i in range(k)]
+  size = 5
+  while size * (size - 1) < num_classes:
+    size += 1
+  colours = [colorsys.hsv_to_rgb(i / size, 1.0, 1.0 if i % 2 == 0 or size <= 6 else 0.75)
+             for i in range(size)]
   return np.round(np.asarray(colours) * 255).astype(np.uint8)
 
 
-def class_pairs_for(num_classes: int, k: int, seed: int) -> np.ndarray:
-  pairs = [(a, b) for a in range(k) for b in range(k) if a != b]
+def class_pairs_for(num_classes: int, palette_size: int, seed: int) -> np.ndarray:
+  """(ring colour, core colour) palette ids of each class: distinct ordered pairs, seeded."""
+  pairs = [(ring, core) for ring in range(palette_size) for core in range(palette_size)
+           if ring != core]
   order = np.random.default_rng([seed, 101]).permutation(len(pairs))
   return np.asarray([pairs[i] for i in order[:num_classes]], np.int64)
 
@@ -56,10 +58,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return blobs + noise
 
 
-def _draw(img: np.ndarray, y: int, x: int, side: int, core: int, ring_rgb, core_rgb) -> None:
-  img[y:y + side, x:x + side] = ring_rgb
-  o = (side - core) // 2
-  img[y + o:y + o + core, x + o:x + o + core] = core_rgb
+def _draw(image: np.ndarray, y: int, x: int, side: int, core: int, ring_rgb,
+          core_rgb) -> None:
+  """A `side` square of `ring_rgb` at (y, x) with a centred `core` square of `core_rgb`."""
+  image[y:y + side, x:x + side] = ring_rgb
+  inset = (side - core) // 2
+  image[y + inset:y + inset + core, x + inset:x + inset + core] = core_rgb
 
 
 def render(rng: np.random.Generator, label: int, size: int, palette: np.ndarray,
@@ -67,21 +71,21 @@ def render(rng: np.random.Generator, label: int, size: int, palette: np.ndarray,
            detail_size: float = 0.125) -> np.ndarray:
   side = max(4, int(round(size * detail_size)))
   core = max(2, side // 2)
-  img = _background(rng, size)
+  image = _background(rng, size)
   for _ in range(num_distractors):
     y, x = rng.integers(0, size - side + 1, size=2)
     colour = palette[rng.integers(len(palette))]
     if rng.random() < 0.5:  # Uniform palette square.
-      _draw(img, y, x, side, core, colour, colour)
+      _draw(image, y, x, side, core, colour, colour)
     else:                   # Palette ring around a grey core.
       grey = rng.integers(70, 190)
-      _draw(img, y, x, side, core, colour, (grey, grey, grey))
+      _draw(image, y, x, side, core, colour, (grey, grey, grey))
   margin = int(math.ceil(0.2 * size))
-  hi = max(margin, size - margin - side)
-  y, x = rng.integers(margin, hi + 1, size=2)
-  a, b = class_pairs[label]
-  _draw(img, y, x, side, core, palette[a], palette[b])
-  return np.clip(np.round(img), 0, 255).astype(np.uint8)
+  highest = max(margin, size - margin - side)
+  y, x = rng.integers(margin, highest + 1, size=2)
+  ring_colour, core_colour = class_pairs[label]
+  _draw(image, y, x, side, core, palette[ring_colour], palette[core_colour])
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def make_split(num: int, num_classes: int, size: int, seed: int, split_id: int,
@@ -89,8 +93,10 @@ def make_split(num: int, num_classes: int, size: int, seed: int, split_id: int,
                detail_size: float = 0.125):
   rng = np.random.default_rng([seed, 7, split_id])
   labels = rng.permutation(np.arange(num) % num_classes).astype(np.int32)  # Balanced.
-  images = np.stack([render(rng, int(l), size, palette, class_pairs, num_distractors, detail_size) for l in labels]) \
-      if num else np.zeros((0, size, size, 3), np.uint8)
+  if not num:
+    return np.zeros((0, size, size, 3), np.uint8), labels
+  images = np.stack([render(rng, int(label), size, palette, class_pairs, num_distractors,
+                            detail_size) for label in labels])
   return images, labels
 
 
@@ -103,6 +109,9 @@ def generate(num_classes: int, num_train: int, num_test: int, image_size: int,
   width = max(2, len(str(num_classes - 1)))
   names = [f'class_{i:0{width}d}' for i in range(num_classes)]
   style = dict(num_distractors=num_distractors, detail_size=detail_size)
-  tr_x, tr_y = make_split(num_train, num_classes, image_size, seed, 0, palette, pairs, **style)
-  te_x, te_y = make_split(num_test, num_classes, image_size, seed, 1, palette, pairs, **style)
-  return SyntheticData(names, tr_x, tr_y, te_x, te_y, palette, pairs)
+  train_images, train_labels = make_split(num_train, num_classes, image_size, seed, 0, palette,
+                                          pairs, **style)
+  test_images, test_labels = make_split(num_test, num_classes, image_size, seed, 1, palette,
+                                        pairs, **style)
+  return SyntheticData(names, train_images, train_labels, test_images, test_labels, palette,
+                       pairs)

@@ -78,11 +78,11 @@ class Params:
 
 def emblem_palette(num_codes: int) -> np.ndarray:
   """k >= 4 saturated hues with k * k >= num_codes ordered (top, bottom) pairs."""
-  k = 4
-  while k * k < num_codes:
-    k += 1
-  return np.round(np.asarray([colorsys.hsv_to_rgb(i / k, 1.0, 1.0) for i in range(k)]) *
-                  255).astype(np.float32)
+  size = 4
+  while size * size < num_codes:
+    size += 1
+  hues = [colorsys.hsv_to_rgb(i / size, 1.0, 1.0) for i in range(size)]
+  return np.round(np.asarray(hues) * 255).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -98,122 +98,134 @@ class _Camera:
 
 def _cameras(seed: int) -> list[_Camera]:
   rng = np.random.default_rng([seed, 11])
-  cams = []
-  for c in range(NUM_CAMERAS):
-    cams.append(_Camera(
+  cameras = []
+  for camera in range(NUM_CAMERAS):
+    cameras.append(_Camera(
         wall=rng.uniform(40, 220, 3), floor=rng.uniform(40, 220, 3),
         horizon=rng.uniform(0.45, 0.8), stripe_period=float(rng.choice([0, 3, 5, 8])),
         gain=rng.uniform(0.75, 1.25, 3) * rng.uniform(0.8, 1.15),
-        scale=[0.62, 0.7, 0.78, 0.86, 0.92, 0.74][c], centre=rng.uniform(0.4, 0.6)))
-  return cams
+        scale=[0.62, 0.7, 0.78, 0.86, 0.92, 0.74][camera], centre=rng.uniform(0.4, 0.6)))
+  return cameras
 
 
 # ----------------------------------------------------------------------------- rendering
-def _fill(img, y0, y1, x0, x1, colour):
-  h, w = img.shape[:2]
-  y0, y1 = max(0, int(round(y0))), min(h, int(round(y1)))
-  x0, x1 = max(0, int(round(x0))), min(w, int(round(x1)))
-  if y1 > y0 and x1 > x0:
-    img[y0:y1, x0:x1] = colour
+def _fill(canvas, top, bottom, left, right, colour):
+  """Fills the rectangle [top, bottom) x [left, right) (rounded, clipped to the canvas)."""
+  height, width = canvas.shape[:2]
+  top, bottom = max(0, int(round(top))), min(height, int(round(bottom)))
+  left, right = max(0, int(round(left))), min(width, int(round(right)))
+  if bottom > top and right > left:
+    canvas[top:bottom, left:right] = colour
 
 
-def _ellipse(img, cy, cx, ry, rx, colour, top_only=False):
-  h, w = img.shape[:2]
-  y0, y1 = max(0, int(cy - ry)), min(h, int(np.ceil(cy + ry)) + 1)
-  x0, x1 = max(0, int(cx - rx)), min(w, int(np.ceil(cx + rx)) + 1)
-  if y1 <= y0 or x1 <= x0:
+def _ellipse(canvas, centre_y, centre_x, radius_y, radius_x, colour, top_only=False):
+  """Fills an ellipse; top_only: only above 0.2 radius_y over the centre (hair)."""
+  height, width = canvas.shape[:2]
+  top = max(0, int(centre_y - radius_y))
+  bottom = min(height, int(np.ceil(centre_y + radius_y)) + 1)
+  left = max(0, int(centre_x - radius_x))
+  right = min(width, int(np.ceil(centre_x + radius_x)) + 1)
+  if bottom <= top or right <= left:
     return
-  yy, xx = np.ogrid[y0:y1, x0:x1]
-  inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+  rows, cols = np.ogrid[top:bottom, left:right]
+  inside = ((rows - centre_y) / radius_y) ** 2 + ((cols - centre_x) / radius_x) ** 2 <= 1.0
   if top_only:
-    inside = inside & (yy <= cy - 0.2 * ry)
-  img[y0:y1, x0:x1][inside] = colour
+    inside = inside & (rows <= centre_y - 0.2 * radius_y)
+  canvas[top:bottom, left:right][inside] = colour
 
 
-def _background(rng, cam: _Camera, h: int, w: int) -> np.ndarray:
-  img = np.empty((h, w, 3), np.float32)
-  horizon = int(cam.horizon * h)
-  img[:horizon] = cam.wall
-  img[horizon:] = cam.floor
-  if cam.stripe_period:
-    period = cam.stripe_period * SUPERSAMPLE
-    stripes = (np.arange(w) // period) % 2 == 1
-    img[:horizon, stripes] *= 0.8
+def _background(rng, camera: _Camera, height: int, width: int) -> np.ndarray:
+  canvas = np.empty((height, width, 3), np.float32)
+  horizon = int(camera.horizon * height)
+  canvas[:horizon] = camera.wall
+  canvas[horizon:] = camera.floor
+  if camera.stripe_period:
+    period = camera.stripe_period * SUPERSAMPLE
+    stripes = (np.arange(width) // period) % 2 == 1
+    canvas[:horizon, stripes] *= 0.8
   for _ in range(int(rng.integers(2, 5))):  # Per-image clutter: muted boxes.
-    bh, bw = rng.uniform(0.1, 0.35) * h, rng.uniform(0.15, 0.5) * w
-    y, x = rng.uniform(0, h - bh), rng.uniform(-0.2 * w, w - 0.5 * bw)
-    _fill(img, y, y + bh, x, x + bw, rng.uniform(30, 230, 3))
-  return img
+    box_height, box_width = rng.uniform(0.1, 0.35) * height, rng.uniform(0.15, 0.5) * width
+    y, x = rng.uniform(0, height - box_height), rng.uniform(-0.2 * width, width - 0.5 * box_width)
+    _fill(canvas, y, y + box_height, x, x + box_width, rng.uniform(30, 230, 3))
+  return canvas
 
 
-def _figure(img, rng, *, feet_y, centre_x, height, shirt, trousers, emblem):
+def _figure(canvas, rng, *, feet_y, centre_x, height, shirt, trousers, emblem):
   """Draws one person (supersampled pixel units); emblem = (top colour, bottom colour)|None."""
-  ph = height
   skin = np.asarray(SKINS[rng.integers(len(SKINS))], np.float32) * rng.uniform(0.9, 1.1)
   hair = HAIRS[rng.integers(len(HAIRS))]
-  top = feet_y - ph
-  half = 0.12 * ph * rng.uniform(0.92, 1.08)          # torso half-width
-  t0, t1 = top + 0.15 * ph, top + 0.54 * ph            # torso rows
-  spread = rng.uniform(0.0, 0.05) * ph                 # legs apart
-  swing = rng.uniform(-0.03, 0.03) * ph                # arms forward/back
-  leg_w = 0.09 * ph
+  top = feet_y - height
+  half = 0.12 * height * rng.uniform(0.92, 1.08)                  # torso half-width
+  torso_top, torso_bottom = top + 0.15 * height, top + 0.54 * height
+  spread = rng.uniform(0.0, 0.05) * height                        # legs apart
+  swing = rng.uniform(-0.03, 0.03) * height                       # arms forward/back
+  leg_width = 0.09 * height
   shirt = np.asarray(shirt, np.float32) * rng.uniform(0.92, 1.08)
   trousers = np.asarray(trousers, np.float32) * rng.uniform(0.92, 1.08)
   # Legs and shoes.
   for side in (-1, 1):
-    x_in = centre_x + side * spread / 2
-    x_out = x_in + side * leg_w
-    x0, x1 = min(x_in, x_out), max(x_in, x_out)
-    _fill(img, t1 - 0.02 * ph, feet_y - 0.035 * ph, x0, x1, trousers)
-    _fill(img, feet_y - 0.035 * ph, feet_y, x0 - 0.01 * ph, x1 + 0.01 * ph, (30, 30, 30))
+    inner = centre_x + side * spread / 2
+    outer = inner + side * leg_width
+    left, right = min(inner, outer), max(inner, outer)
+    _fill(canvas, torso_bottom - 0.02 * height, feet_y - 0.035 * height, left, right, trousers)
+    _fill(canvas, feet_y - 0.035 * height, feet_y, left - 0.01 * height, right + 0.01 * height,
+          (30, 30, 30))
   # Arms, torso, head.
-  arm_w = 0.05 * ph
+  arm_width = 0.05 * height
   for side in (-1, 1):
-    x0 = centre_x + side * half + (0 if side > 0 else -arm_w)
-    _fill(img, t0 + 0.02 * ph + swing, t0 + 0.36 * ph + swing, x0, x0 + arm_w, shirt * 0.85)
-    _fill(img, t0 + 0.36 * ph + swing, t0 + 0.41 * ph + swing, x0, x0 + arm_w, skin)
-  _fill(img, t0, t1, centre_x - half, centre_x + half, shirt)
-  _ellipse(img, top + 0.075 * ph, centre_x, 0.075 * ph, 0.062 * ph, skin)
-  _ellipse(img, top + 0.075 * ph, centre_x, 0.08 * ph, 0.066 * ph, hair, top_only=True)
+    left = centre_x + side * half + (0 if side > 0 else -arm_width)
+    _fill(canvas, torso_top + 0.02 * height + swing, torso_top + 0.36 * height + swing, left,
+          left + arm_width, shirt * 0.85)
+    _fill(canvas, torso_top + 0.36 * height + swing, torso_top + 0.41 * height + swing, left,
+          left + arm_width, skin)
+  _fill(canvas, torso_top, torso_bottom, centre_x - half, centre_x + half, shirt)
+  _ellipse(canvas, top + 0.075 * height, centre_x, 0.075 * height, 0.062 * height, skin)
+  _ellipse(canvas, top + 0.075 * height, centre_x, 0.08 * height, 0.066 * height, hair,
+           top_only=True)
   if emblem is not None:
-    ew, eh = 0.2 * ph, 0.18 * ph
-    ey = t0 + 0.07 * ph
-    _fill(img, ey, ey + eh / 2, centre_x - ew / 2, centre_x + ew / 2, emblem[0])
-    _fill(img, ey + eh / 2, ey + eh, centre_x - ew / 2, centre_x + ew / 2, emblem[1])
+    emblem_width, emblem_height = 0.2 * height, 0.18 * height
+    emblem_top = torso_top + 0.07 * height
+    left, right = centre_x - emblem_width / 2, centre_x + emblem_width / 2
+    _fill(canvas, emblem_top, emblem_top + emblem_height / 2, left, right, emblem[0])
+    _fill(canvas, emblem_top + emblem_height / 2, emblem_top + emblem_height, left, right,
+          emblem[1])
 
 
-def _finish(img, rng, cam: _Camera, h: int, w: int) -> np.ndarray:
+def _finish(canvas, rng, camera: _Camera, height: int, width: int) -> np.ndarray:
   """Box-downsamples the supersampled canvas, then the camera's colour cast and noise."""
-  s = SUPERSAMPLE
-  rows = img.reshape(h, s, w * s * 3).sum(axis=1)                # Two cheap 1-axis sums.
-  small = rows.reshape(h, w, s, 3).sum(axis=2) / float(s * s)
-  out = small * (cam.gain * rng.uniform(0.9, 1.1)) + rng.normal(0.0, 4.0, (h, w, 3))
+  factor = SUPERSAMPLE
+  rows = canvas.reshape(height, factor, width * factor * 3).sum(axis=1)  # Two cheap 1-axis sums.
+  small = rows.reshape(height, width, factor, 3).sum(axis=2) / float(factor * factor)
+  out = small * (camera.gain * rng.uniform(0.9, 1.1)) + rng.normal(0.0, 4.0, (height, width, 3))
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def render(rng, cam: _Camera, h: int, w: int, *, kind: str = 'person', shirt=None,
+def render(rng, camera: _Camera, height: int, width: int, *, kind: str = 'person', shirt=None,
            trousers=None, emblem=None) -> np.ndarray:
-  """uint8 [h, w, 3]. kind: person | distractor (background / fragment) | junk (partial)."""
-  H, W = h * SUPERSAMPLE, w * SUPERSAMPLE
-  img = _background(rng, cam, H, W)
+  """uint8 [height, width, 3]. kind: person | distractor (background / fragment) | junk
+  (partial)."""
+  canvas_height, canvas_width = height * SUPERSAMPLE, width * SUPERSAMPLE
+  canvas = _background(rng, camera, canvas_height, canvas_width)
+  clothes = dict(shirt=shirt, trousers=trousers)
   if kind == 'person':
-    ph = H * cam.scale * rng.uniform(0.94, 1.06)
-    feet = H - rng.uniform(0.01, 0.06) * H
-    cx = W * (cam.centre + rng.uniform(-0.12, 0.12))
-    _figure(img, rng, feet_y=feet, centre_x=cx, height=ph, shirt=shirt, trousers=trousers,
-            emblem=emblem)
+    person_height = canvas_height * camera.scale * rng.uniform(0.94, 1.06)
+    feet_y = canvas_height - rng.uniform(0.01, 0.06) * canvas_height
+    centre_x = canvas_width * (camera.centre + rng.uniform(-0.12, 0.12))
+    _figure(canvas, rng, feet_y=feet_y, centre_x=centre_x, height=person_height,
+            emblem=emblem, **clothes)
   elif kind == 'junk':  # A zoomed, cut-off body: the person is 2-3x taller than the crop.
-    ph = H * rng.uniform(2.0, 3.0)
-    _figure(img, rng, feet_y=H * rng.uniform(1.3, 2.0), centre_x=W * rng.uniform(0.3, 0.7),
-            height=ph, shirt=shirt, trousers=trousers, emblem=emblem)
+    person_height = canvas_height * rng.uniform(2.0, 3.0)
+    _figure(canvas, rng, feet_y=canvas_height * rng.uniform(1.3, 2.0),
+            centre_x=canvas_width * rng.uniform(0.3, 0.7), height=person_height,
+            emblem=emblem, **clothes)
   elif kind == 'distractor':  # Background only, or a figure mostly out of the crop.
     if rng.random() < 0.5:
-      ph = H * cam.scale
-      _figure(img, rng, feet_y=H - 0.02 * H, centre_x=W * rng.choice([-0.35, 1.35]),
-              height=ph, shirt=shirt, trousers=trousers, emblem=None)
+      _figure(canvas, rng, feet_y=canvas_height - 0.02 * canvas_height,
+              centre_x=canvas_width * rng.choice([-0.35, 1.35]),
+              height=canvas_height * camera.scale, emblem=None, **clothes)
   else:
     raise ValueError(kind)
-  return _finish(img, rng, cam, h, w)
+  return _finish(canvas, rng, camera, height, width)
 
 
 # ----------------------------------------------------------------------------- the set
@@ -226,81 +238,92 @@ class _Item:
   look: tuple   # (shirt id, trousers id, emblem code) or ()
 
 
-def _spread(total: int, n: int) -> list[int]:
-  return [total // n + (1 if i < total % n else 0) for i in range(n)]
+def _spread(total: int, parts: int) -> list[int]:
+  """`total` split into `parts` counts that differ by at most one."""
+  return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def plan(p: Params) -> tuple[list[_Item], dict]:
-  """What to write: one _Item per file, in a fixed order; plus the identity table."""
-  if p.num_train_ids < 1:
+def _check_sizes(params: Params) -> int:
+  """DataError naming the knob when the sizes cannot make a set; the number of distractors."""
+  if params.num_train_ids < 1:
     raise DataError(f'synthetic_reid needs config.num_classes >= 1 train identities, got '
-                    f'{p.num_train_ids}')
-  if p.num_train < p.num_train_ids:
-    raise DataError(f'config.synthetic_num_train={p.num_train} gives some of the '
-                    f'{p.num_train_ids} train identities (config.num_classes) no image')
-  num_test_ids = p.num_train_ids
-  num_distractors = max(1, int(round(DISTRACTOR_FRACTION * p.num_test)))
-  per_test_id = (p.num_test - num_distractors) // max(1, num_test_ids)
+                    f'{params.num_train_ids}')
+  if params.num_train < params.num_train_ids:
+    raise DataError(f'config.synthetic_num_train={params.num_train} gives some of the '
+                    f'{params.num_train_ids} train identities (config.num_classes) no image')
+  num_test_ids = params.num_train_ids
+  num_distractors = max(1, int(round(DISTRACTOR_FRACTION * params.num_test)))
+  per_test_id = (params.num_test - num_distractors) // max(1, num_test_ids)
   if per_test_id < 3:
-    raise DataError(f'config.synthetic_num_test={p.num_test} is too small for '
+    raise DataError(f'config.synthetic_num_test={params.num_test} is too small for '
                     f'{num_test_ids} test identities (needs >= 3 images each plus '
                     f'{num_distractors} distractors: >= {3 * num_test_ids + num_distractors})')
-  if p.image_size < 16:
-    raise DataError(f'config.synthetic_image_size={p.image_size} is too small (>= 16 px)')
-  rng = np.random.default_rng([p.seed, 3])
-  n_ids = p.num_train_ids + num_test_ids
-  pids = rng.permutation(np.arange(1, n_ids + 1))        # Train and test ids interleave.
-  palette = emblem_palette(n_ids)
-  codes = rng.permutation(len(palette) ** 2)[:n_ids]
+  if params.image_size < 16:
+    raise DataError(f'config.synthetic_image_size={params.image_size} is too small (>= 16 px)')
+  return num_distractors
+
+
+def plan(params: Params) -> tuple[list[_Item], dict]:
+  """What to write: one _Item per file, in a fixed order; plus the identity table."""
+  num_distractors = _check_sizes(params)
+  rng = np.random.default_rng([params.seed, 3])
+  num_test_ids = params.num_train_ids
+  num_ids = params.num_train_ids + num_test_ids
+  pids = rng.permutation(np.arange(1, num_ids + 1))        # Train and test ids interleave.
+  palette = emblem_palette(num_ids)
+  codes = rng.permutation(len(palette) ** 2)[:num_ids]
   looks = {int(pid): (int(rng.integers(len(SHIRTS))), int(rng.integers(len(TROUSERS))),
                       int(code)) for pid, code in zip(pids, codes)}
-  train_ids, test_ids = sorted(pids[:p.num_train_ids]), sorted(pids[p.num_train_ids:])
+  train_ids = sorted(pids[:params.num_train_ids])
+  test_ids = sorted(pids[params.num_train_ids:])
   items = []
-  for pid, n in zip(train_ids, _spread(p.num_train, len(train_ids))):
-    cams = rng.permutation(NUM_CAMERAS)[:int(np.clip(n // 3, 1, 4))]
-    items += [_Item('bounding_box_train', int(pid), int(cams[i % len(cams)]), 'person',
-                    looks[int(pid)]) for i in range(n)]
-  rest = p.num_test - num_distractors
-  for pid, n in zip(test_ids, _spread(rest, len(test_ids))):
-    cams = rng.permutation(NUM_CAMERAS)[:int(np.clip(n // 3, 2, 4))]
-    num_queries = min(QUERIES_PER_ID, len(cams) - 1)  # The last camera: gallery only.
-    for i in range(n):  # Images 0..num_queries-1 are the first of distinct cameras.
+  for pid, count in zip(train_ids, _spread(params.num_train, len(train_ids))):
+    cameras = rng.permutation(NUM_CAMERAS)[:int(np.clip(count // 3, 1, 4))]
+    items += [_Item('bounding_box_train', int(pid), int(cameras[i % len(cameras)]), 'person',
+                    looks[int(pid)]) for i in range(count)]
+  rest = params.num_test - num_distractors
+  for pid, count in zip(test_ids, _spread(rest, len(test_ids))):
+    cameras = rng.permutation(NUM_CAMERAS)[:int(np.clip(count // 3, 2, 4))]
+    num_queries = min(QUERIES_PER_ID, len(cameras) - 1)  # The last camera: gallery only.
+    for i in range(count):  # Images 0..num_queries-1 are the first of distinct cameras.
       folder = 'query' if i < num_queries else 'bounding_box_test'
-      items.append(_Item(folder, int(pid), int(cams[i % len(cams)]), 'person', looks[int(pid)]))
+      items.append(_Item(folder, int(pid), int(cameras[i % len(cameras)]), 'person',
+                         looks[int(pid)]))
   for _ in range(num_distractors):
     items.append(_Item('bounding_box_test', 0, int(rng.integers(NUM_CAMERAS)), 'distractor',
                        (int(rng.integers(len(SHIRTS))), int(rng.integers(len(TROUSERS))), -1)))
-  for _ in range(max(1, int(round(JUNK_FRACTION * p.num_test)))):
+  for _ in range(max(1, int(round(JUNK_FRACTION * params.num_test)))):
     pid = int(rng.choice(test_ids))
     items.append(_Item('bounding_box_test', -1, int(rng.integers(NUM_CAMERAS)), 'junk',
                        looks[pid]))
   table = {'train_pids': [int(x) for x in train_ids], 'test_pids': [int(x) for x in test_ids],
-           'palette_size': len(palette), 'looks': {str(k): v for k, v in looks.items()}}
+           'palette_size': len(palette),
+           'looks': {str(pid): look for pid, look in looks.items()}}
   return items, table
 
 
-def _write(p: Params, folder: str) -> dict:
+def _write(params: Params, folder: str) -> dict:
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  items, table = plan(p)
-  cams = _cameras(p.seed)
+  items, table = plan(params)
+  cameras = _cameras(params.seed)
   palette = emblem_palette(len(table['train_pids']) + len(table['test_pids']))
-  k = len(palette)
+  palette_size = len(palette)
   counts = {}
-  for sub in ('bounding_box_train', 'query', 'bounding_box_test'):
-    os.makedirs(os.path.join(folder, sub))
-  for n, it in enumerate(items):
-    rng = np.random.default_rng([p.seed, 5, n])
-    shirt, trousers, code = it.look
-    emblem = None if code < 0 else (palette[code // k], palette[code % k])
-    img = render(rng, cams[it.cam], p.image_size, p.width, kind=it.kind,
-                 shirt=SHIRTS[shirt], trousers=TROUSERS[trousers], emblem=emblem)
-    pid = '-1' if it.pid < 0 else f'{it.pid:04d}'
-    name = f'{pid}_c{it.cam + 1}s1_{n:06d}_00.jpg'
-    Image.fromarray(img).save(os.path.join(folder, it.folder, name), 'JPEG', quality=95,
-                              subsampling=0)  # 4:4:4: keep the small emblem's colours.
-    key = f'{it.folder}/{it.kind}'
+  for subfolder in ('bounding_box_train', 'query', 'bounding_box_test'):
+    os.makedirs(os.path.join(folder, subfolder))
+  for number, item in enumerate(items):
+    rng = np.random.default_rng([params.seed, 5, number])
+    shirt, trousers, code = item.look
+    emblem = None if code < 0 else (palette[code // palette_size], palette[code % palette_size])
+    image = render(rng, cameras[item.cam], params.image_size, params.width, kind=item.kind,
+                   shirt=SHIRTS[shirt], trousers=TROUSERS[trousers], emblem=emblem)
+    pid = '-1' if item.pid < 0 else f'{item.pid:04d}'
+    name = f'{pid}_c{item.cam + 1}s1_{number:06d}_00.jpg'
+    Image.fromarray(image).save(os.path.join(folder, item.folder, name), 'JPEG', quality=95,
+                                subsampling=0)  # 4:4:4: keep the small emblem's colours.
+    key = f'{item.folder}/{item.kind}'
     counts[key] = counts.get(key, 0) + 1
-  meta = {'generator_version': GENERATOR_VERSION, 'params': dataclasses.asdict(p),
+  meta = {'generator_version': GENERATOR_VERSION, 'params': dataclasses.asdict(params),
           'counts': counts, **table}
   with open(os.path.join(folder, MARKER), 'w') as f:
     json.dump(meta, f, indent=1)
@@ -311,29 +334,30 @@ def default_base_dir() -> str:
   return os.path.join(tempfile.gettempdir(), 'dca_jax_synthetic_reid')
 
 
-def ensure(p: Params, base_dir: str = '') -> str:
-  """The folder holding the set for `p` (Market-1501 layout), generating it if needed."""
+def ensure(params: Params, base_dir: str = '') -> str:
+  """The folder holding the set for `params` (Market-1501 layout), generating it if needed."""
   base_dir = base_dir or default_base_dir()
-  final = os.path.join(base_dir, f'synthetic_reid-{p.key()}')
+  final = os.path.join(base_dir, f'synthetic_reid-{params.key()}')
   if os.path.isfile(os.path.join(final, MARKER)):
     return final
-  plan(p)  # Bad sizes fail before anything is written.
+  plan(params)  # Bad sizes fail before anything is written.
   os.makedirs(base_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp-synthetic_reid-', dir=base_dir)
+  temporary = tempfile.mkdtemp(prefix='.tmp-synthetic_reid-', dir=base_dir)
   try:
-    _write(p, tmp)
+    _write(params, temporary)
     try:
-      os.rename(tmp, final)  # Atomic: readers see nothing or the whole set.
+      os.rename(temporary, final)  # Atomic: readers see nothing or the whole set.
     except OSError:
       if not os.path.isfile(os.path.join(final, MARKER)):
         raise  # Not a lost race with another process: a real error.
   finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(temporary):
+      shutil.rmtree(temporary, ignore_errors=True)
   return final
 
 
 def params_from_config(config) -> Params:
+  """The set's Params from the config knobs (num_classes train identities, synthetic_*)."""
   return Params(num_train_ids=int(config.num_classes), num_train=int(config.synthetic_num_train),
                 num_test=int(config.synthetic_num_test),
                 image_size=int(config.synthetic_image_size),
@@ -341,23 +365,24 @@ def params_from_config(config) -> Params:
 
 
 # ----------------------------------------------------------------------------- baseline
-def retrieval_map(dist: np.ndarray, q_pids, q_cams, g_pids, g_cams) -> tuple[float, float]:
+def retrieval_map(distances: np.ndarray, query_pids, query_camids, gallery_pids,
+                  gallery_camids) -> tuple[float, float]:
   """(mAP, rank-1) of a [num_query, num_gallery] distance matrix under the Market protocol:
   gallery images of the query's id AND camera are ignored, queries with no match skipped."""
-  aps, r1 = [], []
-  for i in range(dist.shape[0]):
-    keep = ~((g_pids == q_pids[i]) & (g_cams == q_cams[i]))
-    order = np.argsort(dist[i][keep], kind='stable')
-    hits = (g_pids[keep][order] == q_pids[i]).astype(np.float64)
+  average_precisions, rank1_hits = [], []
+  for query in range(distances.shape[0]):
+    keep = ~((gallery_pids == query_pids[query]) & (gallery_camids == query_camids[query]))
+    order = np.argsort(distances[query][keep], kind='stable')
+    hits = (gallery_pids[keep][order] == query_pids[query]).astype(np.float64)
     if not hits.any():
       continue
     ranks = np.flatnonzero(hits) + 1.0
-    aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
-    r1.append(hits[0])
-  return float(np.mean(aps)), float(np.mean(r1))
+    average_precisions.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+    rank1_hits.append(hits[0])
+  return float(np.mean(average_precisions)), float(np.mean(rank1_hits))
 
 
-def raw_pixel_map(ds, height: int | None = None, width: int | None = None):
+def raw_pixel_map(dataset, height: int | None = None, width: int | None = None):
   """Nearest-neighbour retrieval on raw pixels (Euclidean on the per-image standardised
   pixels) of a ReidDataset's query vs gallery: (mAP, rank-1)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -365,42 +390,45 @@ def raw_pixel_map(ds, height: int | None = None, width: int | None = None):
   def load(paths):
     out = []
     for path in paths:
-      with Image.open(path) as im:
-        im = im.convert('RGB')
+      with Image.open(path) as image:
+        image = image.convert('RGB')
         if height:
-          im = im.resize((width, height), Image.BILINEAR)
-        x = np.asarray(im, np.float32).reshape(-1)
-      out.append((x - x.mean()) / (x.std() + 1e-6))
+          image = image.resize((width, height), Image.BILINEAR)
+        pixels = np.asarray(image, np.float32).reshape(-1)
+      out.append((pixels - pixels.mean()) / (pixels.std() + 1e-6))
     return np.stack(out)
 
-  q, g = load(ds.query.paths), load(ds.gallery.paths)
-  dist = (q ** 2).sum(1)[:, None] + (g ** 2).sum(1)[None, :] - 2 * q @ g.T
-  return retrieval_map(dist, ds.query.pids, ds.query.camids, ds.gallery.pids, ds.gallery.camids)
+  query, gallery = load(dataset.query.paths), load(dataset.gallery.paths)
+  distances = ((query ** 2).sum(1)[:, None] + (gallery ** 2).sum(1)[None, :] -
+               2 * query @ gallery.T)
+  return retrieval_map(distances, dataset.query.pids, dataset.query.camids,
+                       dataset.gallery.pids, dataset.gallery.camids)
 
 
 def main(argv=None) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
   from dca_jax.data import reid_sources  # pylint: disable=g-import-not-at-top
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--num_classes', type=int, default=32)
-  ap.add_argument('--num_train', type=int, default=1600)
-  ap.add_argument('--num_test', type=int, default=800)
-  ap.add_argument('--image_size', type=int, default=64)
-  ap.add_argument('--seed', type=int, default=42)
-  ap.add_argument('--base_dir', default='')
-  args = ap.parse_args(argv)
-  p = Params(args.num_classes, args.num_train, args.num_test, args.image_size, args.seed)
-  base = args.base_dir or tempfile.mkdtemp(prefix='synthetic_reid_check-')
-  t0 = time.time()
-  folder = ensure(p, base)
-  gen_s = time.time() - t0
-  ds = reid_sources.read_market1501(folder, verify_images=False)
-  m, r1 = raw_pixel_map(ds)
-  print(json.dumps({'folder': folder, 'generate_s': round(gen_s, 2),
-                    'train_images': len(ds.train), 'train_ids': ds.num_train_ids,
-                    'query': len(ds.query), 'gallery': len(ds.gallery),
-                    'distractors': int((ds.gallery.pids == 0).sum()), 'junk': ds.num_junk,
-                    'raw_pixel_mAP': round(m, 4), 'raw_pixel_rank1': round(r1, 4)}))
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--num_classes', type=int, default=32)
+  parser.add_argument('--num_train', type=int, default=1600)
+  parser.add_argument('--num_test', type=int, default=800)
+  parser.add_argument('--image_size', type=int, default=64)
+  parser.add_argument('--seed', type=int, default=42)
+  parser.add_argument('--base_dir', default='')
+  args = parser.parse_args(argv)
+  params = Params(args.num_classes, args.num_train, args.num_test, args.image_size, args.seed)
+  base_dir = args.base_dir or tempfile.mkdtemp(prefix='synthetic_reid_check-')
+  start = time.time()
+  folder = ensure(params, base_dir)
+  generate_seconds = time.time() - start
+  dataset = reid_sources.read_market1501(folder, verify_images=False)
+  mean_ap, rank1 = raw_pixel_map(dataset)
+  print(json.dumps({'folder': folder, 'generate_s': round(generate_seconds, 2),
+                    'train_images': len(dataset.train), 'train_ids': dataset.num_train_ids,
+                    'query': len(dataset.query), 'gallery': len(dataset.gallery),
+                    'distractors': int((dataset.gallery.pids == 0).sum()),
+                    'junk': dataset.num_junk, 'raw_pixel_mAP': round(mean_ap, 4),
+                    'raw_pixel_rank1': round(rank1, 4)}))
 
 
 if __name__ == '__main__':
