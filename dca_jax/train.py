@@ -106,8 +106,9 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng):
   partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
   images = preprocess.device_normalize(batch['image'], config, dtype)  # uint8 -> dtype
   partner = None
-  if config.num_pwca_layers > 0:
-    partner = dcal.derangement(partner_rng, images.shape[0])
+  if config.num_pwca_layers > 0:  # within each device's share, or over the global batch
+    groups = jax.device_count() if config.pwca_partners == 'per_device' else 1
+    partner = dcal.derangement_per_group(partner_rng, images.shape[0], groups)
   has_stats = state.batch_stats is not None
   triplet_margin = config.triplet_margin if config.task == 'reid' else None
 
@@ -160,6 +161,11 @@ class Trainer:
     self.config, self.workdir = config, workdir
     distributed.check_batch_divisible(config.batch_size)
     distributed.check_batch_divisible(config.eval_batch_size, 'eval_batch_size')
+    if (config.num_pwca_layers and config.pwca_partners == 'per_device'
+        and config.batch_size // jax.device_count() < 2):
+      raise ValueError(f'PWCA pairs images within each device: config.batch_size='
+                       f'{config.batch_size} over {jax.device_count()} devices leaves fewer than '
+                       '2 per device; use a larger batch or --config.pwca_partners=global')
     self.dtype, self.precision = distributed.compute_dtype(config.precision)
     self.input = data.build_input(config, process_index=jax.process_index(),
                                   process_count=jax.process_count())

@@ -587,6 +587,26 @@ def test_derangement_is_a_permutation_without_fixed_points(batch):
     assert (p != np.arange(batch)).all()
 
 
+@pytest.mark.parametrize('batch,groups', [(8, 4), (16, 8), (6, 3), (8, 1)])
+def test_per_group_partners_stay_in_their_group(batch, groups):
+  for seed in range(50):
+    partner = np.asarray(dcal.derangement_per_group(jax.random.PRNGKey(seed), batch, groups))
+    size = batch // groups
+    rows = partner.reshape(groups, size) if groups > 1 else partner.reshape(1, batch)
+    for row in rows:                      # a derangement of the group's own positions
+      assert sorted(row) == list(range(size)) and (row != np.arange(size)).all()
+  with pytest.raises(ValueError, match='2 images per device'):
+    dcal.derangement_per_group(jax.random.PRNGKey(0), 8, 8)
+
+
+def test_partner_rows_of_groups_equal_a_global_take():
+  x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+  local = np.array([[1, 0], [1, 0], [1, 0], [1, 0]])  # swap within each pair of rows
+  want = x[(np.arange(8) // 2) * 2 + local.reshape(-1)]
+  np.testing.assert_array_equal(vit.partner_rows(jnp.asarray(x), jnp.asarray(local)), want)
+  np.testing.assert_array_equal(vit.partner_rows(jnp.asarray(x), jnp.arange(8)[::-1]), x[::-1])
+
+
 def test_derangement_needs_two_images():
   with pytest.raises(ValueError):
     dcal.derangement(jax.random.PRNGKey(0), 1)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_reid_config
-from dca_jax import data, evaluate, train, visualize
+from dca_jax import config_lib, data, evaluate, train, visualize
+from dca_jax.data import preprocess
 from dca_jax.models import dcal
 from dca_jax.reid import metrics
 
@@ -67,7 +68,8 @@ def test_features_and_metrics_equal_an_independent_computation(run):
     feats, pids, cams, seen = [], [], [], []
     for batch in input_data.eval_iter(split=split):
       keep = np.asarray(batch['mask'], bool)
-      out = apply(jax.device_get(restored.variables), batch['image'][keep])
+      images = preprocess.normalize(batch['image'][keep], config)   # numpy, on the host
+      out = apply(jax.device_get(restored.variables), images)
       f = np.asarray(dcal.reid_feature(out), np.float64)   # before the neck (reid_feature)
       feats.append(f / np.linalg.norm(f, axis=1, keepdims=True))
       pids.append(batch['label'][keep])
@@ -93,11 +95,12 @@ def test_flip_and_after_bn_features(run):
   input_data = data.build_input(config, with_train=False)
   batch = next(input_data.eval_iter(split='query'))
   variables = jax.device_get(restored.variables)
-  kw = dict(model=restored.model, dtype=np.float32)
-  flipped = evaluate.reid_feature_step(variables, batch, after_bn=True, flip=True,
-                                       normalize=False, **kw)['feature']
-  out = restored.model.apply(variables, batch['image'])
-  out_mirror = restored.model.apply(variables, batch['image'][:, :, ::-1])
+  flipped = evaluate.reid_feature_step(variables, batch, model=restored.model, dtype=np.float32,
+                                       normalization=config_lib.resolve_normalization(config),
+                                       after_bn=True, flip=True, normalize=False)['feature']
+  images = preprocess.normalize(batch['image'], config)
+  out = restored.model.apply(variables, images)
+  out_mirror = restored.model.apply(variables, images[:, :, ::-1])
   want = 0.5 * (dcal.reid_feature(out, after_bn=True) + dcal.reid_feature(out_mirror, after_bn=True))
   np.testing.assert_allclose(flipped, want, rtol=1e-5, atol=1e-5)
   assert not np.allclose(dcal.reid_feature(out, after_bn=True), dcal.reid_feature(out))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from dca_jax import reporting
+from dca_jax import reporting, visualize
 
 TRAIN_TAGS = ('loss', 'ce_sa', 'ce_glca', 'ce_pwca', 'w_sa', 'w_glca', 'w_pwca', 'lr')
 EVAL_TAGS = ('accuracy', 'accuracy_sa', 'accuracy_glca')

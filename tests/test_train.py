@@ -83,7 +83,9 @@ def test_fp16_overflow_keeps_state_lowers_scale_and_counts():
 # --- devices and hosts -----------------------------------------------------------------------------
 @pytest.mark.parametrize('fsdp', [False, True])
 def test_eight_devices_match_one_device(tmp_path, fsdp):
-  overrides = dict(batch_size=8, num_pwca_layers=2, stochastic_depth_prob=0.1)
+  # the same pairing on 8 devices as on 1: partners drawn over the global batch
+  overrides = dict(batch_size=8, num_pwca_layers=2, stochastic_depth_prob=0.1,
+                   pwca_partners='global')
   procs, outs = [], []
   for n in (1, 8):
     cmd, out = _worker(tmp_path, f'd{n}', dict(overrides, fsdp=fsdp and n > 1), devices=n, steps=3)
@@ -107,6 +109,37 @@ def test_eight_devices_match_one_device(tmp_path, fsdp):
   moved = np.concatenate([np.abs(one[k] - one['init:' + k]).ravel() for k in keys])
   assert np.median(moved) > 0.5 * lr          # the steps really updated the weights
   assert diffs.max() < 0.1 * lr and np.mean(diffs) < 1e-3 * lr
+
+
+_COLLECTIVES = r"""
+import json, os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tests')]
+import jax
+from conftest import tiny_config
+from dca_jax import distributed, train
+counts = {}
+for partners in ('per_device', 'global'):
+  trainer = train.Trainer(tiny_config(batch_size=16, pwca_partners=partners), sys.argv[2] + partners)
+  batch = distributed.global_batch(next(trainer.input.train_iter()), trainer.batch_sharding)
+  hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+  counts[partners] = {op: hlo.count(op + '(') for op in ('all-gather', 'all-reduce')}
+  trainer.checkpointer.close()
+print(json.dumps(counts))
+"""
+
+
+def test_per_device_pwca_partners_gather_no_activations_across_devices(tmp_path):
+  """8 simulated devices, 2 images each: with partners drawn within each device's share the
+  compiled train step has no all-gather (only the gradients' all-reduce); drawing them over the
+  global batch gathers the partners' keys/values from other devices."""
+  r = subprocess.run([sys.executable, '-c', _COLLECTIVES, ROOT, str(tmp_path / 'w')], env=_env(),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  counts = json.loads(r.stdout.strip().splitlines()[-1])
+  assert counts['per_device']['all-gather'] == 0, counts
+  assert counts['global']['all-gather'] > 0, counts
+  assert counts['per_device']['all-reduce'] > 0, counts  # the data-parallel gradient sum
 
 
 def _free_port():

@@ -89,6 +89,19 @@ def derangement(rng, batch_size: int):
   return partner.at[order].set(jnp.roll(order, -1).astype(jnp.int32))
 
 
+def derangement_per_group(rng, batch_size: int, groups: int):
+  """Partners drawn within each of `groups` contiguous groups of the batch (one per device):
+  [groups, batch_size // groups] indices within the group, or, for one group, `derangement`'s
+  [batch_size] (the same draw)."""
+  if groups == 1:
+    return derangement(rng, batch_size)
+  if batch_size % groups or batch_size // groups < 2:
+    raise ValueError(f'PWCA partners per device need at least 2 images per device: batch '
+                     f'{batch_size} over {groups} devices (or set pwca_partners=global)')
+  keys = jax.random.split(rng, groups)
+  return jax.vmap(lambda key: derangement(key, batch_size // groups))(keys)
+
+
 # --- classifier heads --------------------------------------------------------------------------
 class BNNeck(nn.Module):
   """BatchNorm1d with a frozen zero bias (the Re-ID "BNNeck"): batch statistics in training,

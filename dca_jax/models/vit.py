@@ -200,7 +200,7 @@ class EncoderBlock(nn.Module):
     recomputed, not saved."""
     x_new, (k, v), head_mean = self.forward(x, deterministic, need_weights)
     if x_pw is not None:
-      extra = (jnp.take(k, partner, axis=0), jnp.take(v, partner, axis=0))
+      extra = (partner_rows(k, partner), partner_rows(v, partner))
       x_pw, _, _ = self.forward(x_pw, deterministic, False, None, extra)
     return x_new, x_pw, head_mean
 
@@ -219,6 +219,18 @@ class EncoderBlock(nn.Module):
     x = x + self.drop(self.attn.project_out(o), deterministic).astype(x.dtype)
     x = x + self.drop(self.mlp(self.norm2(x)), deterministic).astype(x.dtype)
     return x, (k, v), head_mean
+
+
+def partner_rows(x, partner):
+  """The partner images' rows of x [B, ...]: partner [B] holds batch indices; partner [G, B/G]
+  holds indices within each of G contiguous groups (one per device), gathered group by group,
+  so a data-parallel step moves no keys/values between devices."""
+  if partner.ndim == 1:
+    return jnp.take(x, partner, axis=0)
+  groups = partner.shape[0]
+  grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+  return jax.vmap(lambda rows, index: jnp.take(rows, index, axis=0))(grouped, partner).reshape(
+      x.shape)
 
 
 class Embedding(nn.Module):
