@@ -15,6 +15,8 @@ from dca_jax.data import preprocess
 from dca_jax.models import dcal
 from dca_jax.reid import metrics
 
+pytestmark = pytest.mark.xdist_group('reid_run')  # one module fixture, one worker
+
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):

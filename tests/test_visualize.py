@@ -14,6 +14,8 @@ from conftest import ROOT, tiny_config
 from dca_jax import train, visualize
 from dca_jax.models import dcal
 
+pytestmark = pytest.mark.xdist_group('visualize_runs')  # one module fixture, one worker
+
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
