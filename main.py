@@ -21,6 +21,8 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize', 'predi
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                                 'Which checkpoint eval/visualize/predict restore.')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files for predict/visualize.')
+_EVAL_OUT = flags.DEFINE_string('eval_out', 'eval.json',
+                                'eval: the file in --workdir the results are written to.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'visualize: test images to draw without --images.')
 _COMPARE = flags.DEFINE_string('compare_workdir', '', 'visualize: a second run drawn side by side.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
@@ -49,7 +51,7 @@ def main(argv):
       train.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == 'eval':
       from dca_jax import evaluate  # pylint: disable=g-import-not-at-top
-      evaluate.run_eval(config, _WORKDIR.value, _CHECKPOINT.value)
+      evaluate.run_eval(config, _WORKDIR.value, _CHECKPOINT.value, output=_EVAL_OUT.value)
     else:
       from dca_jax import visualize  # pylint: disable=g-import-not-at-top
       if _MODE.value == 'predict':

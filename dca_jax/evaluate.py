@@ -214,8 +214,8 @@ def load_for_inference(config, workdir: str, which: str = 'latest') -> Inference
   return InferenceModel(config, model, variables, sharding, mesh, dtype, int(step), which)
 
 
-def run_eval(config, workdir: str, which: str = 'latest') -> dict:
-  """The `eval` mode: whole-split metrics of a restored checkpoint -> WORKDIR/eval.json."""
+def run_eval(config, workdir: str, which: str = 'latest', output: str = 'eval.json') -> dict:
+  """The `eval` mode: whole-split metrics of a restored checkpoint -> WORKDIR/`output`."""
   from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
   restored = load_for_inference(config, workdir, which)
   input_data = data.build_input(config, process_index=jax.process_index(),
@@ -225,7 +225,7 @@ def run_eval(config, workdir: str, which: str = 'latest') -> dict:
   result = evaluator(restored.variables)
   result.update(step=restored.step, checkpoint=which)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'eval.json')
+    path = os.path.join(workdir, output)
     with open(path, 'w') as f:
       json.dump(result, f, indent=2)
     print(f'eval ({which} checkpoint, step {restored.step}) {summary_line(result)} -> {path}',

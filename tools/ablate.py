@@ -5,6 +5,8 @@
   python tools/ablate.py --config configs/cub.py --grid selection --seeds 0,1,2 \
       --set data_dir=/data --set pretrained_model=/w/deit_tiny.safetensors --out runs/ablate_cub
   python tools/ablate.py --grid paper --table_only                   # re-write the table
+  python tools/ablate.py --grid selection --variants dcal_local_rollout \
+      --test_time random:glca_select=random --test_time last_layer:glca_select=last_layer
 
 Each run is `main.py --mode train` then `main.py --mode eval` (the restored checkpoint) into
 OUT/<variant>/seed_<s>, with `--config.seed=<s>` and the variant's `--config.KEY=VALUE`
@@ -14,6 +16,11 @@ checkpoint, so a grid can be stopped and continued. OUT/table.md holds mean ± s
 seeds of the SA+GLCA, SA and GLCA top-1 and the wall time (train + eval) per variant.
 `--jobs 2` runs two at a time, one CPU thread each (on 2 cores it finishes a grid sooner than
 one two-thread run at a time; wall times are then per single-thread run).
+
+`--test_time NAME:KEY=VALUE[,KEY=VALUE]` evaluates every finished run of the chosen variants
+once more with those knobs changed at test time only (the checkpoint is the one trained as the
+variant says), into OUT/<variant>/seed_<s>/eval_NAME.json, and writes OUT/test_time.md: e.g. a
+model trained with rollout-selected local queries, evaluated with random ones.
 """
 
 from __future__ import annotations
@@ -104,6 +111,53 @@ def run_one(config, workdir, seed, overrides, common, *, threads: int):
           'wall_s': time.time() - start, 'threads': threads, **_loss_weights(workdir)}
 
 
+def parse_test_time(items):
+  """['name:key=value,key=value', ...] -> [(name, [(key, value), ...])]."""
+  out = []
+  for item in items or ():
+    if ':' not in item:
+      raise SystemExit(f'error: --test_time {item!r} is not NAME:KEY=VALUE[,KEY=VALUE]')
+    name, pairs = item.split(':', 1)
+    out.append((name.strip(), parse_set(pairs.split(','))))
+  return out
+
+
+def eval_again(config, workdir, seed, overrides, common, name, swaps):
+  """`main.py --mode eval` of a finished run with `swaps` changed; returns its results."""
+  path = os.path.join(workdir, f'eval_{name}.json')
+  if not os.path.exists(path):
+    args = [_flag(k, v) for k, v in common] + [f'--config.seed={seed}']
+    args += [_flag(k, v) for k, v in list(overrides.items()) + list(swaps)]
+    cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
+           f'--workdir={workdir}', '--mode=eval', f'--eval_out=eval_{name}.json'] + args
+    with open(os.path.join(workdir, 'ablate.log'), 'a') as log:
+      log.write(' '.join(cmd) + '\n')
+      log.flush()
+      if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
+        raise RuntimeError(f'{workdir}: eval with {swaps} failed (see {log.name})')
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_test_time_table(path, variants, results, tests, header) -> str:
+  rows = [header, '', '| trained as | seeds | evaluated as trained | '
+          + ' | '.join(f'evaluated with {name} ({", ".join(f"{k}={v}" for k, v in swaps)})'
+                       for name, swaps in tests) + ' |',
+          '|---|---|---|' + '---|' * len(tests)]
+  for variant in variants:
+    recs = [r for (v, _), r in sorted(results.items()) if v == variant]
+    if not recs:
+      continue
+    cells = [_pct([r['accuracy'] for r in recs])]
+    cells += [_pct([r['test_time'][name]['accuracy'] for r in recs]) for name, _ in tests]
+    rows.append(f'| {variant} | {",".join(str(r["seed"]) for r in recs)} | '
+                + ' | '.join(cells) + ' |')
+  text = '\n'.join(rows) + '\n'
+  with open(path, 'w') as f:
+    f.write(text)
+  return text
+
+
 def _loss_weights(workdir) -> dict:
   """The last logged uncertainty weights w_b of a run (what the weighting ended at)."""
   last = {}
@@ -165,6 +219,8 @@ def main():
   p.add_argument('--out', default=os.path.join(ROOT, 'runs', 'ablate'))
   p.add_argument('--jobs', type=int, default=1, help='runs at a time (1 thread each if > 1)')
   p.add_argument('--table_only', action='store_true')
+  p.add_argument('--test_time', action='append', default=[], metavar='NAME:KEY=VALUE[,...]',
+                 help='evaluate finished runs again with these knobs changed (repeatable)')
   a = p.parse_args()
 
   grid = GRIDS[a.grid]
@@ -209,6 +265,15 @@ def main():
         print(f'{name} seed {seed}: SA+GLCA {rec["accuracy"]:.3f} SA {rec["accuracy_sa"]:.3f} '
               f'GLCA {rec["accuracy_glca"]} ({rec["wall_s"]:.0f} s)', flush=True)
   print(write_table(os.path.join(a.out, 'table.md'), variants, results, header))
+  tests = parse_test_time(a.test_time)
+  if tests:
+    for (name, seed), rec in sorted(results.items()):
+      if name in variants:
+        workdir = os.path.join(a.out, name, f'seed_{seed}')
+        rec['test_time'] = {test: eval_again(a.config, workdir, seed, variants[name], common, test,
+                                             swaps) for test, swaps in tests}
+    print(write_test_time_table(os.path.join(a.out, 'test_time.md'), variants, results, tests,
+                                header))
 
 
 if __name__ == '__main__':
