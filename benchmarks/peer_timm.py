@@ -10,7 +10,7 @@ and classes (200), cross-entropy, AdamW (lr 1.5625e-5, betas 0.9/0.999, eps 1e-8
   # standalone: one JSON line (medians of the timed steps)
   python benchmarks/peer_timm.py --model deit_tiny_patch16_224 --size 448 --batch 4 --steps 5
   # peer mode for benchmarks/peers.py: one '@@ {ready}' line, then one timed command per stdin
-  # line (step | fwd | fwdbwd | matmul | quit), each answered by '@@ {cmd, s, minflt}'
+  # line (step | fwd | fwdbwd | matmul | quit), each answered by '@@ {cmd, s, minflt, user_s, sys_s}'
   python benchmarks/peer_timm.py --serve ...
 
 `fwd` is the loss's forward under `torch.no_grad()` (train mode, drop path on), `fwdbwd` the
@@ -122,12 +122,15 @@ def count_flops(parts, n: int) -> dict:
   return out
 
 
-def timed(fn):
-  flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def timed(fn) -> dict:
+  """Wall seconds, minor page faults and CPU seconds (user, system) of one call."""
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
   s = time.perf_counter()
   fn()
   dt = time.perf_counter() - s
-  return dt, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  return {'s': dt, 'minflt': r1.ru_minflt - r0.ru_minflt, 'user_s': r1.ru_utime - r0.ru_utime,
+          'sys_s': r1.ru_stime - r0.ru_stime}
 
 
 def main(argv=None):
@@ -177,10 +180,9 @@ def main(argv=None):
       if name not in parts:
         reply({'cmd': name, 'error': f'unknown command; known: {", ".join(parts)}'})
         continue
-      dt, flt = timed(parts[name])
-      reply({'cmd': name, 's': dt, 'minflt': flt})
+      reply(dict(cmd=name, **timed(parts[name])))
     return 0
-  times = [timed(parts['step'])[0] for _ in range(args.steps)]
+  times = [timed(parts['step'])['s'] for _ in range(args.steps)]
   info.update(kind='timm_step', step_s_median=float(np.median(times)), step_s_min=min(times),
               step_s_max=max(times), steps_timed=len(times), load_end=loadavg())
   print(json.dumps(info))

@@ -127,6 +127,7 @@ def main(argv=None):
     parts = ['step'] + (['fwd', 'fwdbwd', 'matmul'] if args.parts else [])
     times = {n: {part: [] for part in parts} for n in names}
     faults = {n: {part: [] for part in parts} for n in names}
+    cpu = {n: {part: [] for part in parts} for n in names}
     loads = []
     for r in range(args.rounds):
       order = names if r % 2 == 0 else names[::-1]
@@ -136,6 +137,7 @@ def main(argv=None):
             rec = peers[n].ask(part)
             times[n][part].append(rec['s'])
             faults[n][part].append(rec.get('minflt', 0))
+            cpu[n][part].append(rec.get('user_s', 0.0) + rec.get('sys_s', 0.0))
       loads.append(loadavg()[0] if loadavg() else None)
       print(f'# round {r + 1}/{args.rounds}: ' + ', '.join(
           f'{n} step {times[n]["step"][-1]:.3f} s' for n in names) + f'; load {loads[-1]}',
@@ -150,7 +152,7 @@ def main(argv=None):
     fb = dict(fb, **{k: v for k, v in fa.items() if k != 'matmul'})
   rec = {'kind': 'peers', 'label': args.label, 'a': a, 'b': b, 'rounds': args.rounds,
          'cpu': cpu_model(), 'cpu_count': os.cpu_count(), 'a_ready': peers[a].ready,
-         'b_ready': peers[b].ready, 'times': times, 'minflt': faults,
+         'b_ready': peers[b].ready, 'times': times, 'minflt': faults, 'cpu_s': cpu,
          'b_flops_from_a': args.flops_from_a, 'load_start': load0, 'load_end': loadavg(), 'load_per_round': loads,
          'wall_s': round(time.time() - t0, 1),
          'time': datetime.datetime.now().isoformat(timespec='seconds'),
@@ -162,6 +164,9 @@ def main(argv=None):
     pairwise = [y / x for x, y in zip(ta, tb)]
     rec[f'{part}_ratio_{b}_over_{a}'] = statistics.median(pairwise)
     rec[f'{part}_ratio_{a}_over_{b}'] = statistics.median([1 / q for q in pairwise])
+    # CPU seconds per call: less sensitive to other jobs than wall time on a shared machine
+    rec[f'{part}_cpu_s_{a}'] = statistics.median(cpu[a][part])
+    rec[f'{part}_cpu_s_{b}'] = statistics.median(cpu[b][part])
     rec[f'{part}_gflops_{a}'] = fa[part] / statistics.median(ta) / 1e9
     rec[f'{part}_gflops_{b}'] = fb[part] / statistics.median(tb) / 1e9
   if 'matmul' in parts:
@@ -194,8 +199,8 @@ def render(recs) -> str:
     out.append('')
     out.append(f'| part | {a} s median [min, max] | {b} s median [min, max] | {a}/{b} '
                f'(pairwise median) | {a} GFLOP/s | {b} GFLOP/s | {a} % of JAX matmul peak | '
-               f'{a} / {b} page faults per call |')
-    out.append('|---|---|---|---|---|---|---|---|')
+               f'{a} / {b} CPU s per call | {a} / {b} page faults per call |')
+    out.append('|---|---|---|---|---|---|---|---|---|')
     for part in ('step', 'fwd', 'fwdbwd', 'matmul'):
       if f'{part}_{a}' not in r:
         continue
@@ -207,7 +212,9 @@ def render(recs) -> str:
                  f'{sb["median"]:.3f} [{sb["min"]:.3f}, {sb["max"]:.3f}] | '
                  f'**{r[f"{part}_ratio_{a}_over_{b}"]:.2f}x** | {r[f"{part}_gflops_{a}"]:.1f} | '
                  f'{r[f"{part}_gflops_{b}"]:.1f} | '
-                 f'{"" if share is None else f"{100 * share:.0f}%"} | {fa:.0f} / {fb:.0f} |')
+                 f'{"" if share is None else f"{100 * share:.0f}%"} | '
+                 f'{r.get(f"{part}_cpu_s_{a}", float("nan")):.2f} / '
+                 f'{r.get(f"{part}_cpu_s_{b}", float("nan")):.2f} | {fa:.0f} / {fb:.0f} |')
     if 'jax_matmul_peak_gflops' in r:
       out.append('')
       out.append(f'JAX matmul peak ({ra.get("matmul_n")}^2 fp32, same run): '

@@ -410,7 +410,7 @@ def run_serve(args) -> dict:
   """Peer mode for `benchmarks/peers.py`: compile the step, the loss's forward and
   forward+backward and an n x n matmul, answer one `@@ {ready}` line, then time one command
   per stdin line (`step`, `fwd`, `fwdbwd`, `matmul`; `quit` ends) and answer `@@ {cmd, s,
-  minflt}`. Between commands the process only waits on stdin, so a coordinator can alternate
+  minflt, user_s, sys_s}` (wall seconds, minor page faults, CPU seconds of this process). Between commands the process only waits on stdin, so a coordinator can alternate
   it with another framework's process and load hits both alike."""
   load0 = loadavg()
   t0 = time.perf_counter()
@@ -463,12 +463,13 @@ def run_serve(args) -> dict:
     if name not in parts:
       serve_reply({'cmd': name, 'error': f'unknown command; known: {", ".join(parts)}'})
       continue
-    flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     s = time.perf_counter()
     run(name)
     dt = time.perf_counter() - s
-    serve_reply({'cmd': name, 's': dt,
-                 'minflt': resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0})
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    serve_reply({'cmd': name, 's': dt, 'minflt': r1.ru_minflt - r0.ru_minflt,
+                 'user_s': r1.ru_utime - r0.ru_utime, 'sys_s': r1.ru_stime - r0.ru_stime})
   return {'kind': 'serve_done', 'label': args.label}
 
 
