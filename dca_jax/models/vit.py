@@ -198,6 +198,12 @@ class EncoderBlock(nn.Module):
     rollout when `need_weights`), then, when `x_pw` is given, the PWCA step with keys/values
     [own; partner's SA k/v]. Under remat this is one region, so the partner's gathered k/v are
     recomputed, not saved."""
+    # Always positional: under nn.remat, arguments 4 and 5 (self is 0) are static and must be
+    # passed, defaults included.
+    return self.sa_pwca_step(x, x_pw, partner, deterministic, need_weights)
+
+  def sa_pwca_step(self, x, x_pw, partner, deterministic: bool, need_weights: bool):
+    """`sa_pwca` with every argument given (the method `make_block(dcal_step=True)` remats)."""
     x_new, (k, v), head_mean = self.forward(x, deterministic, need_weights)
     if x_pw is not None:
       extra = (jnp.take(k, partner, axis=0), jnp.take(v, partner, axis=0))
@@ -254,14 +260,15 @@ def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xl
                dcal_step: bool = False) -> EncoderBlock:
   """An EncoderBlock, wrapped in `nn.remat` with a named jax.checkpoint_policies policy if asked.
 
-  `dcal_step=True` remats the `sa_pwca` method (how DCAL calls backbone blocks) instead of
-  `__call__` (plain ViT, GLCA).
+  `dcal_step=True` remats the `sa_pwca` step (how DCAL calls backbone blocks; the method
+  `sa_pwca_step`, which takes every argument positionally) instead of `__call__` (plain ViT,
+  GLCA).
   """
   cls = EncoderBlock
   if remat_policy is not None:
     policy = None if remat_policy == 'full' else getattr(jax.checkpoint_policies, remat_policy)
     if dcal_step:  # static: deterministic and need_weights (arguments 4, 5; self is 0)
-      cls = nn.remat(EncoderBlock, static_argnums=(4, 5), policy=policy, methods=['sa_pwca'])
+      cls = nn.remat(EncoderBlock, static_argnums=(4, 5), policy=policy, methods=['sa_pwca_step'])
     else:  # static: deterministic (2) and need_weights (3)
       cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
   return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
