@@ -151,6 +151,7 @@ def main(argv=None):
   if args.flops_from_a:
     fb = dict(fb, **{k: v for k, v in fa.items() if k != 'matmul'})
   rec = {'kind': 'peers', 'label': args.label, 'a': a, 'b': b, 'rounds': args.rounds,
+         'a_command': args.a, 'b_command': args.b,
          'cpu': cpu_model(), 'cpu_count': os.cpu_count(), 'a_ready': peers[a].ready,
          'b_ready': peers[b].ready, 'times': times, 'minflt': faults, 'cpu_s': cpu,
          'b_flops_from_a': args.flops_from_a, 'load_start': load0, 'load_end': loadavg(), 'load_per_round': loads,
@@ -222,6 +223,8 @@ def render(recs) -> str:
                  f'(best {r["jax_matmul_peak_gflops_best"]:.1f}). '
                  f'FLOPs: {a} XLA cost analysis ({ra["flops"]["step"] / 1e9:.1f} GFLOP/step), '
                  + (f'{b} the same count (same model)' if r.get('b_flops_from_a') else
+                    f'{b} XLA cost analysis ({rb["flops"]["step"] / 1e9:.1f} GFLOP/step)'
+                    if rb.get('framework') == 'jax' else
                     f'{b} FlopCounterMode ({rb["flops"]["step"] / 1e9:.1f} GFLOP fwd+bwd, '
                     'CPU attention not counted)') + '.')
     out.append('')

@@ -15,6 +15,11 @@
 #   MODE="sa dcal" ROUNDS=6 bash benchmarks/run_cpu_peers.sh
 #   TIMM_VENV=/work/venvs/torch bash benchmarks/run_cpu_peers.sh   # use an existing venv
 #
+# ALLOC=retain runs both peers with glibc malloc told to keep freed memory (one arena, no mmap,
+# no trimming): XLA:CPU allocates each execution's temporary buffer (~1 GiB for this step) with
+# posix_memalign, which glibc serves by a fresh mmap every step, so every page of it faults
+# and is zeroed again (~270k minor faults per step; docs/BENCHMARKS.md). Default: ALLOC=default.
+#
 # Knobs: MODE (sa | sa_remat | dcal | dcal_noremat; several run one after the other), ROUNDS (5),
 # PARTS (1), BACKBONE/TIMM_MODEL (deit_tiny / deit_tiny_patch16_224), SIZE (448), BATCH (4),
 # THREADS (nproc), CPUS (taskset list, default all: 0-$((nproc-1))), EXTRA (more train_step.py
@@ -49,6 +54,12 @@ fi
 # (taskset), PyTorch gets torch.set_num_threads($THREADS) and OMP/MKL the same.
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 PIN="taskset -c $CPUS"
+ALLOC=${ALLOC:-default}
+case $ALLOC in
+  default) ;;
+  retain) PIN="env MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=268435456 $PIN" ;;
+  *) echo "unknown ALLOC $ALLOC (default | retain)" >&2; exit 2 ;;
+esac
 COMMON="--size $SIZE --batch $BATCH --num_classes 200 --drop_path 0.1"
 TIMM="$PIN $VENV/bin/python benchmarks/peer_timm.py --serve --model $TIMM_MODEL $COMMON --threads $THREADS"
 [[ "$PARTS" == 1 ]] && PARTS_FLAG=--parts || PARTS_FLAG=
@@ -64,5 +75,5 @@ for mode in $MODE; do
   OURS="$PIN $PY benchmarks/train_step.py --serve --backbone $BACKBONE $COMMON --precision fp32 --accum 1 $flags ${EXTRA:-}"
   echo "# $mode: load $(cut -d' ' -f1-3 /proc/loadavg), peers' stderr in $LOG" >&2
   $PY benchmarks/peers.py --a "$OURS" --b "$TIMM" --a_name jax --b_name timm \
-      --rounds "$ROUNDS" $PARTS_FLAG $same --label "${LABEL:-peers_$mode}" --out "$RESULTS" --log "$LOG"
+      --rounds "$ROUNDS" $PARTS_FLAG $same --label "${LABEL:-peers_${mode}_alloc_$ALLOC}" --out "$RESULTS" --log "$LOG"
 done
