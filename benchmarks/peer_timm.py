@@ -10,7 +10,7 @@ and classes (200), cross-entropy, AdamW (lr 1.5625e-5, betas 0.9/0.999, eps 1e-8
   # standalone: one JSON line (medians of the timed steps)
   python benchmarks/peer_timm.py --model deit_tiny_patch16_224 --size 448 --batch 4 --steps 5
   # peer mode for benchmarks/peers.py: one '@@ {ready}' line, then one timed command per stdin
-  # line (step | fwd | fwdbwd | matmul | quit), each answered by '@@ {cmd, s, minflt, user_s, sys_s}'
+  # line (step | fwd | fwdbwd | matmul | quit), each answered by '@@ {cmd, s, minflt, user_s, sys_s, maxrss_mb}'
   python benchmarks/peer_timm.py --serve ...
 
 `fwd` is the loss's forward under `torch.no_grad()` (train mode, drop path on), `fwdbwd` the
@@ -123,14 +123,14 @@ def count_flops(parts, n: int) -> dict:
 
 
 def timed(fn) -> dict:
-  """Wall seconds, minor page faults and CPU seconds (user, system) of one call."""
+  """Wall seconds, minor page faults, CPU seconds (user, system), peak RSS after one call."""
   r0 = resource.getrusage(resource.RUSAGE_SELF)
   s = time.perf_counter()
   fn()
   dt = time.perf_counter() - s
   r1 = resource.getrusage(resource.RUSAGE_SELF)
   return {'s': dt, 'minflt': r1.ru_minflt - r0.ru_minflt, 'user_s': r1.ru_utime - r0.ru_utime,
-          'sys_s': r1.ru_stime - r0.ru_stime}
+          'sys_s': r1.ru_stime - r0.ru_stime, 'maxrss_mb': r1.ru_maxrss / 1024}
 
 
 def main(argv=None):

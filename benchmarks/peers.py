@@ -1,17 +1,21 @@
-"""Time two peer processes against each other on one machine, their commands alternating.
+"""Time peer processes against each other on one machine, their commands alternating.
 
 Each peer is a command line that starts a `--serve` process (`train_step.py --serve`,
 `peer_timm.py --serve`): it builds and warms up, answers one `@@ {ready}` line, then times one
 command per stdin line. This coordinator sends `step` (and, with --parts, `fwd`, `fwdbwd`,
-`matmul`) to A and B in turn, ABBA order, so that only one of them computes at any moment and
-load from other jobs hits both alike. It writes one JSON line (`kind: peers`) with every time,
-the medians, ranges, the pairwise-median ratios B/A, GFLOP/s (each peer's own FLOP count) and the
-share of A's JAX matmul peak measured in the same run, the load average before and after, and
-the CPU model; and prints a markdown summary.
+`matmul`) to every peer in turn, the order reversed every other round (ABBA...), so that only
+one of them computes at any moment and load from other jobs hits all alike. It writes one JSON
+line (`kind: peers`) with every time, CPU seconds and page-fault count, the medians and ranges,
+the pairwise-median ratio of each peer to the first (the reference), GFLOP/s, the share of the
+JAX matmul peak measured in the same run (the first peer's `matmul`), the load average and the
+CPU model; and prints a markdown summary.
 
-  python benchmarks/peers.py --a 'python benchmarks/train_step.py --serve --sa_only --remat off' \\
-      --b '.venv-timm/bin/python benchmarks/peer_timm.py --serve' --rounds 5 --parts \\
-      --out benchmarks/results/cpu_peers.jsonl
+  python benchmarks/peers.py \\
+      --peer 'jax=python benchmarks/train_step.py --serve --sa_only --remat off' \\
+      --peer 'timm=.venv-timm/bin/python benchmarks/peer_timm.py --serve' \\
+      --peer 'jax_dcal=python benchmarks/train_step.py --serve --remat on' \\
+      --same_flops timm=jax --rounds 5 --parts --out benchmarks/results/cpu_peers.jsonl
+  python benchmarks/peers.py --render benchmarks/results/cpu_peers.jsonl
 
 `benchmarks/run_cpu_peers.sh` is the usual entry point.
 """
@@ -29,6 +33,7 @@ import sys
 import time
 
 PREFIX = '@@ '
+PARTS = ('step', 'fwd', 'fwdbwd', 'matmul')
 
 
 def cpu_model() -> str:
@@ -94,41 +99,50 @@ def summary(times):
           'n': len(times)}
 
 
+def name_value(item: str, what: str):
+  name, sep, value = item.partition('=')
+  if not sep or not name or not value:
+    raise SystemExit(f'{what} must be NAME=VALUE, got {item!r}')
+  return name, value
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--a', required=True, help='command line of peer A (the reference: ours)')
-  p.add_argument('--b', required=True, help='command line of peer B')
-  p.add_argument('--a_name', default='jax')
-  p.add_argument('--b_name', default='timm')
-  p.add_argument('--rounds', type=int, default=5, help='timed rounds (each: A and B once per part)')
+  p.add_argument('--peer', action='append', required=True, metavar='NAME=COMMAND',
+                 help='a peer (repeat; the first is the reference of the ratios)')
+  p.add_argument('--rounds', type=int, default=5, help='timed rounds (each peer once per part)')
   p.add_argument('--parts', action='store_true',
-                 help='also time fwd, fwdbwd and matmul (A\'s matmul = the JAX matmul peak)')
+                 help="also time fwd, fwdbwd and matmul (the first peer's matmul = the JAX "
+                      'matmul peak)')
   p.add_argument('--matmul_reps', type=int, default=3, help='matmuls per round and peer')
-  p.add_argument('--flops_from_a', action='store_true',
-                 help="B's GFLOP/s from A's FLOP count (when both run the same model: "
-                      "FlopCounterMode does not count PyTorch's CPU attention kernel)")
+  p.add_argument('--same_flops', action='append', default=[], metavar='NAME=REF',
+                 help="NAME's GFLOP/s from REF's FLOP count (same model: FlopCounterMode does "
+                      "not count PyTorch's CPU attention kernel)")
   p.add_argument('--label', default='')
   p.add_argument('--out', default='', help='append the JSON line here')
-  p.add_argument('--log', default='', help='peers\' stderr (default: this stderr)')
+  p.add_argument('--log', default='', help="peers' stderr (default: this stderr)")
   args = p.parse_args(argv)
 
+  commands = dict(name_value(x, '--peer') for x in args.peer)
+  names = list(commands)
+  same = dict(name_value(x, '--same_flops') for x in args.same_flops)
   log = open(args.log, 'a') if args.log else sys.stderr
   load0 = loadavg()
   t0 = time.time()
   peers = {}
+  parts = ['step'] + (['fwd', 'fwdbwd', 'matmul'] if args.parts else [])
+  times = {n: {part: [] for part in parts} for n in names}
+  faults = {n: {part: [] for part in parts} for n in names}
+  cpu = {n: {part: [] for part in parts} for n in names}
+  rss = {n: 0.0 for n in names}
+  loads = []
   try:
-    # Start one at a time: compiling both at once would only slow both.
-    for name, cmd in ((args.a_name, args.a), (args.b_name, args.b)):
-      print(f'# starting {name}: {cmd}', file=sys.stderr, flush=True)
-      peers[name] = Peer(name, cmd, log)
+    # Start one at a time: compiling together would only slow each.
+    for name in names:
+      print(f'# starting {name}: {commands[name]}', file=sys.stderr, flush=True)
+      peers[name] = Peer(name, commands[name], log)
       peers[name].wait_ready()
-    names = [args.a_name, args.b_name]
-    parts = ['step'] + (['fwd', 'fwdbwd', 'matmul'] if args.parts else [])
-    times = {n: {part: [] for part in parts} for n in names}
-    faults = {n: {part: [] for part in parts} for n in names}
-    cpu = {n: {part: [] for part in parts} for n in names}
-    loads = []
     for r in range(args.rounds):
       order = names if r % 2 == 0 else names[::-1]
       for part in parts:
@@ -138,6 +152,7 @@ def main(argv=None):
             times[n][part].append(rec['s'])
             faults[n][part].append(rec.get('minflt', 0))
             cpu[n][part].append(rec.get('user_s', 0.0) + rec.get('sys_s', 0.0))
+            rss[n] = max(rss[n], rec.get('maxrss_mb', 0.0))
       loads.append(loadavg()[0] if loadavg() else None)
       print(f'# round {r + 1}/{args.rounds}: ' + ', '.join(
           f'{n} step {times[n]["step"][-1]:.3f} s' for n in names) + f'; load {loads[-1]}',
@@ -146,36 +161,41 @@ def main(argv=None):
     for peer in peers.values():
       peer.close()
 
-  a, b = names
-  fa, fb = peers[a].ready['flops'], peers[b].ready['flops']
-  if args.flops_from_a:
-    fb = dict(fb, **{k: v for k, v in fa.items() if k != 'matmul'})
-  rec = {'kind': 'peers', 'label': args.label, 'a': a, 'b': b, 'rounds': args.rounds,
-         'a_command': args.a, 'b_command': args.b,
-         'cpu': cpu_model(), 'cpu_count': os.cpu_count(), 'a_ready': peers[a].ready,
-         'b_ready': peers[b].ready, 'times': times, 'minflt': faults, 'cpu_s': cpu,
-         'b_flops_from_a': args.flops_from_a, 'load_start': load0, 'load_end': loadavg(), 'load_per_round': loads,
-         'wall_s': round(time.time() - t0, 1),
+  ref = names[0]
+  flops = {}
+  for n in names:
+    own = dict(peers[n].ready['flops'])
+    if n in same:
+      own.update({k: v for k, v in peers[same[n]].ready['flops'].items() if k != 'matmul'})
+    flops[n] = own
+  rec = {'kind': 'peers', 'label': args.label, 'peers': names, 'reference': ref,
+         'rounds': args.rounds, 'commands': commands, 'same_flops': same,
+         'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
+         'ready': {n: peers[n].ready for n in names}, 'flops': flops, 'times': times,
+         'minflt': faults, 'cpu_s': cpu, 'peak_rss_mb': rss, 'load_start': load0, 'load_end': loadavg(),
+         'load_per_round': loads, 'wall_s': round(time.time() - t0, 1),
          'time': datetime.datetime.now().isoformat(timespec='seconds'),
-         'command': ' '.join(shlex.quote(x) for x in ['python', *sys.argv])}
-  for part in parts:
-    ta, tb = times[a][part], times[b][part]
-    rec[f'{part}_{a}'] = summary(ta)
-    rec[f'{part}_{b}'] = summary(tb)
-    pairwise = [y / x for x, y in zip(ta, tb)]
-    rec[f'{part}_ratio_{b}_over_{a}'] = statistics.median(pairwise)
-    rec[f'{part}_ratio_{a}_over_{b}'] = statistics.median([1 / q for q in pairwise])
-    # CPU seconds per call: less sensitive to other jobs than wall time on a shared machine
-    rec[f'{part}_cpu_s_{a}'] = statistics.median(cpu[a][part])
-    rec[f'{part}_cpu_s_{b}'] = statistics.median(cpu[b][part])
-    rec[f'{part}_gflops_{a}'] = fa[part] / statistics.median(ta) / 1e9
-    rec[f'{part}_gflops_{b}'] = fb[part] / statistics.median(tb) / 1e9
+         'command': ' '.join(shlex.quote(x) for x in ['python', *sys.argv]), 'parts': parts}
+  peak = None
   if 'matmul' in parts:
-    peak = rec[f'matmul_gflops_{a}']
+    peak = flops[ref]['matmul'] / statistics.median(times[ref]['matmul']) / 1e9
     rec['jax_matmul_peak_gflops'] = peak
-    rec['jax_matmul_peak_gflops_best'] = fa['matmul'] / min(times[a]['matmul']) / 1e9
-    for part in ('step', 'fwd', 'fwdbwd'):
-      rec[f'{part}_{a}_share_of_jax_peak'] = rec[f'{part}_gflops_{a}'] / peak
+    rec['jax_matmul_peak_gflops_best'] = flops[ref]['matmul'] / min(times[ref]['matmul']) / 1e9
+  stats = {}
+  for n in names:
+    for part in parts:
+      t = times[n][part]
+      s = summary(t)
+      s['cpu_s_median'] = statistics.median(cpu[n][part])
+      s['minflt_median'] = statistics.median(faults[n][part])
+      s['gflops'] = flops[n][part] / s['median'] / 1e9
+      if peak and part != 'matmul':
+        s['share_of_jax_matmul_peak'] = s['gflops'] / peak
+      if n != ref:
+        s[f'ratio_to_{ref}'] = statistics.median(
+            [x / y for x, y in zip(t, times[ref][part])])
+      stats.setdefault(n, {})[part] = s
+  rec['stats'] = stats
   line = json.dumps(rec)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -185,48 +205,60 @@ def main(argv=None):
   return 0
 
 
+def describe(ready: dict) -> str:
+  if ready.get('framework') == 'torch':
+    return f'timm {ready.get("model")}, torch {ready.get("torch")}, {ready.get("threads")} threads'
+  branches = 'DCAL' if ready.get('glca_M') or ready.get('pwca_T') else 'SA only'
+  return (f'{ready.get("backbone")} {branches}, remat {"on" if ready.get("remat") else "off"}, '
+          f'jax {ready.get("jax")}')
+
+
 def render(recs) -> str:
-  """Markdown: one table per record (A vs B per part), with machine, load and command."""
+  """Markdown: one table per record (each peer per part), with machine, load and commands."""
   out = []
   for r in recs:
-    a, b = r['a'], r['b']
-    ra, rb = r['a_ready'], r['b_ready']
-    what = (f'{ra.get("backbone")} {ra.get("size")} px, batch {ra.get("batch")}, '
-            f'{"DCAL" if ra.get("glca_M") or ra.get("pwca_T") else "SA only"}, '
-            f'remat {"on" if ra.get("remat") else "off"}, {ra.get("precision")}')
-    out.append(f'**{r.get("label") or "peers"}** ({what}; {b}: {rb.get("model", "")}) on '
-               f'{r["cpu"]} ({r["cpu_count"]} cores), {r["time"]}, {r["rounds"]} rounds, '
-               f'load {r["load_start"][:1]} -> {r["load_end"][:1]}')
+    names, ref = r['peers'], r['reference']
+    r0 = r['ready'][ref]
+    out.append(f'**{r.get("label") or "peers"}**: {r0.get("size")} px, batch {r0.get("batch")}, '
+               f'fp32, on {r["cpu"]} ({r["cpu_count"]} cores), {r["time"]}, {r["rounds"]} '
+               f'rounds, load {r["load_start"][:1]} -> {r["load_end"][:1]}')
     out.append('')
-    out.append(f'| part | {a} s median [min, max] | {b} s median [min, max] | {a}/{b} '
-               f'(pairwise median) | {a} GFLOP/s | {b} GFLOP/s | {a} % of JAX matmul peak | '
-               f'{a} / {b} CPU s per call | {a} / {b} page faults per call |')
-    out.append('|---|---|---|---|---|---|---|---|---|')
-    for part in ('step', 'fwd', 'fwdbwd', 'matmul'):
-      if f'{part}_{a}' not in r:
-        continue
-      sa, sb = r[f'{part}_{a}'], r[f'{part}_{b}']
-      share = r.get(f'{part}_{a}_share_of_jax_peak')
-      fa = statistics.median(r['minflt'][a][part])
-      fb = statistics.median(r['minflt'][b][part])
-      out.append(f'| {part} | {sa["median"]:.3f} [{sa["min"]:.3f}, {sa["max"]:.3f}] | '
-                 f'{sb["median"]:.3f} [{sb["min"]:.3f}, {sb["max"]:.3f}] | '
-                 f'**{r[f"{part}_ratio_{a}_over_{b}"]:.2f}x** | {r[f"{part}_gflops_{a}"]:.1f} | '
-                 f'{r[f"{part}_gflops_{b}"]:.1f} | '
-                 f'{"" if share is None else f"{100 * share:.0f}%"} | '
-                 f'{r.get(f"{part}_cpu_s_{a}", float("nan")):.2f} / '
-                 f'{r.get(f"{part}_cpu_s_{b}", float("nan")):.2f} | {fa:.0f} / {fb:.0f} |')
-    if 'jax_matmul_peak_gflops' in r:
-      out.append('')
-      out.append(f'JAX matmul peak ({ra.get("matmul_n")}^2 fp32, same run): '
-                 f'{r["jax_matmul_peak_gflops"]:.1f} GFLOP/s median '
-                 f'(best {r["jax_matmul_peak_gflops_best"]:.1f}). '
-                 f'FLOPs: {a} XLA cost analysis ({ra["flops"]["step"] / 1e9:.1f} GFLOP/step), '
-                 + (f'{b} the same count (same model)' if r.get('b_flops_from_a') else
-                    f'{b} XLA cost analysis ({rb["flops"]["step"] / 1e9:.1f} GFLOP/step)'
-                    if rb.get('framework') == 'jax' else
-                    f'{b} FlopCounterMode ({rb["flops"]["step"] / 1e9:.1f} GFLOP fwd+bwd, '
-                    'CPU attention not counted)') + '.')
+    share = 'matmul' in r['parts']
+    hdr = ['peer', 'part', 's median [min, max]', f'/ {ref} (pairwise median)', 'GFLOP/s']
+    hdr += ['% of JAX matmul peak'] if share else []
+    hdr += ['CPU s per call', 'page faults per call']
+    out.append('| ' + ' | '.join(hdr) + ' |')
+    out.append('|' + '---|' * len(hdr))
+    for part in r['parts']:
+      for n in names:
+        s = r['stats'][n][part]
+        cells = [f'{n} ({describe(r["ready"][n])})', part,
+                 f'{s["median"]:.3f} [{s["min"]:.3f}, {s["max"]:.3f}]',
+                 f'**{s[f"ratio_to_{ref}"]:.2f}x**' if n != ref else '1',
+                 f'{s["gflops"]:.1f}']
+        if share:
+          v = s.get('share_of_jax_matmul_peak')
+          cells.append('' if v is None else f'{100 * v:.0f}%')
+        cells += [f'{s["cpu_s_median"]:.2f}', f'{s["minflt_median"]:.0f}']
+        out.append('| ' + ' | '.join(cells) + ' |')
+    out.append('')
+    if share:
+      out.append(f'JAX matmul peak ({r0.get("matmul_n")}^2 fp32, `{ref}` process, same run): '
+                 f'{r["jax_matmul_peak_gflops"]:.1f} GFLOP/s median (best '
+                 f'{r["jax_matmul_peak_gflops_best"]:.1f}).')
+    fl = []
+    for n in names:
+      if n in r['same_flops']:
+        fl.append(f'{n}: as {r["same_flops"][n]} (same model)')
+      elif r['ready'][n].get('framework') == 'torch':
+        fl.append(f'{n}: FlopCounterMode (CPU attention kernel not counted)')
+      else:
+        fl.append(f'{n}: XLA cost analysis ({r["flops"][n]["step"] / 1e9:.1f} GFLOP/step)')
+    out.append('FLOPs: ' + '; '.join(fl) + '.')
+    if r.get('peak_rss_mb'):
+      out.append('Peak RSS: ' + ', '.join(f'{n} {v / 1024:.2f} GiB'
+                                          for n, v in r['peak_rss_mb'].items()) + '.')
+    out.append('Commands: ' + '; '.join(f'{n}: `{c}`' for n, c in r['commands'].items()))
     out.append('')
   return '\n'.join(out)
 
@@ -237,6 +269,6 @@ if __name__ == '__main__':
     for path in sys.argv[2:]:
       with open(path) as f:
         recs += [json.loads(line) for line in f if line.strip()]
-    print(render([r for r in recs if r.get('kind') == 'peers']))
+    print(render([r for r in recs if r.get('kind') == 'peers' and 'stats' in r]))
   else:
     sys.exit(main())

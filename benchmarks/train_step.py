@@ -410,7 +410,8 @@ def run_serve(args) -> dict:
   """Peer mode for `benchmarks/peers.py`: compile the step, the loss's forward and
   forward+backward and an n x n matmul, answer one `@@ {ready}` line, then time one command
   per stdin line (`step`, `fwd`, `fwdbwd`, `matmul`; `quit` ends) and answer `@@ {cmd, s,
-  minflt, user_s, sys_s}` (wall seconds, minor page faults, CPU seconds of this process). Between commands the process only waits on stdin, so a coordinator can alternate
+  minflt, user_s, sys_s, maxrss_mb}` (wall seconds, minor page faults, CPU seconds and peak RSS
+  of this process). Between commands the process only waits on stdin, so a coordinator can alternate
   it with another framework's process and load hits both alike."""
   load0 = loadavg()
   t0 = time.perf_counter()
@@ -469,7 +470,8 @@ def run_serve(args) -> dict:
     dt = time.perf_counter() - s
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     serve_reply({'cmd': name, 's': dt, 'minflt': r1.ru_minflt - r0.ru_minflt,
-                 'user_s': r1.ru_utime - r0.ru_utime, 'sys_s': r1.ru_stime - r0.ru_stime})
+                 'user_s': r1.ru_utime - r0.ru_utime, 'sys_s': r1.ru_stime - r0.ru_stime,
+                 'maxrss_mb': r1.ru_maxrss / 1024})
   return {'kind': 'serve_done', 'label': args.label}
 
 
