@@ -20,6 +20,9 @@ stdout and, with `--out`, is appended to a file. No TensorFlow/TFDS is imported
   python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --pair=--sa_only
   # where the time goes: forward, forward+backward, rollout alone, full step
   python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --breakdown
+  # peer mode: time step / fwd / fwdbwd / matmul on request from stdin (benchmarks/peers.py,
+  # benchmarks/run_cpu_peers.sh: ours against timm's step, alternating)
+  python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --sa_only --serve
 
 Fields: compile_s (lower + compile), step_s_{median,min,max,p25,p75} (one micro-step = one
 physical batch), images_per_s (batch / median step), images_per_s_wall (all timed images / wall
