@@ -20,6 +20,9 @@ stdout and, with `--out`, is appended to a file. No TensorFlow/TFDS is imported
   python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --pair=--sa_only
   # where the time goes: forward, forward+backward, rollout alone, full step
   python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --breakdown
+  # peer mode: time step / fwd / fwdbwd / matmul on request from stdin (benchmarks/peers.py,
+  # benchmarks/run_cpu_peers.sh: ours against timm's step, alternating)
+  python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --sa_only --serve
 
 Fields: compile_s (lower + compile), step_s_{median,min,max,p25,p75} (one micro-step = one
 physical batch), images_per_s (batch / median step), images_per_s_wall (all timed images / wall
@@ -338,12 +341,10 @@ def time_fn(fn, *a, reps: int = 5):
   return float(np.median(times)), times
 
 
-def run_breakdown(args) -> dict:
-  """Median time and XLA FLOPs of the pieces: forward (loss), forward+backward, full step,
-  and the rollout alone (the L-1 running [B, N+1, N+1] products)."""
+def loss_of(model, config, batch, dtype):
+  """params -> the step's loss (forward of every branch + dcal_loss), fixed partner and rngs."""
   from dca_jax import losses  # pylint: disable=g-import-not-at-top
   from dca_jax.models import dcal  # pylint: disable=g-import-not-at-top
-  config, vcfg, step, state, batch, model, dtype, precision = setup(args)
   images, labels = batch['image'].astype(dtype), batch['label']
   use_pwca = config.num_pwca_layers > 0
   partner = dcal.derangement(jax.random.key(1), images.shape[0]) if use_pwca else None
@@ -353,6 +354,15 @@ def run_breakdown(args) -> dict:
                       rngs={'dropout': jax.random.key(2)})
     return losses.dcal_loss(out, labels)[0]
 
+  return loss
+
+
+def run_breakdown(args) -> dict:
+  """Median time and XLA FLOPs of the pieces: forward (loss), forward+backward, full step,
+  and the rollout alone (the L-1 running [B, N+1, N+1] products)."""
+  from dca_jax.models import dcal  # pylint: disable=g-import-not-at-top
+  config, vcfg, step, state, batch, model, dtype, precision = setup(args)
+  loss = loss_of(model, config, batch, dtype)
   rec = {'kind': 'breakdown', 'label': args.label, 'backbone': args.backbone,
          'overrides': parse_overrides(args.override), 'size': args.size, 'batch': args.batch,
          'remat': config.use_gradient_checkpointing, 'precision': precision,
@@ -388,6 +398,84 @@ def run_breakdown(args) -> dict:
   rec.update(step_s=round(float(np.median(times)), 4), step_flops=cost_of(c)['flops'],
              load=loadavg(), command=' '.join(['python', *sys.argv]))
   return rec
+
+
+# Reply lines of --serve start with this; the rest of stdout (library warnings) is ignored.
+SERVE_PREFIX = '@@ '
+
+
+def serve_reply(rec: dict) -> None:
+  sys.stdout.write(SERVE_PREFIX + json.dumps(rec) + '\n')
+  sys.stdout.flush()
+
+
+def run_serve(args) -> dict:
+  """Peer mode for `benchmarks/peers.py`: compile the step, the loss's forward and
+  forward+backward and an n x n matmul, answer one `@@ {ready}` line, then time one command
+  per stdin line (`step`, `fwd`, `fwdbwd`, `matmul`; `quit` ends) and answer `@@ {cmd, s,
+  minflt, user_s, sys_s, maxrss_mb}` (wall seconds, minor page faults, CPU seconds and peak RSS
+  of this process). Between commands the process only waits on stdin, so a coordinator can alternate
+  it with another framework's process and load hits both alike."""
+  load0 = loadavg()
+  t0 = time.perf_counter()
+  config, vcfg, step, state, batch, model, dtype, precision = setup(args)
+  loss = loss_of(model, config, batch, dtype)
+  compiled = step.lower(state, batch).compile()
+  parts = {'step': compiled}
+  parts['fwd'] = jax.jit(loss).lower(state.params).compile()
+  parts['fwdbwd'] = jax.jit(jax.grad(loss)).lower(state.params).compile()
+  mm_dtype = DTYPES[args.dtype]
+  k1, k2 = jax.random.split(jax.random.key(0))
+  mats = [jax.random.normal(k, (args.n, args.n), jnp.float32).astype(mm_dtype) for k in (k1, k2)]
+  parts['matmul'] = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=mm_dtype)).lower(
+      *mats).compile()
+  compile_s = time.perf_counter() - t0
+  costs = {name: cost_of(c) for name, c in parts.items()}
+  costs['matmul']['flops'] = 2.0 * args.n ** 3
+
+  box = {'state': state}
+
+  def run(name):
+    if name == 'step':
+      box['state'], m = compiled(box['state'], batch)
+      jax.block_until_ready((box['state'], m))
+    elif name == 'matmul':
+      jax.block_until_ready(parts['matmul'](*mats))
+    else:
+      jax.block_until_ready(parts[name](box['state'].params))
+
+  for _ in range(args.warmup_cycles):
+    for name in parts:
+      run(name)
+  ready = {'kind': 'ready', 'framework': 'jax', 'label': args.label, 'backbone': args.backbone,
+           'overrides': parse_overrides(args.override), 'size': args.size,
+           'tokens': vcfg.num_patches(args.size) + 1, 'batch': config.batch_size,
+           'remat': config.use_gradient_checkpointing, 'precision': precision,
+           'glca_M': config.num_glca_layers, 'pwca_T': config.num_pwca_layers,
+           'drop_path': config.stochastic_depth_prob, 'num_classes': config.num_classes,
+           'matmul_n': args.n, 'matmul_dtype': args.dtype, 'compile_s': round(compile_s, 2),
+           'flops': {k: c['flops'] for k, c in costs.items()},
+           'xla_temp_bytes': {k: c.get('xla_temp_bytes') for k, c in costs.items()},
+           'threads': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+           'load_start': load0, 'command': ' '.join(['python', *sys.argv])}
+  ready.update(machine_info())
+  serve_reply(ready)
+  for line in sys.stdin:
+    name = line.strip()
+    if name == 'quit':
+      break
+    if name not in parts:
+      serve_reply({'cmd': name, 'error': f'unknown command; known: {", ".join(parts)}'})
+      continue
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    s = time.perf_counter()
+    run(name)
+    dt = time.perf_counter() - s
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    serve_reply({'cmd': name, 's': dt, 'minflt': r1.ru_minflt - r0.ru_minflt,
+                 'user_s': r1.ru_utime - r0.ru_utime, 'sys_s': r1.ru_stime - r0.ru_stime,
+                 'maxrss_mb': r1.ru_maxrss / 1024})
+  return {'kind': 'serve_done', 'label': args.label}
 
 
 # Called between building config A and config B in --pair mode (prototype runners outside the
@@ -592,6 +680,8 @@ def main(argv=None):
   p.add_argument('--n', type=int, default=2048, help='matmul_peak size')
   p.add_argument('--reps', type=int, default=10, help='matmul_peak repetitions')
   p.add_argument('--render', nargs='+', metavar='JSONL', help='print a markdown table and exit')
+  p.add_argument('--serve', action='store_true',
+                 help='peer mode for benchmarks/peers.py: time commands read from stdin')
   args = p.parse_args(argv)
 
   if args.render:
@@ -600,6 +690,9 @@ def main(argv=None):
   try:
     if args.matmul_peak:
       rec = run_matmul_peak(args)
+    elif args.serve:
+      run_serve(args)
+      return 0
     elif args.pair:
       rec = run_pair(args, p)
     elif args.breakdown:

@@ -9,6 +9,7 @@ because DCAL reuses one block's weights with other query and key/value sets (GLC
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -103,6 +104,46 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, epsilon):
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  mean = x.mean(axis=-1, keepdims=True)
+  centred = x - mean
+  rstd = jax.lax.rsqrt(jnp.square(centred).mean(axis=-1, keepdims=True) + epsilon)
+  x_hat = centred * rstd
+  return x_hat * scale + bias, (x_hat, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, res, g):
+  del epsilon
+  x_hat, rstd, scale = res
+  rows = tuple(range(g.ndim - 1))
+  g_hat = g * scale
+  dx = rstd * (g_hat - g_hat.mean(axis=-1, keepdims=True)
+               - x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))
+  return dx, (g * x_hat).sum(axis=rows), g.sum(axis=rows)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """`nn.LayerNorm(epsilon, dtype=float32)` (same 'scale'/'bias' parameters and values) with a
+  hand-written backward that keeps x_hat and 1/std, where autodiff of nn.LayerNorm keeps four
+  [tokens, width] arrays per norm (the step's temporary memory, and fresh pages on CPU)."""
+  epsilon: float = LN_EPS
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (width,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (width,), jnp.float32)
+    return _layer_norm(x.astype(jnp.float32), scale, bias, self.epsilon)
+
+
 class Mlp(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -183,9 +224,9 @@ class EncoderBlock(nn.Module):
   attention_impl: str = 'xla'
 
   def setup(self):
-    self.norm1 = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
+    self.norm1 = LayerNorm(LN_EPS)
     self.attn = Attention(width=self.width, num_heads=self.num_heads, dtype=self.dtype)
-    self.norm2 = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
+    self.norm2 = LayerNorm(LN_EPS)
     self.mlp = Mlp(self.mlp_dim, dtype=self.dtype)
     self.drop = DropPath(self.drop_path)
 
@@ -198,6 +239,12 @@ class EncoderBlock(nn.Module):
     rollout when `need_weights`), then, when `x_pw` is given, the PWCA step with keys/values
     [own; partner's SA k/v]. Under remat this is one region, so the partner's gathered k/v are
     recomputed, not saved."""
+    # Always positional: under nn.remat, arguments 4 and 5 (self is 0) are static and must be
+    # passed, defaults included.
+    return self.sa_pwca_step(x, x_pw, partner, deterministic, need_weights)
+
+  def sa_pwca_step(self, x, x_pw, partner, deterministic: bool, need_weights: bool):
+    """`sa_pwca` with every argument given (the method `make_block(dcal_step=True)` remats)."""
     x_new, (k, v), head_mean = self.forward(x, deterministic, need_weights)
     if x_pw is not None:
       extra = (partner_rows(k, partner), partner_rows(v, partner))
@@ -266,14 +313,15 @@ def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xl
                dcal_step: bool = False) -> EncoderBlock:
   """An EncoderBlock, wrapped in `nn.remat` with a named jax.checkpoint_policies policy if asked.
 
-  `dcal_step=True` remats the `sa_pwca` method (how DCAL calls backbone blocks) instead of
-  `__call__` (plain ViT, GLCA).
+  `dcal_step=True` remats the `sa_pwca` step (how DCAL calls backbone blocks; the method
+  `sa_pwca_step`, which takes every argument positionally) instead of `__call__` (plain ViT,
+  GLCA).
   """
   cls = EncoderBlock
   if remat_policy is not None:
     policy = None if remat_policy == 'full' else getattr(jax.checkpoint_policies, remat_policy)
     if dcal_step:  # static: deterministic and need_weights (arguments 4, 5; self is 0)
-      cls = nn.remat(EncoderBlock, static_argnums=(4, 5), policy=policy, methods=['sa_pwca'])
+      cls = nn.remat(EncoderBlock, static_argnums=(4, 5), policy=policy, methods=['sa_pwca_step'])
     else:  # static: deterministic (2) and need_weights (3)
       cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
   return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
