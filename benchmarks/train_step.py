@@ -200,13 +200,13 @@ def build_config(args):
 def setup(args):
   """(config, vcfg, jitted step, state, batch, model, dtype) exactly as train.Trainer builds them."""
   from dca_jax import distributed, optim, train  # pylint: disable=g-import-not-at-top
-  from dca_jax.models import dcal  # pylint: disable=g-import-not-at-top
+  from dca_jax.models import build_model, dcal  # pylint: disable=g-import-not-at-top
   config, vcfg = build_config(args)
   distributed.check_batch_divisible(config.batch_size)
   dtype, precision = distributed.compute_dtype(config.precision)
   mesh = distributed.make_mesh()
   batch_sharding = distributed.data_sharding(mesh)
-  model = dcal.build_model(config, dtype=dtype)
+  model = build_model(config, dtype=dtype)
   tx = optim.make_optimizer(config, steps_per_epoch=1000)
   rng = jax.random.key(args.seed)
   init_rng, step_rng = jax.random.split(rng)

@@ -264,7 +264,8 @@ class DCAL(nn.Module):
       if i == len(blocks) - 1:
         glca_in = x  # GLCA sits parallel to the last SA block
       # head_mean carries no gradient (vit.attention): none flows through the rollout
-      x, x_pw, head_mean = block.sa_pwca(x, x_pw, partner, deterministic, i in attention_blocks)
+      x, x_pw, head_mean = block.sa_and_pwca(x, x_pw, partner, deterministic,
+                                               i in attention_blocks)
       if i in attention_blocks:
         maps.append(head_mean)
     return x, x_pw, glca_in, maps

@@ -230,29 +230,20 @@ class EncoderBlock(nn.Module):
     self.mlp = Mlp(self.mlp_dim, dtype=self.dtype)
     self.drop = DropPath(self.drop_path)
 
-  def __call__(self, x, deterministic: bool = True, need_weights: bool = False,
-               query_index=None, extra_kv=None):
-    return self.forward(x, deterministic, need_weights, query_index, extra_kv)
-
-  def sa_pwca(self, x, x_pw, partner, deterministic: bool, need_weights: bool = True):
+  def sa_and_pwca(self, x, x_pw, partner, deterministic: bool, need_weights: bool):
     """DCAL's use of a backbone block: the SA step (with the head-mean attention for the
     rollout when `need_weights`), then, when `x_pw` is given, the PWCA step with keys/values
     [own; partner's SA k/v]. Under remat this is one region, so the partner's gathered k/v are
-    recomputed, not saved."""
-    # Always positional: under nn.remat, arguments 4 and 5 (self is 0) are static and must be
-    # passed, defaults included.
-    return self.sa_pwca_step(x, x_pw, partner, deterministic, need_weights)
-
-  def sa_pwca_step(self, x, x_pw, partner, deterministic: bool, need_weights: bool):
-    """`sa_pwca` with every argument given (the method `make_block(dcal_step=True)` remats)."""
-    x_new, (k, v), head_mean = self.forward(x, deterministic, need_weights)
+    recomputed, not saved. Every argument is positional: remat's static ones (4, 5) must be
+    passed."""
+    x_new, (k, v), head_mean = self(x, deterministic, need_weights)
     if x_pw is not None:
       extra = (partner_rows(k, partner), partner_rows(v, partner))
-      x_pw, _, _ = self.forward(x_pw, deterministic, False, None, extra)
+      x_pw, _, _ = self(x_pw, deterministic, False, None, extra)
     return x_new, x_pw, head_mean
 
-  def forward(self, x, deterministic: bool = True, need_weights: bool = False,
-              query_index=None, extra_kv=None):
+  def __call__(self, x, deterministic: bool = True, need_weights: bool = False,
+               query_index=None, extra_kv=None):
     q, k, v = self.attn.project_qkv(self.norm1(x))
     if query_index is not None:
       q = jnp.take_along_axis(q, query_index[:, :, None, None], axis=1)
@@ -313,15 +304,14 @@ def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xl
                dcal_step: bool = False) -> EncoderBlock:
   """An EncoderBlock, wrapped in `nn.remat` with a named jax.checkpoint_policies policy if asked.
 
-  `dcal_step=True` remats the `sa_pwca` step (how DCAL calls backbone blocks; the method
-  `sa_pwca_step`, which takes every argument positionally) instead of `__call__` (plain ViT,
-  GLCA).
+  `dcal_step=True` remats the `sa_and_pwca` method (how DCAL calls backbone blocks) instead
+  of `__call__` (plain ViT, GLCA).
   """
   cls = EncoderBlock
   if remat_policy is not None:
     policy = None if remat_policy == 'full' else getattr(jax.checkpoint_policies, remat_policy)
     if dcal_step:  # static: deterministic and need_weights (arguments 4, 5; self is 0)
-      cls = nn.remat(EncoderBlock, static_argnums=(4, 5), policy=policy, methods=['sa_pwca_step'])
+      cls = nn.remat(EncoderBlock, static_argnums=(4, 5), policy=policy, methods=['sa_and_pwca'])
     else:  # static: deterministic (2) and need_weights (3)
       cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
   return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
