@@ -58,6 +58,9 @@ GRIDS = {
         'dcal_local_rollout_all_blocks': _dcal('local', rollout_layers='all'),
         **{f'dcal_local_r{int(100 * r)}': _dcal('local', top_k_ratio=r)
            for r in (0.05, 0.1, 0.3)},
+        # few local queries: where a random pick should most often miss the decisive patch
+        'dcal_local_random_r5': _dcal('local', 'random', top_k_ratio=0.05),
+        'dcal_lw_lr_x10': {'loss_weights_lr_multiplier': 10.0},
     },
     # Only what separates selections: the pooled readings with each selection.
     'selection': {f'dcal_{pool}_{select}': _dcal(pool, select) for pool in ('mean', 'local')
