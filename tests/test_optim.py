@@ -50,7 +50,8 @@ def _run(config, images, labels, micro):
   state, _ = train.create_train_state(config, model, tx, mesh, precision='fp32',
                                       rng=jax.random.key(0))
   step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float32,
-                                       rng=jax.random.key(1)))
+                                       rng=jax.random.key(1)),
+                 compiler_options={'xla_backend_optimization_level': 0})  # compiles faster
   history = [jax.device_get(state.params)]
   n = len(images) // micro
   for i in range(micro):
