@@ -19,9 +19,10 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import sys
 import time
+
+from machine import cpu_model, loadavg  # benchmarks/machine.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,14 +34,6 @@ VARIANTS = {  # None: the plain ViT; else DCAL's keyword arguments (the code's d
 }
 
 
-def _cpu_name() -> str:
-  try:
-    for line in open('/proc/cpuinfo'):
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def main():
@@ -88,7 +81,7 @@ def main():
                       'size': args.size, 'batch': args.batch, 'median_s': round(median, 4),
                       'images_per_s': round(args.batch / median, 2),
                       'gflop_per_image': round(cost['flops'] / args.batch / 1e9, 3),
-                      'load_avg': os.getloadavg()[0], 'cpu': _cpu_name(),
+                      'load_avg': loadavg(), 'cpu': cpu_model(),
                       'jax': jax.__version__}), flush=True)
 
 

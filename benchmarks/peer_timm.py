@@ -32,26 +32,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, loadavg  # benchmarks/machine.py
 
 SERVE_PREFIX = '@@ '
 
 
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
-def loadavg() -> float:
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return float('nan')
 
 
 def reply(rec: dict) -> None:

@@ -31,20 +31,12 @@ import statistics
 import subprocess
 import sys
 import time
+from machine import cpu_model  # benchmarks/machine.py
 
 PREFIX = '@@ '
 PARTS = ('step', 'fwd', 'fwdbwd', 'matmul')
 
 
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown'
 
 
 def loadavg() -> list:

@@ -52,20 +52,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from machine import cpu_model, loadavg  # benchmarks/machine.py
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def machine_info() -> dict:
@@ -75,11 +67,6 @@ def machine_info() -> dict:
           'jax': jax.__version__, 'hostname': platform.node()}
 
 
-def loadavg() -> float:
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return float('nan')
 
 
 def stats(times) -> dict:
@@ -193,6 +180,8 @@ def build_config(args):
   c.attention_impl = args.attention_impl
   c.stochastic_depth_prob = args.drop_path
   c.pretrained_model = ''
+  for key, value in parse_overrides(args.set).items():  # any other knob, e.g. glca_pool=mean
+    c[key] = value
   config_lib.validate(c)
   return c, vcfg
 
@@ -651,6 +640,8 @@ def main(argv=None):
   p.add_argument('--backbone', default='deit_tiny')
   p.add_argument('--override', action='append', default=[],
                  help='ViTConfig field=value (repeatable), e.g. width=64 depth=2 num_heads=2')
+  p.add_argument('--set', action='append', default=[],
+                 help='config knob=value (repeatable), e.g. glca_pool=mean')
   p.add_argument('--size', type=int, default=448, help='input side in px')
   p.add_argument('--batch', type=int, default=4, help='physical batch')
   p.add_argument('--accum', type=int, default=1, help='gradient accumulation steps')
