@@ -83,25 +83,32 @@ def test_fp16_overflow_keeps_state_lowers_scale_and_counts():
 
 
 # --- devices and hosts -----------------------------------------------------------------------------
-@pytest.mark.parametrize('fsdp', [False, True])
-def test_eight_devices_match_one_device(tmp_path, fsdp):
-  # the same pairing on 8 devices as on 1: partners drawn over the global batch
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  """3 steps on 1 device: the reference both 8-device runs are compared with."""
   overrides = dict(batch_size=8, num_pwca_layers=2, stochastic_depth_prob=0.1,
                    pwca_partners='global')
-  procs, outs = [], []
-  for n in (1, 8):
-    cmd, out = _worker(tmp_path, f'd{n}', dict(overrides, fsdp=fsdp and n > 1), devices=n, steps=3)
-    procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True))
-    outs.append(out)
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=300)
-    assert p.returncode == 0, stderr[-3000:]
-  report = json.loads(stdout.strip().splitlines()[-1])
+  cmd, out = _worker(tmp_path_factory.mktemp('one'), 'd1', overrides, devices=1, steps=3)
+  r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return overrides, _load(out)
+
+
+@pytest.mark.xdist_group('one_device_run')  # both share the module fixture's run
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_eight_devices_match_one_device(tmp_path, fsdp, one_device_run):
+  # the same pairing on 8 devices as on 1: partners drawn over the global batch
+  overrides, one = one_device_run
+  cmd, out = _worker(tmp_path, 'd8', dict(overrides, fsdp=fsdp), devices=8, steps=3)
+  r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads(r.stdout.strip().splitlines()[-1])
   assert report['devices'] == 8
   # fsdp: the kernels really are split over the 8 devices (else everything is replicated)
   assert (report['sharded_param_leaves'] > 5) if fsdp else report['sharded_param_leaves'] == 0
-  one, eight = _load(outs[0]), _load(outs[1])
+  if not fsdp:  # replicated params: the only all-gather is of the partners' keys/values
+    assert report['all_gathers'] > 0, report
+  eight = _load(out)
   # Adam moves each weight by ~lr per step whatever the gradient's size, so float-rounding
   # differences of the 8-way reduction in near-zero gradients can reach a fraction of lr in a
   # few weights; a wrong sharding (other partners, a missing all-reduce) moves all of them by ~lr.
@@ -120,28 +127,24 @@ sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tests')]
 import jax
 from conftest import tiny_config
 from dca_jax import distributed, train
-counts = {}
-for partners in ('per_device', 'global'):
-  trainer = train.Trainer(tiny_config(batch_size=16, pwca_partners=partners), sys.argv[2] + partners)
-  batch = distributed.global_batch(next(trainer.input.train_iter()), trainer.batch_sharding)
-  hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
-  counts[partners] = {op: hlo.count(op + '(') for op in ('all-gather', 'all-reduce')}
-  trainer.checkpointer.close()
-print(json.dumps(counts))
+trainer = train.Trainer(tiny_config(batch_size=16, pwca_partners='per_device'), sys.argv[2])
+batch = distributed.global_batch(next(trainer.input.train_iter()), trainer.batch_sharding)
+hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+trainer.checkpointer.close()
+print(json.dumps({op: hlo.count(op + '(') for op in ('all-gather', 'all-reduce')}))
 """
 
 
 def test_per_device_pwca_partners_gather_no_activations_across_devices(tmp_path):
   """8 simulated devices, 2 images each: with partners drawn within each device's share the
-  compiled train step has no all-gather (only the gradients' all-reduce); drawing them over the
-  global batch gathers the partners' keys/values from other devices."""
+  compiled train step has no all-gather, only the gradients' all-reduce (drawn over the global
+  batch, they are all-gathered: test_eight_devices_match_one_device[False] checks that)."""
   r = subprocess.run([sys.executable, '-c', _COLLECTIVES, ROOT, str(tmp_path / 'w')], env=_env(),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   counts = json.loads(r.stdout.strip().splitlines()[-1])
-  assert counts['per_device']['all-gather'] == 0, counts
-  assert counts['global']['all-gather'] > 0, counts
-  assert counts['per_device']['all-reduce'] > 0, counts  # the data-parallel gradient sum
+  assert counts['all-gather'] == 0, counts
+  assert counts['all-reduce'] > 0, counts  # the data-parallel gradient sum
 
 
 def _free_port():
