@@ -278,19 +278,20 @@ class Embedding(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    cfg = self.config
+    vit_config = self.config
     x = images
-    if cfg.resnet_layers is not None:
+    if vit_config.resnet_layers is not None:
       from dca_jax.models.resnet import ResNetStem  # pylint: disable=g-import-not-at-top
-      x = ResNetStem(layers=tuple(cfg.resnet_layers), width=cfg.resnet_width, dtype=self.dtype,
-                     name='stem')(x)
-    x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
+      x = ResNetStem(layers=tuple(vit_config.resnet_layers), width=vit_config.resnet_width,
+                     dtype=self.dtype, name='stem')(x)
+    patch = vit_config.patch_size
+    x = nn.Conv(vit_config.width, (patch, patch), strides=patch,
                 padding='VALID', dtype=self.dtype, kernel_init=dense_init, name='patch_embed')(x)
-    b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d).astype(jnp.float32)
-    cls = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, d))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
-    pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, h * w + 1, d))
+    batch, rows, cols, width = x.shape  # the patch grid may be non-square (Re-ID: 16 x 8)
+    x = x.reshape(batch, rows * cols, width).astype(jnp.float32)
+    cls = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)), x], axis=1)
+    pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, rows * cols + 1, width))
     return x + pos
 
 
@@ -319,7 +320,10 @@ def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xl
 
 
 class VisionTransformer(nn.Module):
-  """The plain classifier (SA only): CLS -> final LN -> head. Used for timm parity."""
+  """The plain classifier (SA only): CLS -> final LN -> head.
+
+  timm's VisionTransformer with the same parameter names: the reference the weight import and
+  the timm parity tests check, and the SA-only baseline of the cost tools."""
   config: ViTConfig
   num_classes: int
   stochastic_depth_prob: float = 0.0
@@ -327,10 +331,11 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    cfg = self.config
-    x = Embedding(cfg, dtype=self.dtype, name='embed')(images)
-    for i, rate in enumerate(drop_path_rates(self.stochastic_depth_prob, cfg.depth)):
-      x, _, _ = make_block(cfg, drop_path=rate, dtype=self.dtype, name=f'block_{i}')(x, not train)
+    vit_config = self.config
+    x = Embedding(vit_config, dtype=self.dtype, name='embed')(images)
+    for i, rate in enumerate(drop_path_rates(self.stochastic_depth_prob, vit_config.depth)):
+      x, _, _ = make_block(vit_config, drop_path=rate, dtype=self.dtype, name=f'block_{i}')(
+          x, not train)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name='norm')(x)
     return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=dense_init,
                     name='head')(x[:, 0])
