@@ -189,7 +189,7 @@ def build_config(args):
 def setup(args):
   """(config, vcfg, jitted step, state, batch, model, dtype) exactly as train.Trainer builds them."""
   from dca_jax import distributed, optim, train  # pylint: disable=g-import-not-at-top
-  from dca_jax.models import build_model, dcal  # pylint: disable=g-import-not-at-top
+  from dca_jax.models import build_model  # pylint: disable=g-import-not-at-top
   config, vcfg = build_config(args)
   distributed.check_batch_divisible(config.batch_size)
   dtype, precision = distributed.compute_dtype(config.precision)

@@ -14,7 +14,6 @@ predict prints the top-5 classes per image and writes W/predictions.jsonl. See d
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Sequence
@@ -175,7 +174,6 @@ class AttentionImages:
 
   def _first_batch(self):
     """This host's first eval batch (read once; the test split is fixed) and process 0's picks."""
-    from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
     split = {'split': 'query'} if self._trainer.config.task == 'reid' else {}
     batch = next(iter(self._trainer.input.eval_iter(with_index=True, **split)))
     keep = np.flatnonzero(batch['mask'])[:self.num_images]
@@ -369,7 +367,6 @@ def _same_preprocessing(a, b) -> bool:
 
 def _test_examples(predictor: Predictor, num_images: int, indices=None) -> list[dict]:
   """The first `num_images` test images (or those with the given `indices`), in split order."""
-  from dca_jax import data  # pylint: disable=g-import-not-at-top
   want = None if indices is None else set(indices)
   found = {}
   for batch in predictor.input.eval_iter(with_index=True):
@@ -516,7 +513,6 @@ def ranking_picture(query, query_map, gallery, matches) -> np.ndarray:
 
 def _split_images(input_data, config, split: str, wanted) -> dict:
   """{index: displayable uint8 image} of the wanted positions of a Re-ID split."""
-  from dca_jax import data  # pylint: disable=g-import-not-at-top
   wanted, found = set(int(i) for i in wanted), {}
   for batch in input_data.eval_iter(split=split):
     for image, index, mask in zip(batch['image'], batch['index'], batch['mask']):

@@ -9,7 +9,6 @@ import numpy as np
 from conftest import tiny_config
 from dca_jax.models import build_model
 from dca_jax import config_lib, distributed, optim, train
-from dca_jax.models import dcal
 
 
 def _paths(tree, want):

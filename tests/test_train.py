@@ -18,7 +18,6 @@ from conftest import ROOT, tiny_config
 from dca_jax.models import build_model
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib, distributed, optim, train
-from dca_jax.models import dcal
 
 WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
 
