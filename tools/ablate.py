@@ -142,19 +142,31 @@ def eval_again(config, workdir, seed, overrides, common, name, swaps):
     return json.load(f)
 
 
+def _paired(recs, test, key):
+  """`key` of the swapped evaluation and its per-seed difference to the run as trained (same
+  weights, same test set: the seed noise of training cancels)."""
+  swapped = [r['test_time'][test][key] for r in recs]
+  if any(v is None for v in swapped):
+    return '–'
+  diff = [s - r[key] for s, r in zip(swapped, recs)]
+  return f"{_pct(swapped)} (Δ {_pct(diff)})"
+
+
 def write_test_time_table(path, variants, results, tests, header) -> str:
-  rows = [header, '', '| trained as | seeds | evaluated as trained | '
+  """One row per trained variant: as trained, then each swap with its paired difference, for
+  SA+GLCA and for the GLCA branch alone (the branch the selection feeds)."""
+  rows = [header, '', '| trained as | seeds | branch | evaluated as trained | '
           + ' | '.join(f'evaluated with {name} ({", ".join(f"{k}={v}" for k, v in swaps)})'
                        for name, swaps in tests) + ' |',
-          '|---|---|---|' + '---|' * len(tests)]
+          '|---|---|---|---|' + '---|' * len(tests)]
   for variant in variants:
-    recs = [r for (v, _), r in sorted(results.items()) if v == variant]
+    recs = [r for (v, _), r in sorted(results.items()) if v == variant and 'test_time' in r]
     if not recs:
       continue
-    cells = [_pct([r['accuracy'] for r in recs])]
-    cells += [_pct([r['test_time'][name]['accuracy'] for r in recs]) for name, _ in tests]
-    rows.append(f'| {variant} | {",".join(str(r["seed"]) for r in recs)} | '
-                + ' | '.join(cells) + ' |')
+    seeds = ','.join(str(r['seed']) for r in recs)
+    for branch, key in (('SA+GLCA', 'accuracy'), ('GLCA', 'accuracy_glca')):
+      cells = [_pct([r[key] for r in recs])] + [_paired(recs, name, key) for name, _ in tests]
+      rows.append(f'| {variant} | {seeds} | {branch} | ' + ' | '.join(cells) + ' |')
   text = '\n'.join(rows) + '\n'
   with open(path, 'w') as f:
     f.write(text)
@@ -221,6 +233,9 @@ def main():
                  help='override for every run (repeatable), e.g. --set num_epochs=24')
   p.add_argument('--out', default=os.path.join(ROOT, 'runs', 'ablate'))
   p.add_argument('--jobs', type=int, default=1, help='runs at a time (1 thread each if > 1)')
+  p.add_argument('--threads', type=int, default=0,
+                 help='1 = one compute thread per run (default when --jobs > 1, or when another '
+                      'grid shares the machine); 0 = all cores')
   p.add_argument('--table_only', action='store_true')
   p.add_argument('--test_time', action='append', default=[], metavar='NAME:KEY=VALUE[,...]',
                  help='evaluate finished runs again with these knobs changed (repeatable)')
@@ -243,7 +258,7 @@ def main():
 
   todo = [(n, s) for n in variants for s in seeds if (n, s) not in results]
   if not a.table_only and todo:
-    threads = 1 if a.jobs > 1 else 2
+    threads = a.threads or (1 if a.jobs > 1 else 0)
     print(f'{len(todo)} run(s) to do, {len(results)} already in {results_path}', flush=True)
 
     def job(item):

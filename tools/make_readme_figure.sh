@@ -7,12 +7,12 @@
 #   tools/make_readme_figure.sh --config.num_epochs=2    # extra flags go to every run
 #
 # Environment: WORKDIR (default runs/demo), BASELINE (default runs/demo_sa; training resumes in
-# either if it holds a checkpoint), FIGURE (which test image, default test_00000.png), PYTHON.
+# either if it holds a checkpoint), FIGURE (which test image, default test_00001.png), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${WORKDIR:-runs/demo}"
 BASELINE="${BASELINE:-runs/demo_sa}"
-FIGURE="${FIGURE:-test_00000.png}"
+FIGURE="${FIGURE:-test_00001.png}"
 PYTHON="${PYTHON:-python}"
 
 "$PYTHON" main.py --config configs/demo.py --workdir "$WORKDIR" "$@"
