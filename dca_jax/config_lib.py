@@ -58,7 +58,7 @@ def _model_knobs(c: ml_collections.ConfigDict) -> None:
   c.top_k_ratio = 0.1              # R: 0.1 FGVC, 0.3 Re-ID
   c.glca_input = 'parallel'        # parallel: input of SA block L | on_top: output of SA block L
   c.glca_pool = 'cls'              # GLCA head reads: cls (its CLS output) / mean (of CLS + the R local outputs) / local (mean of the R local outputs)
-  c.glca_select = 'rollout'        # GLCA's local queries: rollout (paper) / random patches / last_layer (attention of the last block before GLCA only)
+  c.glca_select = 'rollout'        # GLCA's local queries: rollout (paper) / random patches / last_layer (attention of the last block before GLCA only) / rollout_lowest (the R lowest: a control)
   c.rollout_layers = 'before_glca' # SA blocks the rollout accumulates: before_glca (1..L-1 with parallel GLCA) / all (1..L)
   c.rollout_impl = 'vector'        # vector: CLS row as e0^T S_K ... S_1, O(L N^2) / running_product: one N x N map, O(L N^3), less memory
   c.pwca_partners = 'per_device'   # PWCA partners drawn within each device's share (no key/value traffic) / global (over the whole batch)
@@ -164,7 +164,7 @@ CHOICES = {
     'random_erasing_fill': ('random', 'mean'),
     'glca_input': ('parallel', 'on_top'),
     'glca_pool': ('cls', 'mean', 'local'),
-    'glca_select': ('rollout', 'random', 'last_layer'),
+    'glca_select': ('rollout', 'random', 'last_layer', 'rollout_lowest'),
     'rollout_layers': ('before_glca', 'all'),
     'rollout_impl': ('vector', 'running_product'),
     'loss_weighting': ('uncertainty', 'sum'),

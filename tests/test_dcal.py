@@ -101,11 +101,12 @@ def np_rollout(maps):
   return acc[:, 0]
 
 
-def np_topr(cls_row, ratio):
-  """CLS (0) + the round(ratio·N) patch indices of highest rollout, by numpy argsort."""
+def np_topr(cls_row, ratio, lowest=False):
+  """CLS (0) + the round(ratio·N) patch indices of highest (or lowest) rollout, by numpy
+  argsort."""
   patches = cls_row[:, 1:]
   r = int(round(ratio * patches.shape[1]))
-  top = np.argsort(-patches, axis=1, kind='stable')[:, :r] + 1
+  top = np.argsort(patches if lowest else -patches, axis=1, kind='stable')[:, :r] + 1
   return np.concatenate([np.zeros((len(top), 1), int), top], 1)
 
 
@@ -135,8 +136,8 @@ def np_dcal(params, images, *, heads, patch, depth, ratio, num_pwca=0, partner=N
   out['sa_logits'] = np_dense(sa_feature, p['head'])
   out['sa_feature'] = sa_feature
   if index is None:
-    index = np_topr(out['rollout'] if glca_select == 'rollout' else np_rollout(covered[-1:]),
-                    ratio)
+    index = np_topr(np_rollout(covered[-1:]) if glca_select == 'last_layer' else out['rollout'],
+                    ratio, lowest=glca_select == 'rollout_lowest')
   if glca_input == 'on_top':
     glca_in = x
   g, _, _ = np_block(p['glca_block'], glca_in, heads, query_index=index)
@@ -379,7 +380,7 @@ def test_glca_on_top_input_matches_numpy():
 @pytest.mark.parametrize('rollout_layers,glca_input', [('before_glca', 'parallel'),
                                                         ('all', 'parallel'),
                                                         ('before_glca', 'on_top')])
-@pytest.mark.parametrize('glca_select', ['rollout', 'last_layer'])
+@pytest.mark.parametrize('glca_select', ['rollout', 'last_layer', 'rollout_lowest'])
 def test_selection_knobs_match_numpy(rollout_layers, glca_input, glca_select):
   """Rollout depth (blocks 1..L-1 before a parallel GLCA, or 1..L), the last-layer ablation and
   the 'local' pooling (mean of the R local outputs), against METHOD.md's equations."""
@@ -391,7 +392,7 @@ def test_selection_knobs_match_numpy(rollout_layers, glca_input, glca_select):
   out = japply(model, params, x)
   ref = np_dcal(params, x, heads=TINY.num_heads, patch=TINY.patch_size, depth=TINY.depth,
                 ratio=RATIO, **kw)
-  if glca_select == 'rollout':
+  if glca_select != 'last_layer':
     np.testing.assert_allclose(out['rollout'], ref['rollout'], **TOL)
   np.testing.assert_array_equal(np.asarray(out['glca_index']), ref['glca_index'])
   np.testing.assert_allclose(out['glca_logits'], ref['glca_logits'], **TOL)

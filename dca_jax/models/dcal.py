@@ -63,6 +63,11 @@ def rollout_cls_row(maps, impl: str = 'vector'):
   return row if product is None else jnp.einsum('bj,bjk->bk', row, product)
 
 
+# Selections ranked by the rollout: the paper's top R, and its inverse (the R lowest, a control
+# of whether the ranking carries information: it should do worse than random if it does).
+ROLLOUT_SELECTIONS = ('rollout', 'rollout_lowest')
+
+
 def num_selected(num_patches: int, top_k_ratio: float) -> int:
   """R = round(ratio · N), at least 1 (78 of 784 at 448 px, ratio 0.1)."""
   return max(1, min(num_patches, int(round(top_k_ratio * num_patches))))
@@ -162,7 +167,7 @@ class DCAL(nn.Module):
   top_k_ratio: float = 0.1
   glca_input: str = 'parallel'         # parallel: input of SA block L | on_top: its output
   glca_pool: str = 'cls'               # what the GLCA classifier reads: cls | mean | local
-  glca_select: str = 'rollout'         # GLCA's local queries: rollout | random | last_layer
+  glca_select: str = 'rollout'         # GLCA's local queries: rollout | random | last_layer | rollout_lowest
   rollout_layers: str = 'before_glca'  # SA blocks the rollout covers: before_glca | all
   rollout_impl: str = 'vector'         # vector | running_product
   loss_weights_init: float = 0.0
@@ -197,7 +202,7 @@ class DCAL(nn.Module):
     """The SA blocks whose head-mean attention is needed: those the selection ranks by (all the
     rollout's, or only its last for 'last_layer'), all the rollout's when drawing, else none."""
     blocks = self.rollout_blocks()
-    if draw or (select and self.glca_select == 'rollout'):
+    if draw or (select and self.glca_select in ROLLOUT_SELECTIONS):
       return set(blocks)
     if select and self.glca_select == 'last_layer':
       return set(blocks[-1:])
@@ -232,7 +237,7 @@ class DCAL(nn.Module):
     out = {'sa_logits': sa_logits, 'sa_feature': sa_feature, 'loss_weights': loss_weights}
     if self.bnneck:
       out['sa_bn_feature'] = sa_neck
-    if with_selection or (select and self.glca_select == 'rollout'):
+    if with_selection or (select and self.glca_select in ROLLOUT_SELECTIONS):
       out['rollout'] = self._rollout(maps, x.shape[0], x.shape[1])
     if self.num_glca_layers:
       glca_block = vit.make_block(self.config, drop_path=rates[-1], name='glca_block',
@@ -294,6 +299,8 @@ class DCAL(nn.Module):
     """GLCA's query tokens [B, 1 + R] by `glca_select`."""
     if self.glca_select == 'rollout':
       scores = rollout_row
+    elif self.glca_select == 'rollout_lowest':  # the control: the R patches ranked last
+      scores = -rollout_row
     elif self.glca_select == 'last_layer':
       if not maps:  # no SA block before GLCA: nothing to rank by
         raise ValueError("glca_select='last_layer' needs at least one SA block before GLCA")
