@@ -3,7 +3,7 @@
 Person-like figures whose identity is a small two-colour emblem, seen by six "cameras" that
 change background, colour cast and scale (dca_jax/data/synthetic_reid.py), written once as
 JPEGs in the Market-1501 layout and read back by the Market-1501 reader. Test identities are
-never trained on. Trains and evaluates on 2 CPU cores in about 3 minutes (figures in the
+never trained on. Trains and evaluates on 2 idle CPU cores in about 70 s (figures in the
 README); eval.json also reports the raw-pixel nearest-neighbour baseline of the same images.
   python main.py --config configs/reid_demo.py --workdir runs/reid_demo
   python main.py --config configs/reid_demo.py --workdir runs/reid_demo --mode eval

@@ -70,7 +70,7 @@ def _model_knobs(c: ml_collections.ConfigDict) -> None:
   c.triplet_margin = 0.0           # task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin
   c.bnneck = True                  # task=reid: BatchNorm neck between each branch's feature and its classifier
   c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
-  c.attention_impl = 'xla'         # xla | cudnn (fused attention where no weights are needed: PWCA)
+  c.attention_impl = 'xla'         # xla | cudnn (fused attention in SA/PWCA blocks whose attention maps are not needed)
   c.use_gradient_checkpointing = True # nn.remat around every block (SA/PWCA/GLCA)
   c.remat_policy = 'nothing_saveable'  # full, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable, ...
   c.precision = 'auto'             # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)
