@@ -86,27 +86,37 @@ def _flag(key, value) -> str:
   return f'--config.{key}={json.dumps(value) if isinstance(value, bool) else value}'
 
 
+def _config_flags(common, seed, overrides) -> list:
+  """The --config.* flags of one run: the common --set values, the seed, the variant's knobs
+  (`overrides`: (key, value) pairs, later ones win)."""
+  return ([_flag(k, v) for k, v in common] + [f'--config.seed={seed}']
+          + [_flag(k, v) for k, v in overrides])
+
+
+def _main_py(config, workdir, mode, flags, env=None):
+  """Runs `main.py --mode MODE` on `workdir`, its output appended to workdir/ablate.log."""
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
+         f'--workdir={workdir}', f'--mode={mode}'] + flags
+  with open(os.path.join(workdir, 'ablate.log'), 'a') as log:
+    log.write(' '.join(cmd) + '\n')
+    log.flush()
+    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+  if code:
+    raise RuntimeError(f'{workdir}: main.py --mode {mode} {" ".join(flags)} exited {code} '
+                       f'(see {log.name})')
+
+
 def run_one(config, workdir, seed, overrides, common, *, threads: int):
   """Train + eval one variant/seed with main.py; returns the result record (raises on failure)."""
-  args = [_flag(k, v) for k, v in common] + [f'--config.seed={seed}']
-  args += [_flag(k, v) for k, v in overrides.items()]
+  flags = _config_flags(common, seed, overrides.items())
   env = dict(os.environ)
   if threads == 1:
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false').strip()
     env['TF_NUM_INTRAOP_THREADS'] = env['TF_NUM_INTEROP_THREADS'] = '1'
   os.makedirs(workdir, exist_ok=True)
-  log = open(os.path.join(workdir, 'ablate.log'), 'a')
   start = time.time()
   for mode in ('train', 'eval'):
-    cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
-           f'--workdir={workdir}', f'--mode={mode}'] + args
-    log.write(' '.join(cmd) + '\n')
-    log.flush()
-    r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if r.returncode:
-      raise RuntimeError(f'{workdir}: main.py --mode {mode} exited {r.returncode} '
-                         f'(see {log.name})')
-  log.close()
+    _main_py(config, workdir, mode, flags, env)
   with open(os.path.join(workdir, 'eval.json')) as f:
     result = json.load(f)
   return {'accuracy': result['accuracy'], 'accuracy_sa': result['accuracy_sa'],
@@ -129,15 +139,8 @@ def eval_again(config, workdir, seed, overrides, common, name, swaps):
   """`main.py --mode eval` of a finished run with `swaps` changed; returns its results."""
   path = os.path.join(workdir, f'eval_{name}.json')
   if not os.path.exists(path):
-    args = [_flag(k, v) for k, v in common] + [f'--config.seed={seed}']
-    args += [_flag(k, v) for k, v in list(overrides.items()) + list(swaps)]
-    cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
-           f'--workdir={workdir}', '--mode=eval', f'--eval_out=eval_{name}.json'] + args
-    with open(os.path.join(workdir, 'ablate.log'), 'a') as log:
-      log.write(' '.join(cmd) + '\n')
-      log.flush()
-      if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
-        raise RuntimeError(f'{workdir}: eval with {swaps} failed (see {log.name})')
+    flags = _config_flags(common, seed, list(overrides.items()) + list(swaps))
+    _main_py(config, workdir, 'eval', flags + [f'--eval_out=eval_{name}.json'])
   with open(path) as f:
     return json.load(f)
 
