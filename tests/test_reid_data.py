@@ -446,28 +446,16 @@ def test_missing_split_folder(tmp_path):
                  f'missing folder {os.path.join(lay.root, "query")}')
 
 
-def test_unparsable_file_name_is_named(tmp_path):
+@pytest.mark.parametrize('folder,name,pid,pattern', [
+    ('bounding_box_test', 'IMG_0001.jpg', 1, 'IMG_0001.jpg: file name does not parse'),
+    ('query', '0003_c9s1_000001_01.jpg', 3, '0003_c9s1_000001_01.jpg: camera 9 outside 1..6'),
+    ('query', '0777_c1s1_000001_01.jpg', 777,
+     'query id 777 .*0777_c1s1_000001_01.jpg.*no image in the gallery'),
+], ids=['unparsable_file_name', 'camera_out_of_range', 'query_id_absent_from_gallery'])
+def test_one_bad_file_is_named_in_one_line(tmp_path, folder, name, pid, pattern):
   lay = reid_layouts.write_market1501(tmp_path)
-  bad = os.path.join(lay.root, 'bounding_box_test', 'IMG_0001.jpg')
-  reid_layouts.write_jpeg(bad, 1, np.random.default_rng(0))
-  one_line_error(lambda: reid_sources.read_reid('market1501', lay.data_dir),
-                 'IMG_0001.jpg: file name does not parse')
-
-
-def test_camera_out_of_range(tmp_path):
-  lay = reid_layouts.write_market1501(tmp_path)
-  reid_layouts.write_jpeg(os.path.join(lay.root, 'query', '0003_c9s1_000001_01.jpg'), 3,
-                          np.random.default_rng(0))
-  one_line_error(lambda: reid_sources.read_reid('market1501', lay.data_dir),
-                 '0003_c9s1_000001_01.jpg: camera 9 outside 1..6')
-
-
-def test_query_id_absent_from_gallery(tmp_path):
-  lay = reid_layouts.write_market1501(tmp_path)
-  reid_layouts.write_jpeg(os.path.join(lay.root, 'query', '0777_c1s1_000001_01.jpg'), 777,
-                          np.random.default_rng(0))
-  one_line_error(lambda: reid_sources.read_reid('market1501', lay.data_dir),
-                 'query id 777 .*0777_c1s1_000001_01.jpg.*no image in the gallery')
+  reid_layouts.write_jpeg(os.path.join(lay.root, folder, name), pid, np.random.default_rng(0))
+  one_line_error(lambda: reid_sources.read_reid('market1501', lay.data_dir), pattern)
 
 
 @pytest.mark.parametrize('folder', ['bounding_box_train', 'query'])
