@@ -3,6 +3,8 @@
   python main.py --config configs/cub.py --workdir DIR                 # train (resumes)
   python main.py --config configs/cub.py --workdir DIR --mode eval     # evaluate a checkpoint
   python main.py --config configs/demo.py --workdir DIR --config.batch_size=8
+  python main.py --config configs/cub.py --workdir DIR --mode plan \
+      --target_config .../h100_sxm.txtpb                              # memory plan for a GPU
 """
 
 import os
@@ -17,7 +19,8 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and outputs go here.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize', 'predict'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize', 'predict', 'plan'],
+                          'What to run.')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                                 'Which checkpoint eval/visualize/predict restore.')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files for predict/visualize.')
@@ -25,6 +28,11 @@ _EVAL_OUT = flags.DEFINE_string('eval_out', 'eval.json',
                                 'eval: the file in --workdir the results are written to.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'visualize: test images to draw without --images.')
 _COMPARE = flags.DEFINE_string('compare_workdir', '', 'visualize: a second run drawn side by side.')
+_TARGETS = flags.DEFINE_list(
+    'target_config', [], 'plan: GPU target spec files (XLA gpu_target_config .txtpb, e.g. from '
+    'xla/backends/gpu/target_config/specs/); none = plan for the attached devices.')
+_TOPOLOGY = flags.DEFINE_string('topology', '1x1x1',
+                                'plan: deviceless topology, hosts x 1 x GPUs per host (1x1x8).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-host: this process index.')
@@ -48,7 +56,13 @@ def main(argv):
   try:
     if _MODE.value == 'train':
       from dca_jax import train  # pylint: disable=g-import-not-at-top
+      if config.auto_batch:
+        from dca_jax import plan  # pylint: disable=g-import-not-at-top
+        config = plan.apply_auto_batch(config)
       train.train_and_evaluate(config, _WORKDIR.value)
+    elif _MODE.value == 'plan':
+      from dca_jax import plan  # pylint: disable=g-import-not-at-top
+      plan.run_plan(config, _WORKDIR.value, _TARGETS.value, topology=_TOPOLOGY.value)
     elif _MODE.value == 'eval':
       from dca_jax import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.run_eval(config, _WORKDIR.value, _CHECKPOINT.value, output=_EVAL_OUT.value)

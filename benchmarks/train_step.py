@@ -201,9 +201,8 @@ def setup(args):
   init_rng, step_rng = jax.random.split(rng)
   state, shardings = train.create_train_state(config, model, tx, mesh, precision=precision,
                                               rng=init_rng, load_pretrained=False)
-  step = jax.jit(train.make_train_step(model, tx, config, dtype=dtype, rng=step_rng),
-                 in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
+  step = train.jit_train_step(model, tx, config, dtype=dtype, rng=step_rng, mesh=mesh,
+                              shardings=shardings)
   r = np.random.default_rng(args.seed)
   local = {'image': r.standard_normal((config.batch_size, args.size, args.size, 3), np.float32),
            'label': r.integers(0, config.num_classes, (config.batch_size,), np.int32)}

@@ -84,6 +84,10 @@ def _optimisation_knobs(c: ml_collections.ConfigDict) -> None:
   c.batch_size = 4                 # physical batch, global across devices
   c.fsdp = False                   # shard params and optimizer state over the devices (else replicated)
   c.gradient_accumulation_steps = 4 # micro-batches per update (optax.MultiSteps); effective batch = batch_size x this
+  c.auto_batch = False             # train: the memory planner picks batch_size x accumulation (same effective batch) and remat at start-up (docs/MEMORY.md)
+  c.plan_memory_margin = 0.1       # plan/auto_batch: fraction of the usable device memory kept free (cuDNN workspace, fragmentation)
+  c.plan_memory_gb = 0.0           # plan/auto_batch: device memory to plan for in GiB; 0 = the device's (JAX's pool: XLA_PYTHON_CLIENT_MEM_FRACTION of it)
+  c.plan_mfu = 0.4                 # plan: model-FLOP utilisation assumed when turning FLOPs into step time
   c.learning_rate = 5e-4           # base; scaled by effective batch / lr_reference_batch
   c.lr_reference_batch = 512       # the effective batch at which learning_rate applies as is
   c.weight_decay = 0.05            # AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights
@@ -197,7 +201,8 @@ RANGES = {
     'eval_batch_size': (1, INF, True), 'eval_frequency': (1, INF, True),
     'save_frequency': (1, INF, True), 'save_every_steps': (0, INF, True),
     'keep_checkpoints': (1, INF, True), 'log_every_steps': (1, INF, True),
-    'max_steps': (0, INF, True),
+    'max_steps': (0, INF, True), 'plan_memory_margin': (0.0, 0.9, True),
+    'plan_memory_gb': (0.0, INF, True), 'plan_mfu': (0.0, 1.0, False),
 }
 
 

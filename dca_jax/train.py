@@ -71,10 +71,8 @@ def load_pretrained_params(config, params):
   return params
 
 
-def create_train_state(config, model, tx, mesh, *, precision: str, rng,
-                       load_pretrained: bool = True) -> tuple[TrainState, Any]:
-  """State born on the mesh (replicated, or FSDP-sharded): shapes from eval_shape, values from
-  a jitted init. Returns (state, its shardings)."""
+def _init_fn(config, model, tx, precision: str):
+  """rng -> a fresh TrainState (random init; no pretrained weights)."""
   shape = (1, *config_lib.input_hw(config), 3)
 
   def init(rng):
@@ -84,11 +82,24 @@ def create_train_state(config, model, tx, mesh, *, precision: str, rng,
                       batch_stats=variables.get('batch_stats'), opt_state=tx.init(params),
                       loss_scale=dynamic_scale_lib.DynamicScale() if precision == 'fp16' else None,
                       skipped=jnp.zeros((), jnp.int32))
+  return init
 
-  abstract = jax.eval_shape(init, rng)
+
+def abstract_train_state(config, model, tx, mesh, *, precision: str) -> tuple[Any, Any]:
+  """(shapes, shardings) of the train state on `mesh`, without computing it: what the train
+  step is compiled for (here and by the memory planner, `plan.py`)."""
+  abstract = jax.eval_shape(_init_fn(config, model, tx, precision), jax.random.key(0))
   shardings = jax.tree.map(
       lambda x: distributed.state_sharding(mesh, x.shape, config.fsdp), abstract)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  return abstract, shardings
+
+
+def create_train_state(config, model, tx, mesh, *, precision: str, rng,
+                       load_pretrained: bool = True) -> tuple[TrainState, Any]:
+  """State born on the mesh (replicated, or FSDP-sharded): shapes from eval_shape, values from
+  a jitted init. Returns (state, its shardings)."""
+  _, shardings = abstract_train_state(config, model, tx, mesh, precision=precision)
+  state = jax.jit(_init_fn(config, model, tx, precision), out_shardings=shardings)(rng)
   if config.pretrained_model and load_pretrained:
     params = load_pretrained_params(config, jax.device_get(state.params))
     state = state.replace(params=jax.device_put(params, shardings.params))
@@ -96,8 +107,9 @@ def create_train_state(config, model, tx, mesh, *, precision: str, rng,
 
 
 # ============================================================================ train step
-def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng):
-  """(state, batch) -> (state, metrics) for one physical batch.
+def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
+               num_devices: int):
+  """(state, batch) -> (state, metrics) for one physical batch over `num_devices`.
 
   PWCA partners, drop-path masks and random selections come from fold_in(base_rng, step), so
   a resumed run draws exactly what the uninterrupted one would.
@@ -107,7 +119,7 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng):
   images = preprocess.device_normalize(batch['image'], config, dtype)  # uint8 -> dtype
   partner = None
   if config.num_pwca_layers > 0:  # within each device's share, or over the global batch
-    groups = jax.device_count() if config.pwca_partners == 'per_device' else 1
+    groups = num_devices if config.pwca_partners == 'per_device' else 1
     partner = dcal.derangement_per_group(partner_rng, images.shape[0], groups)
   has_stats = state.batch_stats is not None
   triplet_margin = config.triplet_margin if config.task == 'reid' else None
@@ -145,10 +157,19 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng):
   return new_state, metrics
 
 
-def make_train_step(model, tx, config, *, dtype, rng):
+def make_train_step(model, tx, config, *, dtype, rng, num_devices: int = 1):
   """`train_step` with its static parts bound: (state, batch) -> (state, metrics)."""
   return functools.partial(train_step, model=model, tx=tx, config=config, dtype=dtype,
-                           base_rng=rng)
+                           base_rng=rng, num_devices=num_devices)
+
+
+def jit_train_step(model, tx, config, *, dtype, rng, mesh, shardings):
+  """`train_step` jitted for `mesh` as training runs it: state in/out with its shardings and
+  donated, the batch data-sharded, metrics replicated. The memory planner compiles this same
+  function for a GPU target (`plan.py`)."""
+  step = make_train_step(model, tx, config, dtype=dtype, rng=rng, num_devices=mesh.devices.size)
+  return jax.jit(step, in_shardings=(shardings, distributed.data_sharding(mesh)),
+                 out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
 
 
 # ============================================================================ a run
@@ -190,10 +211,8 @@ class Trainer:
         config, self.model, self.tx, self.mesh, precision=self.precision, rng=init_rng,
         load_pretrained=self.resume_step is None)
     self.meta = ckpt_lib.model_meta(config, loss_scale=self.precision == 'fp16')
-    self.train_step = jax.jit(
-        make_train_step(self.model, self.tx, config, dtype=self.dtype, rng=step_rng),
-        in_shardings=(self.shardings, self.batch_sharding),
-        out_shardings=(self.shardings, distributed.replicated(self.mesh)), donate_argnums=(0,))
+    self.train_step = jit_train_step(self.model, self.tx, config, dtype=self.dtype,
+                                     rng=step_rng, mesh=self.mesh, shardings=self.shardings)
     self.evaluate = evaluate.Evaluator(config, self.model, self.input, self.mesh,
                                        self.shardings.variables, dtype=self.dtype)
 
