@@ -1,5 +1,5 @@
 """DCAL on Stanford Cars (196 classes) with the paper's FGVC recipe (METHOD.md)."""
-from dca_jax import config_lib
+from dca_jax import config_lib, hub
 
 
 def get_config(arg=None):
@@ -7,4 +7,5 @@ def get_config(arg=None):
   c.dataset = 'cars'
   c.data_source = 'tfds'       # or 'folder' with data_dir holding the devkit layout
   c.num_classes = 196
+  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
   return c

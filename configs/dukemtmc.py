@@ -3,11 +3,12 @@
 The set was withdrawn by its authors; the layout is supported for those who hold it.
 data_dir holds DukeMTMC-reID/ (bounding_box_train/, query/, bounding_box_test/).
 """
-from dca_jax import config_lib
+from dca_jax import config_lib, hub
 
 
 def get_config(arg=None):
   c = config_lib.reid_config(backbone=arg or 'vit_base')
   c.dataset = 'dukemtmc'
   c.num_classes = 702
+  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
   return c

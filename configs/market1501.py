@@ -1,10 +1,11 @@
 """DCAL on Market-1501 (751 train identities), the paper's Re-ID recipe (docs/REID.md).
 
-python main.py --config configs/market1501.py --workdir runs/market \
-    --config.data_dir=/data --config.pretrained_model=/weights/ViT-B_16.npz
+python main.py --config configs/market1501.py --workdir runs/market --config.data_dir=/data
+fine-tunes the paper's ImageNet-21k ViT-B/16 (timm/vit_base_patch16_224.orig_in21k, fetched once
+and cached; TransReID's in21k+in1k file is timm/vit_base_patch16_224.orig_in21k_ft_in1k).
 data_dir holds Market-1501-v15.09.15/ (bounding_box_train/, query/, bounding_box_test/).
 """
-from dca_jax import config_lib
+from dca_jax import config_lib, hub
 
 
 def get_config(arg=None):
@@ -12,4 +13,5 @@ def get_config(arg=None):
   c = config_lib.reid_config(backbone=arg or 'vit_base')
   c.dataset = 'market1501'
   c.num_classes = 751
+  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
   return c

@@ -3,11 +3,12 @@
 data_dir holds MSMT17_V1/ or MSMT17_V2/ (the version read is recorded in eval.json: it moves
 published mAP by several points). See docs/REID.md.
 """
-from dca_jax import config_lib
+from dca_jax import config_lib, hub
 
 
 def get_config(arg=None):
   c = config_lib.reid_config(backbone=arg or 'vit_base')
   c.dataset = 'msmt17'
   c.num_classes = 1041
+  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
   return c

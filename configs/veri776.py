@@ -2,12 +2,13 @@
 
 data_dir holds VeRi/ (image_train/, image_query/, image_test/). See docs/REID.md.
 """
-from dca_jax import config_lib
+from dca_jax import config_lib, hub
 
 
 def get_config(arg=None):
   c = config_lib.reid_config(backbone=arg or 'vit_base')
   c.dataset = 'veri776'
   c.num_classes = 576
+  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
   c.input_size, c.input_width = 256, 256
   return c

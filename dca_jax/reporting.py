@@ -15,6 +15,7 @@ import numpy as np
 
 def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> str:
   """The start banner, in the words of the PyTorch memory guide users know."""
+  from dca_jax import hub  # pylint: disable=g-import-not-at-top  (which weights, from where)
   check = lambda on: '✓' if on else '✗'
   half = precision in ('bf16', 'fp16')
   prec_name = {'fp16': 'FP16, dynamic loss scaling', 'bf16': 'BF16', 'fp32': 'FP32'}[precision]
@@ -26,6 +27,7 @@ def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> 
       f'Model initialized with {num_params / 1e6:.2f}M parameters ({config.backbone}, '
       f'DCAL L={config.num_sa_layers} M={config.num_glca_layers} T={config.num_pwca_layers}, '
       f'R={config.top_k_ratio:g})',
+      hub.banner_line(config.pretrained_model),
       f'Physical batch size: {config.batch_size}',
       f'Gradient accumulation steps: {config.gradient_accumulation_steps}',
       f'Effective batch size: {config.batch_size * config.gradient_accumulation_steps}',

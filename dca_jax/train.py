@@ -57,17 +57,26 @@ def count_params(params) -> int:
 
 
 def load_pretrained_params(config, params):
-  """Pretrained backbone into `params` (host numpy); GLCA from the last SA block if asked."""
-  from dca_jax import weights  # pylint: disable=g-import-not-at-top
+  """Pretrained backbone into `params` (host numpy); GLCA from the last SA block if asked.
+
+  `config.pretrained_model` is a path, a Hub id or a known name (dca_jax/hub.py: fetched once,
+  verified, cached) or 'none' (params returned as they are)."""
+  from dca_jax import hub, weights  # pylint: disable=g-import-not-at-top
+  resolved = hub.resolve(config.pretrained_model, backbone=config.backbone)
+  if resolved is None:
+    return params
   vit_config = dcal.vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
   grid_hw = tuple(vit_config.grid_size(side) for side in config_lib.input_hw(config))
   params, report = weights.load_pretrained(
-      config.pretrained_model, params, vit_config,
+      resolved.path, params, vit_config,
       posemb_interpolation=config.posemb_interpolation, grid_hw=grid_hw)
   logging.info('pretrained weights: %s', report.summary())
+  description = f'{resolved.describe()}; {len(report.loaded)} arrays loaded'
   if config.glca_init_from_sa and 'glca_block' in params:
     params = dcal.glca_from_last_block(params, vit_config.depth)
     logging.info('GLCA block initialised from block_%d', vit_config.depth - 1)
+    description += f', GLCA from block_{vit_config.depth - 1}'
+  hub.record_loaded(config.pretrained_model, description)
   return params
 
 
@@ -203,10 +212,12 @@ class Trainer:
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     self.resume_step = self.checkpointer.latest_step()
-    if self.resume_step is not None and config.pretrained_model:
+    from dca_jax import hub  # pylint: disable=g-import-not-at-top
+    if self.resume_step is not None and not hub.is_scratch(config.pretrained_model):
       print(f'Resuming {self.checkpointer.directory}/{self.resume_step}: pretrained_model '
-            f'{config.pretrained_model} is not loaded (the checkpoint holds the trained weights)',
-            flush=True)
+            f'{config.pretrained_model} is not loaded nor fetched (the checkpoint holds the '
+            'trained weights)', flush=True)
+      hub.record_loaded(config.pretrained_model, None)  # the banner says so too
     self.state, self.shardings = create_train_state(
         config, self.model, self.tx, self.mesh, precision=self.precision, rng=init_rng,
         load_pretrained=self.resume_step is None)
