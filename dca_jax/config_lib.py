@@ -74,7 +74,7 @@ def _model_knobs(c: ml_collections.ConfigDict) -> None:
   c.use_gradient_checkpointing = True # nn.remat around every block (SA/PWCA/GLCA)
   c.remat_policy = 'nothing_saveable'  # full, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable, ...
   c.precision = 'auto'             # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)
-  c.pretrained_model = ''          # path to .npz / .safetensors / .pth, '' = random init
+  c.pretrained_model = ''          # a file (.npz / .safetensors / .pth), a Hub id (timm/deit_tiny_patch16_224.fb_in1k: fetched once, cached) or a known name (tools/fetch_weights.py --list); none or '' = random init. FGVC/Re-ID configs: the paper's for the backbone
   c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
 
 def _optimisation_knobs(c: ml_collections.ConfigDict) -> None:
@@ -263,6 +263,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, value in backbone_overrides(config).items():
     if value < 1:
       raise ConfigError(f'config.backbone_overrides.{key}={value} must be >= 1')
+  if not isinstance(config.pretrained_model, str):
+    raise ConfigError(f'config.pretrained_model={config.pretrained_model!r} must be a path, a '
+                      "Hub id or a name ('none' trains from scratch)")
+  from dca_jax import hub  # pylint: disable=g-import-not-at-top  (no network: the name's form)
+  hub.check_backbone(hub.parse(config.pretrained_model), config.backbone)
   _check_pairs(config)
 
 

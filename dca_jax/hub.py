@@ -171,7 +171,7 @@ def check_backbone(spec: Spec, backbone: str) -> None:
   raise WeightFetchError(
       f'pretrained_model {spec.value!r} holds {spec.known.backbone} weights but '
       f'config.backbone={backbone!r}: pick the backbone by config argument '
-      f'(configs/cub.py:{backbone}, whose default weights follow it), or set '
+      f'(e.g. configs/cub.py:{backbone}: the default weights follow it), or set '
       f'--config.pretrained_model={paper_weights(backbone)}')
 
 

@@ -239,6 +239,15 @@ def test_configs_name_the_papers_weights_and_their_normalisation(name):
     assert spec.known.normalization == config_lib.resolve_normalization(config)
 
 
+def test_a_backbone_override_without_its_weights_fails_validation():
+  from dca_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = _load_config('cub')
+  config.backbone = 'vit_base'                  # --config.backbone=vit_base: DeiT-T weights left
+  with pytest.raises(ValueError, match="holds deit_tiny weights but config.backbone='vit_base'.*"
+                     'pretrained_model=timm/vit_base_patch16_224.orig_in21k'):
+    config_lib.validate(config)
+
+
 def test_the_demos_train_from_scratch():
   assert hub.is_scratch(_load_config('demo').pretrained_model)
   assert hub.is_scratch(_load_config('reid_demo').pretrained_model)
