@@ -28,7 +28,8 @@ def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> 
       f'DCAL L={config.num_sa_layers} M={config.num_glca_layers} T={config.num_pwca_layers}, '
       f'R={config.top_k_ratio:g})',
       hub.banner_line(config.pretrained_model),
-      f'Physical batch size: {config.batch_size}',
+      f'Physical batch size: {config.batch_size}'
+      + (' (auto_batch: the memory plan\'s choice)' if config.auto_batch else ''),
       f'Gradient accumulation steps: {config.gradient_accumulation_steps}',
       f'Effective batch size: {config.batch_size * config.gradient_accumulation_steps}',
       f'Devices: {jax.device_count()} x {jax.devices()[0].device_kind} '

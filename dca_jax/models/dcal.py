@@ -241,7 +241,7 @@ class DCAL(nn.Module):
       out['rollout'] = self._rollout(maps, x.shape[0], x.shape[1])
     if self.num_glca_layers:
       glca_block = vit.make_block(self.config, drop_path=rates[-1], name='glca_block',
-                                  **block_args)
+                                  attention_impl=self.attention_impl, **block_args)
       glca_norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')
       glca_head = Classifier(self.num_classes, self.bnneck, name='glca_head')
       if select:

@@ -1,0 +1,212 @@
+"""The memory planner (dca_jax/plan.py) on the CPU backend, and the cuDNN padding of attention.
+
+The planner's GPU use (deviceless compiles for NVIDIA targets) needs the CUDA wheels, which the
+suite does not install; the same code runs here against XLA:CPU's buffer assignment, which is
+enough to check its logic: the real train step is compiled per candidate, the bytes follow the
+batch, the recommendation is the brute-force optimum, and `auto_batch` trains with it.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from dca_jax import plan
+from dca_jax.models import vit
+
+
+# --- cuDNN attention at odd token counts: the padding and masking logic ----------------------
+@pytest.mark.parametrize('num_q,num_kv', [(5, 5), (1, 5), (5, 10), (3, 7), (6, 6)])
+def test_padded_fused_attention_equals_unpadded(num_q, num_kv):
+  """785 tokens (448 px) are odd; cuDNN trains on even lengths only, so the fused path pads
+  queries and keys and masks the padded keys. The same call with XLA's implementation must give
+  the explicit softmax attention's values and gradients (q, k, v) at the unpadded lengths."""
+  r = np.random.default_rng(num_q * 10 + num_kv)
+  q = jnp.asarray(r.normal(size=(2, num_q, 2, 8)), jnp.float32)
+  k, v = (jnp.asarray(r.normal(size=(2, num_kv, 2, 8)), jnp.float32) for _ in range(2))
+  weights = jnp.asarray(r.normal(size=(2, num_q, 2, 8)), jnp.float32)  # a non-trivial cotangent
+
+  def loss(fn):
+    return lambda q, k, v: (fn(q, k, v) * weights).sum()
+
+  def reference(q, k, v):  # numpy-style softmax attention, independent of vit.attention
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
+
+  fused = lambda q, k, v: vit.fused_attention(q, k, v, implementation='xla')
+  np.testing.assert_allclose(fused(q, k, v), reference(q, k, v), atol=1e-5)
+  for got, want in zip(jax.grad(loss(fused), (0, 1, 2))(q, k, v),
+                       jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_padded_fused_attention_pads_only_odd_lengths():
+  """Even lengths go to the kernel as they are; odd ones become even (what cuDNN accepts)."""
+  seen = []
+  original = jax.nn.dot_product_attention
+
+  def spy(q, k, v, **kw):
+    seen.append((q.shape[1], k.shape[1], 'key_value_seq_lengths' in kw))
+    return original(q, k, v, **{**kw, 'implementation': 'xla'})
+
+  q = jnp.zeros((1, 785, 1, 8)); kv = jnp.zeros((1, 1570, 1, 8))
+  jax.nn.dot_product_attention = spy
+  try:
+    vit.fused_attention(q, kv, kv, implementation='xla')          # PWCA: 785 x (785 + 785)
+    vit.fused_attention(q, q, q, implementation='xla')            # SA: 785 x 785
+    vit.fused_attention(kv[:, :784], kv[:, :784], kv[:, :784], implementation='xla')
+  finally:
+    jax.nn.dot_product_attention = original
+  assert seen == [(786, 1570, True), (786, 786, True), (784, 784, False)]
+
+
+# --- the GPU spec reader ----------------------------------------------------------------------
+_SPEC = """gpu_device_info {
+  core_count: 132
+  device_memory_size: 84942979072
+  matrix_unit_description {
+    rate_infos { key: 10 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 512 } }
+    rate_infos { key: 11 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 256 } }
+    rate_infos { key: 16 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 512 } }
+  }
+  model_str: "sm_9.0a with 84942979072B RAM"
+}
+"""
+
+
+def test_spec_peak_flops_match_the_published_dense_figures():
+  """An H100 SXM's spec (132 SMs, 4 tensor cores each, 1.83 GHz boost): NVIDIA's datasheet
+  gives 989.4 TFLOP/s dense BF16/FP16 and 494.7 TF32; the spec's rates must give the same."""
+  spec = plan.read_gpu_spec(_SPEC)
+  assert spec['memory_bytes'] == 84942979072
+  assert spec['peak_flops']['bf16'] == pytest.approx(989.4e12, rel=2e-3)
+  assert spec['peak_flops']['fp16'] == pytest.approx(989.4e12, rel=2e-3)
+  assert spec['peak_flops']['fp32'] == pytest.approx(494.7e12, rel=2e-3)
+  with pytest.raises(plan.PlanError, match='not an XLA GPU target spec'):
+    plan.read_gpu_spec('gpu_device_info { }')
+
+
+def test_candidates_respect_devices_pwca_and_reid_groups():
+  c = tiny_config(batch_size=4, gradient_accumulation_steps=4)  # effective 16
+  sizes = lambda cands: sorted({x.batch_size for x in cands})
+  assert sizes(plan.candidates(c, 1)) == [2, 4, 8, 16]            # PWCA: >= 2 images per device
+  assert sizes(plan.candidates(c, 4)) == [8, 16]
+  c.pwca_partners = 'global'
+  assert sizes(plan.candidates(c, 1)) == [1, 2, 4, 8, 16]
+  c.task, c.num_instances = 'reid', 4
+  assert sizes(plan.candidates(c, 1)) == [4, 8, 16]              # whole P x K groups
+  assert all(x.batch_size * x.accumulation == 16 for x in plan.candidates(c, 1))
+
+
+# --- the plan on the CPU backend ---------------------------------------------------------------
+@pytest.fixture(scope='module')
+def cpu_plan(tmp_path_factory):
+  """`--mode plan`'s function on the attached CPU for the tiny DCAL, effective batch 4."""
+  workdir = tmp_path_factory.mktemp('plan')
+  config = tiny_config(batch_size=4, gradient_accumulation_steps=1)
+  records = plan.run_plan(config, str(workdir), [])
+  with open(workdir / 'plan.jsonl') as f:
+    assert [json.loads(line) for line in f] == json.loads(json.dumps(records, default=float))
+  return config, records
+
+
+def _by(records):
+  return {(r['batch_size'], r['remat']): r for r in records}
+
+
+def test_plan_compiles_every_candidate_and_bytes_follow_the_batch(cpu_plan):
+  _, records = cpu_plan
+  rows = _by(records)
+  assert set(rows) == {(b, r) for b in (2, 4) for r in plan.REMAT_LEVELS}
+  for remat in plan.REMAT_LEVELS:
+    small, large = rows[2, remat], rows[4, remat]
+    assert not small['error'] and small['accumulation'] == 2 and large['accumulation'] == 1
+    # the activations double with the batch; the state (arguments) does not
+    assert large['temp_bytes'] > 1.3 * small['temp_bytes']
+    assert large['memory_bytes'] == (large['argument_bytes'] + large['output_bytes']
+                                     - large['alias_bytes'] + large['temp_bytes'])
+    # the donated state is aliased: counted once
+    assert large['alias_bytes'] > 0.9 * (large['output_bytes'] - 1024)
+    # FLOPs per micro-step double with the batch, and remat adds recomputation
+    assert large['flops'] == pytest.approx(2 * small['flops'], rel=0.05)
+  assert rows[4, 'nothing_saveable']['flops'] > 1.1 * rows[4, 'off']['flops']
+  assert sum(r['recommended'] for r in records) == 1
+  assert _by([r for r in records if r['recommended']]).keys() == {(4, 'off')}
+
+
+def _brute_force(records, limit):
+  """The fastest fitting row written out directly: least FLOPs per effective batch; within 1 %
+  the larger physical batch."""
+  fitting = [r for r in records if r['memory_bytes'] <= limit]
+  if not fitting:
+    return None
+  best = min(r['flops'] * r['accumulation'] for r in fitting)
+  near = [r for r in fitting if r['flops'] * r['accumulation'] <= best * 1.01]
+  return max(near, key=lambda r: r['batch_size'])
+
+
+def test_recommendation_is_the_brute_force_optimum_at_every_memory_limit(cpu_plan):
+  config, records = cpu_plan
+  target = plan.attached_target()
+  sizes = sorted({r['memory_bytes'] for r in records})
+  for limit in [sizes[0] - 1] + sizes:
+    rows = []
+    for r in records:
+      row = plan.Row(plan.Candidate(r['batch_size'], r['accumulation'], r['remat']),
+                     memory_bytes=r['memory_bytes'], flops=r['flops'])
+      rows.append(plan.judge(row, dataclasses.replace(target, memory_bytes=limit), 'fp32', 0.0,
+                             0.4))
+    got, want = plan.recommend(rows), _brute_force(records, limit)
+    if want is None:
+      assert got is None
+    else:
+      assert (got.candidate.batch_size, got.candidate.remat) == (want['batch_size'],
+                                                                 want['remat'])
+
+
+def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path):
+  """main.py with auto_batch and a memory budget that the largest batch exceeds: the search
+  (ranked by FLOPs, compiling until one fits) must land on the brute-force choice, say so,
+  and train with it (config.json records it)."""
+  _, records = cpu_plan
+  largest = max(r['memory_bytes'] for r in records if r['batch_size'] == 4)
+  limit = max(r['memory_bytes'] for r in records if r['batch_size'] == 2)
+  assert limit < largest
+  want = _brute_force(records, limit)
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'),
+         f'--config={os.path.join(ROOT, "tests", "tiny_config.py")}', f'--workdir={tmp_path}',
+         '--config.auto_batch=True', f'--config.plan_memory_gb={limit / 2**30!r}',
+         '--config.plan_memory_margin=0', '--config.max_steps=2', '--config.eval_frequency=100']
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  line = [s for s in r.stdout.splitlines() if s.startswith('auto_batch:')]
+  assert line, r.stdout[-2000:]
+  assert f'batch_size={want["batch_size"]} gradient_accumulation_steps={want["accumulation"]}' \
+      in line[0]
+  with open(tmp_path / 'config.json') as f:
+    saved = json.load(f)
+  assert (saved['batch_size'], saved['gradient_accumulation_steps']) == (
+      want['batch_size'], want['accumulation'])
+  assert f'Physical batch size: {want["batch_size"]} (auto_batch' in r.stdout
+
+
+def test_nothing_fits_is_one_clear_line(tmp_path):
+  config = tiny_config(batch_size=2, auto_batch=True, plan_memory_gb=1e-6)
+  with pytest.raises(plan.PlanError, match='nothing fits effective batch 2'):
+    plan.apply_auto_batch(config)
+
+
+def test_bad_spec_is_one_clear_line(tmp_path):
+  with pytest.raises(plan.PlanError, match='cannot read the GPU target spec'):
+    plan.gpu_target(str(tmp_path / 'missing.txtpb'))
+  (tmp_path / 'bad.txtpb').write_text('hello')
+  with pytest.raises(plan.PlanError, match='not an XLA GPU target spec'):
+    plan.gpu_target(str(tmp_path / 'bad.txtpb'))

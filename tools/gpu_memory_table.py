@@ -1,0 +1,184 @@
+"""The seed's memory table, computed by the GPU compiler: deviceless compiles of the real train
+step (`dca_jax.plan.measure`) over a grid of recipes x cards, one JSON line per row, resumable.
+
+Needs the CUDA wheels of the installed jax (kept out of requirements.txt and the tests), the
+host platform, and XLA's GPU target specs (xla/backends/gpu/target_config/specs/ in openxla/xla):
+
+  python3 -m venv /tmp/cuda-venv && /tmp/cuda-venv/bin/pip install "jax[cuda12]==0.10.2" \
+      -r requirements.txt
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false /tmp/cuda-venv/bin/python \
+      tools/gpu_memory_table.py --specs SPEC_DIR --groups core,cards,backbones,reid,multi,extra \
+      --out benchmarks/results/plan_gpu.jsonl
+  python tools/gpu_memory_table.py --render benchmarks/results/plan_gpu.jsonl   # markdown
+
+Rows already in --out (same key) are skipped, so an interrupted run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SPECS = {'v100': 'v100.txtpb', 'a100_40': 'a100_sxm_40.txtpb', 'a100_80': 'a100_sxm_80.txtpb',
+         'h100': 'h100_sxm.txtpb', 'h200': 'h200.txtpb'}
+SPLITS = ((4, 4), (2, 8), (8, 2), (16, 1))   # the seed's rows: default, conservative, fast, paper
+REMAT = ('nothing_saveable', 'off')
+# The PyTorch memory guide's hand-written figures (ViT-B/16 448 px, fp16, its checkpointing).
+SEED_GB = {(4, 4): '~14-15 GB (remat on)', (2, 8): '~10-12 GB (remat on)',
+           (8, 2): '~22-24 GB (remat off)', (16, 1): '~40-45 GB (remat off)'}
+
+
+def grid(groups):
+  """(group, card, recipe overrides, topology, batch, accumulation, remat) rows, in order."""
+  rows = []
+  vitb = dict(config='cub', backbone='vit_base')
+  if 'core' in groups:  # H100: the seed's rows, bf16 + cuDNN (ours) and fp16 + XLA (the seed's)
+    for precision, attn in (('bf16', 'cudnn'), ('fp16', 'xla')):
+      for b, a in SPLITS:
+        for remat in REMAT:
+          rows.append(('core', 'h100', dict(vitb, precision=precision, attention_impl=attn),
+                       '1x1x1', b, a, remat))
+    for b, a in SPLITS:  # the middle remat level, default recipe
+      rows.append(('core', 'h100', dict(vitb, precision='bf16', attention_impl='cudnn'),
+                   '1x1x1', b, a, 'dots_with_no_batch_dims_saveable'))
+  if 'cards' in groups:  # the recipe each card would run (V100: fp16, it has no bf16 units)
+    for card, precision, attn in (('a100_80', 'bf16', 'cudnn'), ('v100', 'fp16', 'xla')):
+      for b, a in SPLITS:
+        for remat in REMAT:
+          rows.append(('cards', card, dict(vitb, precision=precision, attention_impl=attn),
+                       '1x1x1', b, a, remat))
+    # same GPU architecture, other memory size: two rows each show whether the compile differs
+    for card, sibling_precision in (('a100_40', 'bf16'), ('h200', 'bf16')):
+      for b, a, remat in ((4, 4, 'nothing_saveable'), (16, 1, 'off')):
+        rows.append(('cards', card, dict(vitb, precision=sibling_precision,
+                                         attention_impl='cudnn'), '1x1x1', b, a, remat))
+    rows.append(('cards', 'v100', dict(vitb, precision='fp16', attention_impl='cudnn'),
+                 '1x1x1', 4, 4, 'nothing_saveable'))  # does flash attention exist on sm_70?
+  if 'backbones' in groups:
+    for backbone in ('deit_tiny', 'deit_small', 'r50_vit_base'):
+      for remat in REMAT:
+        rows.append(('backbones', 'h100', dict(config='cub', backbone=backbone, precision='bf16',
+                                               attention_impl='cudnn'), '1x1x1', 4, 4, remat))
+  if 'reid' in groups:  # Re-ID recipe: ViT-B 256 x 128, batch 64 = 16 ids x 4, SGD
+    for remat in REMAT:
+      rows.append(('reid', 'h100', dict(config='market1501', backbone='vit_base',
+                                        precision='bf16', attention_impl='cudnn'),
+                   '1x1x1', 64, 1, remat))
+  if 'multi' in groups:  # 8 GPUs, effective batch 16 = 2 per device: replicated vs FSDP
+    for fsdp in (False, True):
+      for remat in REMAT:
+        rows.append(('multi', 'h100', dict(vitb, precision='bf16', attention_impl='cudnn',
+                                           fsdp=fsdp), '1x1x8', 16, 1, remat))
+  if 'extra' in groups:  # H100: the other two precision x attention pairs
+    for precision, attn in (('bf16', 'xla'), ('fp16', 'cudnn')):
+      for b, a in SPLITS:
+        for remat in REMAT:
+          rows.append(('extra', 'h100', dict(vitb, precision=precision, attention_impl=attn),
+                       '1x1x1', b, a, remat))
+  return rows
+
+
+def key(group, card, recipe, topology, b, a, remat):
+  return json.dumps([group, card, recipe, topology, b, a, remat], sort_keys=True)
+
+
+def build_config(recipe):
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'configs.{recipe["config"]}')
+  c = module.get_config()
+  with c.unlocked():
+    for k, v in recipe.items():
+      if k != 'config':
+        c[k] = v
+  return c
+
+
+def run(args):
+  from dca_jax import plan  # pylint: disable=g-import-not-at-top
+  done = set()
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      done = {json.loads(line).get('key') for line in f if line.strip()}
+  targets = {}
+  for spec in grid(args.groups.split(',')):
+    k = key(*spec)
+    if k in done:
+      continue
+    group, card, recipe, topology, b, a, remat = spec
+    if (card, topology) not in targets:
+      targets[card, topology] = plan.gpu_target(os.path.join(args.specs, SPECS[card]), topology)
+    target = targets[card, topology]
+    config = build_config(recipe)
+    row = plan.measure(config, plan.Candidate(b, a, remat), target, config.precision)
+    plan.judge(row, target, config.precision, config.plan_memory_margin, config.plan_mfu)
+    rec = row.record(plan.candidate_config(config, row.candidate), target, config.precision)
+    rec.update(key=k, group=group, card=card, topology=topology)
+    print(plan.format_row(row, target), flush=True)
+    with open(args.out, 'a') as f:
+      f.write(json.dumps(rec, default=float) + '\n')
+
+
+def _cell(r):
+  if r.get('error'):
+    return 'error'
+  return f'{r["memory_gib"]:.2f}'
+
+
+def render(path):
+  with open(path) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  by = {}
+  for r in recs:
+    by.setdefault(r['group'], []).append(r)
+  out = []
+  core = by.get('core', []) + by.get('extra', []) + by.get('cards', [])
+  if core:
+    out += ['| card | precision | attention | batch x accum | remat | predicted GiB / device '
+            '| fits (of usable) | TFLOP / micro-step | implied ms / update @ MFU 0.4 | seed guide |',
+            '|---|---|---|---|---|---|---|---|---|---|']
+    for r in core:
+      seed = SEED_GB.get((r['batch_size'], r['accumulation']), '') if r['card'] == 'h100' and \
+          r['precision'] == 'fp16' and r['attention_impl'] == 'xla' else ''
+      time_ms = f'{r["update_s"] * 1e3:.0f}' if r.get('update_s') and math.isfinite(
+          r['update_s']) else ''
+      tflop = f'{r["flops"] / 1e12:.2f}' if r.get('flops') and math.isfinite(r['flops']) else ''
+      err = f' ({r["error"][:80]})' if r.get('error') else ''
+      out.append(f'| {r["target"]} | {r["precision"]} | {r["attention_impl"]} | '
+                 f'{r["batch_size"]} x {r["accumulation"]} | {r["remat"]} | {_cell(r)}{err} | '
+                 f'{"yes" if r["fits"] else "no"} ({r["usable_gib"]:.0f}) | {tflop} | {time_ms} '
+                 f'| {seed} |')
+  rest = by.get('backbones', []) + by.get('reid', []) + by.get('multi', [])
+  if rest:
+    out += ['', '| setting | target | batch x accum | remat | predicted GiB / device | '
+            'TFLOP / micro-step (all devices) | collective output MiB / device | fused attention calls |',
+            '|---|---|---|---|---|---|---|---|']
+    for r in rest:
+      setting = f'{r["backbone"]} {r["input"]} {r["task"]}' + (' fsdp' if r['fsdp'] else '')
+      comm = sum(r.get('collectives', {}).values()) / 2 ** 20
+      tflop = f'{r["flops"] / 1e12:.2f}' if r.get('flops') and math.isfinite(r['flops']) else ''
+      fused = sum(r.get('fused_attention', {}).values())
+      out.append(f'| {setting} | {r["target"]} | {r["batch_size"]} x {r["accumulation"]} | '
+                 f'{r["remat"]} | {_cell(r)} | {tflop} | {comm:.0f} | {fused} |')
+  print('\n'.join(out))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--specs', default='', help='folder holding the XLA GPU target specs')
+  p.add_argument('--groups', default='core,cards,backbones,reid,multi,extra')
+  p.add_argument('--out', default='benchmarks/results/plan_gpu.jsonl')
+  p.add_argument('--render', default='', help='print the markdown table of this JSONL file')
+  args = p.parse_args()
+  if args.render:
+    render(args.render)
+  else:
+    run(args)
+
+
+if __name__ == '__main__':
+  main()
