@@ -201,6 +201,66 @@ def test_google_npz_name_cached_verified_by_the_first_download(hf_home):
     hub.resolve(name, cache_dir=cache, offline=True)
 
 
+class _RangeServer:
+  """A loopback HTTP server of one file that honours `Range: bytes=N-` (as the bucket does)."""
+
+  def __init__(self, data: bytes):
+    import http.server  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self.ranges = []
+    server = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):  # pylint: disable=invalid-name
+        start = 0
+        if self.headers.get('Range'):
+          server.ranges.append(self.headers['Range'])
+          start = int(self.headers['Range'].split('=')[1].split('-')[0])
+        self.send_response(206 if start else 200)
+        self.send_header('Content-Length', str(len(data) - start))
+        if start:
+          self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+      def log_message(self, *args):
+        pass
+
+    self.httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+    self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/ViT-B_16.npz'
+    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+  def close(self):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+def test_npz_download_resumes_a_partial_file(tmp_path, monkeypatch):
+  """The npz fetcher (huggingface_hub's http_get) continues FILE.incomplete with a Range
+  request, from a loopback server, and the finished file is verified and recorded."""
+  monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+  data = _read('vit.npz')
+  server = _RangeServer(data)
+  try:
+    known = hub.KnownWeights('vit_base', 'test', 'inception', url=server.url)
+    spec = hub.Spec('imagenet21k/ViT-B_16.npz', 'url', filename='imagenet21k/ViT-B_16.npz',
+                    known=known)
+    cache = str(tmp_path / 'hub')
+    target = os.path.join(hub.url_cache_dir(cache), 'imagenet21k', 'ViT-B_16.npz')
+    os.makedirs(os.path.dirname(target))
+    half = len(data) // 2
+    with open(target + '.incomplete', 'wb') as f:
+      f.write(data[:half])                     # what an interrupted run left
+    resolved = hub._resolve_url(spec, cache, offline=False)  # pylint: disable=protected-access
+  finally:
+    server.close()
+  assert server.ranges == [f'bytes={half}-']
+  with open(resolved.path, 'rb') as f:
+    assert f.read() == data
+  assert not os.path.exists(target + '.incomplete')
+  assert resolved.verified.startswith(f'sha256 {hashlib.sha256(data).hexdigest()[:12]}... recorded')
+
+
 def test_parse_forms():
   spec = hub.parse('hf-hub:timm/vit_base_patch16_224.orig_in21k@main:pytorch_model.bin')
   assert (spec.kind, spec.repo_id, spec.revision, spec.filename) == (
