@@ -9,7 +9,6 @@ a subprocess, `local_files_only` in process) or against an endpoint that refuses
 """
 
 import hashlib
-import io
 import json
 import os
 import subprocess
