@@ -549,6 +549,37 @@ def _gb(x):
   return '' if x is None else f'{x / 2**30:.2f}'
 
 
+def _planned_bytes(r):
+  """The planner's formula (dca_jax/plan.py) on this row's compiled step: arguments + outputs
+  - aliases + temporaries."""
+  parts = [r.get(f'xla_{k}_bytes') for k in ('argument', 'output', 'alias', 'temp')]
+  if any(p is None for p in parts):
+    return None
+  return parts[0] + parts[1] - parts[2] + parts[3]
+
+
+def _plan_key(r, device):
+  remat = (r.get('remat_policy') or 'nothing_saveable') if r.get('remat') else 'off'
+  return (device, r.get('precision'), r.get('attention_impl'), r.get('batch'), r.get('accum'),
+          remat, r.get('glca_M', 1) > 0 or r.get('pwca_T', 1) > 0)
+
+
+def _deviceless_rows(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                       'plan_gpu.jsonl')) -> dict:
+  """The committed deviceless plan rows (tools/gpu_memory_table.py), by (card name, precision,
+  attention, batch, accumulation, remat, DCAL): the first lent card checks them."""
+  out = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        d = json.loads(line)
+        if d.get('num_devices', 1) == 1 and d.get('backbone') == 'vit_base' and \
+            d.get('input') == '448x448' and d.get('memory_bytes'):
+          out[(d['target'], d['precision'], d['attention_impl'], d['batch_size'],
+               d['accumulation'], d['remat'], True)] = d['memory_bytes']
+  return out
+
+
 def render(paths) -> str:
   """A markdown table of train_step rows (+ matmul peak lines) from JSON-lines files."""
   rows = []
@@ -577,7 +608,9 @@ def render(paths) -> str:
          'compile s', 'step s median [min, max]', 'img/s', 'GFLOP/img (XLA)', 'achieved GFLOP/s']
   if peak:
     hdr.append('% of matmul peak (same dtype)')
-  hdr += ['peak mem GB', 'XLA temp GB', 'bwd residuals GB', 'load']
+  hdr += ['peak mem GB', 'predicted GB (plan formula, this card)', 'predicted GB (deviceless)',
+          'XLA temp GB', 'bwd residuals GB', 'load']
+  deviceless = _deviceless_rows()
   out.append('| ' + ' | '.join(hdr) + ' |')
   out.append('|' + '---|' * len(hdr))
   for r in steps:
@@ -596,7 +629,8 @@ def render(paths) -> str:
     if peak:
       pk = row_peak(r)
       cells.append(f'{100 * r["achieved_flops_per_s"] / pk:.0f}%' if pk else '')
-    cells += [memtxt, _gb(r.get('xla_temp_bytes')), _gb(r.get('residual_bytes')),
+    cells += [memtxt, _gb(_planned_bytes(r)), _gb(deviceless.get(_plan_key(r, r.get('device')))),
+              _gb(r.get('xla_temp_bytes')), _gb(r.get('residual_bytes')),
               f'{r.get("load_start", "")}->{r.get("load_end", "")}']
     out.append('| ' + ' | '.join(cells) + ' |')
   # DCAL / SA-only ratios for matching configs.

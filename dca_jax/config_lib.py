@@ -87,7 +87,8 @@ def _optimisation_knobs(c: ml_collections.ConfigDict) -> None:
   c.auto_batch = False             # train: the memory planner picks batch_size x accumulation (same effective batch) and remat at start-up (docs/MEMORY.md)
   c.plan_memory_margin = 0.1       # plan/auto_batch: fraction of the usable device memory kept free (cuDNN workspace, fragmentation)
   c.plan_memory_gb = 0.0           # plan/auto_batch: device memory to plan for in GiB; 0 = the device's (JAX's pool: XLA_PYTHON_CLIENT_MEM_FRACTION of it)
-  c.plan_mfu = 0.4                 # plan: model-FLOP utilisation assumed when turning FLOPs into step time
+  c.plan_mfu = 0.4                 # plan: utilisation of the executed FLOPs (remat's included) assumed when turning FLOPs into step time
+  c.plan_search = False            # plan: compile candidates in order of preference and stop at the first that fits (what auto_batch does) instead of all
   c.learning_rate = 5e-4           # base; scaled by effective batch / lr_reference_batch
   c.lr_reference_batch = 512       # the effective batch at which learning_rate applies as is
   c.weight_decay = 0.05            # AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights

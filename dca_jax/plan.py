@@ -416,9 +416,12 @@ def run_plan(config, workdir: str, spec_paths: Sequence[str], topology: str = '1
           f'{"x".join(map(str, config_lib.input_hw(config)))}, {precision}, attention '
           f'{config.attention_impl}, effective batch {config_lib.effective_batch_size(config)}',
           flush=True)
-    rows, best, _ = plan(config, target, log=lambda s: print(s, flush=True))
+    rows, best, _ = plan(config, target, search=config.plan_search,
+                         log=lambda s: print(s, flush=True))
     print('  recommended: ' + summary(best, target, config, config.plan_memory_margin), flush=True)
     for row in rows:
+      if row.memory_bytes is None and not row.error:
+        continue  # not compiled (plan_search stopped before it)
       rec = row.record(config, target, precision)
       rec['recommended'] = row is best
       records.append(rec)
