@@ -41,6 +41,12 @@ GIB = 2 ** 30
 REMAT_LEVELS = ('off', 'dots_with_no_batch_dims_saveable', 'nothing_saveable')
 # XLA's PrimitiveType numbers in the spec's matrix_unit_description: precision -> type.
 _SPEC_TYPES = {'fp16': 10, 'fp32': 11, 'bf16': 16}
+# Dense matrix FLOPs per clock per SM by compute-capability major, for specs without rates
+# (NVIDIA's architecture whitepapers): Volta 8 tensor cores x 64 FMA (fp16; no bf16; fp32 on the
+# 64 FP32 units), Ampere 4 x 256 FMA (fp16/bf16; fp32 as TF32 at half), Hopper 4 x 512 FMA.
+_DENSE_FLOPS_PER_CLOCK_PER_SM = {7: {'fp16': 1024, 'fp32': 128},
+                                 8: {'fp16': 2048, 'bf16': 2048, 'fp32': 1024},
+                                 9: {'fp16': 4096, 'bf16': 4096, 'fp32': 2048}}
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _TIE = 0.01  # step times within 1 % are a tie: the larger physical batch wins
 
@@ -82,6 +88,12 @@ def read_gpu_spec(text: str) -> dict:
     for precision, type_id in _SPEC_TYPES.items():
       if int(key) == type_id:  # an FMA is two FLOPs
         peak[precision] = 2.0 * cores * int(units) * int(ops) * float(clock) * 1e9
+  if not peak:  # older specs carry no matrix rates: the architecture's tensor-core rate x clock
+    m = re.search(r'cuda_compute_capability\s*\{\s*major:\s*(\d+)', text)
+    clock = field('clock_rate_ghz', float)
+    rates = _DENSE_FLOPS_PER_CLOCK_PER_SM.get(int(m.group(1)) if m else -1, {})
+    if clock:
+      peak = {precision: cores * rate * clock * 1e9 for precision, rate in rates.items()}
   return {'cores': cores, 'memory_bytes': memory, 'peak_flops': peak,
           'model': field('model_str', str) or '', 'platform': field('platform_version', str)}
 

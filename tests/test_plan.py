@@ -93,6 +93,19 @@ def test_spec_peak_flops_match_the_published_dense_figures():
     plan.read_gpu_spec('gpu_device_info { }')
 
 
+@pytest.mark.parametrize('major,cores,clock,precision,published', [
+    (7, 80, 1.53, 'fp16', 125e12),    # V100 SXM2: 125 TFLOP/s fp16 tensor
+    (8, 108, 1.41, 'bf16', 312e12),   # A100 SXM: 312 TFLOP/s bf16 dense
+    (8, 108, 1.41, 'fp32', 156e12)])  # A100 SXM: 156 TFLOP/s TF32 dense
+def test_spec_without_rates_uses_the_architecture(major, cores, clock, precision, published):
+  text = (f'gpu_device_info {{\n  core_count: {cores}\n  clock_rate_ghz: {clock}\n'
+          f'  device_memory_size: 17000000000\n  cuda_compute_capability {{\n    major: {major}\n'
+          '  }\n}\ndnn_version_info {\n  major: 9\n}\n')
+  spec = plan.read_gpu_spec(text)
+  assert spec['peak_flops'][precision] == pytest.approx(published, rel=5e-3)
+  assert ('bf16' in spec['peak_flops']) == (major >= 8)  # Volta has no bf16 units
+
+
 def test_candidates_respect_devices_pwca_and_reid_groups():
   c = tiny_config(batch_size=4, gradient_accumulation_steps=4)  # effective 16
   sizes = lambda cands: sorted({x.batch_size for x in cands})

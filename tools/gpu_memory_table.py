@@ -129,7 +129,46 @@ def _cell(r):
   return f'{r["memory_gib"]:.2f}'
 
 
-def render(path):
+# Which rows stand for which card in the recommendation: the card's own, or (same GPU
+# architecture, other memory size) its sibling's, which the 'cards' group checks are equal.
+RECOMMEND = (('v100', 'v100', 'fp16', 'xla'), ('a100_40', 'a100_80', 'bf16', 'cudnn'),
+             ('a100_80', 'a100_80', 'bf16', 'cudnn'), ('h100', 'h100', 'bf16', 'cudnn'),
+             ('h200', 'h100', 'bf16', 'cudnn'))
+
+
+def recommendations(recs, specs_dir):
+  """Per card: the planner's choice for ViT-B/16 448 px, effective batch 16, over the rows
+  compiled for it (`plan.judge` + `plan.recommend`, JAX's default 75 % pool, 10 % kept free)."""
+  from dca_jax import plan  # pylint: disable=g-import-not-at-top
+  out = ['| card | usable GiB (75 % pool, 10 % free) | precision, attention | recommended '
+         '| predicted GiB | implied ms / update @ 0.4 | rows from |', '|---|---|---|---|---|---|---|']
+  for card, source, precision, attn in RECOMMEND:
+    with open(os.path.join(specs_dir, SPECS[card])) as f:
+      spec = plan.read_gpu_spec(f.read())
+    target = plan.Target(name=card, backend='gpu-deviceless', devices=(None,),
+                         memory_bytes=int(spec['memory_bytes'] * 0.75),
+                         physical_memory_bytes=spec['memory_bytes'], peak_flops=spec['peak_flops'])
+    rows = []
+    for r in recs:
+      if (r['card'] == source and r['group'] in ('core', 'cards') and r['precision'] == precision
+          and r['attention_impl'] == attn and r.get('memory_bytes')):
+        row = plan.Row(plan.Candidate(r['batch_size'], r['accumulation'], r['remat']),
+                       memory_bytes=r['memory_bytes'], flops=r['flops'])
+        rows.append(plan.judge(row, target, precision, 0.1, 0.4))
+    best = plan.recommend(rows)
+    usable = target.memory_bytes * 0.9 / plan.GIB
+    if best is None:
+      out.append(f'| {card} | {usable:.1f} | {precision}, {attn} | nothing fits ({len(rows)} rows) '
+                 f'| | | {source} |')
+      continue
+    c = best.candidate
+    out.append(f'| {card} | {usable:.1f} | {precision}, {attn} | {c.batch_size} x {c.accumulation}, '
+               f'remat {c.remat} | {best.memory_bytes / plan.GIB:.2f} | {best.update_s * 1e3:.0f} '
+               f'| {source} ({len(rows)} candidates) |')
+  return out
+
+
+def render(path, specs_dir=''):
   with open(path) as f:
     recs = [json.loads(line) for line in f if line.strip()]
   by = {}
@@ -164,6 +203,8 @@ def render(path):
       fused = sum(r.get('fused_attention', {}).values())
       out.append(f'| {setting} | {r["target"]} | {r["batch_size"]} x {r["accumulation"]} | '
                  f'{r["remat"]} | {_cell(r)} | {tflop} | {comm:.0f} | {fused} |')
+  if specs_dir:
+    out += [''] + recommendations(recs, specs_dir)
   print('\n'.join(out))
 
 
@@ -175,7 +216,7 @@ def main():
   p.add_argument('--render', default='', help='print the markdown table of this JSONL file')
   args = p.parse_args()
   if args.render:
-    render(args.render)
+    render(args.render, args.specs)
   else:
     run(args)
 
