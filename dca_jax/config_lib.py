@@ -62,6 +62,7 @@ def _model_knobs(c: ml_collections.ConfigDict) -> None:
   c.rollout_layers = 'before_glca' # SA blocks the rollout accumulates: before_glca (1..L-1 with parallel GLCA) / all (1..L)
   c.rollout_impl = 'vector'        # vector: CLS row as e0^T S_K ... S_1, O(L N^2) / running_product: one N x N map, O(L N^3), less memory
   c.pwca_partners = 'per_device'   # PWCA partners drawn within each device's share (no key/value traffic) / global (over the whole batch)
+  c.pwca_partner_stop_gradient = False  # PWCA: no gradient flows into the partner's SA keys/values (the paper is silent)
   c.glca_init_from_sa = True       # copy the last SA block into GLCA when pretrained weights load
   c.loss_weighting = 'uncertainty' # uncertainty (Kendall et al.) | sum
   c.loss_weights_init = 0.0        # initial w_b of the uncertainty loss (paper: 0)

@@ -129,7 +129,10 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
   partner = None
   if config.num_pwca_layers > 0:  # within each device's share, or over the global batch
     groups = num_devices if config.pwca_partners == 'per_device' else 1
-    partner = dcal.derangement_per_group(partner_rng, images.shape[0], groups)
+    if config.task == 'reid':  # P x K batches: a partner of another identity
+      partner = dcal.other_label_partners(partner_rng, batch['label'], groups)
+    else:
+      partner = dcal.derangement_per_group(partner_rng, images.shape[0], groups)
   has_stats = state.batch_stats is not None
   triplet_margin = config.triplet_margin if config.task == 'reid' else None
 

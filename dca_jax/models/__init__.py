@@ -25,4 +25,5 @@ def build_model(config, *, dtype=jnp.float32) -> dcal.DCAL:
                    loss_weights_init=config.loss_weights_init,
                    bnneck=config.task == 'reid' and config.bnneck,
                    stochastic_depth_prob=config.stochastic_depth_prob, dtype=dtype,
-                   remat_policy=remat, attention_impl=config.attention_impl)
+                   remat_policy=remat, attention_impl=config.attention_impl,
+                   pwca_partner_stop_gradient=config.pwca_partner_stop_gradient)

@@ -107,6 +107,28 @@ def derangement_per_group(rng, batch_size: int, groups: int):
   return jax.vmap(lambda key: derangement(key, batch_size // groups))(keys)
 
 
+def other_label_partners(rng, labels, groups: int):
+  """Like `derangement_per_group`, but each image's partner has another label (Re-ID: a P x K
+  batch holds each identity's K images side by side, so a plain derangement within a device's
+  share pairs an image with its own identity often — 3 in 7 at 8 images per device — and PWCA's
+  distractor would be a positive). Uniform over the group's images of other labels; an image
+  whose group holds only its own label gets its derangement partner."""
+  size = labels.shape[0] // groups
+  if size < 2:
+    raise ValueError('PWCA needs at least 2 images per group to pair them')
+  grouped = labels.reshape(groups, size)
+
+  def one(key, group_labels):
+    score_key, fallback_key = jax.random.split(key)
+    other = group_labels[:, None] != group_labels[None, :]
+    scores = jnp.where(other, jax.random.uniform(score_key, (size, size)), -1.0)
+    fallback = derangement(fallback_key, size)
+    return jnp.where(other.any(axis=1), jnp.argmax(scores, axis=1).astype(jnp.int32), fallback)
+
+  partners = jax.vmap(one)(jax.random.split(rng, groups), grouped)
+  return partners[0] if groups == 1 else partners
+
+
 # --- classifier heads --------------------------------------------------------------------------
 class BNNeck(nn.Module):
   """BatchNorm1d with a frozen zero bias (the Re-ID "BNNeck"): batch statistics in training,
@@ -176,6 +198,7 @@ class DCAL(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: Optional[str] = None   # None: no remat; 'full' or a jax.checkpoint_policies name
   attention_impl: str = 'xla'
+  pwca_partner_stop_gradient: bool = False  # PWCA's partner keys/values carry no gradient
 
   def _check(self):
     depth = self.config.depth
@@ -220,7 +243,8 @@ class DCAL(nn.Module):
     rates = vit.drop_path_rates(self.stochastic_depth_prob, depth)
     block_args = dict(dtype=self.dtype, remat_policy=self.remat_policy)
     blocks = [vit.make_block(self.config, drop_path=rate, attention_impl=self.attention_impl,
-                             name=f'block_{i}', dcal_step=True, **block_args)
+                             name=f'block_{i}', dcal_step=True,
+                             partner_stop_gradient=self.pwca_partner_stop_gradient, **block_args)
               for i, rate in enumerate(rates)]
     # Uncertainty loss weights w_sa, w_glca, w_pwca (Kendall et al.).
     loss_weights = self.param('loss_weights', nn.initializers.constant(self.loss_weights_init),

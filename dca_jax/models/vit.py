@@ -241,6 +241,7 @@ class EncoderBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  partner_stop_gradient: bool = False  # PWCA: no gradient into the partner's SA keys/values
 
   def setup(self):
     self.norm1 = LayerNorm(LN_EPS)
@@ -258,6 +259,8 @@ class EncoderBlock(nn.Module):
     x_new, (k, v), head_mean = self(x, deterministic, need_weights)
     if x_pw is not None:
       extra = (partner_rows(k, partner), partner_rows(v, partner))
+      if self.partner_stop_gradient:
+        extra = jax.lax.stop_gradient(extra)
       x_pw, _, _ = self(x_pw, deterministic, False, None, extra)
     return x_new, x_pw, head_mean
 
@@ -321,7 +324,7 @@ def drop_path_rates(rate: float, depth: int):
 
 def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xla',
                remat_policy: Optional[str] = None, name: Optional[str] = None,
-               dcal_step: bool = False) -> EncoderBlock:
+               dcal_step: bool = False, partner_stop_gradient: bool = False) -> EncoderBlock:
   """An EncoderBlock, wrapped in `nn.remat` with a named jax.checkpoint_policies policy if asked.
 
   `dcal_step=True` remats the `sa_and_pwca` method (how DCAL calls backbone blocks) instead
@@ -335,7 +338,8 @@ def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xl
     else:  # static: deterministic (2) and need_weights (3)
       cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
   return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
-             drop_path=drop_path, dtype=dtype, attention_impl=attention_impl, name=name)
+             drop_path=drop_path, dtype=dtype, attention_impl=attention_impl,
+             partner_stop_gradient=partner_stop_gradient, name=name)
 
 
 class VisionTransformer(nn.Module):
