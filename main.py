@@ -7,11 +7,39 @@
       --target_config .../h100_sxm.txtpb                              # memory plan for a GPU
 """
 
+import errno
 import os
 import sys
 
 # TensorFlow (input pipeline only) must not grab GPU memory or print its start-up noise.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# Logged through absl's C++ logging while TensorFlow's libraries load, below any level that
+# TF_CPP_MIN_LOG_LEVEL governs (each of the two libraries that carry a copy of absl prints both).
+# oneDNN itself stays on: these lines are only dropped, never its numerics changed.
+_STARTUP_NOISE = ('All log messages before absl::InitializeLog() is called',
+                  'oneDNN custom operations are on')
+
+
+def _import_tensorflow_quietly():
+  """Imports TensorFlow with the file descriptor 2 captured, then passes on every line but the
+  start-up noise above (a warning or an error of the import still reaches the user)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode(errors='replace').splitlines(keepends=True):
+        if not any(noise in line for noise in _STARTUP_NOISE):
+          sys.stderr.write(line)
+      sys.stderr.flush()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -51,15 +79,22 @@ def main(argv):
   except ValueError as e:
     sys.exit(f'error: {e}')
   distributed.initialize_multihost(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from dca_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  user_errors = (ValueError, checkpoint.CheckpointError, FileNotFoundError)
+  if _MODE.value != 'plan':
+    _import_tensorflow_quietly()  # the input pipeline's; before anything else imports it
+  from dca_jax import checkpoint, lock  # pylint: disable=g-import-not-at-top
+  # Each is one line: bad config/input, checkpoint damaged/of another model/save failed (full
+  # disk), another training in the workdir, a diverged run (train.NonFiniteError).
+  user_errors = (ValueError, checkpoint.CheckpointError, FileNotFoundError, lock.LockError)
   try:
     if _MODE.value == 'train':
       from dca_jax import train  # pylint: disable=g-import-not-at-top
       if config.auto_batch:
         from dca_jax import plan  # pylint: disable=g-import-not-at-top
         config = plan.apply_auto_batch(config)
-      train.train_and_evaluate(config, _WORKDIR.value)
+      try:
+        train.train_and_evaluate(config, _WORKDIR.value)
+      except train.NonFiniteError as e:
+        sys.exit(f'error: {e}')
     elif _MODE.value == 'plan':
       from dca_jax import plan  # pylint: disable=g-import-not-at-top
       plan.run_plan(config, _WORKDIR.value, _TARGETS.value, topology=_TOPOLOGY.value)
@@ -76,6 +111,11 @@ def main(argv):
                                 which=_CHECKPOINT.value)
   except user_errors as e:
     sys.exit(f'error: {e}')
+  except OSError as e:  # a full disk outside a checkpoint save (metrics, config.json)
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    sys.exit(f'error: {os.strerror(e.errno).lower()} writing {e.filename or "to --workdir"}; '
+             'free space and run the same command to resume from the last checkpoint')
 
 
 def parse_flags(argv):

@@ -4,14 +4,29 @@ Each checkpoint holds the full train state (params, neck statistics, optimizer a
 state, loss scale, step) and a JSON `meta` item describing the model, so that restoring into a
 model of another backbone or class count fails with one clear line before anything is touched.
 Inference restores the params and neck statistics alone (`restore_variables`).
+
+Integrity. Orbax writes each step into a temporary directory and renames it when complete, so a
+save cut short (kill -9, full disk) never shows up as a step. Once a step is committed it is
+*sealed*: its files are fsynced and `INTEGRITY_FILE` records every file's size and CRC-32. A
+step is verified against it before it is restored; a damaged one is named with the reason and
+the newest intact one is used instead (training moves the damaged one to
+WORKDIR/damaged_checkpoints/, nothing is deleted). Old steps are deleted by this module, only
+after a newer step is sealed, so a failed save never costs an earlier checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import logging as pylogging
 import os
+import shutil
+import time
+import zlib
 from typing import Any, Optional
 
 import jax
+import numpy as np
 from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
@@ -23,8 +38,31 @@ from dca_jax import config_lib
 BEHAVIOUR_KEYS = config_lib.MODEL_BEHAVIOUR_KEYS
 
 
+INTEGRITY_FILE = 'dca_integrity.json'   # in each sealed step directory
+DAMAGED_DIR = 'damaged_checkpoints'      # in the workdir: damaged steps are moved here
+
+# How a truncated, emptied or missing data file surfaces from TensorStore/Orbax when a step
+# without an integrity record is restored (a tree or shape mismatch reads otherwise).
+_DATA_ERROR_MARKERS = ('error while reading', 'data_loss', 'out_of_range', 'unexpected end',
+                       'error reading', 'not_found', 'no such file', 'truncat', 'corrupt',
+                       'checksum', 'crc', 'failed to decode', 'expecting value', 'jsondecodeerror',
+                       'premature', 'short read')
+
+
 class CheckpointError(RuntimeError):
   pass
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A step whose files do not match its integrity record, or that cannot be read."""
+
+  def __init__(self, directory: str, step: int, reason: str):
+    super().__init__(f'checkpoint {directory}/{step} is damaged ({reason})')
+    self.step, self.reason = step, reason
+
+
+class SaveError(CheckpointError):
+  """A save that did not complete (full disk, I/O error); earlier steps are untouched."""
 
 
 def model_meta(config, *, loss_scale: bool) -> dict:
@@ -36,25 +74,159 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+# --- Orbax's background-save failures: captured for the one-line error, not logged twice -----
+_CAPTURED: list[BaseException] = []
+_ORBAX_FAILURE_LOGS = ('Failed to run', 'Save Finalize thread', 'Checkpointer failed',
+                       'one or more items may not be finalized')
+
+
+class _OrbaxSaveFailureFilter(pylogging.Filter):
+  """Orbax logs a failed async save with its traceback (and again while re-raising it); the
+  exception reaches `Checkpointer`, which turns it into one line, so the records are dropped
+  here and their exception kept for that line."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    if not record.pathname or 'orbax' not in record.pathname:
+      return True
+    message = str(record.msg)
+    if any(m in message for m in _ORBAX_FAILURE_LOGS):
+      if record.exc_info and record.exc_info[1] is not None:
+        _CAPTURED.append(record.exc_info[1])
+      return False
+    return True
+
+
+_FILTER = _OrbaxSaveFailureFilter()
+if _FILTER not in logging.get_absl_logger().filters:
+  logging.get_absl_logger().addFilter(_FILTER)
+
+
+def _io_reason(error: BaseException) -> str:
+  """'no space left on device' / the OS error / the exception's first line."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return os.strerror(e.errno).lower() if e.errno == errno.ENOSPC else (
+          f'{os.strerror(e.errno).lower()} ({e.filename or ""})'.replace(' ()', ''))
+    text = str(e).lower()
+    if 'no space left' in text or 'enospc' in text or 'resource_exhausted' in text and 'space' in text:
+      return 'no space left on device'
+    if 'quota' in text:
+      return 'disk quota exceeded'
+    todo += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
+  first = (str(error).strip().splitlines() or [''])[0][:200]
+  return f'{type(error).__name__}: {first}'
+
+
+# --- integrity records ------------------------------------------------------------------------
+def _crc_and_size(path: str, buffer: bytearray, sync: bool) -> tuple[int, int]:
+  crc, size, view = 0, 0, memoryview(buffer)
+  with open(path, 'rb', buffering=0) as f:
+    while n := f.readinto(buffer):
+      crc = zlib.crc32(view[:n], crc)
+      size += n
+    if sync:
+      os.fsync(f.fileno())
+  return crc, size
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_integrity(step_dir: str) -> dict:
+  """fsyncs every file of a committed step and records its size and CRC-32 (atomically)."""
+  buffer, files = bytearray(1 << 24), {}
+  for root, dirs, names in os.walk(step_dir):
+    dirs.sort()
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      if root == step_dir and name.startswith(INTEGRITY_FILE):
+        continue
+      crc, size = _crc_and_size(path, buffer, sync=True)
+      files[os.path.relpath(path, step_dir)] = [size, crc]
+    _fsync_dir(root)
+  record = {'format': 1, 'algorithm': 'crc32', 'files': files}
+  tmp = os.path.join(step_dir, INTEGRITY_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(record, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
+  _fsync_dir(step_dir)
+  return record
+
+
+def verify_integrity(step_dir: str) -> tuple[Optional[bool], str]:
+  """(True, '') intact; (False, reason) damaged; (None, '') no record (unsealed step)."""
+  try:
+    with open(os.path.join(step_dir, INTEGRITY_FILE)) as f:
+      record = json.load(f)
+    files = record['files']
+  except FileNotFoundError:
+    return None, ''
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return False, f'its integrity record {INTEGRITY_FILE} is unreadable: {type(e).__name__}'
+  buffer = bytearray(1 << 24)
+  for rel, (size, crc) in sorted(files.items()):
+    path = os.path.join(step_dir, rel)
+    try:
+      actual = os.path.getsize(path)
+    except OSError:
+      return False, f'{rel} is missing'
+    if actual != size:
+      return False, f'{rel} is {actual} bytes, {size} when saved'
+  for rel, (size, crc) in sorted(files.items()):
+    try:
+      actual_crc, _ = _crc_and_size(os.path.join(step_dir, rel), buffer, sync=False)
+    except OSError as e:
+      return False, f'{rel} cannot be read: {os.strerror(e.errno or 0).lower()}'
+    if actual_crc != crc:
+      return False, f'{rel} does not match its CRC-32 recorded when saved'
+  return True, ''
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _broadcast_int(value: Optional[int]) -> Optional[int]:
+  """Process 0's value on every process (the resume step must be the same everywhere)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  out = int(multihost_utils.broadcast_one_to_all(np.asarray(-1 if value is None else value,
+                                                            np.int64)))
+  return None if out < 0 else out
+
+
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` for the train state."""
+  """Thin wrapper over `ocp.CheckpointManager` for the train state: async saves that are sealed
+  (fsync + integrity record) and pruned here, verified restores, one-line save failures."""
 
   def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False):
-    # 'score': top-1 for FGVC, mAP for Re-ID (evaluate.score).
-    policy = cm.AnyPreservationPolicy([
-        cm.LatestN(n=keep),
-        # BestN sorts ascending and keeps the last n: the highest score.
-        cm.BestN(get_metric_fn=lambda m: m['score'], n=1, keep_checkpoints_without_metrics=False),
-    ])
+    # Every step is kept by Orbax; `_prune` deletes old ones only after a newer one is sealed.
     # `read_only` (eval, visualize, predict): never create, clean up or save. Orbax's own
     # read_only option warns on every open, so it is expressed through these options instead.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=not read_only,
+        preservation_policy=cm.LatestN(n=None),  # all enable_async_checkpointing=not read_only,
         # best_fn makes Orbax write each step's metrics and answer best_step().
+        # 'score': top-1 for FGVC, mAP for Re-ID (evaluate.score).
         best_fn=lambda m: m['score'], best_mode='max',
         create=not read_only, cleanup_tmp_directories=not read_only)
-    self.read_only = read_only
+    self.read_only, self.keep = read_only, keep
+    self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
+    self._pending: Optional[int] = None   # saved by this process, not yet sealed
+    self._failed = False
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
 
@@ -65,18 +237,144 @@ class Checkpointer:
     return self.manager.best_step()
 
   def all_steps(self):
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  # --- saving ---------------------------------------------------------------------------------
   def save(self, step: int, state: Any, meta: dict, score: Optional[float] = None,
            force: bool = False) -> None:
     if self.read_only:
       raise CheckpointError(f'{self.directory} was opened read-only')
+    self.seal()  # the previous save: committed, fsynced, recorded; old steps pruned
     metrics = None if score is None else {'score': float(score)}
     if step in self.manager.all_steps():
       return  # this step is already on disk (e.g. end-of-run save right after a periodic one)
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=force)
+    del _CAPTURED[:]
+    try:
+      self._quiet_save(step, state, meta, metrics, force)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
+      self._fail(step, e)
+    self._pending = step
+
+  def _quiet_save(self, step, state, meta, metrics, force):
+    # Orbax warns on every save between evaluations that no metric was given: they are
+    # expected here (BestN ranks only the evaluated steps), so that one warning is not shown.
+    logger = logging.get_absl_logger()
+    quiet = _DropMessage('did not provide metrics')
+    logger.addFilter(quiet)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=force)
+    finally:
+      logger.removeFilter(quiet)
+
+  def seal(self) -> None:
+    """Waits for the pending async save; fsyncs it and writes its integrity record, then
+    deletes the steps the keep policy no longer needs. Raises SaveError if it failed."""
+    if self._pending is None:
+      try:
+        self.manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail(None, e)
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+      if not os.path.isdir(self.step_dir(step)):  # Orbax renames only a complete step
+        raise _CAPTURED[-1] if _CAPTURED else OSError(f'step {step} was not committed')
+      if _is_primary():
+        write_integrity(self.step_dir(step))
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
+    self._prune()
+
+  def _prune(self) -> None:
+    steps = self.all_steps()
+    keep = set(steps[-self.keep:]) if self.keep > 0 else set()
+    best = self.manager.best_step()
+    if best is not None:
+      keep.add(best)
+    for step in steps:
+      if step not in keep:
+        self.manager.delete(step)
+
+  def _fail(self, step: Optional[int], error: BaseException) -> None:
+    """Turns a failed save into one line: the cause, the step, what is intact on disk."""
+    self._failed = True
+    cause = _CAPTURED[-1] if _CAPTURED and not isinstance(error, OSError) else error
+    del _CAPTURED[:]
+    reason = _io_reason(cause)
+    if _is_primary() and step is not None:  # the partial step frees its space
+      for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+        if name.startswith(f'{step}.') and 'tmp' in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    try:
+      self.manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    intact = [s for s in self.all_steps() if s != step
+              and verify_integrity(self.step_dir(s))[0] is not False]
+    what = (f'checkpoint{"s" if len(intact) > 1 else ""} {", ".join(map(str, intact))} '
+            f'{"are" if len(intact) > 1 else "is"} intact' if intact
+            else 'no earlier checkpoint is on disk')
+    where = f'step {step}' if step is not None else 'a checkpoint'
+    raise SaveError(f'{reason} while saving {where} to {self.directory}; {what}; '
+                    'free the space (or fix the error) and run the same command to resume'
+                    ) from error
+
+  # --- restoring ------------------------------------------------------------------------------
+  def damage(self, step: int) -> Optional[str]:
+    """Why `step` cannot be used (its files differ from its record, its meta is unreadable),
+    or None. A step without a record (killed before it was sealed) is checked when restored."""
+    ok, reason = verify_integrity(self.step_dir(step))
+    if ok is False:
+      return reason
+    try:
+      self.read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      return f'its meta item cannot be read: {type(e).__name__}'
+    return None
+
+  def newest_intact_step(self, which: str = 'latest', *, set_aside: bool = False,
+                         below: Optional[int] = None, say=print) -> Optional[int]:
+    """The newest step (below `below`), or the best one, that is not damaged. Each damaged
+    step on the way is named in one line, and with `set_aside` moved to
+    WORKDIR/damaged_checkpoints/. A damaged best step raises DamagedCheckpointError."""
+    step = None
+    if _is_primary():
+      candidates = ([self.best_step()] if which == 'best' else
+                    [s for s in self.all_steps()[::-1] if below is None or s < below])
+      for candidate in candidates:
+        if candidate is None:
+          continue
+        reason = self.damage(candidate)
+        if reason is None:
+          step = candidate
+          break
+        if which == 'best':
+          raise DamagedCheckpointError(self.directory, candidate, reason)
+        say(self.report_damaged(candidate, reason, set_aside=set_aside))
+    step = _broadcast_int(step)
+    if set_aside and jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('dca_jax:damaged_checkpoints_set_aside')
+    self.manager.reload()
+    return step
+
+  def report_damaged(self, step: int, reason: str, *, set_aside: bool) -> str:
+    """The line for a damaged step; with `set_aside` (training), moves it out of the way."""
+    line = f'checkpoint {self.directory}/{step} is damaged ({reason}); '
+    if set_aside and not self.read_only and _is_primary():
+      dest_root = os.path.join(self.workdir, DAMAGED_DIR)
+      os.makedirs(dest_root, exist_ok=True)
+      dest = os.path.join(dest_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+      os.rename(self.step_dir(step), dest)
+      self.manager.reload()
+      return line + f'moved to {dest}; using the newest intact checkpoint'
+    return line + 'skipped; using the newest intact checkpoint'
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -84,7 +382,11 @@ class Checkpointer:
   def check_meta(self, step: int, expected_meta: dict) -> None:
     """Raises CheckpointError if `step` was saved for a model of other shapes; warns about
     behaviour knobs that differ."""
-    meta = self.read_meta(step)
+    try:
+      meta = self.read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(self.directory, step, 'its meta item cannot be read: '
+                                   f'{type(e).__name__}') from e
     # A key the checkpoint predates is taken at its default (task fgvc, no neck, square input).
     defaults = {'task': 'fgvc', 'bnneck': False, 'input_width': meta.get('input_size')}
     saved = lambda k: meta.get(k, defaults.get(k))
@@ -101,7 +403,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, expected_meta: dict) -> Any:
     """Restores `step` into the shapes/shardings of `abstract_state` after checking the meta."""
     self.check_meta(step, expected_meta)
-    return self._restore(step, ocp.args.StandardRestore(abstract_state))
+    state = self._restore(step, ocp.args.StandardRestore(abstract_state))
+    if not self.read_only and _is_primary() and verify_integrity(self.step_dir(step))[0] is None:
+      write_integrity(self.step_dir(step))  # read back whole: sealed now (killed before it was)
+    return state
 
   def restore_variables(self, step: int, abstract_variables: dict, expected_meta: dict) -> dict:
     """Only the model variables ('params', and 'batch_stats' when the model has BN necks) of
@@ -116,13 +421,39 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
     except Exception as e:  # Orbax raises many types for tree/shape mismatches.
+      first = (str(e).strip().splitlines() or [''])[0]
+      # A step whose files match their record is intact: then the model is what differs.
+      sealed, why = verify_integrity(self.step_dir(step))
+      if sealed is False:
+        raise DamagedCheckpointError(self.directory, step, why) from e
+      if sealed is None and any(m in str(e).lower() for m in _DATA_ERROR_MARKERS):
+        detail = first.split(' See full TensorStore details')[0]
+        raise DamagedCheckpointError(self.directory, step,
+                                     f'unreadable: {detail[:200]}') from e
       raise CheckpointError(f'cannot restore {self.directory}/{step} into this model: '
-                            f'{type(e).__name__}: {str(e).splitlines()[0][:300]}') from e
+                            f'{type(e).__name__}: {first[:300]}') from e
     return restored['state']
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Seals the last save (SaveError if it failed) and closes the manager."""
+    try:
+      if not self.read_only and not self._failed:
+        self.seal()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
+
+
+class _DropMessage(pylogging.Filter):
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return self.text not in str(record.msg)
 
 
 def abstract_like(tree, shardings):

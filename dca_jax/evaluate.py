@@ -195,9 +195,14 @@ def load_for_inference(config, workdir: str, which: str = 'latest') -> Inference
     raise ckpt_lib.CheckpointError(f'no checkpoint in {directory}: train into this --workdir first')
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    step = checkpointer.best_step() if which == 'best' else checkpointer.latest_step()
+    damaged_best = ('; --checkpoint latest uses the newest intact one' if which == 'best' else '')
+    try:  # damaged steps are named and skipped (never moved: a training may be writing)
+      step = checkpointer.newest_intact_step(which)
+    except ckpt_lib.DamagedCheckpointError as e:
+      raise ckpt_lib.CheckpointError(f'{e}{damaged_best}') from None
     if step is None:
-      raise ckpt_lib.CheckpointError(f'no {which} checkpoint in {directory}')
+      raise ckpt_lib.CheckpointError(f'no {"intact " if checkpointer.all_steps() else ""}{which} '
+                                     f'checkpoint in {directory}')
     dtype, precision = distributed.compute_dtype(config.precision)
     model = build_model(config, dtype=dtype)
     mesh = distributed.make_mesh()
@@ -206,9 +211,19 @@ def load_for_inference(config, workdir: str, which: str = 'latest') -> Inference
                                                  train=False))
     sharding = jax.tree.map(lambda x: distributed.state_sharding(mesh, x.shape, config.fsdp),
                             abstract)
-    variables = checkpointer.restore_variables(
-        step, ckpt_lib.abstract_like(abstract, sharding),
-        ckpt_lib.model_meta(config, loss_scale=precision == 'fp16'))
+    while True:
+      try:
+        variables = checkpointer.restore_variables(
+            step, ckpt_lib.abstract_like(abstract, sharding),
+            ckpt_lib.model_meta(config, loss_scale=precision == 'fp16'))
+        break
+      except ckpt_lib.DamagedCheckpointError as e:  # unreadable files of an unsealed step
+        if which == 'best':
+          raise ckpt_lib.CheckpointError(f'{e}{damaged_best}') from None
+        print(checkpointer.report_damaged(step, e.reason, set_aside=False), flush=True)
+        step = checkpointer.newest_intact_step(which, below=step)
+        if step is None:
+          raise ckpt_lib.CheckpointError(f'no intact checkpoint in {directory}') from None
   finally:
     checkpointer.close()
   return InferenceModel(config, model, variables, sharding, mesh, dtype, int(step), which)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -26,6 +27,7 @@ from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib
 from dca_jax import distributed
 from dca_jax import evaluate
+from dca_jax import lock as lock_lib
 from dca_jax import losses
 from dca_jax import optim
 from dca_jax import reporting
@@ -213,8 +215,12 @@ class Trainer:
     self.tx = optim.make_optimizer(config, self.steps_per_epoch)
     self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    # One writer per workdir (process 0 holds the lock for all hosts), taken before the
+    # checkpoint manager, which cleans up unfinished saves: those of a live run are not ours.
+    self.lock = lock_lib.acquire(workdir, say=print) if jax.process_index() == 0 else None
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    self.resume_step = self.checkpointer.latest_step()
+    # The newest intact checkpoint: damaged ones are named and moved aside (nothing deleted).
+    self.resume_step = self.checkpointer.newest_intact_step(set_aside=True)
     from dca_jax import hub  # pylint: disable=g-import-not-at-top
     if self.resume_step is not None and not hub.is_scratch(config.pretrained_model):
       print(f'Resuming {self.checkpointer.directory}/{self.resume_step}: pretrained_model '
@@ -230,13 +236,76 @@ class Trainer:
     self.evaluate = evaluate.Evaluator(config, self.model, self.input, self.mesh,
                                        self.shardings.variables, dtype=self.dtype)
 
-  def restore(self, step: int) -> None:
+  def restore(self, step: int) -> int:
+    """Restores `step`, or if its files turn out unreadable (a step killed before it was
+    sealed), the newest intact one before it. Returns the step restored."""
     abstract = ckpt_lib.abstract_like(self.state, self.shardings)
-    self.state = self.checkpointer.restore(step, abstract, self.meta)
+    while True:
+      try:
+        self.state = self.checkpointer.restore(step, abstract, self.meta)
+        return step
+      except ckpt_lib.DamagedCheckpointError as e:
+        if jax.process_count() > 1:
+          raise  # the hosts would have to agree on the fallback: one line, then a re-run
+        print(self.checkpointer.report_damaged(step, e.reason, set_aside=True), flush=True)
+        step = self.checkpointer.newest_intact_step(set_aside=True)
+        if step is None:
+          raise ckpt_lib.CheckpointError(
+              f'no intact checkpoint is left in {self.checkpointer.directory} (the damaged ones '
+              f'are in {os.path.join(os.path.abspath(self.workdir), ckpt_lib.DAMAGED_DIR)}); run '
+              'the same command again to train from the start') from None
 
   def save(self, score: Optional[float] = None) -> None:
-    self.checkpointer.save(int(jax.device_get(self.state.step)), self.state, self.meta,
-                           score=score, force=True)
+    step = int(jax.device_get(self.state.step))
+    self.check_finite(step, 'before saving')  # never a checkpoint of non-finite weights
+    self.checkpointer.save(step, self.state, self.meta, score=score, force=True)
+
+  def check_finite(self, step: int, when: str) -> None:
+    """Raises NonFiniteError if the params (or neck statistics) hold a NaN/inf. One reduction
+    on the device and one scalar to the host: called only where the loop syncs anyway."""
+    if not bool(_all_finite(self.state.variables)):
+      raise NonFiniteError(self._diverged_line(step, f'the weights are not finite ({when})'))
+
+  def check_metrics(self, step: int, metrics: dict, previous_log: int) -> None:
+    """The finite-loss guard, on the metrics the logger already brought to the host. fp16:
+    a non-finite loss is a skipped step (the weights are kept); only non-finite weights stop."""
+    bad = {k: float(metrics[k]) for k in ('loss', 'grad_norm')
+           if k in metrics and not np.isfinite(float(metrics[k]))}
+    if not bad:
+      return
+    if self.state.loss_scale is not None:
+      self.check_finite(step, 'fp16')
+      return
+    values = ', '.join(f'{k}={v}' for k, v in bad.items())
+    raise NonFiniteError(self._diverged_line(
+        step, f'{values} (finite at step {previous_log}, the log before)'
+        if previous_log > 0 else values))
+
+  def _diverged_line(self, step: int, what: str) -> str:
+    last = self.checkpointer.latest_step()
+    good = (f'the last good checkpoint is {self.checkpointer.directory}/{last} (a re-run resumes '
+            'from it)' if last is not None else 'no checkpoint was saved before')
+    return (f'training diverged at step {step}: {what}; stopped without saving; {good}; lower '
+            '--config.learning_rate or set --config.max_grad_norm')
+
+  def close(self) -> None:
+    """Seals the last save (SaveError if it failed), then frees the workdir lock."""
+    try:
+      self.checkpointer.close()
+    finally:
+      if self.lock is not None:
+        self.lock.release()
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the weights became NaN/inf (fp16's skipped steps excepted)."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 # ============================================================================ the loop
@@ -278,6 +347,14 @@ class _Logger:
     self.last_step, self.last_time = start_step, time.time()
 
   def __call__(self, steps_done: int, metrics) -> dict:
+    """Writes the records, then stops the run if the loss is not finite (the check rides on
+    this host transfer: the hot loop gains no sync)."""
+    previous = self.last_step
+    metrics = self._record(steps_done, metrics)
+    self.trainer.check_metrics(steps_done, metrics, previous)
+    return metrics
+
+  def _record(self, steps_done: int, metrics) -> dict:
     metrics = jax.device_get(metrics)
     now = time.time()
     images = (steps_done - self.last_step) * self.trainer.config.batch_size
@@ -300,7 +377,7 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
                            num_params=count_params(trainer.state.params),
                            steps_per_epoch=trainer.steps_per_epoch), flush=True)
   if trainer.resume_step is not None:
-    trainer.restore(trainer.resume_step)
+    trainer.resume_step = trainer.restore(trainer.resume_step)
     if chief:
       print(f'Resumed from {trainer.checkpointer.directory}/{trainer.resume_step}', flush=True)
   if chief:
@@ -312,9 +389,20 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """The `train` mode: resumes from the latest checkpoint in `workdir` if there is one."""
-  trainer = Trainer(config, workdir)
   chief = jax.process_index() == 0
-  start = _start(trainer, config, workdir, chief)
+  # Taken before the data and the model are built: a second writer is refused at once.
+  lock = lock_lib.acquire(workdir, say=print) if chief else None
+  try:
+    trainer = Trainer(config, workdir)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  try:
+    start = _start(trainer, config, workdir, chief)
+  except BaseException:
+    trainer.close()
+    raise
   writer = reporting.MetricWriter(workdir, config, config.wandb_project)
   attention_images = visualize.AttentionImages(trainer, num_images=4)  # on every process
   progress = reporting.EpochProgress(config, trainer.steps_per_epoch, enabled=chief)
@@ -338,6 +426,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # --- evaluate
       score = None
       if is_last or (epoch_end and is_time(epochs_done, config.eval_frequency)):
+        trainer.check_finite(steps_done, 'before evaluating')
         result = trainer.evaluate(trainer.state.variables)
         score = evaluate.score(result)
         writer.write(steps_done, result, prefix='eval/')
@@ -354,8 +443,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
           print(f'\nSIGTERM: saved step {steps_done}, exiting; run the same command to resume.')
         break
   finally:
+    failing = sys.exc_info()[1] is not None  # then that error is the one line shown
     preemption.restore()
     progress.close()
-    trainer.checkpointer.close()
-    writer.close()
+    try:
+      trainer.close()  # seals the last save: a failed one raises SaveError (one line) here
+    finally:
+      try:
+        writer.close()
+      except OSError:  # e.g. a full disk: the error already on its way says so
+        if not failing:
+          raise
   return result

@@ -343,6 +343,8 @@ def _model_config(config, workdir: str):
     try:
       step = ck.latest_step()
       meta = ck.read_meta(step) if step is not None else {}
+    except Exception:  # pylint: disable=broad-except  (a damaged step: named when restored)
+      meta = {}
     finally:
       ck.close()
     saved.update({k: v for k, v in meta.items() if k in c})
