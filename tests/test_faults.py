@@ -84,7 +84,7 @@ def _truncate_arrays(step_dir):
 
 
 # --- kill -9 -----------------------------------------------------------------------------------
-def test_kill9_during_save_and_before_seal_then_resume_is_exact(reference, tmp_path):
+def test_kill9_during_save_and_before_seal_then_resume_is_exact(reference, tmp_path, capsys):
   ref_dir, ref = reference
   w = tmp_path / 'w'
   # 1. killed while Orbax finishes step 4 (every file written, not yet renamed into place)
@@ -101,12 +101,11 @@ def test_kill9_during_save_and_before_seal_then_resume_is_exact(reference, tmp_p
   assert _steps(w) == [4, 8] and not glob.glob(str(w / 'checkpoints' / '*tmp*'))
   assert ckpt_lib.verify_integrity(str(w / 'checkpoints' / '4'))[0] is True
   assert ckpt_lib.verify_integrity(str(w / 'checkpoints' / '8'))[0] is None
-  # 3. resumes from the unsealed step 8 and finishes
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *_main_args(w)], env=_env(),
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert f'Resumed from {w}/checkpoints/8' in r.stdout and 'stale' in r.stdout
-  assert not any(n in r.stderr for n in NOISE), r.stderr[:2000]  # start-up noise silenced
+  # 3. resumes from the unsealed step 8 (reading it whole, then sealing it) and finishes
+  capsys.readouterr()
+  train.train_and_evaluate(tiny_config(**STEPS), str(w))
+  out = capsys.readouterr().out
+  assert f'Resumed from {w}/checkpoints/8' in out and 'stale; taken over' in out
   for s in (4, 8, 12):  # nothing written before a fault is lost; the end is the reference's
     _assert_bitwise_equal(_params(w, s), ref[s])
   assert all(ckpt_lib.verify_integrity(str(w / 'checkpoints' / str(s)))[0] for s in (4, 8, 12))
@@ -157,12 +156,17 @@ def test_nonfinite_loss_stops_at_the_log_naming_step_and_last_good_checkpoint(re
 
 
 def test_nonfinite_weights_are_never_saved_between_logs(tmp_path):
-  # logs every 100 steps: the check before each save is what stops it
-  config = tiny_config(**dict(STEPS, learning_rate=1e25, max_grad_norm=0.0, log_every_steps=100,
-                              save_every_steps=2))
-  with pytest.raises(train.NonFiniteError, match='at step 2: the weights are not finite '
-                     r'\(before saving\).*no checkpoint was saved before'):
-    train.train_and_evaluate(config, str(tmp_path))
+  # main.py as a user runs it; logs every 100 steps: the check before each save stops it
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *_main_args(
+      tmp_path, '--config.learning_rate=1e25', '--config.max_grad_norm=0',
+      '--config.log_every_steps=100', '--config.save_every_steps=2')], env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr[-3000:]
+  assert lines[0].startswith('error: training diverged at step 2: the weights are not finite '
+                             '(before saving); stopped without saving; no checkpoint was saved '
+                             'before'), lines[0]
   assert _steps(tmp_path) == []
 
 
@@ -200,7 +204,8 @@ def test_second_training_in_a_workdir_is_refused_and_a_killed_ones_lock_is_stale
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert holder.poll() is None  # still running: the refusal was not a lucky race
     assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
+    lines = r.stderr.strip().splitlines()  # one line: no traceback, no start-up noise
+    assert not any(n in r.stderr for n in NOISE), r.stderr[:2000]
     assert len(lines) == 1 and lines[0].startswith(
         f'error: another training is writing to {tmp_path} (host '), r.stderr
     assert f'PID {holder.pid}, started ' in lines[0]
