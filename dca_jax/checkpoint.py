@@ -21,6 +21,7 @@ import json
 import logging as pylogging
 import os
 import shutil
+import sys
 import time
 import zlib
 from typing import Any, Optional
@@ -88,10 +89,29 @@ class _OrbaxSaveFailureFilter(pylogging.Filter):
   def filter(self, record: pylogging.LogRecord) -> bool:
     if not record.pathname or 'orbax' not in record.pathname:
       return True
-    message = str(record.msg)
-    if any(m in message for m in _ORBAX_FAILURE_LOGS):
-      if record.exc_info and record.exc_info[1] is not None:
+    with_exception = bool(record.exc_info and record.exc_info[1] is not None)
+    if (any(m in str(record.msg) for m in _ORBAX_FAILURE_LOGS)
+        or (with_exception and record.levelno >= pylogging.ERROR)):
+      if with_exception:  # e.g. a writer thread's 'raised an exception' (full disk)
         _CAPTURED.append(record.exc_info[1])
+      return False
+    return True
+
+
+class _OrphanedFutureFilter(pylogging.Filter):
+  """asyncio's 'exception was never retrieved' for the sibling writes of a failed Orbax save
+  (each shard's write fails alike on a full disk): the first one makes the line."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None or 'never retrieved' not in str(record.msg):
+      return True
+    tb, frames = error.__traceback__, []
+    while tb is not None:
+      frames.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    if any('orbax' in f for f in frames):
+      _CAPTURED.append(error)
       return False
     return True
 
@@ -99,6 +119,42 @@ class _OrbaxSaveFailureFilter(pylogging.Filter):
 _FILTER = _OrbaxSaveFailureFilter()
 if _FILTER not in logging.get_absl_logger().filters:
   logging.get_absl_logger().addFilter(_FILTER)
+pylogging.getLogger('asyncio').addFilter(_OrphanedFutureFilter())
+
+
+def _is_closed_loop_callback(error) -> bool:
+  """RuntimeError('Event loop is closed') raised in asyncio's call_soon_threadsafe."""
+  if not (isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)):
+    return False
+  tb, names = error.__traceback__, []
+  while tb is not None:
+    names.append(tb.tb_frame.f_code.co_name)
+    tb = tb.tb_next
+  return 'call_soon_threadsafe' in names
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """When an async save fails (a full disk), TensorStore's write callbacks for the other shards
+  still arrive, on event loops Orbax has closed meanwhile; each raises 'Event loop is closed'
+  in call_soon_threadsafe and Python prints it with its traceback (through sys.excepthook from
+  TensorStore's threads). Those, and only those, are dropped: the failure has its own line."""
+  if getattr(sys.excepthook, '_dca_jax', False):
+    return
+  previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, value, tb):
+    if not _is_closed_loop_callback(value):
+      previous_excepthook(kind, value, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_closed_loop_callback(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  excepthook._dca_jax = unraisablehook._dca_jax = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+_quiet_closed_loop_callbacks()
 
 
 def _io_reason(error: BaseException) -> str:
@@ -289,6 +345,9 @@ class Checkpointer:
         write_integrity(self.step_dir(step))
     except Exception as e:  # pylint: disable=broad-except
       self._fail(step, e)
+    for error in _CAPTURED:  # an Orbax error that did not fail the save: still said, in a line
+      logging.warning('while saving step %d: %s', step, _io_reason(error))
+    del _CAPTURED[:]
     self._prune()
 
   def _prune(self) -> None:
