@@ -69,6 +69,7 @@ def _model_knobs(c: ml_collections.ConfigDict) -> None:
   c.loss_weights_lr_multiplier = 1.0  # the w_b learn at learning rate x this
   c.label_smoothing = 0.0          # cross-entropy label smoothing (paper: none)
   c.triplet_margin = 0.0           # task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin
+  c.triplet_feature = 'raw'        # task=reid: triplet distances of raw features (TransReID) / batch_standardized (collapse-proof from scratch: docs/REID.md)
   c.bnneck = True                  # task=reid: BatchNorm neck between each branch's feature and its classifier
   c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
   c.attention_impl = 'xla'         # xla | cudnn (fused attention in SA/PWCA blocks whose attention maps are not needed)
@@ -179,6 +180,7 @@ CHOICES = {
     'posemb_interpolation': ('bicubic', 'bilinear'),
     'optimizer': ('adamw', 'sgd'),
     'reid_feature': ('before_bn', 'after_bn'),
+    'triplet_feature': ('raw', 'batch_standardized'),
     'pwca_partners': ('per_device', 'global'),
 }
 INF = float('inf')

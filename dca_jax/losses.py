@@ -32,13 +32,36 @@ def pairwise_euclidean(features):
   return jnp.sqrt(jnp.maximum(d2, 1e-12))
 
 
-def batch_hard_triplet(features, labels, margin: float = 0.0):
+TRIPLET_FEATURES = ('raw', 'batch_standardized')
+
+
+def batch_standardize(features, eps: float = 1e-5):
+  """[B, D] -> each dimension centred and scaled to unit variance over the batch, then / sqrt(D)
+  (so a feature's norm is ~1): distances that shrinking or shifting all features cannot change."""
+  f = features.astype(jnp.float32)
+  f = f - jnp.mean(f, axis=0, keepdims=True)
+  f = f * jax.lax.rsqrt(jnp.mean(f * f, axis=0, keepdims=True) + eps)
+  return f / jnp.sqrt(jnp.asarray(f.shape[-1], jnp.float32))
+
+
+def batch_hard_triplet(features, labels, margin: float = 0.0, feature: str = 'raw'):
   """Batch-hard triplet loss (Hermans et al. 2017): for each anchor its farthest positive and
   nearest negative. margin 0: soft margin log(1 + exp(d_ap - d_an)); > 0: max(0, d_ap - d_an + m).
+
+  feature 'raw' (TransReID): distances of the features as they are. 'batch_standardized':
+  of `batch_standardize(features)`. From scratch the raw form has a degenerate minimum: when
+  the nearest negative starts closer than the farthest positive (camera beats identity), the
+  loss falls fastest by shrinking every distance, and the features collapse onto one point
+  in a few dozen steps (d_ap = d_an = 0, loss ln 2; docs/REID.md). Standardised distances
+  cannot shrink, so only separating identities lowers the loss.
 
   Returns (loss, fraction of anchors whose nearest negative is farther than the farthest
   positive). An anchor with no negative in the batch contributes nothing.
   """
+  if feature == 'batch_standardized':
+    features = batch_standardize(features)
+  elif feature != 'raw':
+    raise ValueError(f'unknown triplet feature {feature!r} (one of {TRIPLET_FEATURES})')
   dist = pairwise_euclidean(features)
   same = labels[:, None] == labels[None, :]
   d_ap = jnp.max(jnp.where(same, dist, -jnp.inf), axis=1)   # self is a positive at distance ~0
@@ -53,11 +76,12 @@ def batch_hard_triplet(features, labels, margin: float = 0.0):
 
 
 def dcal_loss(outputs, labels, weighting: str = 'uncertainty', *, label_smoothing: float = 0.0,
-              triplet_margin: Optional[float] = None):
+              triplet_margin: Optional[float] = None, triplet_feature: str = 'raw'):
   """L = 0.5 · Σ_b (exp(-w_b)·L_b + w_b) over the branches present (or Σ_b L_b for 'sum').
 
   L_b = CE_b, plus the batch-hard triplet loss on the branch's feature when `triplet_margin`
-  is given (Re-ID). PWCA's target is the first image's label (the partner is noise). Returns
+  is given (Re-ID), on `triplet_feature` distances (see `batch_hard_triplet`). PWCA's target
+  is the first image's label (the partner is noise). Returns
   (total, metrics) with each CE_b, triplet_b and w_b, since the total itself can go negative.
   """
   weights = outputs['loss_weights'].astype(jnp.float32)
@@ -69,7 +93,7 @@ def dcal_loss(outputs, labels, weighting: str = 'uncertainty', *, label_smoothin
     loss = metrics[f'ce_{branch}'] = cross_entropy(logits, labels, label_smoothing)
     if triplet_margin is not None:
       triplet, triplet_acc = batch_hard_triplet(outputs[f'{branch}_feature'], labels,
-                                                triplet_margin)
+                                                triplet_margin, triplet_feature)
       metrics[f'triplet_{branch}'] = triplet
       metrics[f'triplet_acc_{branch}'] = triplet_acc
       loss = loss + triplet

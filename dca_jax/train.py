@@ -146,7 +146,7 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
         mutable=['batch_stats'] if has_stats else [])
     loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
                                      label_smoothing=config.label_smoothing,
-                                     triplet_margin=triplet_margin)
+                                     triplet_margin=triplet_margin, triplet_feature=config.triplet_feature)
     return loss, (metrics, new_variables.get('batch_stats'))
 
   if state.loss_scale is not None:
