@@ -168,9 +168,22 @@ def recommendations(recs, specs_dir):
   return out
 
 
+def _fill_times(recs, specs_dir):
+  """Implied times from the card's peak where a row was written without one."""
+  from dca_jax import plan  # pylint: disable=g-import-not-at-top
+  for r in recs:
+    if r.get('update_s') is None or not math.isfinite(r['update_s']):
+      with open(os.path.join(specs_dir, SPECS[r['card']])) as f:
+        peak = plan.read_gpu_spec(f.read())['peak_flops'].get(r['precision'])
+      if peak and r.get('flops') and math.isfinite(r['flops']):
+        r['update_s'] = r['flops'] / r['num_devices'] / (peak * 0.4) * r['accumulation']
+
+
 def render(path, specs_dir=''):
   with open(path) as f:
     recs = [json.loads(line) for line in f if line.strip()]
+  if specs_dir:
+    _fill_times(recs, specs_dir)
   by = {}
   for r in recs:
     by.setdefault(r['group'], []).append(r)
