@@ -164,11 +164,13 @@ def main(argv=None) -> None:
                       help='ablation only: scale every branch\'s triplet loss (0 = off)')
   parser.add_argument('--triplet_feature', default='',
                       help='ablation only: raw / batch_standardized distances in the triplet')
+  parser.add_argument('--same_scans', type=int, default=0,
+                      help='1: each identity keeps its three real scans in every view')
   args = parser.parse_args(argv)
   if args.triplet_weight is not None or args.triplet_feature:
     _patch_triplet(1.0 if args.triplet_weight is None else args.triplet_weight,
                    args.triplet_feature or 'raw')
-  data_dir = real_reid.ensure(args.data_base)
+  data_dir = real_reid.ensure(args.data_base, real_reid.Params(same_scans=args.same_scans))
   out = sys.stdout if args.out == '-' else open(args.out, 'a')
   pixel_map, pixel_rank1 = real_reid.pixel_baseline(data_dir)
   for seed in [int(s) for s in args.seeds.split(',')]:
@@ -182,7 +184,7 @@ def main(argv=None) -> None:
                             if args.triplet_weight is not None else []) + (
                                 [f'triplet_feature={args.triplet_feature}']
                                 if args.triplet_feature else [])
-    tag = {'variant': args.variant, 'name': args.name or ' '.join(overrides) or args.variant,
+    tag = {'variant': args.variant, 'same_scans': args.same_scans, 'name': args.name or ' '.join(overrides) or args.variant,
            'overrides': overrides, 'seed': seed, 'epochs': config.num_epochs,
            'pixel_baseline_mAP': round(pixel_map, 4), 'pixel_baseline_rank1': round(pixel_rank1, 4)}
     last = run(config, eval_every=args.eval_every, out=out, tag=tag, data_dir=data_dir)

@@ -64,6 +64,7 @@ class Params:
   height: int = 64
   width: int = 32
   seed: int = 0
+  same_scans: int = 0            # 1: an identity keeps its three scans in every view
 
   def key(self) -> str:
     blob = json.dumps({'version': VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -218,7 +219,8 @@ def write(out_dir: str, params: Params = Params(), *, train_eval: bool = False) 
   written = []
   for index, (folder, pid, camera, number, which) in enumerate(items):
     rng = np.random.default_rng([params.seed, 9, index])
-    chosen = [scans[rng.choice(pools[which][d])] for d in _digits_of(number)]
+    pick = np.random.default_rng([params.seed, 13, pid, number]) if params.same_scans else rng
+    chosen = [scans[pick.choice(pools[which][d])] for d in _digits_of(number)]
     image = render(rng, cameras[camera], chosen, params.height, params.width)
     name = f'{pid:04d}_c{camera + 1}s1_{index:06d}_00.jpg'
     path = os.path.join(root, folder, name)

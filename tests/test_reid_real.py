@@ -1,0 +1,63 @@
+"""tools/real_reid.py: a Re-ID set of real handwriting (sklearn's bundled digits) written in
+the official Market-1501 layout and read back by the project's Market-1501 reader."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip('sklearn')
+
+from dca_jax.data import reid_sources  # noqa: E402
+from tools import real_reid  # noqa: E402
+
+SMALL = real_reid.Params(num_train_ids=20, images_per_train_id=5, num_test_ids=10,
+                         gallery_per_test_id=3, num_distractors=6)
+
+
+@pytest.fixture(scope='module')
+def written(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('digits_reid'))
+  real_reid.write(out, SMALL, train_eval=True)
+  return out
+
+
+def test_market1501_reader_reads_what_was_planned(written):
+  dataset = reid_sources.read_reid('market1501', written, True)
+  assert dataset.num_train_ids == 20 and len(dataset.train) == 100
+  assert len(dataset.query) == 10 and len(dataset.gallery) == 10 * 3 + 6
+  assert (dataset.gallery.pids == 0).sum() == 6          # distractors, gallery only
+  assert set(dataset.query.pids) <= set(dataset.gallery.pids)
+  assert not set(dataset.train_pids) & set(dataset.query.pids)  # unseen test identities
+  for pid in dataset.query.pids:                          # query camera not in its gallery
+    q_cam = dataset.query.camids[dataset.query.pids == pid]
+    assert q_cam[0] not in dataset.gallery.camids[dataset.gallery.pids == pid]
+  meta = json.load(open(os.path.join(written, real_reid.MARKER)))
+  train_numbers, test_numbers = meta['numbers']['train'], meta['numbers']['test']
+  assert not set(train_numbers.values()) & set(test_numbers.values())
+
+
+def test_train_ids_copy_holds_the_training_identities(written):
+  dataset = reid_sources.read_reid('market1501', os.path.join(written, 'train_ids'), False)
+  assert len(dataset.query) == 20 and len(dataset.query) + len(dataset.gallery) == 100
+  assert set(dataset.query.pids) == set(dataset.gallery.pids)
+
+
+def test_views_are_real_scans_of_the_numbers_digits():
+  scans, labels = real_reid.load_scans()
+  assert scans.shape == (1797, 8, 8) and set(labels) == set(range(10))
+  camera = real_reid._cameras(0)[0]  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  image = real_reid.render(rng, camera, [scans[0], scans[1], scans[2]], 64, 32)
+  assert image.shape == (64, 32, 3) and image.dtype == np.uint8
+
+
+def test_raw_pixels_do_not_find_the_identities(written):
+  mean_ap, _ = real_reid.pixel_baseline(written)
+  assert mean_ap < 0.5  # cameras dominate the pixels (full-size set: 0.63 %)
+
+
+def test_bad_sizes_are_one_error_line(tmp_path):
+  with pytest.raises(ValueError, match='identities'):
+    real_reid.write(str(tmp_path), real_reid.Params(num_train_ids=900, num_test_ids=200))
