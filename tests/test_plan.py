@@ -211,10 +211,16 @@ def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path):
   assert f'Physical batch size: {want["batch_size"]} (auto_batch' in r.stdout
 
 
-def test_nothing_fits_is_one_clear_line(tmp_path):
-  config = tiny_config(batch_size=2, auto_batch=True, plan_memory_gb=1e-6)
-  with pytest.raises(plan.PlanError, match='nothing fits effective batch 2'):
-    plan.apply_auto_batch(config)
+def test_nothing_fits_is_one_clear_line(cpu_plan):
+  """Below the smallest candidate nothing is recommended, and the line says what to change."""
+  config, records = cpu_plan
+  target = dataclasses.replace(plan.attached_target(), memory_bytes=1024)
+  rows = [plan.judge(plan.Row(plan.Candidate(r['batch_size'], r['accumulation'], r['remat']),
+                              memory_bytes=r['memory_bytes'], flops=r['flops']),
+                     target, 'fp32', 0.1, 0.4) for r in records]
+  assert plan.recommend(rows) is None
+  line = plan.summary(None, target, config, 0.1)
+  assert 'nothing fits effective batch 4' in line and '\n' not in line
 
 
 def test_bad_spec_is_one_clear_line(tmp_path):
