@@ -552,10 +552,9 @@ def _gb(x):
 def _planned_bytes(r):
   """The planner's formula (dca_jax/plan.py) on this row's compiled step: arguments + outputs
   - aliases + temporaries."""
+  from dca_jax import plan  # pylint: disable=g-import-not-at-top
   parts = [r.get(f'xla_{k}_bytes') for k in ('argument', 'output', 'alias', 'temp')]
-  if any(p is None for p in parts):
-    return None
-  return parts[0] + parts[1] - parts[2] + parts[3]
+  return None if any(p is None for p in parts) else plan.device_bytes(*parts)
 
 
 def _plan_key(r, device):

@@ -125,7 +125,7 @@ def gpu_target(spec_path: str, topology: str = '1x1x1') -> Target:
                     'deviceless GPU plan needs the jax[cuda12] wheels of the same jax version)'
                     ) from None
   name = topo.devices[0].device_kind
-  if topo.devices and len(topo.devices) > 1:
+  if len(topo.devices) > 1:
     name = f'{len(topo.devices)} x {name}'
   return Target(name=name, backend='gpu-deviceless', devices=tuple(topo.devices),
                 memory_bytes=int(spec['memory_bytes'] * pool_fraction()),
@@ -236,6 +236,12 @@ def host_flops(config, precision: str) -> float:
   return float(cost.get('flops', 0.0)) if cost else float('nan')
 
 
+def device_bytes(arguments: int, outputs: int, aliases: int, temporaries: int) -> int:
+  """A compiled step's device memory from XLA's buffer assignment: the donated state is both an
+  argument and an output (aliased), so it is counted once."""
+  return arguments + outputs - aliases + temporaries
+
+
 def collective_bytes(hlo_text: str) -> dict:
   """Output bytes of each collective kind in an optimised HLO module (per device)."""
   sizes = {'f32': 4, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'pred': 1, 'f64': 8, 's8': 1,
@@ -304,8 +310,8 @@ def measure(config, candidate: Candidate, target: Target, precision: str, *,
     m = compiled.memory_analysis()
     row.argument_bytes, row.output_bytes = m.argument_size_in_bytes, m.output_size_in_bytes
     row.alias_bytes, row.temp_bytes = m.alias_size_in_bytes, m.temp_size_in_bytes
-    row.memory_bytes = (m.argument_size_in_bytes + m.output_size_in_bytes
-                        - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    row.memory_bytes = device_bytes(row.argument_bytes, row.output_bytes, row.alias_bytes,
+                                    row.temp_bytes)
     hlo = compiled.as_text() or ''
     if target.num_devices > 1:
       row.collectives = collective_bytes(hlo)
