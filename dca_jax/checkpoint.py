@@ -275,7 +275,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.LatestN(n=None),  # all enable_async_checkpointing=not read_only,
         # best_fn makes Orbax write each step's metrics and answer best_step().
-        # 'score': top-1 for FGVC, mAP for Re-ID (evaluate.score).
+        # 'score': config.best_metric's value (config_lib.best_metric: top-1, mAP, or on val).
         best_fn=lambda m: m['score'], best_mode='max',
         create=not read_only, cleanup_tmp_directories=not read_only)
     self.read_only, self.keep = read_only, keep

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from dca_jax import tasks
+
 GOOGLE_BACKBONES = ('vit_base', 'r50_vit_base')
-TASKS = ('fgvc', 'reid')
-FGVC_DATASETS = ('cub', 'cars', 'aircraft', 'synthetic')
-REID_DATASETS = ('market1501', 'dukemtmc', 'msmt17', 'veri776', 'synthetic_reid')
+TASKS = tasks.NAMES
 OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                'resnet_width')
 
@@ -22,6 +22,7 @@ def _data_knobs(c: ml_collections.ConfigDict) -> None:
   """Data knobs."""
   c.task = 'fgvc'                  # fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)
   c.dataset = 'synthetic'          # fgvc: cub | cars | aircraft | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid
+  c.val_split = 0.0                # FGVC: fraction of each class's train images held out as a validation split (fixed draw, whatever the seed); `best` is then chosen on it
   c.data_source = 'synthetic'      # tfds | folder | synthetic
   c.data_dir = ''                  # TFDS data_dir, or the folder holding the official layout
   c.num_classes = 10               # classes of the dataset (200 CUB, 196 Cars, 100 Aircraft)
@@ -103,6 +104,8 @@ def _evaluation_knobs(c: ml_collections.ConfigDict) -> None:
   """Evaluation, checkpoints, logging knobs."""
   c.eval_batch_size = 16           # global; the last batch is padded and masked
   c.eval_frequency = 1             # epochs
+  c.evals = ml_collections.ConfigDict()  # evaluators by name: {name: {type: classification / retrieval / attention, prefix, options}}; empty = the task's (dca_jax/evaluators/)
+  c.best_metric = ''               # the eval metric the best checkpoint is chosen by; '' = the task's (accuracy / mAP), on the validation split when val_split > 0
   c.reid_feature = 'before_bn'     # task=reid: retrieval feature concat(SA, GLCA) taken before_bn / after_bn (the neck)
   c.reid_normalize = True          # task=reid: L2-normalise the retrieval feature
   c.reid_flip_test = False         # task=reid: average the features of the image and its mirror
@@ -136,30 +139,24 @@ def _is_remat_policy(name: str) -> bool:
   return name in _remat_policy_names()
 
 
-def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
-  """The paper's FGVC recipe (docs/METHOD.md) is what the defaults are: 448 crops of 550,
-  R = 10 %, M = 1, T = 12, physical batch 4 x accumulation 4 = 16, AdamW lr 5e-4 / 512 x 16,
-  100 epochs, drop path 0.1, gradient checkpointing. Datasets set the rest."""
+def task_config(task: str, backbone: str) -> ml_collections.ConfigDict:
+  """The base config with `task`'s recipe (`tasks.<task>.configure`) and `backbone`."""
   c = base_config()
+  tasks.get(task).configure(c)
   c.backbone = backbone
   return c
 
 
+def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
+  """The paper's FGVC recipe (docs/METHOD.md) is what the defaults are: 448 crops of 550,
+  R = 10 %, M = 1, T = 12, physical batch 4 x accumulation 4 = 16, AdamW lr 5e-4 / 512 x 16,
+  100 epochs, drop path 0.1, gradient checkpointing. Datasets set the rest."""
+  return task_config('fgvc', backbone)
+
+
 def reid_config(backbone: str = 'vit_base') -> ml_collections.ConfigDict:
-  """The paper's Re-ID recipe (TransReID's ViT-B settings, docs/METHOD.md); datasets set the
-  rest (persons 256 x 128, vehicles 256 x 256)."""
-  c = base_config()
-  c.task, c.backbone, c.data_source = 'reid', backbone, 'folder'
-  c.input_size, c.input_width = 256, 128
-  c.top_k_ratio = 0.3
-  c.optimizer, c.momentum, c.weight_decay = 'sgd', 0.9, 1e-4
-  # batch 64 = 16 identities x 4 images, lr 0.008 at that batch, 5 warm-up epochs, cosine
-  c.batch_size, c.num_instances, c.gradient_accumulation_steps = 64, 4, 1
-  c.learning_rate, c.lr_reference_batch = 0.008, 64
-  c.num_epochs, c.warmup_epochs = 120, 5.0
-  c.use_gradient_checkpointing = False   # batch 64 at 256 x 128 (128 tokens) fits a 24 GB GPU
-  c.eval_batch_size, c.eval_frequency, c.save_frequency = 256, 10, 10
-  return c
+  """The paper's Re-ID recipe (TransReID's ViT-B settings, docs/METHOD.md): `tasks/reid.py`."""
+  return task_config('reid', backbone)
 
 
 # Every choice knob and its values (the data package and the model read them from here).
@@ -192,6 +189,7 @@ RANGES = {
     'synthetic_num_test': (1, INF, True), 'synthetic_image_size': (8, INF, True),
     'synthetic_distractors': (0, INF, True), 'synthetic_detail_size': (0.0, 0.5, False),
     'synthetic_seed': (0, INF, True), 'num_instances': (1, INF, True),
+    'val_split': (0.0, 0.9, True),
     'crop_padding': (0, INF, True), 'random_erasing': (0.0, 1.0, True),
     'num_sa_layers': (1, INF, True), 'num_glca_layers': (0, 1, True),
     'num_pwca_layers': (0, INF, True), 'top_k_ratio': (0.0, 1.0, False),
@@ -226,25 +224,48 @@ def _check_range(key: str, value) -> None:
 
 
 def _check_pairs(config) -> None:
-  """Checks that involve several knobs."""
-  datasets = REID_DATASETS if config.task == 'reid' else FGVC_DATASETS
-  if config.dataset not in datasets:
-    other = "task='reid'" if config.task == 'fgvc' else "task='fgvc'"
+  """Checks that involve several knobs (the task's own in `tasks.<task>.check`)."""
+  task = tasks.get(config.task)
+  if config.dataset not in task.datasets():
+    owner = [name for name in tasks.NAMES if config.dataset in tasks.get(name).datasets()]
+    hint = f" (or set task='{owner[0]}')" if owner else ''
     raise ConfigError(f'config.dataset={config.dataset!r} is not a {config.task} dataset: one of '
-                      f'{datasets} (or set {other})')
-  if config.task == 'fgvc':
-    for key in ('input_size', 'input_width'):
-      if config[key] is not None and config[key] > config.resize_size:
-        raise ConfigError(f'config.{key}={config[key]} exceeds config.resize_size='
-                          f'{config.resize_size} (the crop is taken from the resized image)')
-  elif config.batch_size % config.num_instances:
-    raise ConfigError(f'config.batch_size={config.batch_size} is not a multiple of '
-                      f'config.num_instances={config.num_instances}: a Re-ID batch is P '
-                      'identities x K images')
+                      f'{task.datasets()}{hint}')
+  task.check(config)
+  _check_evals(config)
   policy = config.remat_policy
   if policy != 'full' and not _is_remat_policy(policy):
     raise ConfigError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
                       f'jax.checkpoint_policies: {", ".join(_remat_policy_names())}')
+
+
+def _check_evals(config) -> None:
+  """Each evaluator entry names a known type; best_metric is one the evaluators score."""
+  from dca_jax import evaluators  # pylint: disable=g-import-not-at-top
+  for name, entry in evaluators.entries(config).items():
+    if not isinstance(entry, dict) or 'type' not in entry:
+      raise ConfigError(f'config.evals.{name} needs a type: one of {evaluators.TYPES}')
+    try:
+      evaluators.evaluator_class(entry['type'])
+    except ValueError as e:
+      raise ConfigError(f'config.evals.{name}: {e}') from None
+  if config.best_metric and config.best_metric not in evaluators.metric_names(config):
+    raise ConfigError(f'config.best_metric={config.best_metric!r} is not scored by config.evals: '
+                      f'one of {sorted(evaluators.metric_names(config))}')
+
+
+def best_metric(config) -> str:
+  """The eval metric the best checkpoint is chosen by (`config.best_metric`, or the task's
+  metric, on the validation split when there is one)."""
+  if config.best_metric:
+    return config.best_metric
+  metric = tasks.get(config.task).METRIC
+  return f'val/{metric}' if f'val/{metric}' in _metric_names(config) else metric
+
+
+def _metric_names(config) -> set:
+  from dca_jax import evaluators  # pylint: disable=g-import-not-at-top
+  return evaluators.metric_names(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -290,7 +311,7 @@ def model_settings(config) -> dict:
   settings = {k: config[k] for k in MODEL_SHAPE_KEYS + MODEL_BEHAVIOUR_KEYS}
   settings['backbone_overrides'] = backbone_overrides(config)
   settings['input_width'] = input_hw(config)[1]
-  settings['bnneck'] = bool(config.task == 'reid' and config.bnneck)
+  settings['bnneck'] = bool(tasks.get(config.task).bnneck(config))
   return settings
 
 

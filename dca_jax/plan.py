@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dca_jax import config_lib
+from dca_jax import tasks
 
 GIB = 2 ** 30
 # Remat levels from cheapest to most memory-frugal: off, save the weight matmuls' outputs, save
@@ -171,11 +172,12 @@ def candidates(config, num_devices: int,
   """Every physical batch that divides the config's effective batch and that the devices (and,
   for Re-ID, P x K batches; for per-device PWCA, >= 2 images per device) can take, x remat."""
   effective = config_lib.effective_batch_size(config)
+  task = tasks.get(config.task)
   sizes = []
   for b in range(1, effective + 1):
     if effective % b or b % num_devices:
       continue
-    if config.task == 'reid' and b % config.num_instances:
+    if not task.batch_fits(config, b):  # Re-ID: P x K
       continue
     if (config.num_pwca_layers and config.pwca_partners == 'per_device'
         and b // num_devices < 2):

@@ -26,13 +26,13 @@ from flax.training import dynamic_scale as dynamic_scale_lib
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib
 from dca_jax import distributed
-from dca_jax import evaluate
+from dca_jax import evaluators
 from dca_jax import lock as lock_lib
 from dca_jax import losses
 from dca_jax import optim
 from dca_jax import reporting
+from dca_jax import tasks
 from dca_jax.data import preprocess
-from dca_jax import visualize
 from dca_jax.models import build_model, dcal
 
 
@@ -128,15 +128,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
   step_rng = jax.random.fold_in(base_rng, state.step)
   partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
   images = preprocess.device_normalize(batch['image'], config, dtype)  # uint8 -> dtype
+  task = tasks.get(config.task)
   partner = None
   if config.num_pwca_layers > 0:  # within each device's share, or over the global batch
     groups = num_devices if config.pwca_partners == 'per_device' else 1
-    if config.task == 'reid':  # P x K batches: a partner of another identity
-      partner = dcal.other_label_partners(partner_rng, batch['label'], groups)
-    else:
-      partner = dcal.derangement_per_group(partner_rng, images.shape[0], groups)
+    partner = task.partners(partner_rng, batch['label'], images.shape[0], groups)
   has_stats = state.batch_stats is not None
-  triplet_margin = config.triplet_margin if config.task == 'reid' else None
+  loss_options = task.loss_options(config)
 
   def loss_fn(params):
     variables = {'params': params, **({'batch_stats': state.batch_stats} if has_stats else {})}
@@ -145,8 +143,7 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
         rngs={'dropout': dropout_rng, 'selection': selection_rng},
         mutable=['batch_stats'] if has_stats else [])
     loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
-                                     label_smoothing=config.label_smoothing,
-                                     triplet_margin=triplet_margin, triplet_feature=config.triplet_feature)
+                                     label_smoothing=config.label_smoothing, **loss_options)
     return loss, (metrics, new_variables.get('batch_stats'))
 
   if state.loss_scale is not None:
@@ -233,8 +230,13 @@ class Trainer:
     self.meta = ckpt_lib.model_meta(config, loss_scale=self.precision == 'fp16')
     self.train_step = jit_train_step(self.model, self.tx, config, dtype=self.dtype,
                                      rng=step_rng, mesh=self.mesh, shardings=self.shardings)
-    self.evaluate = evaluate.Evaluator(config, self.model, self.input, self.mesh,
-                                       self.shardings.variables, dtype=self.dtype)
+    self.evals = evaluators.Suite(evaluators.Context(
+        config, self.model, self.input, self.mesh, self.shardings.variables, self.dtype))
+    self.best_metric = config_lib.best_metric(config)
+
+  def evaluate(self, variables) -> tuple[dict, dict]:
+    """(results, pictures) of the run's evaluators (`config.evals`) on `variables`."""
+    return self.evals.run(variables)
 
   def restore(self, step: int) -> int:
     """Restores `step`, or if its files turn out unreadable (a step killed before it was
@@ -404,7 +406,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainer.close()
     raise
   writer = reporting.MetricWriter(workdir, config, config.wandb_project)
-  attention_images = visualize.AttentionImages(trainer, num_images=4)  # on every process
+  summary_line = tasks.get(config.task).summary_line
   progress = reporting.EpochProgress(config, trainer.steps_per_epoch, enabled=chief)
   logger = _Logger(trainer, writer, start)
   preemption = Preemption()
@@ -427,12 +429,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
       score = None
       if is_last or (epoch_end and is_time(epochs_done, config.eval_frequency)):
         trainer.check_finite(steps_done, 'before evaluating')
-        result = trainer.evaluate(trainer.state.variables)
-        score = evaluate.score(result)
+        result, pictures = trainer.evaluate(trainer.state.variables)
+        score = float(result[trainer.best_metric])
         writer.write(steps_done, result, prefix='eval/')
-        writer.write_images(steps_done, attention_images(trainer.state.variables), prefix='eval/')
+        writer.write_images(steps_done, pictures, prefix='eval/')
         if chief:
-          print(f'\nstep {steps_done}: test {evaluate.summary_line(result)}', flush=True)
+          print(f'\nstep {steps_done}: test {summary_line(result)}', flush=True)
       # --- save, pre-empt
       stop = preemption.agreed(steps_done, config.log_every_steps)
       if (is_last or stop or (epoch_end and is_time(epochs_done, config.save_frequency))

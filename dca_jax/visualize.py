@@ -23,9 +23,11 @@ import ml_collections
 import numpy as np
 
 from dca_jax import config_lib
-from dca_jax import evaluate
-from dca_jax.data import preprocess
-from dca_jax.models import dcal
+from dca_jax import tasks
+from dca_jax.drawing import (GREEN, RANK_FRAME, RANK_GAP, RANK_PANEL_HEIGHT, RED,  # noqa: F401
+                             attention_picture, cell_boxes, overlay, ranking_picture,
+                             rollout_heatmap, selected_cells, token_grid)
+from dca_jax.inference import Predictor
 
 # Figure geometry in pixels (fixed, so a figure's pixel size is known: `figure_size_px`).
 DPI = 100
@@ -33,93 +35,6 @@ PANEL_PX = 360      # each square image panel
 MARGIN_PX = 12      # left/right/between panels
 TITLE_PX = 46       # above the panels
 TEXT_PX = 84        # below the panels: top-3 predictions
-# Model outputs the figures and tables use.
-_OUTPUT_KEYS = ('rollout', 'glca_index')
-
-
-# ============================================================================ pure helpers
-def token_grid(num_patches: int, image_hw=None) -> tuple[int, int]:
-  """(rows, columns) of the patch grid holding `num_patches` tokens (CLS excluded), with the
-  aspect of the image (height, width); square when `image_hw` is not given."""
-  height, width = image_hw if image_hw is not None else (1, 1)
-  for rows in range(1, int(num_patches) + 1):
-    if num_patches % rows == 0 and rows * width == (num_patches // rows) * height:
-      return rows, num_patches // rows
-  raise ValueError(f'{num_patches} patch tokens do not form a grid of aspect {height}:{width}')
-
-
-def _cell_index(size: int, cells: int) -> np.ndarray:
-  """For each of `size` pixels, the patch row/column it lies in (nearest-cell upsampling)."""
-  return np.minimum((np.arange(size) * cells) // size, cells - 1)
-
-
-def rollout_heatmap(rollout_row, grid_hw, image_hw) -> np.ndarray:
-  """Rollout CLS row [1 + rows·columns] -> float32 [H, W] in [0, 1], one block per patch.
-
-  The CLS column is dropped, the patch part reshaped row-major to the token grid, min-max
-  normalised (a constant map gives zeros), and upsampled by nearest cell, so every pixel of a
-  patch carries that patch's rollout value and the hottest blocks are GLCA's selected tokens.
-  """
-  rows, cols = grid_hw
-  row = np.asarray(rollout_row, np.float64).reshape(-1)
-  if row.size != 1 + rows * cols:
-    raise ValueError(f'rollout row has {row.size} entries, expected 1 + {rows}x{cols}')
-  cells = row[1:].reshape(rows, cols)
-  lo, hi = cells.min(), cells.max()
-  cells = (cells - lo) / (hi - lo) if hi > lo else np.zeros_like(cells)
-  return cells[_cell_index(image_hw[0], rows)[:, None],
-               _cell_index(image_hw[1], cols)[None, :]].astype(np.float32)
-
-
-def overlay(display, heat, strength: float = 0.65) -> np.ndarray:
-  """The colour image with the heat map blended over it: uint8 [H, W, 3].
-
-  Each pixel mixes in the 'jet' colour of its heat with weight strength x heat, so cold patches
-  show the image as it is and the hottest are mostly red (the image stays readable under it)."""
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  image = np.asarray(display, np.float32)
-  heat = np.asarray(heat, np.float32)
-  colour = colormaps['jet'](heat)[..., :3].astype(np.float32) * 255.0
-  alpha = (strength * heat)[..., None]
-  return np.clip(np.round((1 - alpha) * image + alpha * colour), 0, 255).astype(np.uint8)
-
-
-def selected_cells(glca_index, grid_hw) -> list[tuple[int, int]]:
-  """GLCA token indices [1 + R] (CLS first, patches 1-based) -> [(row, col)] patch cells."""
-  rows, cols = grid_hw
-  idx = np.asarray(glca_index).reshape(-1)[1:].astype(np.int64) - 1
-  if idx.size and (idx.min() < 0 or idx.max() >= rows * cols):
-    raise ValueError(f'GLCA index out of the {rows}x{cols} patch grid: {idx.tolist()}')
-  return [(int(i) // cols, int(i) % cols) for i in idx]
-
-
-def cell_boxes(cells, grid_hw, image_hw) -> list[tuple[float, float, float, float]]:
-  """(row, col) cells -> (x0, y0, width, height) pixel boxes in imshow coordinates."""
-  y_edges = np.searchsorted(_cell_index(image_hw[0], grid_hw[0]), np.arange(grid_hw[0] + 1)) - 0.5
-  x_edges = np.searchsorted(_cell_index(image_hw[1], grid_hw[1]), np.arange(grid_hw[1] + 1)) - 0.5
-  return [(float(x_edges[c]), float(y_edges[r]), float(x_edges[c + 1] - x_edges[c]),
-           float(y_edges[r + 1] - y_edges[r])) for r, c in cells]
-
-
-def draw_boxes(picture: np.ndarray, boxes, value: int = 255) -> np.ndarray:
-  """`cell_boxes` outlined (1 px) into a uint8 [H, W, 3] picture, in place; returns it."""
-  for x0, y0, w, h in boxes:
-    c0, r0 = int(round(x0 + 0.5)), int(round(y0 + 0.5))  # boxes are in imshow coordinates
-    c1, r1 = c0 + int(round(w)) - 1, r0 + int(round(h)) - 1
-    picture[r0:r1 + 1, [c0, c1]] = value
-    picture[[r0, r1], c0:c1 + 1] = value
-  return picture
-
-
-def attention_picture(display, rollout_row, glca_index=None) -> np.ndarray:
-  """The crop beside its attention map (`overlay` + the GLCA cells outlined): uint8 [H, 2W, 3]."""
-  display = np.asarray(display, np.uint8)
-  image_hw = display.shape[:2]
-  grid = token_grid(np.asarray(rollout_row).size - 1, image_hw)
-  picture = overlay(display, rollout_heatmap(rollout_row, grid, image_hw))
-  if glca_index is not None:
-    draw_boxes(picture, cell_boxes(selected_cells(glca_index, grid), grid, image_hw))
-  return np.concatenate([display, picture], axis=1)
 
 
 def top_k(probs, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
@@ -140,120 +55,6 @@ def _reason(error: Exception, path: str) -> str:
   for p in {path, os.fspath(path)}:
     msg = msg.replace(f' {p}:', ':').replace(f' {p}', '')
   return msg.strip().rstrip(':') or type(error).__name__
-
-
-# ============================================================================ during training
-class AttentionImages:
-  """The attention pictures of a few fixed test images, for TensorBoard at each evaluation.
-
-  The first `num_images` test images of process 0 (its first eval batch) are drawn with
-  `attention_picture` under the current params, so TensorBoard shows the rollout sharpening on
-  the same images over training. Call it on EVERY process (the forward is one sharded program,
-  like the eval step); it returns {'attention/test_NNNNN': uint8 [S, 2S, 3]} on process 0 and
-  {} elsewhere, ready for `MetricWriter.write_images`.
-  """
-
-  def __init__(self, trainer, num_images: int = 4):
-    from dca_jax import distributed  # pylint: disable=g-import-not-at-top
-    self._trainer = trainer
-    self.num_images = int(num_images)
-    self._batch = None
-    model, dtype = trainer.model, trainer.dtype
-
-    def forward(variables, batch):
-      images = preprocess.device_normalize(batch['image'], trainer.config, dtype)
-      out = model.apply(variables, images, train=False, with_selection=True)
-      res = {'rollout': out['rollout'], 'index': batch['index']}
-      if 'glca_index' in out:
-        res['glca_index'] = out['glca_index']
-      return res
-
-    self._forward = jax.jit(forward, in_shardings=(trainer.shardings.variables,
-                                                   trainer.batch_sharding),
-                            out_shardings=distributed.replicated(trainer.mesh))
-
-  def _first_batch(self):
-    """This host's first eval batch (read once; the test split is fixed) and process 0's picks."""
-    split = {'split': 'query'} if self._trainer.config.task == 'reid' else {}
-    batch = next(iter(self._trainer.input.eval_iter(with_index=True, **split)))
-    keep = np.flatnonzero(batch['mask'])[:self.num_images]
-    # Matched by test index after the forward, whatever row order the global batch has.
-    self._displays = {int(batch['index'][i]): batch['image'][i] for i in keep}
-    self._batch = {'image': batch['image'],
-                   'index': np.where(batch['mask'], batch['index'], -1).astype(np.int32)}
-
-  def __call__(self, variables) -> dict[str, np.ndarray]:
-    """variables: the train state's `variables` (params, and the necks' statistics if any)."""
-    if self.num_images <= 0:
-      return {}
-    from dca_jax import distributed  # pylint: disable=g-import-not-at-top
-    if self._batch is None:
-      self._first_batch()
-    out = jax.device_get(self._forward(
-        variables, distributed.global_batch(self._batch, self._trainer.batch_sharding)))
-    if jax.process_index() != 0:
-      return {}
-    row = {int(i): r for r, i in enumerate(out['index']) if int(i) >= 0}
-    pictures = {}
-    for index, display in self._displays.items():
-      r = row[index]
-      glca = out['glca_index'][r] if 'glca_index' in out else None
-      pictures[f'attention/test_{index:05d}'] = attention_picture(display, out['rollout'][r],
-                                                                  glca)
-    return pictures
-
-
-# ============================================================================ restored models
-class Predictor:
-  """A restored checkpoint and ONE jitted forward, reused for every image and batch."""
-
-  def __init__(self, config, workdir: str, which: str = 'latest'):
-    from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
-    if jax.process_count() > 1:
-      raise ValueError('visualize / predict run in a single process (no --num_processes)')
-    restored = evaluate.load_for_inference(config, workdir, which)
-    self.config, self.workdir, self.which = config, workdir, which
-    self.step = restored.step
-    self.variables = restored.variables
-    self.input = data.build_input(config, with_train=False)
-    self.class_names = list(self.input.info.class_names)
-    self.has_glca = int(config.num_glca_layers) > 0
-    self.batch_size = max(1, int(config.eval_batch_size))
-    model, dtype = restored.model, restored.dtype
-    num_heads = 2.0 if self.has_glca else 1.0
-
-    def forward(variables, images):
-      images = preprocess.device_normalize(images, config, dtype)
-      out = model.apply(variables, images, train=False, with_selection=True)
-      # softmax(SA) + softmax(GLCA) sums to 2: divide by the number of heads -> probabilities.
-      res = {'probs': dcal.predict_probs(out) / num_heads}
-      res.update({k: out[k] for k in _OUTPUT_KEYS if k in out})
-      return res
-
-    self._forward = jax.jit(forward)
-
-  @property
-  def label(self) -> str:
-    name = os.path.basename(os.path.normpath(self.workdir)) or self.workdir
-    return f'{name} ({"SA+GLCA" if self.has_glca else "SA only"})'
-
-  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """uint8 [n, S, W, 3] -> numpy {'probs' [n, C], 'rollout' [n, 1+N], 'glca_index'?}.
-
-    Batches of min(n, eval_batch_size), the last one padded: one shape, one compilation.
-    """
-    images = np.asarray(images, np.uint8)
-    n = images.shape[0]
-    b = min(n, self.batch_size)
-    chunks = []
-    for start in range(0, n, b):
-      chunk = images[start:start + b]
-      pad = b - chunk.shape[0]
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      out = jax.device_get(self._forward(self.variables, chunk))
-      chunks.append({k: np.asarray(v)[:b - pad] for k, v in out.items()})
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def _load_files(paths: Sequence[str], config) -> tuple[list, list]:
@@ -482,37 +283,6 @@ def _save_figure(path: str, example: dict, models: Sequence[tuple]) -> None:
     plt.close(fig)
 
 
-# ============================================================================ Re-ID rankings
-RANK_PANEL_HEIGHT = 192  # px: every image of a ranking row is scaled to this height
-RANK_FRAME = 4           # px: the green (same identity) / red frame around a gallery image
-RANK_GAP = 12            # px between the query part and the gallery images
-GREEN, RED = (40, 170, 60), (210, 40, 40)
-
-
-def _scaled(image: np.ndarray, height: int) -> np.ndarray:
-  """Nearest-neighbour resize of a uint8 [h, w, 3] image to `height` rows (aspect kept)."""
-  h, w = image.shape[:2]
-  width = max(1, int(round(w * height / h)))
-  rows = np.minimum(np.arange(height) * h // height, h - 1)
-  cols = np.minimum(np.arange(width) * w // width, w - 1)
-  return np.asarray(image, np.uint8)[rows[:, None], cols[None, :]]
-
-
-def ranking_picture(query, query_map, gallery, matches) -> np.ndarray:
-  """One ranking row, uint8 [H, W, 3]: the query, its attention map, then the ranked gallery
-  images, each framed green if it shows the query's identity, red if not."""
-  height = RANK_PANEL_HEIGHT
-  parts = [_scaled(query, height), np.full((height, 2, 3), 255, np.uint8),
-           _scaled(query_map, height), np.full((height, RANK_GAP, 3), 255, np.uint8)]
-  for image, same in zip(gallery, matches):
-    framed = _scaled(image, height - 2 * RANK_FRAME)
-    framed = np.pad(framed, ((RANK_FRAME, RANK_FRAME), (RANK_FRAME, RANK_FRAME), (0, 0)))
-    framed[:RANK_FRAME], framed[-RANK_FRAME:] = GREEN if same else RED, GREEN if same else RED
-    framed[:, :RANK_FRAME], framed[:, -RANK_FRAME:] = (GREEN if same else RED,) * 2
-    parts += [framed, np.full((height, 2, 3), 255, np.uint8)]
-  return np.concatenate(parts, axis=1)
-
-
 def _split_images(input_data, config, split: str, wanted) -> dict:
   """{index: displayable uint8 image} of the wanted positions of a Re-ID split."""
   wanted, found = set(int(i) for i in wanted), {}
@@ -532,26 +302,26 @@ def run_visualize_reid(config, workdir: str, *, num_images: int = 8, top: int = 
   evaluation. Queries whose rank-1 is right and wrong are both drawn, labelled.
   Writes WORKDIR/visualize/query_NNNNN.png; returns the paths."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  from dca_jax import data  # pylint: disable=g-import-not-at-top
-  restored = evaluate.load_for_inference(config, workdir, which)
+  from dca_jax import data, evaluators, inference  # pylint: disable=g-import-not-at-top
+  from dca_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
+  from dca_jax.reid import metrics  # pylint: disable=g-import-not-at-top
+  restored = inference.load_for_inference(config, workdir, which)
   input_data = data.build_input(config, with_train=False)
-  evaluator = evaluate.Evaluator(config, restored.model, input_data, restored.mesh,
-                                 restored.variables_sharding, dtype=restored.dtype)
+  evaluator = retrieval.Evaluator(evaluators.Context(
+      config, restored.model, input_data, restored.mesh, restored.variables_sharding,
+      restored.dtype))
   query = evaluator.features(restored.variables, 'query')
   gallery = evaluator.features(restored.variables, 'gallery')
-  dist = (np.sum(query['feature'] ** 2, 1)[:, None] + np.sum(gallery['feature'] ** 2, 1)[None]
-          - 2 * query['feature'] @ gallery['feature'].T)
-  junk = (query['pid'][:, None] == gallery['pid'][None]) & (
-      query['camid'][:, None] == gallery['camid'][None])
-  order = np.argsort(np.where(junk, np.inf, dist), axis=1, kind='stable')[:, :top]
-  matches = gallery['pid'][order] == query['pid'][:, None]
+  dist = metrics.distance_matrix(query['feature'], gallery['feature'])
+  order, matches = metrics.ranked_gallery(dist, query['pid'], gallery['pid'], query['camid'],
+                                          gallery['camid'], top)
   chosen = pick_correct_and_wrong(list(matches[:, 0]), num_images)
   queries = _split_images(input_data, config, 'query', query['index'][chosen])
   galleries = _split_images(input_data, config, 'gallery', gallery['index'][order[chosen]].ravel())
   images = np.stack([queries[int(query['index'][q])] for q in chosen])
-  out = jax.device_get(jax.jit(lambda v, x: restored.model.apply(
-      v, preprocess.device_normalize(x, config, restored.dtype), train=False,
-      with_selection=True))(restored.variables, images))
+  out = jax.device_get(jax.jit(inference.forward_fn(
+      restored.model, config, restored.dtype, ('rollout', 'glca_index')))(restored.variables,
+                                                                         images))
   out_dir = os.path.join(workdir, 'visualize')
   os.makedirs(out_dir, exist_ok=True)
   written = []
@@ -616,11 +386,14 @@ def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
   paths = _clean_paths(images)
   if not paths and num_images <= 0:
     raise ValueError(f'--num_images={num_images}: draw at least one test image')
-  if config.task == 'reid':
-    if paths or compare_workdir:
-      raise ValueError('Re-ID visualize draws query rankings: --images and --compare_workdir '
-                       'are for FGVC runs')
-    return run_visualize_reid(config, workdir, num_images=num_images, which=which)
+  return tasks.get(config.task).visualize(config, workdir, images=paths, num_images=num_images,
+                                          compare_workdir=compare_workdir, which=which)
+
+
+def run_visualize_fgvc(config, workdir: str, *, images=(), num_images: int = 8,
+                       compare_workdir: str = '', which: str = 'latest') -> list[str]:
+  """FGVC figures (see `run_visualize`)."""
+  paths = list(images)
   compare_workdir = (compare_workdir or '').strip()
   if compare_workdir and not os.path.isdir(compare_workdir):
     raise FileNotFoundError(f'--compare_workdir {compare_workdir}: no such directory')

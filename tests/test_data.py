@@ -202,7 +202,7 @@ def test_two_hosts_train_shares_union_is_the_global_batch():
                                                        (11, 6, 2), (3, 4, 2)])
 def test_eval_padding_counts_every_image_once(num_test, eval_batch, hosts):
   cfg = tiny_config(synthetic_num_test=num_test, eval_batch_size=eval_batch)
-  labels = data.build_input(cfg).source.test_labels.numpy()
+  labels = data.build_input(cfg).source.labels['test'].numpy()
   union, counts = [], []
   for p in range(hosts):
     seen, n = eval_records(data.build_input(cfg, p, hosts))

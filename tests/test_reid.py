@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_reid_config
-from dca_jax import config_lib, data, evaluate, train, visualize
+from dca_jax import config_lib, data, evaluate, evaluators, inference, train, visualize
+from dca_jax.evaluators import retrieval
 from dca_jax.data import preprocess
 from dca_jax.models import dcal
 from dca_jax.reid import metrics
@@ -59,11 +60,12 @@ def test_features_and_metrics_equal_an_independent_computation(run):
   """Features straight from model.apply on the eval stream (not the jitted, sharded Evaluator),
   L2-normalised in numpy; mAP/CMC from evaluate_rank on a float64 distance matrix."""
   config, workdir, _ = run
-  restored = evaluate.load_for_inference(config, workdir)
+  restored = inference.load_for_inference(config, workdir)
   assert set(restored.variables) == {'params', 'batch_stats'}   # the necks' statistics restored
   input_data = data.build_input(config, with_train=False)
-  evaluator = evaluate.Evaluator(config, restored.model, input_data, restored.mesh,
-                                 restored.variables_sharding, dtype=restored.dtype)
+  evaluator = retrieval.Evaluator(evaluators.Context(
+      config, restored.model, input_data, restored.mesh, restored.variables_sharding,
+      restored.dtype))
   apply = jax.jit(restored.model.apply)
   mine = {}
   for split in ('query', 'gallery'):
@@ -85,7 +87,7 @@ def test_features_and_metrics_equal_an_independent_computation(run):
   (qf, qp, qc), (gf, gp, gc) = mine['query'], mine['gallery']
   dist = ((qf[:, None, :] - gf[None, :, :]) ** 2).sum(-1)
   cmc, m_ap, m_inp = metrics.evaluate_rank(dist, qp, gp, qc, gc)
-  result = evaluator(restored.variables)
+  result = dict(evaluator.run(restored.variables))
   assert result['mAP'] == pytest.approx(m_ap, abs=1e-6)
   assert result['mINP'] == pytest.approx(m_inp, abs=1e-6)
   assert result['rank1'] == pytest.approx(cmc[0], abs=1e-6)
@@ -93,13 +95,15 @@ def test_features_and_metrics_equal_an_independent_computation(run):
 
 def test_flip_and_after_bn_features(run):
   config, workdir, _ = run
-  restored = evaluate.load_for_inference(config, workdir)
+  restored = inference.load_for_inference(config, workdir)
   input_data = data.build_input(config, with_train=False)
   batch = next(input_data.eval_iter(split='query'))
   variables = jax.device_get(restored.variables)
-  flipped = evaluate.reid_feature_step(variables, batch, model=restored.model, dtype=np.float32,
-                                       normalization=config_lib.resolve_normalization(config),
-                                       after_bn=True, flip=True, normalize=False)['feature']
+  flip_config = config.copy_and_resolve_references()
+  flip_config.reid_feature, flip_config.reid_flip_test, flip_config.reid_normalize = (
+      'after_bn', True, False)
+  flipped = inference.forward_fn(restored.model, flip_config, np.float32, ('feature',))(
+      variables, batch['image'])['feature']
   images = preprocess.normalize(batch['image'], config)
   out = restored.model.apply(variables, images)
   out_mirror = restored.model.apply(variables, images[:, :, ::-1])

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from dca_jax import reporting, visualize
+from dca_jax import drawing, reporting
 
 TRAIN_TAGS = ('loss', 'ce_sa', 'ce_glca', 'ce_pwca', 'w_sa', 'w_glca', 'w_pwca', 'lr')
 EVAL_TAGS = ('accuracy', 'accuracy_sa', 'accuracy_glca')
@@ -56,14 +56,16 @@ def test_tiny_training_writes_losses_and_accuracies_to_tensorboard(tmp_path):
 
 def test_attention_images_are_written_and_read_back(tmp_path):
   from dca_jax import train  # pylint: disable=g-import-not-at-top
+  from dca_jax.evaluators import attention as attention_lib  # pylint: disable=g-import-not-at-top
   trainer = train.Trainer(tiny_config(), str(tmp_path / 'run'))
-  attention = visualize.AttentionImages(trainer, num_images=3)
-  pictures = attention(trainer.state.variables)
+  attention = attention_lib.Evaluator(trainer.evals.context, num_images=3)
+  pictures = {f'attention/{k}': v for k, v in attention.run(trainer.state.variables)}
   assert sorted(pictures) == ['attention/test_00000', 'attention/test_00001',
                               'attention/test_00002']
   for picture in pictures.values():
     assert picture.dtype == np.uint8 and picture.shape == (32, 64, 3)
-  assert attention(trainer.state.variables).keys() == pictures.keys()  # the same images each time
+  again = dict(attention.run(trainer.state.variables))  # the same images each time
+  assert sorted(f'attention/{k}' for k in again) == sorted(pictures)
   writer = reporting.MetricWriter(str(tmp_path / 'run'))
   writer.write_images(5, pictures, prefix='eval/')
   writer.close()
@@ -81,7 +83,7 @@ def test_attention_picture_marks_the_hot_patch_and_the_glca_cells():
   display = np.full((32, 32, 3), 128, np.uint8)
   rollout = np.zeros(1 + 16, np.float32)
   rollout[1 + 5] = 1.0  # patch (row 1, col 1) of the 4x4 grid: pixels 8..15
-  picture = visualize.attention_picture(display, rollout, glca_index=np.array([0, 6]))
+  picture = drawing.attention_picture(display, rollout, glca_index=np.array([0, 6]))
   np.testing.assert_array_equal(picture[:, :32], display)
   heat = picture[:, 32:].astype(int)
   inside, cold = heat[12, 12], heat[28, 28]

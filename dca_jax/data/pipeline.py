@@ -58,6 +58,7 @@ class DataInfo:
   num_junk: int = 0         # pid -1 images dropped by the reader
   train_pids: list[int] = dataclasses.field(default_factory=list)  # label -> original id
   root: str = ''            # folder read (Re-ID)
+  num_val: int = 0          # FGVC: train images held out as the validation split (val_split)
 
 
 def _num_eval_steps(num_examples: int, process_count: int, host_batch_size: int) -> int:
@@ -77,7 +78,11 @@ class Input:
     self.host_batch_size = int(config.batch_size) // process_count
     self.host_eval_batch_size = int(config.eval_batch_size) // process_count
     self.steps_per_epoch = info.num_train // int(config.batch_size)
-    self.eval_steps = _num_eval_steps(info.num_test, process_count, self.host_eval_batch_size)
+    self.eval_steps_per_split = {
+        split: _num_eval_steps(size, process_count, self.host_eval_batch_size)
+        for split, size in getattr(source, 'sizes', {'test': info.num_test}).items()
+        if split != 'train'}
+    self.eval_steps = self.eval_steps_per_split.get('test', 0)  # Re-ID: set by ReidInput
     self.seed = int(config.get('seed', 0))
     self.input_size = int(config.input_size)
     self.input_width = int(config.get('input_width') or config.input_size)
@@ -164,14 +169,18 @@ class Input:
 
   # ---------------------------------------------------------------- eval
   def eval_dataset(self, with_index: bool = False, split: str | None = None):
-    """The finite per-host eval `tf.data.Dataset` of the test split, padded."""
+    """The finite per-host eval `tf.data.Dataset` of `split` ('test', or 'val' with
+    config.val_split > 0), padded."""
     tf = tensorflow()
-    if split not in (None, 'test'):
-      raise DataError(f"eval split {split!r}: task='fgvc' has one eval split, 'test'")
+    split = split or 'test'
+    if split not in self.eval_steps_per_split:
+      hint = " (set config.val_split > 0 for a 'val' split)" if split == 'val' else ''
+      raise DataError(f'eval split {split!r}: this input has {sorted(self.eval_steps_per_split)}'
+                      f'{hint}')
     source, height, width = self.source, self.input_size, self.input_width
 
     def process(record):
-      image, label = source.test_element(record)
+      image, label = source.test_element(record, split)
       image = preprocess.eval_transform(image, resize_size=self.resize_size, input_size=height,
                                         test_crop=self.test_crop, input_width=width)
       out = {'image': image, 'label': label, 'mask': tf.constant(True)}
@@ -183,8 +192,8 @@ class Input:
                'label': tf.constant(0, tf.int32), 'mask': tf.constant(False)}
     if with_index:
       padding['index'] = tf.constant(-1, tf.int64)
-    records = source.test_records(self.process_index, self.process_count)
-    return self._eval_stream(records, process, padding, self.eval_steps)
+    records = source.test_records(self.process_index, self.process_count, split)
+    return self._eval_stream(records, process, padding, self.eval_steps_per_split[split])
 
   def eval_iter(self, with_index: bool = False,
                 split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -325,7 +334,8 @@ def _read_reid(config, with_train: bool) -> reid_sources.ReidDataset:
       version=f'synthetic_reid (Market-1501 layout, {os.path.basename(folder)})')
 
 
-def _build_reid(config, process_index: int, process_count: int, with_train: bool) -> ReidInput:
+def build_reid(config, process_index: int, process_count: int, with_train: bool) -> ReidInput:
+  """task='reid' (`tasks.reid.build_input`): the P x K train stream and query/gallery."""
   dataset = _read_reid(config, with_train)
   info = DataInfo(
       num_classes=dataset.num_train_ids,
@@ -352,7 +362,8 @@ def _synthetic_source(config):
   if not len(generated.train_labels) or not len(generated.test_labels):
     raise DataError('synthetic split is empty: set config.synthetic_num_train / '
                     'synthetic_num_test > 0')
-  return sources.SyntheticSource(generated), generated.class_names, []
+  return (sources.SyntheticSource(generated, float(config.get('val_split', 0.0))),
+          generated.class_names, [])
 
 
 def _folder_source(config, with_train: bool):
@@ -361,7 +372,8 @@ def _folder_source(config, with_train: bool):
   if config.get('verify_images', True):
     dataset = sources.drop_unreadable(  # Its warning points at the caller of build_input.
         dataset, splits=('train', 'test') if with_train else ('test',), stacklevel=4)
-  return sources.FolderSource(dataset), dataset.class_names, _skipped_files(dataset.skipped)
+  return (sources.FolderSource(dataset, float(config.get('val_split', 0.0))), dataset.class_names,
+          _skipped_files(dataset.skipped))
 
 
 def _tfds_source(config, process_index: int, process_count: int):
@@ -369,6 +381,9 @@ def _tfds_source(config, process_index: int, process_count: int):
   if config.dataset not in TFDS_NAMES:
     raise DataError(f'dataset {config.dataset!r} has no TFDS builder; use data_source=folder '
                     f'(TFDS datasets: {sorted(TFDS_NAMES)})')
+  if config.get('val_split', 0.0) > 0:
+    raise DataError('config.val_split needs data_source=folder or synthetic (a TFDS source '
+                    'streams its train split; prepare the folder layout instead)')
   source = sources.TfdsSource(config, process_index, process_count)
   if not source.num_train or not source.num_test:
     raise DataError(f'TFDS {TFDS_NAMES[config.dataset]} under {config.data_dir or "default"}: '
@@ -378,14 +393,20 @@ def _tfds_source(config, process_index: int, process_count: int):
 
 def build_input(config, process_index: int = 0, process_count: int = 1, *,
                 with_train: bool = True) -> Input:
-  """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib).
+  """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib): the
+  task's (`tasks.<task>.build_input`: build_fgvc or build_reid).
 
   with_train=False (eval, visualize, predict): the train split is listed but never pre-scanned
   or read.
   """
+  from dca_jax import tasks  # pylint: disable=g-import-not-at-top
   _check_config(config, process_index, process_count)
-  if config.get('task', 'fgvc') == 'reid':
-    return _build_reid(config, process_index, process_count, with_train)
+  return tasks.get(config.task).build_input(config, process_index, process_count, with_train)
+
+
+def build_fgvc(config, process_index: int, process_count: int, with_train: bool) -> Input:
+  """task='fgvc' (`tasks.fgvc.build_input`): TFDS, an official folder layout or the synthetic
+  set; train, test and (config.val_split > 0) val."""
   source_name, dataset = config.data_source, config.dataset
   if source_name == 'synthetic' or dataset == 'synthetic':
     source, class_names, skipped_files = _synthetic_source(config)
@@ -395,6 +416,7 @@ def build_input(config, process_index: int = 0, process_count: int = 1, *,
     source, class_names, skipped_files = _tfds_source(config, process_index, process_count)
   info = DataInfo(num_classes=len(class_names), class_names=list(class_names),
                   num_train=source.num_train, num_test=source.num_test,
-                  skipped_files=skipped_files, version=f'{dataset} ({source_name})')
+                  skipped_files=skipped_files, version=f'{dataset} ({source_name})',
+                  num_val=getattr(source, 'sizes', {}).get('val', 0))
   _warn_num_classes(config, info, f'{dataset}/{source_name}', 'classes')
   return Input(config, source, info, process_index, process_count)

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import re
 import warnings
+from typing import Callable
 
 import numpy as np
 from absl import logging
@@ -29,7 +30,6 @@ from dca_jax.data import preprocess, sources
 from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError, DataWarning
 
-REID_DATASETS = ('market1501', 'dukemtmc', 'msmt17', 'veri776')
 REID_SPLITS = ('query', 'gallery')
 ALL_SPLITS = ('train',) + REID_SPLITS
 NOT_JPG = 'not a .jpg file'
@@ -102,47 +102,53 @@ def _parse_name(path: str, name_format: _NameFormat, what: str) -> tuple[int, in
 
 
 # ----------------------------------------------------------------------------- layout finding
-# Marker paths of every Re-ID layout (relative to a candidate root), for "wrong layout" hints.
-_MARKERS = {
-    'market1501': ('bounding_box_train', ['Market-1501-v15.09.15', 'Market-1501', 'market1501',
-                                          os.path.join('market1501', 'Market-1501-v15.09.15')]),
-    'dukemtmc': ('bounding_box_train', ['DukeMTMC-reID', 'dukemtmc-reid',
-                                        os.path.join('dukemtmc-reid', 'DukeMTMC-reID')]),
-    'msmt17': ('list_query.txt', ['MSMT17_V1', 'MSMT17_V2', 'MSMT17',
-                                  os.path.join('msmt17', 'MSMT17_V1'),
-                                  os.path.join('msmt17', 'MSMT17_V2')]),
-    'veri776': ('image_train', ['VeRi', 'VeRi-776', 'veri776', 'VeRi_with_plate']),
-}
-_TITLES = {'market1501': 'Market-1501', 'dukemtmc': 'DukeMTMC-reID', 'msmt17': 'MSMT17',
-           'veri776': 'VeRi-776'}
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A Re-ID dataset's official layout: everything the readers need to know of it."""
+  title: str                 # its name in messages
+  marker: str                # a path that only its root holds (tells the layouts apart)
+  roots: list[str]           # folders under data_dir where its root may be (data_dir itself last)
+  read: Callable[..., 'ReidDataset'] = None
+
+
+# The registry: name -> Layout, filled by `@layout` on each reader below. A new dataset is one
+# decorated reader here (and a config); the task's dataset list comes from this registry.
+LAYOUTS: dict[str, Layout] = {}
+
+
+def layout(name: str, title: str, marker: str, roots: list[str]):
+  def register(read):
+    LAYOUTS[name] = Layout(title, marker, roots, read)
+    return read
+  return register
 
 
 def _other_layouts(data_dir: str, dataset: str) -> str:
   """' (found: ...)' listing the other Re-ID layouts present under data_dir, or ''."""
   found = []
-  own_marker = _MARKERS[dataset][0]
-  for name, (marker, candidates) in _MARKERS.items():
+  own_marker = LAYOUTS[dataset].marker
+  for name, other in LAYOUTS.items():
     if name == dataset:
       continue
     # data_dir itself only counts where its marker tells the layouts apart.
-    for candidate in candidates + ([] if marker == own_marker else ['.']):
-      if os.path.exists(os.path.join(data_dir, candidate, marker)):
+    for candidate in other.roots + ([] if other.marker == own_marker else ['.']):
+      if os.path.exists(os.path.join(data_dir, candidate, other.marker)):
         root = os.path.normpath(os.path.join(data_dir, candidate))
-        found.append(f"a {_TITLES[name]} layout in {root} (config.dataset='{name}')")
+        found.append(f"a {other.title} layout in {root} (config.dataset='{name}')")
   return f' (found {"; ".join(found)})' if found else ''
 
 
 def _find_roots(data_dir: str, dataset: str) -> list[str]:
   """Candidate roots under data_dir holding the dataset's marker (data_dir itself last)."""
-  sources.check_data_dir(data_dir, _TITLES[dataset])
-  marker, candidates = _MARKERS[dataset]
+  title, marker, candidates = LAYOUTS[dataset].title, LAYOUTS[dataset].marker, LAYOUTS[dataset].roots
+  sources.check_data_dir(data_dir, title)
   candidates = candidates + ['.']
   roots = [os.path.normpath(os.path.join(data_dir, candidate)) for candidate in candidates
            if os.path.exists(os.path.join(data_dir, candidate, marker))]
   if not roots:
     tried = ', '.join(os.path.normpath(os.path.join(data_dir, candidate, marker))
                       for candidate in candidates)
-    raise DataError(f'{_TITLES[dataset]} layout not found under {data_dir}: none of {tried} '
+    raise DataError(f'{title} layout not found under {data_dir}: none of {tried} '
                     f'exists{_other_layouts(data_dir, dataset)}')
   return roots
 
@@ -288,7 +294,7 @@ def _read_folder_layout(data_dir: str, dataset: str, name_format: _NameFormat,
                         folder_names: list[str], *, distractor_zero: bool, verify_images: bool,
                         version: str | None = None) -> ReidDataset:
   """A layout of three image folders (train, query, gallery); ids and cameras in the names."""
-  title = _TITLES[dataset]
+  title = LAYOUTS[dataset].title
   root = _find_roots(data_dir, dataset)[0]
   folders = _require_dirs(root, folder_names, title)
   skipped = []
@@ -299,6 +305,9 @@ def _read_folder_layout(data_dir: str, dataset: str, name_format: _NameFormat,
                  distractor_zero=distractor_zero, verify_images=verify_images)
 
 
+@layout('market1501', 'Market-1501', 'bounding_box_train',
+        ['Market-1501-v15.09.15', 'Market-1501', 'market1501',
+         os.path.join('market1501', 'Market-1501-v15.09.15')])
 def read_market1501(data_dir: str, verify_images: bool = True, *,
                     version: str | None = None) -> ReidDataset:
   """`Market-1501-v15.09.15/` (or data_dir itself): bounding_box_train/, query/,
@@ -307,12 +316,15 @@ def read_market1501(data_dir: str, verify_images: bool = True, *,
                              distractor_zero=True, verify_images=verify_images, version=version)
 
 
+@layout('dukemtmc', 'DukeMTMC-reID', 'bounding_box_train',
+        ['DukeMTMC-reID', 'dukemtmc-reid', os.path.join('dukemtmc-reid', 'DukeMTMC-reID')])
 def read_dukemtmc(data_dir: str, verify_images: bool = True) -> ReidDataset:
   """`DukeMTMC-reID/` (or data_dir itself): the Market folders, names 0001_c2_f0046182.jpg."""
   return _read_folder_layout(data_dir, 'dukemtmc', DUKE_NAMES, MARKET_FOLDERS,
                              distractor_zero=True, verify_images=verify_images)
 
 
+@layout('veri776', 'VeRi-776', 'image_train', ['VeRi', 'VeRi-776', 'veri776', 'VeRi_with_plate'])
 def read_veri776(data_dir: str, verify_images: bool = True) -> ReidDataset:
   """`VeRi/` (or data_dir itself): image_train/, image_query/, image_test/, names like
   0001_c001_00016450_0.jpg (vehicle id, camera 1..20)."""
@@ -332,6 +344,9 @@ def _msmt17_version(root: str) -> str | None:
   return found[0] if found else None
 
 
+@layout('msmt17', 'MSMT17', 'list_query.txt',
+        ['MSMT17_V1', 'MSMT17_V2', 'MSMT17', os.path.join('msmt17', 'MSMT17_V1'),
+         os.path.join('msmt17', 'MSMT17_V2')])
 def read_msmt17(data_dir: str, verify_images: bool = True) -> ReidDataset:
   """`MSMT17_V1/` (train/, test/) or `MSMT17_V2/` (mask_train_v2/, mask_test_v2/), each with
   list_train.txt, list_val.txt, list_query.txt, list_gallery.txt ('<rel/path.jpg> <pid>').
@@ -365,15 +380,14 @@ def read_msmt17(data_dir: str, verify_images: bool = True) -> ReidDataset:
                  distractor_zero=False, verify_images=verify_images)
 
 
-READERS = {'market1501': read_market1501, 'dukemtmc': read_dukemtmc, 'msmt17': read_msmt17,
-           'veri776': read_veri776}
+READERS = LAYOUTS  # the dataset names (tasks.reid.datasets)
 
 
 def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDataset:
-  if dataset not in READERS:
+  if dataset not in LAYOUTS:
     raise DataError(f'unknown Re-ID dataset {dataset!r} for data_source=folder; expected one '
-                    f'of {sorted(READERS)}')
-  return READERS[dataset](data_dir, verify_images)
+                    f'of {sorted(LAYOUTS)}')
+  return LAYOUTS[dataset].read(data_dir, verify_images)
 
 
 # ----------------------------------------------------------------------------- stream source

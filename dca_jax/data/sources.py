@@ -263,7 +263,10 @@ def read_cars(data_dir: str) -> FolderDataset:
   return FolderDataset('cars', root, class_names, splits['train'], splits['test'])
 
 
-READERS = {'cub': read_cub, 'aircraft': read_aircraft, 'cars': read_cars}
+# Folder readers of the official layouts; with the TFDS builders and the generated set they are
+# the FGVC datasets (tasks.fgvc.datasets). A new dataset: a reader here (and a config).
+READERS = {'cub': read_cub, 'cars': read_cars, 'aircraft': read_aircraft}
+FGVC_DATASETS = tuple(dict.fromkeys([*READERS, *TFDS_NAMES, 'synthetic']))
 
 
 def read_folder(dataset: str, data_dir: str) -> FolderDataset:
@@ -342,21 +345,40 @@ def _seed_mix(seed: int, salt: int) -> int:
   return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, salt]).integers(1, 2**62))
 
 
+def hold_out(labels, fraction: float) -> np.ndarray:
+  """Which train images form the validation split: round(fraction x n) of each class of n >= 2
+  images (at least one), by a fixed draw: the same images whatever config.seed, so the runs of
+  several seeds choose their `best` on one validation set."""
+  labels = np.asarray(labels)
+  held = np.zeros(labels.shape, bool)
+  if fraction <= 0:
+    return held
+  rng = np.random.default_rng(20221)  # fixed: the split is part of the data, not of a run
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    count = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+    if count > 0:
+      held[rng.permutation(members)[:count]] = True
+  return held
+
+
 class IndexedSource:
-  """A split held as an indexable table (file paths or in-memory images) + labels.
+  """Splits held as indexable tables (file paths or in-memory images) + labels: 'train', 'test'
+  and, with a validation split, 'val'.
 
   Train epoch `epoch` is a seeded permutation of the whole train split; each host takes every
   `process_count`-th element of it, from its `process_index`.
   """
 
-  def __init__(self, train_labels, test_labels):
+  def __init__(self, labels: dict):
     tf = tensorflow()
-    self.train_labels = tf.constant(np.asarray(train_labels, np.int32))
-    self.test_labels = tf.constant(np.asarray(test_labels, np.int32))
-    self.num_train, self.num_test = len(train_labels), len(test_labels)
+    self.labels = {split: tf.constant(np.asarray(values, np.int32))
+                   for split, values in labels.items()}
+    self.sizes = {split: len(values) for split, values in labels.items()}
+    self.num_train, self.num_test = self.sizes['train'], self.sizes['test']
 
   def load(self, split: str, index):
-    """Image `index` of `split` ('train' | 'test'), uint8 [h, w, 3]."""
+    """Image `index` of `split` ('train' | 'test' | 'val'), uint8 [h, w, 3]."""
     raise NotImplementedError
 
   def train_records(self, epoch, host_epoch_size: int, seed: int, process_index: int,
@@ -371,25 +393,33 @@ class IndexedSource:
         lambda example_id: {'id': example_id, 'epoch': epoch})
 
   def train_element(self, record):
-    return self.load('train', record['id']), tensorflow().gather(self.train_labels, record['id'])
+    return self.load('train', record['id']), tensorflow().gather(self.labels['train'], record['id'])
 
-  def test_records(self, process_index: int, process_count: int):
-    """This host's {'id', 'index'} records of the test split, in order."""
-    indices = np.arange(process_index, self.num_test, process_count, dtype=np.int64)
+  def test_records(self, process_index: int, process_count: int, split: str = 'test'):
+    """This host's {'id', 'index'} records of an eval split ('test' | 'val'), in order."""
+    indices = np.arange(process_index, self.sizes[split], process_count, dtype=np.int64)
     return tensorflow().data.Dataset.from_tensor_slices({'id': indices, 'index': indices})
 
-  def test_element(self, record):
-    return self.load('test', record['id']), tensorflow().gather(self.test_labels, record['id'])
+  def test_element(self, record, split: str = 'test'):
+    return self.load(split, record['id']), tensorflow().gather(self.labels[split], record['id'])
+
+
+def _with_val(splits: dict, fraction: float) -> dict:
+  """{'train', 'test'} -> train less the held-out images, test, and 'val' (the held out)."""
+  if fraction <= 0:
+    return splits
+  held = hold_out(splits['train'].labels, fraction)
+  return {**splits, 'train': splits['train'].subset(~held), 'val': splits['train'].subset(held)}
 
 
 class FolderSource(IndexedSource):
   """A FolderDataset: the files are read and decoded in the stream."""
 
-  def __init__(self, dataset: FolderDataset):
-    super().__init__(dataset.train.labels, dataset.test.labels)
+  def __init__(self, dataset: FolderDataset, val_split: float = 0.0):
+    splits = _with_val({'train': dataset.train, 'test': dataset.test}, val_split)
+    super().__init__({name: split.labels for name, split in splits.items()})
     tf = tensorflow()
-    self.paths = {'train': tf.constant(dataset.train.paths),
-                  'test': tf.constant(dataset.test.paths)}
+    self.paths = {name: tf.constant(split.paths) for name, split in splits.items()}
     self.crop_bottom = dataset.crop_bottom
 
   def load(self, split, index):
@@ -401,11 +431,16 @@ class FolderSource(IndexedSource):
 class SyntheticSource(IndexedSource):
   """The generated set, held in memory."""
 
-  def __init__(self, generated: synthetic.SyntheticData):
-    super().__init__(generated.train_labels, generated.test_labels)
+  def __init__(self, generated: synthetic.SyntheticData, val_split: float = 0.0):
+    images = {'train': generated.train_images, 'test': generated.test_images}
+    labels = {'train': generated.train_labels, 'test': generated.test_labels}
+    if val_split > 0:
+      held = hold_out(generated.train_labels, val_split)
+      for name, keep in (('val', held), ('train', ~held)):
+        images[name], labels[name] = images['train'][keep], labels['train'][keep]
+    super().__init__(labels)
     tf = tensorflow()
-    self.images = {'train': tf.constant(generated.train_images),
-                   'test': tf.constant(generated.test_images)}
+    self.images = {name: tf.constant(values) for name, values in images.items()}
 
   def load(self, split, index):
     return tensorflow().gather(self.images[split], index)
@@ -476,13 +511,14 @@ class TfdsSource:
     tf = tensorflow()
     return preprocess.decode(record['raw']), tf.cast(record['label'], tf.int32)
 
-  def test_records(self, process_index: int, process_count: int):
+  def test_records(self, process_index: int, process_count: int, split: str = 'test'):
     """This host's {'index', 'raw', 'label'} records of the test split; 'index' is the
     position inside this host's share."""
-    del process_index, process_count  # The share was chosen in __init__.
+    del process_index, process_count, split  # The share was chosen in __init__; test only.
     return self._read('test').map(
         lambda position, example: {'index': position, 'raw': example['image'],
                                    'label': example['label']})
 
-  def test_element(self, record):
+  def test_element(self, record, split: str = 'test'):
+    del split
     return self.train_element(record)

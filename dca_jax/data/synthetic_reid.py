@@ -367,19 +367,13 @@ def params_from_config(config) -> Params:
 # ----------------------------------------------------------------------------- baseline
 def retrieval_map(distances: np.ndarray, query_pids, query_camids, gallery_pids,
                   gallery_camids) -> tuple[float, float]:
-  """(mAP, rank-1) of a [num_query, num_gallery] distance matrix under the Market protocol:
-  gallery images of the query's id AND camera are ignored, queries with no match skipped."""
-  average_precisions, rank1_hits = [], []
-  for query in range(distances.shape[0]):
-    keep = ~((gallery_pids == query_pids[query]) & (gallery_camids == query_camids[query]))
-    order = np.argsort(distances[query][keep], kind='stable')
-    hits = (gallery_pids[keep][order] == query_pids[query]).astype(np.float64)
-    if not hits.any():
-      continue
-    ranks = np.flatnonzero(hits) + 1.0
-    average_precisions.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
-    rank1_hits.append(hits[0])
-  return float(np.mean(average_precisions)), float(np.mean(rank1_hits))
+  """(mAP, rank-1) of a [num_query, num_gallery] distance matrix under the Market protocol
+  (`dca_jax.reid.metrics`: same-id same-camera gallery images ignored, queries with no match
+  skipped)."""
+  from dca_jax.reid import metrics  # pylint: disable=g-import-not-at-top
+  stats = metrics.summarize(metrics.rank_stats(distances, query_pids, gallery_pids, query_camids,
+                                               gallery_camids), distances.shape[1])
+  return stats['mAP'], stats['rank1']
 
 
 def raw_pixel_map(dataset, height: int | None = None, width: int | None = None):

@@ -296,6 +296,32 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str
   return summarize(stats, num_gallery, max_rank)
 
 
+RESULT_KEYS = ('mAP', 'rank1', 'rank5', 'rank10', 'mINP', 'num_query', 'num_gallery',
+               'num_skipped')
+
+
+def retrieval(qf, gf, q_pids, g_pids, q_camids, g_camids, *, rerank: bool = False) -> dict:
+  """mAP, rank-1/5/10, mINP and the counts (RESULT_KEYS) of query vs gallery features: squared
+  Euclidean distances computed in blocks, or k-reciprocal re-ranked (k1 20, k2 6, λ 0.3)."""
+  if rerank:
+    q_g = re_ranking(distance_matrix(qf, gf), distance_matrix(qf, qf), distance_matrix(gf, gf))
+    stats = summarize(rank_stats(q_g, q_pids, g_pids, q_camids, g_camids), len(gf))
+  else:
+    stats = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids)
+  return {k: stats[k] for k in RESULT_KEYS}
+
+
+def ranked_gallery(dist, q_pids, g_pids, q_camids, g_camids, top: int):
+  """(order, matches): per query the `top` nearest gallery positions with the protocol's junk
+  (same identity AND camera) left out, and whether each shows the query's identity: the
+  ranking `rank_stats` scores, for drawing it."""
+  dist = _query_gallery_matrix('dist', dist)
+  q_pids, g_pids, q_camids, g_camids = _all_ids(dist.shape, q_pids, g_pids, q_camids, g_camids)
+  junk = (q_pids[:, None] == g_pids[None]) & (q_camids[:, None] == g_camids[None])
+  order = np.argsort(np.where(junk, np.inf, dist), axis=1, kind='stable')[:, :top]
+  return order, g_pids[order] == q_pids[:, None]
+
+
 # Re-ranking works on slices of the dense (Q+G)^2 matrix and on blocks of items, to bound the
 # temporaries; no result depends on these sizes.
 _SLICE_ELEMENTS = 1 << 24  # elements of the dense matrix (or of the output) handled at once

@@ -1,0 +1,121 @@
+"""Evaluators: one module each, chosen by name in the config, several per run.
+
+The protocol (big_vision's): a module `dca_jax/evaluators/<type>.py` defines
+
+    class Evaluator:
+      in_eval_mode: bool            # whether `--mode eval` runs it (False: pictures for TensorBoard)
+      def __init__(self, context: Context, **kw): ...   # kw: the config entry, less type/prefix
+      def run(self, variables) -> Iterator[tuple[str, value]]
+
+yielding numbers (written to metrics.jsonl, TensorBoard and eval.json), text (eval.json only) or
+uint8 [H, W, 3] pictures (TensorBoard images). The run lists them in `config.evals`:
+
+    config.evals = {'test': {'type': 'classification', 'split': 'test', 'prefix': ''},
+                    'val': {'type': 'classification', 'split': 'val'}}
+
+An empty `config.evals` means the task's own list (`tasks.<task>.default_evals`). An entry's
+metrics are named `<prefix><metric>`; the prefix defaults to '<entry name>/' ('' keeps the bare
+names every published figure uses: 'accuracy', 'mAP'). `config.best_metric` names the metric the
+best checkpoint is chosen by. To add an evaluator: one file here, then an entry in a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from dca_jax import distributed
+
+# The evaluator types are the modules of this package: a new file is a new type.
+TYPES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_')))
+
+
+@dataclasses.dataclass
+class Context:
+  """What every evaluator may use: the run's config, model, eval input and where it runs."""
+  config: Any
+  model: Any
+  input: Any          # dca_jax.data.Input (eval_iter(split=...))
+  mesh: Any
+  variables_sharding: Any
+  dtype: Any
+
+  @property
+  def batch_sharding(self):
+    return distributed.data_sharding(self.mesh)
+
+  def jit(self, fn):
+    """`fn(variables, batch)` jitted for the mesh: variables as trained, the batch
+    data-sharded, the result replicated (every host reads it)."""
+    return jax.jit(fn, in_shardings=(self.variables_sharding, self.batch_sharding),
+                   out_shardings=distributed.replicated(self.mesh))
+
+  def batches(self, **split) -> Iterator[dict]:
+    """The global eval batches of a split (padded; `mask` marks the real images)."""
+    for batch in self.input.eval_iter(**split):
+      yield distributed.global_batch(batch, self.batch_sharding)
+
+
+def evaluator_class(kind: str):
+  """The Evaluator class of `dca_jax/evaluators/<kind>.py`."""
+  if kind not in TYPES:
+    raise ValueError(f"evaluator type {kind!r} is not one of {TYPES} "
+                     '(a module in dca_jax/evaluators/)')
+  return importlib.import_module(f'dca_jax.evaluators.{kind}').Evaluator
+
+
+def entries(config) -> dict[str, dict]:
+  """{name: entry} of the run's evaluators: `config.evals`, or the task's own when empty."""
+  from dca_jax import tasks  # pylint: disable=g-import-not-at-top
+  evals = config.evals.to_dict() if hasattr(config.evals, 'to_dict') else dict(config.evals)
+  return evals or tasks.get(config.task).default_evals(config)
+
+
+def metric_names(config) -> set[str]:
+  """Best-checkpoint candidates: `<prefix><metric>` of the run's scoring evaluators."""
+  names = set()
+  for name, entry in entries(config).items():
+    cls = evaluator_class(entry.get('type', ''))
+    names.update(prefix_of(name, entry) + m for m in getattr(cls, 'METRICS', ()))
+  return names
+
+
+def prefix_of(name: str, entry: dict) -> str:
+  return entry['prefix'] if 'prefix' in entry else f'{name}/'
+
+
+class Suite:
+  """The run's evaluators, built once; `run(variables)` -> (results, pictures)."""
+
+  def __init__(self, context: Context, *, eval_mode: bool = False):
+    self.context = context
+    self.members = []
+    for name, entry in entries(context.config).items():
+      entry = dict(entry)
+      cls = evaluator_class(entry.pop('type', ''))
+      prefix = prefix_of(name, entry)
+      entry.pop('prefix', None)
+      if eval_mode and not cls.in_eval_mode:
+        continue
+      try:
+        evaluator = cls(context, **entry)
+      except TypeError as e:  # an option the evaluator does not take
+        raise ValueError(f'config.evals.{name}: {e}') from None
+      self.members.append((prefix, evaluator))
+
+  def run(self, variables) -> tuple[dict, dict]:
+    """({metric: number or text}, {tag: uint8 picture}) of every evaluator, on every process
+    (the forwards are sharded programs); pictures only on process 0."""
+    results, pictures = {}, {}
+    for prefix, evaluator in self.members:
+      for metric, value in evaluator.run(variables):
+        if isinstance(value, np.ndarray) and value.ndim >= 2:
+          pictures[prefix + metric] = value
+        else:
+          results[prefix + metric] = value
+    return results, pictures

@@ -1,0 +1,73 @@
+"""Fine-grained visual categorisation: top-1 of SA + GLCA (CUB, Cars, Aircraft, ...)."""
+
+from __future__ import annotations
+
+METRIC = 'accuracy'
+
+
+def datasets() -> tuple[str, ...]:
+  from dca_jax.data import sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  return tuple(sources.FGVC_DATASETS)
+
+
+def configure(c) -> None:
+  """The paper's FGVC recipe is what the base config's defaults are (docs/METHOD.md)."""
+  c.task = 'fgvc'
+
+
+def check(config) -> None:
+  from dca_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
+  for key in ('input_size', 'input_width'):
+    if config[key] is not None and config[key] > config.resize_size:
+      raise ConfigError(f'config.{key}={config[key]} exceeds config.resize_size='
+                        f'{config.resize_size} (the crop is taken from the resized image)')
+
+
+def default_evals(config) -> dict:
+  evals = {'test': {'type': 'classification', 'split': 'test', 'prefix': ''}}
+  if config.val_split > 0:
+    evals['val'] = {'type': 'classification', 'split': 'val'}
+  evals['attention'] = {'type': 'attention', 'num_images': 4}
+  return evals
+
+
+def bnneck(config) -> bool:
+  del config
+  return False
+
+
+def partners(rng, labels, num_images: int, groups: int):
+  """A derangement within each group: every image's partner is another image."""
+  from dca_jax.models import dcal  # pylint: disable=g-import-not-at-top
+  del labels
+  return dcal.derangement_per_group(rng, num_images, groups)
+
+
+def loss_options(config) -> dict:
+  del config
+  return {}
+
+
+def batch_fits(config, batch_size: int) -> bool:
+  del config, batch_size
+  return True
+
+
+def summary_line(result: dict) -> str:
+  parts = [f'SA+GLCA {result["accuracy"]:.4f}', f'SA {result["accuracy_sa"]:.4f}']
+  if 'accuracy_glca' in result:
+    parts.append(f'GLCA {result["accuracy_glca"]:.4f}')
+  line = 'top-1 ' + ', '.join(parts) + f' on {result["num_images"]} test images'
+  if 'val/accuracy' in result:
+    line += f'; val {result["val/accuracy"]:.4f} on {result["val/num_images"]} images'
+  return line
+
+
+def build_input(config, process_index: int, process_count: int, with_train: bool):
+  from dca_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.build_fgvc(config, process_index, process_count, with_train)
+
+
+def visualize(config, workdir: str, **options):
+  from dca_jax import visualize as visualize_lib  # pylint: disable=g-import-not-at-top
+  return visualize_lib.run_visualize_fgvc(config, workdir, **options)

@@ -1,0 +1,88 @@
+"""Object re-identification: retrieval mAP / CMC of concat(SA, GLCA) features (Market-1501,
+DukeMTMC-reID, MSMT17, VeRi-776). See docs/REID.md."""
+
+from __future__ import annotations
+
+METRIC = 'mAP'
+
+
+def datasets() -> tuple[str, ...]:
+  from dca_jax.data import reid_sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  return tuple(reid_sources.READERS) + ('synthetic_reid',)
+
+
+def configure(c) -> None:
+  """The paper's Re-ID recipe (TransReID's ViT-B settings, docs/METHOD.md); datasets set the
+  rest (persons 256 x 128, vehicles 256 x 256)."""
+  c.task, c.data_source = 'reid', 'folder'
+  c.input_size, c.input_width = 256, 128
+  c.top_k_ratio = 0.3
+  c.optimizer, c.momentum, c.weight_decay = 'sgd', 0.9, 1e-4
+  # batch 64 = 16 identities x 4 images, lr 0.008 at that batch, 5 warm-up epochs, cosine
+  c.batch_size, c.num_instances, c.gradient_accumulation_steps = 64, 4, 1
+  c.learning_rate, c.lr_reference_batch = 0.008, 64
+  c.num_epochs, c.warmup_epochs = 120, 5.0
+  c.use_gradient_checkpointing = False   # batch 64 at 256 x 128 (128 tokens) fits a 24 GB GPU
+  c.eval_batch_size, c.eval_frequency, c.save_frequency = 256, 10, 10
+
+
+def check(config) -> None:
+  from dca_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
+  if config.batch_size % config.num_instances:
+    raise ConfigError(f'config.batch_size={config.batch_size} is not a multiple of '
+                      f'config.num_instances={config.num_instances}: a Re-ID batch is P '
+                      'identities x K images')
+  if config.val_split > 0:
+    raise ConfigError('config.val_split holds out train images per class (FGVC); a Re-ID '
+                      'validation set needs held-out identities: not supported, leave it 0')
+
+
+def default_evals(config) -> dict:
+  return {'test': {'type': 'retrieval', 'prefix': '',
+                   'pixel_baseline': config.dataset == 'synthetic_reid'},
+          'attention': {'type': 'attention', 'num_images': 4, 'split': 'query'}}
+
+
+def bnneck(config) -> bool:
+  return bool(config.bnneck)
+
+
+def partners(rng, labels, num_images: int, groups: int):
+  """P x K batches: a partner of another identity (a same-identity 'distractor' would be a
+  positive)."""
+  from dca_jax.models import dcal  # pylint: disable=g-import-not-at-top
+  del num_images
+  return dcal.other_label_partners(rng, labels, groups)
+
+
+def loss_options(config) -> dict:
+  """Per branch, the batch-hard triplet loss beside the CE."""
+  return {'triplet_margin': config.triplet_margin, 'triplet_feature': config.triplet_feature}
+
+
+def batch_fits(config, batch_size: int) -> bool:
+  return batch_size % config.num_instances == 0
+
+
+def summary_line(result: dict) -> str:
+  line = (f'mAP {result["mAP"]:.4f}, rank-1 {result["rank1"]:.4f}, rank-5 {result["rank5"]:.4f}, '
+          f'rank-10 {result["rank10"]:.4f}, mINP {result["mINP"]:.4f}'
+          + (' (re-ranked)' if result.get('reranked') else '')
+          + f' on {result["num_query"]} queries ({result["num_skipped"]} without a match) x '
+          f'{result["num_gallery"]} gallery images')
+  if 'pixel_baseline_mAP' in result:
+    line += f'; raw-pixel baseline mAP {result["pixel_baseline_mAP"]:.4f}'
+  return line
+
+
+def build_input(config, process_index: int, process_count: int, with_train: bool):
+  from dca_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.build_reid(config, process_index, process_count, with_train)
+
+
+def visualize(config, workdir: str, *, images=(), compare_workdir: str = '', **options):
+  if images or compare_workdir:
+    raise ValueError('Re-ID visualize draws query rankings: --images and --compare_workdir '
+                     'are for FGVC runs')
+  from dca_jax import visualize as visualize_lib  # pylint: disable=g-import-not-at-top
+  return visualize_lib.run_visualize_reid(config, workdir, **options)
