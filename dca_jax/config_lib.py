@@ -30,6 +30,7 @@ def _data_knobs(c: ml_collections.ConfigDict) -> None:
   c.input_width = ml_collections.config_dict.placeholder(int)  # crop width in px; unset = input_size (square). Re-ID persons: 256 x 128
   c.resize_size = 550              # FGVC: resize before the crop (square)
   c.test_crop = 'center_crop'      # center_crop (resize 550 -> centre 448) | resize (to 448)
+  c.train_interpolation = 'bilinear'  # train resize: bilinear (FGVC) / bicubic (Re-ID: TransReID's); eval resizes are bilinear
   c.normalization = 'auto'         # auto (by backbone) / imagenet (mean/std: DeiT) / inception ([-1, 1]: Google ViT, AugReg)
   c.shuffle_buffer = 2048          # TFDS source: per-host shuffle buffer (folder/synthetic permute whole epochs)
   c.num_parallel_calls = -1        # tf.data AUTOTUNE
@@ -47,6 +48,7 @@ def _reid_input_knobs(c: ml_collections.ConfigDict) -> None:
   c.crop_padding = 10              # pad by this many px, then random crop back to the input size
   c.random_erasing = 0.5           # probability of random erasing per train image; 0 = off
   c.random_erasing_fill = 'random' # random (values N(0, 1) once normalised, TransReID) / mean (the mean colour)
+  c.random_erasing_max_area = 1 / 3  # largest erased fraction of the image (TransReID's timm RandomErasing: 1/3; Zhong et al.: 0.4); the smallest is 0.02
 
 def _model_knobs(c: ml_collections.ConfigDict) -> None:
   """Model knobs."""
@@ -69,6 +71,7 @@ def _model_knobs(c: ml_collections.ConfigDict) -> None:
   c.loss_weights_init = 0.0        # initial w_b of the uncertainty loss (paper: 0)
   c.loss_weights_lr_multiplier = 1.0  # the w_b learn at learning rate x this
   c.label_smoothing = 0.0          # cross-entropy label smoothing (paper: none)
+  c.classifier_init_std = 0.02     # std of the classifiers' (truncated) normal init: 0.02 timm (FGVC), 0.001 TransReID (Re-ID)
   c.triplet_margin = 0.0           # task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin
   c.triplet_feature = 'raw'        # task=reid: triplet distances of raw features (TransReID) / batch_standardized (collapse-proof from scratch: docs/REID.md)
   c.bnneck = True                  # task=reid: BatchNorm neck between each branch's feature and its classifier
@@ -95,7 +98,9 @@ def _optimisation_knobs(c: ml_collections.ConfigDict) -> None:
   c.learning_rate = 5e-4           # base; scaled by effective batch / lr_reference_batch
   c.lr_reference_batch = 512       # the effective batch at which learning_rate applies as is
   c.weight_decay = 0.05            # AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights
-  c.warmup_epochs = 1.0            # linear warm-up, then cosine decay to 0
+  c.warmup_epochs = 1.0            # linear warm-up, then cosine decay
+  c.warmup_factor = 0.0            # warm-up starts from this x the peak lr (TransReID: 0.01)
+  c.min_lr_factor = 0.0            # the cosine ends at this x the peak lr (TransReID: 0.002)
   c.num_epochs = 100               # training length
   c.max_grad_norm = 0.0            # 0 disables global-norm clipping
   c.seed = 42                      # init, data order, augmentation, PWCA partners, drop path (not the synthetic data: synthetic_seed)
@@ -164,6 +169,7 @@ CHOICES = {
     'task': TASKS,
     'data_source': ('tfds', 'folder', 'synthetic'),
     'test_crop': ('center_crop', 'resize'),
+    'train_interpolation': ('bilinear', 'bicubic'),
     'normalization': ('auto', 'imagenet', 'inception'),
     'random_erasing_fill': ('random', 'mean'),
     'glca_input': ('parallel', 'on_top'),
@@ -191,6 +197,8 @@ RANGES = {
     'synthetic_seed': (0, INF, True), 'num_instances': (1, INF, True),
     'val_split': (0.0, 0.9, True),
     'crop_padding': (0, INF, True), 'random_erasing': (0.0, 1.0, True),
+    'random_erasing_max_area': (0.02, 1.0, False), 'classifier_init_std': (0.0, INF, True),
+    'warmup_factor': (0.0, 1.0, True), 'min_lr_factor': (0.0, 1.0, True),
     'num_sa_layers': (1, INF, True), 'num_glca_layers': (0, 1, True),
     'num_pwca_layers': (0, INF, True), 'top_k_ratio': (0.0, 1.0, False),
     'loss_weights_init': (-INF, INF, True), 'loss_weights_lr_multiplier': (0.0, INF, True),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import flax
+import jax.numpy as jnp
 import optax
 
 from dca_jax import config_lib
@@ -36,13 +37,36 @@ def num_optimizer_steps(config, steps_per_epoch: int) -> int:
 
 
 def learning_rate_schedule(config, steps_per_epoch: int):
-  """Linear warm-up to lr · effective_batch / 512, then cosine decay to 0; in optimizer updates."""
+  """update index c (0-based) -> its learning rate, counted in optimizer updates (MultiSteps
+  hands the inner optimizer the number of updates applied so far: micro-steps and fp16's
+  skipped steps do not count).
+
+  Warm-up over W updates: update c < W runs at init + (peak - init)·(c + 1)/W, with init =
+  `warmup_factor` x peak, so the first update moves the weights even from init 0 (at c it
+  would run at lr 0) and update W-1 reaches the peak, lr · effective_batch /
+  lr_reference_batch, as TransReID's (timm's) scheduler runs epoch e at its warm-up value at e.
+  Then cosine from the peak at update W to `min_lr_factor` x peak at update `total`."""
   total = num_optimizer_steps(config, steps_per_epoch)
   warmup = int(config.warmup_epochs * steps_per_epoch / config.gradient_accumulation_steps)
   warmup = min(warmup, total - 1)
   peak = config_lib.scaled_learning_rate(config)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total, end_value=0.0)
+  curve = optax.warmup_cosine_decay_schedule(
+      init_value=config.warmup_factor * peak, peak_value=peak, warmup_steps=warmup,
+      decay_steps=total, end_value=config.min_lr_factor * peak)
+  return lambda count: curve(jnp.where(count < warmup, count + 1, count))
+
+
+def partial_update_warning(config, steps_per_epoch: int) -> str | None:
+  """One line when the run's micro-steps are not a whole number of updates (MultiSteps would
+  accumulate the last ones and never apply them), else None."""
+  micro = config_lib.total_steps(config, steps_per_epoch)
+  k = config.gradient_accumulation_steps
+  if micro % k == 0:
+    return None
+  return (f'warning: the run is {micro} micro-steps, not a multiple of '
+          f'gradient_accumulation_steps={k}: the last {micro % k} micro-batch(es) are '
+          f'accumulated but never applied ({micro // k} updates); set --config.max_steps='
+          f'{micro - micro % k} or {micro - micro % k + k} to say which you mean')
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -378,6 +378,9 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
     print(reporting.banner(config, precision=trainer.precision,
                            num_params=count_params(trainer.state.params),
                            steps_per_epoch=trainer.steps_per_epoch), flush=True)
+    partial = optim.partial_update_warning(config, trainer.steps_per_epoch)
+    if partial:
+      print(partial, file=sys.stderr, flush=True)
   if trainer.resume_step is not None:
     trainer.resume_step = trainer.restore(trainer.resume_step)
     if chief:

@@ -87,6 +87,7 @@ class Input:
     self.input_size = int(config.input_size)
     self.input_width = int(config.get('input_width') or config.input_size)
     self.resize_size = int(config.resize_size)
+    self.train_interpolation = config.get('train_interpolation', 'bilinear')
     self.normalization = preprocess.normalization_name(config)
     self.test_crop = config.get('test_crop', 'center_crop')
     parallel_calls = int(config.get('num_parallel_calls', -1))
@@ -155,7 +156,8 @@ class Input:
       key = preprocess.example_key(seed, record['epoch'], record['id'])
       image = preprocess.train_transform(image, key, resize_size=self.resize_size,
                                          input_size=self.input_size,
-                                         input_width=self.input_width)
+                                         input_width=self.input_width,
+                                         interpolation=self.train_interpolation)
       return {'image': image, 'label': label}
 
     # Last-resort net for a file the pre-scan passed but TF cannot decode: logged and dropped
@@ -220,6 +222,7 @@ class ReidInput(Input):
     self.crop_padding = int(config.get('crop_padding', 10))
     self.random_erasing = float(config.get('random_erasing', 0.5))
     self.erasing_fill = config.get('random_erasing_fill', 'random')
+    self.erasing_max_area = float(config.get('random_erasing_max_area', 1 / 3))
     self.sampler = sampler.PKSampler(source.dataset.train.pids, int(config.batch_size),
                                      self.num_instances, self.seed)
     self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -254,7 +257,8 @@ class ReidInput(Input):
       image = preprocess.reid_train_transform(
           image, key, height=self.input_size, width=self.input_width,
           padding=self.crop_padding, erasing=self.random_erasing,
-          normalization=self.normalization, erasing_fill=self.erasing_fill)
+          normalization=self.normalization, erasing_fill=self.erasing_fill,
+          erasing_max_area=self.erasing_max_area, interpolation=self.train_interpolation)
       return {'image': image, 'label': tf.gather(source.pids['train'], record['id'])}
 
     # No dropping of errors here: dropping one element would shift every later P x K group.

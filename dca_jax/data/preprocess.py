@@ -2,6 +2,8 @@
 
 FGVC train: decode -> resize to `resize_size` (square) -> random crop `input_size` x
             `input_width` (square when unset) -> random flip.
+Train resizes use `train_interpolation` (bilinear FGVC, bicubic Re-ID as TransReID's
+T.Resize(interpolation=3)); eval resizes are bilinear (TransReID's test T.Resize default).
 FGVC eval:  decode -> `center_crop`: resize `resize_size` + centre crop; `resize`: resize
             straight to `input_size` x `input_width`.
 Re-ID train: decode -> resize to `input_size` x `input_width` -> flip -> pad `crop_padding` +
@@ -107,9 +109,15 @@ def decode(encoded, crop_bottom: int = 0):
   return image
 
 
-def _resize(image, size, width=None):
-  """float32 resize to (size, width or size), antialiased only when shrinking."""
+INTERPOLATIONS = config_lib.CHOICES['train_interpolation']
+
+
+def _resize(image, size, width=None, method: str = 'bilinear'):
+  """float32 resize to (size, width or size), antialiased only when shrinking (bicubic: Keys'
+  a = -0.5 kernel, as PIL's; it overshoots [0, 255] a little, which to_uint8 clips)."""
   tf = tensorflow()
+  if method not in INTERPOLATIONS:
+    raise DataError(f'unknown interpolation {method!r}; expected one of {INTERPOLATIONS}')
   height, width = int(size), int(width or size)
   # Antialiasing only matters when shrinking; plain bilinear is much cheaper when enlarging
   # (550 px from ~500 px originals) and gives the same result there.
@@ -117,17 +125,18 @@ def _resize(image, size, width=None):
   image = tf.cast(image, tf.float32)
   resized = tf.cond(
       shrink,
-      lambda: tf.image.resize(image, (height, width), 'bilinear', antialias=True),
-      lambda: tf.image.resize(image, (height, width), 'bilinear', antialias=False))
+      lambda: tf.image.resize(image, (height, width), method, antialias=True),
+      lambda: tf.image.resize(image, (height, width), method, antialias=False))
   return tf.reshape(resized, (height, width, 3))
 
 
-def train_transform(image, key, *, resize_size: int, input_size: int, input_width=None):
+def train_transform(image, key, *, resize_size: int, input_size: int, input_width=None,
+                    interpolation: str = 'bilinear'):
   """uint8 [h, w, 3] -> uint8 [input_size, input_width or input_size, 3]; `key` is an
   int32/int64 [2] seed. The crop is taken from the square `resize_size` image."""
   tf = tensorflow()
   keys = tf.random.experimental.stateless_split(key, 2)
-  image = _resize(image, resize_size)
+  image = _resize(image, resize_size, method=interpolation)
   image = tf.image.stateless_random_crop(image, (input_size, input_width or input_size, 3),
                                          seed=keys[0])
   image = tf.image.stateless_random_flip_left_right(image, seed=keys[1])
@@ -154,16 +163,18 @@ def eval_transform(image, *, resize_size: int, input_size: int, test_crop: str,
 
 
 # ----------------------------------------------------------------------------- Re-ID
-# Random erasing (Zhong et al. 2017): erased area 2-40 % of the image, aspect ratio h/w
-# log-uniform in [0.3, 1/0.3]; up to ERASE_ATTEMPTS draws, the first rectangle that fits is used.
-ERASE_AREA = (0.02, 0.4)
+# Random erasing (Zhong et al. 2017) as timm's RandomErasing, which TransReID uses: erased area
+# uniform in [2 %, `max_area`] of the image (timm's default 1/3; Zhong et al.'s code 0.4), aspect
+# ratio h/w log-uniform in [0.3, 1/0.3]; up to ERASE_ATTEMPTS draws, the first rectangle that
+# fits is used.
+ERASE_MIN_AREA = 0.02
 ERASE_ASPECT = (0.3, 1 / 0.3)
 ERASE_ATTEMPTS = 10
 ERASE_FILLS = config_lib.CHOICES['random_erasing_fill']
 
 
 def random_erase(image, key, probability: float, fill: str = 'random',
-                 normalization: str = 'imagenet'):
+                 normalization: str = 'imagenet', max_area: float = 1 / 3):
   """Erases one random rectangle of a float32 [h, w, 3] image in [0, 255] with `probability`.
 
   fill='random': per-pixel values that are N(0, 1) once normalised (TransReID's timm
@@ -180,7 +191,9 @@ def random_erase(image, key, probability: float, fill: str = 'random',
     return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
 
   erase = uniform(keys[0], [], 0.0, 1.0) < probability
-  area = uniform(keys[1], [ERASE_ATTEMPTS], *ERASE_AREA) * float(height * width)
+  if not ERASE_MIN_AREA < max_area <= 1:
+    raise DataError(f'random erasing max_area={max_area} must be in ({ERASE_MIN_AREA}, 1]')
+  area = uniform(keys[1], [ERASE_ATTEMPTS], ERASE_MIN_AREA, max_area) * float(height * width)
   aspect = tf.exp(uniform(keys[2], [ERASE_ATTEMPTS], float(np.log(ERASE_ASPECT[0])),
                           float(np.log(ERASE_ASPECT[1]))))
   erase_height = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
@@ -209,19 +222,20 @@ def random_erase(image, key, probability: float, fill: str = 'random',
 
 
 def reid_train_transform(image, key, *, height: int, width: int, padding: int,
-                         erasing: float, normalization: str, erasing_fill: str = 'random'):
+                         erasing: float, normalization: str, erasing_fill: str = 'random',
+                         erasing_max_area: float = 1 / 3, interpolation: str = 'bicubic'):
   """Re-ID train: resize (height, width) -> flip -> zero-pad `padding` + random crop (height,
   width) -> random erasing (`normalization` sets its fill). uint8 [h, w, 3] -> uint8
   [height, width, 3]."""
   tf = tensorflow()
   keys = tf.random.experimental.stateless_split(key, 3)
-  image = _resize(image, height, width)
+  image = _resize(image, height, width, method=interpolation)
   image = tf.image.stateless_random_flip_left_right(image, seed=keys[0])
   if padding > 0:
     image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])  # Black, as T.Pad.
     image = tf.image.stateless_random_crop(image, (height, width, 3), seed=keys[1])
   if erasing > 0:
-    image = random_erase(image, keys[2], erasing, erasing_fill, normalization)
+    image = random_erase(image, keys[2], erasing, erasing_fill, normalization, erasing_max_area)
   return to_uint8(image)
 
 

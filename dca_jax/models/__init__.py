@@ -27,4 +27,5 @@ def build_model(config, *, dtype=jnp.float32) -> dcal.DCAL:
                    bnneck=tasks.get(config.task).bnneck(config),
                    stochastic_depth_prob=config.stochastic_depth_prob, dtype=dtype,
                    remat_policy=remat, attention_impl=config.attention_impl,
-                   pwca_partner_stop_gradient=config.pwca_partner_stop_gradient)
+                   pwca_partner_stop_gradient=config.pwca_partner_stop_gradient,
+                   classifier_init_std=config.classifier_init_std)

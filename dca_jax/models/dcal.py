@@ -166,13 +166,15 @@ class Classifier(nn.Module):
   with the neck the classifier has no bias (it would duplicate the neck's frozen one)."""
   num_classes: int
   bnneck: bool = False
+  init_std: float = 0.02               # of the kernel's truncated normal: 0.02 timm, 0.001 TransReID
 
   @nn.compact
   def __call__(self, feature, *, train: bool, update_stats: bool = True):
     if self.bnneck:
       feature = BNNeck(name='bnneck')(feature, train=train, update_stats=update_stats)
     feature = feature.astype(jnp.float32)
-    kernel = self.param('kernel', vit.dense_init, (feature.shape[-1], self.num_classes))
+    kernel = self.param('kernel', nn.initializers.truncated_normal(self.init_std),
+                        (feature.shape[-1], self.num_classes))
     logits = feature @ kernel
     if not self.bnneck:
       logits = logits + self.param('bias', nn.initializers.zeros, (self.num_classes,))
@@ -199,6 +201,7 @@ class DCAL(nn.Module):
   remat_policy: Optional[str] = None   # None: no remat; 'full' or a jax.checkpoint_policies name
   attention_impl: str = 'xla'
   pwca_partner_stop_gradient: bool = False  # PWCA's partner keys/values carry no gradient
+  classifier_init_std: float = 0.02    # std of `head` and `glca_head` kernels at init
 
   def _check(self):
     depth = self.config.depth
@@ -250,7 +253,7 @@ class DCAL(nn.Module):
     loss_weights = self.param('loss_weights', nn.initializers.constant(self.loss_weights_init),
                               (len(BRANCHES),))
     norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='norm')
-    head = Classifier(self.num_classes, self.bnneck, name='head')
+    head = Classifier(self.num_classes, self.bnneck, self.classifier_init_std, name='head')
     select = self.num_glca_layers > 0 and (self.selection_reaches_outputs() or with_selection)
 
     x = vit.Embedding(self.config, dtype=self.dtype, name='embed')(images)
@@ -267,7 +270,8 @@ class DCAL(nn.Module):
       glca_block = vit.make_block(self.config, drop_path=rates[-1], name='glca_block',
                                   attention_impl=self.attention_impl, **block_args)
       glca_norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')
-      glca_head = Classifier(self.num_classes, self.bnneck, name='glca_head')
+      glca_head = Classifier(self.num_classes, self.bnneck, self.classifier_init_std,
+                             name='glca_head')
       if select:
         out['glca_index'] = self._select(out.get('rollout'), maps, x.shape[0], x.shape[1])
       out.update(self._glca(glca_block, glca_norm, glca_head,

@@ -22,6 +22,11 @@ def configure(c) -> None:
   c.batch_size, c.num_instances, c.gradient_accumulation_steps = 64, 4, 1
   c.learning_rate, c.lr_reference_batch = 0.008, 64
   c.num_epochs, c.warmup_epochs = 120, 5.0
+  # TransReID's scheduler (solver/scheduler_factory.py), train resize (T.Resize interpolation=3)
+  # and classifier init (weights_init_classifier); random erasing's 1/3 is the default already
+  c.warmup_factor, c.min_lr_factor = 0.01, 0.002
+  c.train_interpolation = 'bicubic'
+  c.classifier_init_std = 0.001
   c.use_gradient_checkpointing = False   # batch 64 at 256 x 128 (128 tokens) fits a 24 GB GPU
   c.eval_batch_size, c.eval_frequency, c.save_frequency = 256, 10, 10
 
