@@ -1,10 +1,13 @@
 """Optimiser: decay mask, schedule, and gradient accumulation == the large batch."""
 
 import functools
+import types
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from dca_jax.models import build_model
@@ -30,15 +33,41 @@ def test_decay_mask_excludes_bias_norm_posembed_cls_lossweights():
   assert decay == {p for p in decay | no_decay if p.endswith('kernel')}
 
 
-def test_schedule_scales_lr_by_effective_batch_and_warms_up():
+def _reference_lr(c, warmup, total, peak, init, floor):
+  """The lr of update c (0-based), written out: warm-up init -> peak over updates 1..W (as
+  TransReID's scheduler runs epoch e at init + e·(peak - init)/W), then cosine from the peak at
+  update W to the floor at update `total`."""
+  if c < warmup:
+    return init + (peak - init) * (c + 1) / warmup
+  return floor + 0.5 * (peak - floor) * (1 + np.cos(np.pi * (c - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize('factors', [(0.0, 0.0), (0.01, 0.002)])  # FGVC; Re-ID (TransReID's)
+def test_schedule_scales_lr_by_effective_batch_warms_up_and_decays_to_its_floor(factors):
+  init, floor = factors
   config = tiny_config(learning_rate=5e-4, batch_size=4, gradient_accumulation_steps=4,
-                       warmup_epochs=1.0, num_epochs=10)
-  assert config_lib.scaled_learning_rate(config) == 5e-4 * 16 / 512  # paper: 1.5625e-5
+                       warmup_epochs=1.0, num_epochs=10, warmup_factor=init, min_lr_factor=floor)
+  peak = config_lib.scaled_learning_rate(config)
+  assert peak == 5e-4 * 16 / 512  # paper: 1.5625e-5
   sched = optim.learning_rate_schedule(config, steps_per_epoch=40)  # 10 updates/epoch
-  lrs = np.array([sched(i) for i in range(100)])
-  assert lrs[0] == 0.0 and np.isclose(lrs[10], 1.5625e-5)
-  assert np.all(np.diff(lrs[:11]) > 0) and np.all(np.diff(lrs[10:]) <= 0)
-  assert lrs[-1] < 0.01 * lrs[10]
+  lrs = np.array([sched(c) for c in range(100)])
+  want = [_reference_lr(c, 10, 100, peak, init * peak, floor * peak) for c in range(100)]
+  np.testing.assert_allclose(lrs, want, rtol=1e-5, atol=1e-6 * peak)  # float32 near 0
+  assert lrs[0] > 0  # the first update moves the weights, even from warmup_factor 0
+  assert np.isclose(lrs[9], peak) and np.isclose(float(sched(100)), floor * peak)
+
+
+def test_a_run_that_is_not_whole_updates_warns_once_at_start(tmp_path, capsys):
+  config = tiny_config(gradient_accumulation_steps=4, max_steps=10)
+  assert optim.partial_update_warning(tiny_config(gradient_accumulation_steps=4, max_steps=12),
+                                      5) is None
+  line = optim.partial_update_warning(config, 5)
+  assert 'the last 2 micro-batch(es)' in line and '(2 updates)' in line and 'max_steps=8' in line
+  trainer = types.SimpleNamespace(precision='fp32', steps_per_epoch=5, resume_step=None,
+                                  state=types.SimpleNamespace(params={'w': np.zeros(3)}, step=0))
+  train._start(trainer, config, str(tmp_path), chief=True)
+  err = capsys.readouterr().err
+  assert [l for l in err.splitlines() if l.startswith('warning:')] == [line]
 
 
 def _run(config, images, labels, micro):
@@ -141,3 +170,55 @@ def test_sgd_is_torch_sgd_with_l2_decay_on_kernels():
       p = p - float(sched(i)) * buf
       np.testing.assert_allclose(functools.reduce(lambda t, k: t[k], path, params), p,
                                  rtol=1e-5, atol=1e-7)
+
+
+class _Theta(nn.Module):
+  """A one-parameter 'model' for the train step: logits [θ, 0], so with label 1 the loss is
+  log(1 + e^θ) and its gradient σ(θ), known in closed form. A non-finite image makes the loss
+  NaN (an fp16 skip)."""
+
+  @nn.compact
+  def __call__(self, images, *, train=False, partner=None):
+    del train, partner
+    theta = self.param('theta', nn.initializers.constant(0.5), ())
+    poison = 0.0 * jnp.mean(images.astype(jnp.float32), axis=(1, 2, 3))  # 0, or NaN
+    logits = jnp.stack([theta + poison, jnp.zeros_like(poison)], axis=-1)
+    return {'sa_logits': logits, 'loss_weights': self.param('loss_weights', nn.initializers.zeros,
+                                                            (3,))}
+
+
+def test_train_step_applies_and_logger_logs_the_lr_of_each_update_fp16_skips_not_counted():
+  """Accumulation 2, 4 updates of warm-up then cosine, TransReID's start and floor; micro-step
+  3 is an fp16 skip. Plain SGD on θ: each update moves θ by -lr·σ(θ). The schedule counts
+  applied updates, so the skip does not advance it and the run (planned as 16 micro-steps =
+  8 updates) ends one update short of the floor (docs/METHOD.md says so)."""
+  config = tiny_config(precision='fp16', num_classes=2, num_pwca_layers=0, batch_size=2,
+                       gradient_accumulation_steps=2, optimizer='sgd', momentum=0.0,
+                       weight_decay=0.0, loss_weighting='sum', learning_rate=0.4,
+                       lr_reference_batch=4, warmup_epochs=1.0, num_epochs=2,
+                       warmup_factor=0.01, min_lr_factor=0.002)
+  steps_per_epoch, warmup, total, peak = 8, 4, 8, 0.4  # micro-steps; updates; updates; lr
+  model, tx = _Theta(), optim.make_optimizer(config, steps_per_epoch)
+  state, _ = train.create_train_state(config, model, tx, distributed.make_mesh(),
+                                      precision='fp16', rng=jax.random.key(0))
+  step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float16,
+                                       rng=jax.random.key(1)))
+  trainer = types.SimpleNamespace(config=config, steps_per_epoch=steps_per_epoch, state=state,
+                                  schedule=optim.learning_rate_schedule(config, steps_per_epoch))
+  logger = train._Logger(trainer, types.SimpleNamespace(write=lambda *a, **k: None), 0)
+  good = {'image': np.zeros((2, 32, 32, 3), np.float32), 'label': np.ones(2, np.int32)}
+  bad = dict(good, image=np.full((2, 32, 32, 3), np.inf, np.float32))
+  theta, updates, logged = 0.5, 0, []
+  for micro in range(2 * total):  # the planned run: 16 micro-steps
+    trainer.state, metrics = step(trainer.state, bad if micro == 3 else good)
+    applied = (micro + (micro > 3)) % 2 == 1 and micro != 3  # micro-steps 1, 4, 6, 8, ...
+    if applied:
+      lr = _reference_lr(updates, warmup, total, peak, 0.01 * peak, 0.002 * peak)
+      theta -= lr * (1 / (1 + np.exp(-theta)))
+      updates += 1
+      logged.append((logger._record(micro + 1, metrics)['lr'], lr))
+    np.testing.assert_allclose(float(trainer.state.params['theta']), theta, rtol=1e-5,
+                               err_msg=f'micro-step {micro}')
+  assert int(trainer.state.skipped) == 1 and updates == total - 1
+  np.testing.assert_allclose(*zip(*logged), rtol=1e-5)
+  assert logged[0][0] > 0 and logged[-1][0] > 0.002 * peak * 1.5  # ended short of the floor
