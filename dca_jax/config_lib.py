@@ -71,7 +71,7 @@ def _model_knobs(c: ml_collections.ConfigDict) -> None:
   c.loss_weights_init = 0.0        # initial w_b of the uncertainty loss (paper: 0)
   c.loss_weights_lr_multiplier = 1.0  # the w_b learn at learning rate x this
   c.label_smoothing = 0.0          # cross-entropy label smoothing (paper: none)
-  c.classifier_init_std = 0.02     # std of the classifiers' (truncated) normal init: 0.02 timm (FGVC), 0.001 TransReID (Re-ID)
+  c.classifier_init_std = 0.02     # std of the classifiers' normal init: 0.02 timm (FGVC), 0.001 TransReID (Re-ID)
   c.triplet_margin = 0.0           # task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin
   c.triplet_feature = 'raw'        # task=reid: triplet distances of raw features (TransReID) / batch_standardized (collapse-proof from scratch: docs/REID.md)
   c.bnneck = True                  # task=reid: BatchNorm neck between each branch's feature and its classifier
