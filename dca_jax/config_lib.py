@@ -101,6 +101,7 @@ def _optimisation_knobs(c: ml_collections.ConfigDict) -> None:
   c.warmup_epochs = 1.0            # linear warm-up, then cosine decay
   c.warmup_factor = 0.0            # warm-up starts from this x the peak lr (TransReID: 0.01)
   c.min_lr_factor = 0.0            # the cosine ends at this x the peak lr (TransReID: 0.002)
+  c.warmup_prefix = True           # the cosine starts at the peak after the warm-up; False: it spans the whole run, the warm-up overriding its start (timm without warmup_prefix: TransReID)
   c.num_epochs = 100               # training length
   c.max_grad_norm = 0.0            # 0 disables global-norm clipping
   c.seed = 42                      # init, data order, augmentation, PWCA partners, drop path (not the synthetic data: synthetic_seed)

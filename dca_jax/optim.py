@@ -45,7 +45,10 @@ def learning_rate_schedule(config, steps_per_epoch: int):
   `warmup_factor` x peak, so the first update moves the weights even from init 0 (at c it
   would run at lr 0) and update W-1 reaches the peak, lr · effective_batch /
   lr_reference_batch, as TransReID's (timm's) scheduler runs epoch e at its warm-up value at e.
-  Then cosine from the peak at update W to `min_lr_factor` x peak at update `total`."""
+  Then cosine to floor = `min_lr_factor` x peak: `warmup_prefix` (timm's name) from the peak at
+  update W to the floor at update `total`; else, as timm without it (TransReID), the cosine of
+  the whole run, update c at its value at c + 1 (the warm-up overrides its start up to update
+  W - 2, and the peak itself is never used), so the last update runs at the floor."""
   total = num_optimizer_steps(config, steps_per_epoch)
   warmup = int(config.warmup_epochs * steps_per_epoch / config.gradient_accumulation_steps)
   warmup = min(warmup, total - 1)
@@ -53,7 +56,13 @@ def learning_rate_schedule(config, steps_per_epoch: int):
   curve = optax.warmup_cosine_decay_schedule(
       init_value=config.warmup_factor * peak, peak_value=peak, warmup_steps=warmup,
       decay_steps=total, end_value=config.min_lr_factor * peak)
-  return lambda count: curve(jnp.where(count < warmup, count + 1, count))
+  if config.warmup_prefix:
+    return lambda count: curve(jnp.where(count < warmup, count + 1, count))
+  floor = config.min_lr_factor * peak
+  whole = lambda count: floor + 0.5 * (peak - floor) * (
+      1 + jnp.cos(jnp.pi * jnp.minimum(count + 1, total) / total))
+  # timm's _get_lr(t): warm-up while t < W, so t = W is already on the cosine
+  return lambda count: jnp.where(count + 1 < warmup, curve(count + 1), whole(count))
 
 
 def partial_update_warning(config, steps_per_epoch: int) -> str | None:

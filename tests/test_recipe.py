@@ -28,6 +28,7 @@ def test_reid_config_carries_transreids_settings():
   make_model.py (weights_init_classifier: normal std 0.001)."""
   c = config_lib.reid_config()
   assert (c.warmup_factor, c.min_lr_factor, c.warmup_epochs) == (0.01, 0.002, 5.0)
+  assert not c.warmup_prefix  # timm's CosineLRScheduler default, which TransReID keeps
   assert (c.train_interpolation, c.classifier_init_std) == ('bicubic', 0.001)
   assert (c.random_erasing, c.random_erasing_fill, c.crop_padding) == (0.5, 'random', 10)
   assert c.random_erasing_max_area == pytest.approx(1 / 3)

@@ -24,7 +24,7 @@ def configure(c) -> None:
   c.num_epochs, c.warmup_epochs = 120, 5.0
   # TransReID's scheduler (solver/scheduler_factory.py), train resize (T.Resize interpolation=3)
   # and classifier init (weights_init_classifier); random erasing's 1/3 is the default already
-  c.warmup_factor, c.min_lr_factor = 0.01, 0.002
+  c.warmup_factor, c.min_lr_factor, c.warmup_prefix = 0.01, 0.002, False
   c.train_interpolation = 'bicubic'
   c.classifier_init_std = 0.001
   c.use_gradient_checkpointing = False   # batch 64 at 256 x 128 (128 tokens) fits a 24 GB GPU
