@@ -284,20 +284,15 @@ def _read_rgb_for_eval(path: str) -> np.ndarray:
 def load_image_for_eval(path: str, config) -> np.ndarray:
   """One image file -> its uint8 eval crop [S, W, 3], exactly what the eval stream yields.
 
-  S = config.input_size, W = config.input_width or S; task='reid' resizes to (S, W) as the
-  Re-ID eval stream does, FGVC applies `config.test_crop`.
+  S = config.input_size, W = config.input_width or S; the task's eval transform
+  (`tasks.<task>.eval_transform`: FGVC applies `config.test_crop`, Re-ID resizes to (S, W)).
 
   Accepts any size, RGB / grayscale / palette / RGBA (alpha composited on white), JPEG, PNG
   and whatever else PIL reads. Raises ImageLoadError naming the file when it is missing or
   unreadable.
   """
+  from dca_jax import tasks  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   rgb = _read_rgb_for_eval(path)
-  height, width = int(config.input_size), int(config.get('input_width') or config.input_size)
-  if config.get('task', 'fgvc') == 'reid':
-    crop = _resize(tensorflow().convert_to_tensor(rgb), height, width)
-  else:
-    crop = eval_crop(tensorflow().convert_to_tensor(rgb), resize_size=int(config.resize_size),
-                     input_size=height, test_crop=config.get('test_crop', 'center_crop'),
-                     input_width=width)
-  return to_uint8(crop).numpy()
+  task = tasks.get(config.get('task', 'fgvc'))
+  return task.eval_transform(tensorflow().convert_to_tensor(rgb), config).numpy()

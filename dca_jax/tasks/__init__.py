@@ -14,6 +14,7 @@ A task module (`dca_jax/tasks/<name>.py`) provides:
     batch_fits(config, batch_size)  whether a physical batch suits its sampler (the planner)
     summary_line(result)            one console line of its eval results
     build_input(config, process_index, process_count, with_train)   its input (dca_jax.data)
+    eval_transform(image, config)   a decoded image -> the uint8 crop its eval stream makes
     visualize(config, workdir, **options)                           the visualize mode
 
 Nothing outside this package tests `config.task`: `get(config.task)` is the one lookup. A third

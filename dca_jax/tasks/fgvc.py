@@ -68,6 +68,14 @@ def build_input(config, process_index: int, process_count: int, with_train: bool
   return pipeline.build_fgvc(config, process_index, process_count, with_train)
 
 
+def eval_transform(image, config):
+  """uint8 [h, w, 3] tensor -> the uint8 eval crop the FGVC eval stream makes (test_crop)."""
+  from dca_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  return preprocess.eval_transform(image, resize_size=int(config.resize_size),
+                                   input_size=int(config.input_size), test_crop=config.test_crop,
+                                   input_width=config.input_width)
+
+
 def visualize(config, workdir: str, **options):
   from dca_jax import visualize as visualize_lib  # pylint: disable=g-import-not-at-top
   return visualize_lib.run_visualize_fgvc(config, workdir, **options)

@@ -85,6 +85,14 @@ def build_input(config, process_index: int, process_count: int, with_train: bool
   return pipeline.build_reid(config, process_index, process_count, with_train)
 
 
+def eval_transform(image, config):
+  """uint8 [h, w, 3] tensor -> the uint8 image the Re-ID eval stream makes (a resize)."""
+  from dca_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from dca_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  height, width = config_lib.input_hw(config)
+  return preprocess.reid_eval_transform(image, height=height, width=width)
+
+
 def visualize(config, workdir: str, *, images=(), compare_workdir: str = '', **options):
   if images or compare_workdir:
     raise ValueError('Re-ID visualize draws query rankings: --images and --compare_workdir '
