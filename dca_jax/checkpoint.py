@@ -169,7 +169,8 @@ def _io_reason(error: BaseException) -> str:
       return os.strerror(e.errno).lower() if e.errno == errno.ENOSPC else (
           f'{os.strerror(e.errno).lower()} ({e.filename or ""})'.replace(' ()', ''))
     text = str(e).lower()
-    if 'no space left' in text or 'enospc' in text or 'resource_exhausted' in text and 'space' in text:
+    if ('no space left' in text or 'enospc' in text
+        or ('resource_exhausted' in text and 'space' in text)):
       return 'no space left on device'
     if 'quota' in text:
       return 'disk quota exceeded'
@@ -232,7 +233,7 @@ def verify_integrity(step_dir: str) -> tuple[Optional[bool], str]:
   except (OSError, ValueError, KeyError, TypeError) as e:
     return False, f'its integrity record {INTEGRITY_FILE} is unreadable: {type(e).__name__}'
   buffer = bytearray(1 << 24)
-  for rel, (size, crc) in sorted(files.items()):
+  for rel, (size, _) in sorted(files.items()):
     path = os.path.join(step_dir, rel)
     try:
       actual = os.path.getsize(path)
@@ -240,7 +241,7 @@ def verify_integrity(step_dir: str) -> tuple[Optional[bool], str]:
       return False, f'{rel} is missing'
     if actual != size:
       return False, f'{rel} is {actual} bytes, {size} when saved'
-  for rel, (size, crc) in sorted(files.items()):
+  for rel, (_, crc) in sorted(files.items()):
     try:
       actual_crc, _ = _crc_and_size(os.path.join(step_dir, rel), buffer, sync=False)
     except OSError as e:

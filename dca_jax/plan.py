@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp

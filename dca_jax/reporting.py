@@ -22,7 +22,8 @@ def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> 
   remat = config.use_gradient_checkpointing
   lines = [
       f'{check(half)} Mixed precision training {"enabled" if half else "disabled"} ({prec_name})',
-      f'{check(remat)} Gradient checkpointing {"enabled (trades compute for memory)" if remat else "disabled"}'
+      f'{check(remat)} Gradient checkpointing '
+      + ('enabled (trades compute for memory)' if remat else 'disabled')
       + (f', policy {config.remat_policy}' if remat else ''),
       f'Model initialized with {num_params / 1e6:.2f}M parameters ({config.backbone}, '
       f'DCAL L={config.num_sa_layers} M={config.num_glca_layers} T={config.num_pwca_layers}, '

@@ -140,7 +140,8 @@ def _other_layouts(data_dir: str, dataset: str) -> str:
 
 def _find_roots(data_dir: str, dataset: str) -> list[str]:
   """Candidate roots under data_dir holding the dataset's marker (data_dir itself last)."""
-  title, marker, candidates = LAYOUTS[dataset].title, LAYOUTS[dataset].marker, LAYOUTS[dataset].roots
+  layout_ = LAYOUTS[dataset]
+  title, marker, candidates = layout_.title, layout_.marker, layout_.roots
   sources.check_data_dir(data_dir, title)
   candidates = candidates + ['.']
   roots = [os.path.normpath(os.path.join(data_dir, candidate)) for candidate in candidates

@@ -3,7 +3,7 @@
 The protocol (big_vision's): a module `dca_jax/evaluators/<type>.py` defines
 
     class Evaluator:
-      in_eval_mode: bool            # whether `--mode eval` runs it (False: pictures for TensorBoard)
+      in_eval_mode: bool    # whether `--mode eval` runs it (False: pictures for TensorBoard)
       def __init__(self, context: Context, **kw): ...   # kw: the config entry, less type/prefix
       def run(self, variables) -> Iterator[tuple[str, value]]
 

@@ -193,7 +193,8 @@ class DCAL(nn.Module):
   top_k_ratio: float = 0.1
   glca_input: str = 'parallel'         # parallel: input of SA block L | on_top: its output
   glca_pool: str = 'cls'               # what the GLCA classifier reads: cls | mean | local
-  glca_select: str = 'rollout'         # GLCA's local queries: rollout | random | last_layer | rollout_lowest
+  # GLCA's local queries: rollout | random | last_layer | rollout_lowest
+  glca_select: str = 'rollout'
   rollout_layers: str = 'before_glca'  # SA blocks the rollout covers: before_glca | all
   rollout_impl: str = 'vector'         # vector | running_product
   loss_weights_init: float = 0.0

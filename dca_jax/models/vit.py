@@ -71,7 +71,8 @@ VARIANTS = {
     'deit_tiny': dict(width=192, depth=12, num_heads=3, mlp_dim=768),    # deit_tiny_patch16_224
     'deit_small': dict(width=384, depth=12, num_heads=6, mlp_dim=1536),  # deit_small_patch16_224
     'deit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),  # deit_base_patch16_224
-    'vit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),   # vit_base_patch16_224.augreg_in21k
+    # vit_base_patch16_224.augreg_in21k
+    'vit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     # R50+ViT-B/16: ResNet-v2 (3, 4, 9) stride 16, then a 1x1 "patch" embedding.
     'r50_vit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=1,
                          resnet_layers=(3, 4, 9)),                       # vit_base_r50_s16_224
