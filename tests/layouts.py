@@ -155,7 +155,103 @@ def write_cars_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
   return Layout('cars', root, root, names, out['train'], out['test'])
 
 
-WRITERS = {'cub': write_cub_layout, 'aircraft': write_aircraft_layout, 'cars': write_cars_layout}
+def write_nabirds_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
+                         test_per_class: int = 2, seed: int = 3) -> Layout:
+  """nabirds/{images/<class id, 4 digits>/<uuid hex>.jpg, images.txt (<uuid> <relpath>),
+  image_class_labels.txt, train_test_split.txt (by uuid), classes.txt (every taxonomy node:
+  the leaves with images have non-contiguous ids, the inner nodes have no images)}."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  root = os.path.join(os.fspath(base), 'nabirds')
+  leaf_ids = sorted(int(i) for i in rng.choice(np.arange(100, 1000), num_classes, replace=False))
+  names = [f"Bird's species {i} (adult)" for i in range(num_classes)]
+  inner = [(0, 'Birds'), (1, 'Perching Birds'), (7, 'Hawks, Eagles, and Kites')]
+  rows = []
+  for c, class_id in enumerate(leaf_ids):
+    flags = [1] * train_per_class + [0] * test_per_class
+    for flag, size in zip(rng.permutation(flags), _sizes(rng, len(flags))):
+      image_id = str(uuid.UUID(bytes=rng.bytes(16)))
+      rel = f'{class_id:04d}/{image_id.replace("-", "")}.jpg'
+      write_image(os.path.join(root, 'images', rel), size, c, rng)
+      rows.append((image_id, rel, class_id, int(flag), c))
+  rows = [rows[i] for i in rng.permutation(len(rows))]  # images.txt's order is the loader's
+  for name, field in (('images.txt', 1), ('image_class_labels.txt', 2),
+                      ('train_test_split.txt', 3)):
+    order = range(len(rows)) if field == 1 else rng.permutation(len(rows))  # joined by id
+    with open(os.path.join(root, name), 'w') as f:
+      f.writelines(f'{rows[i][0]} {rows[i][field]}\n' for i in order)
+  with open(os.path.join(root, 'classes.txt'), 'w') as f:
+    f.writelines(f'{i} {n}\n' for i, n in sorted(inner + list(zip(leaf_ids, names))))
+  split = {flag: [(os.path.join(root, 'images', r[1]), r[4]) for r in rows if r[3] == flag]
+           for flag in (0, 1)}
+  return Layout('nabirds', os.fspath(base), root, names, split[1], split[0])
+
+
+def write_dogs_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
+                      test_per_class: int = 2, seed: int = 4, lists_folder: str = 'lists'
+                      ) -> Layout:
+  """Images/<wnid>-<Breed>/<wnid>_<n>.jpg and <lists_folder>/{train,test}_list.mat: N x 1
+  cells file_list ('<wnid>-<Breed>/<file>.jpg') and annotation_list, N x 1 double labels
+  (1-based, in wnid order), as lists.tar has them."""
+  import scipy.io  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  root = os.fspath(base)
+  breeds = ['Chihuahua', 'Shih-Tzu', 'black-and-tan_coonhound', 'Great_Dane'][:num_classes]
+  breeds += [f'Breed_{c}' for c in range(len(breeds), num_classes)]
+  folders = [f'n02{85620 + 7 * c:06d}-{breed}' for c, breed in enumerate(breeds)]
+  out, number = {}, 0
+  for which, per in (('train', train_per_class), ('test', test_per_class)):
+    entries = []
+    for c, folder in enumerate(folders):
+      for size in _sizes(rng, per):
+        number += int(rng.integers(1, 500))
+        name = f'{folder}/{folder.split("-")[0]}_{number}.jpg'
+        write_image(os.path.join(root, 'Images', name), size, c, rng)
+        entries.append((name, c))
+    entries = [entries[i] for i in rng.permutation(len(entries))]
+    def cells(values):
+      cell = np.empty((len(values), 1), dtype=object)
+      cell[:, 0] = values
+      return cell
+    os.makedirs(os.path.join(root, lists_folder), exist_ok=True)
+    scipy.io.savemat(os.path.join(root, lists_folder, f'{which}_list.mat'), {
+        'file_list': cells([n for n, _ in entries]),
+        'annotation_list': cells([n[:-len('.jpg')] for n, _ in entries]),
+        'labels': np.array([[c + 1] for _, c in entries], np.float64)})
+    out[which] = [(os.path.join(root, 'Images', n), c) for n, c in entries]
+  return Layout('dogs', root, root, breeds, out['train'], out['test'])
+
+
+def write_pets_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
+                      test_per_class: int = 2, seed: int = 5) -> Layout:
+  """oxford-iiit-pet/{images/<Breed_name>_<n>.jpg, annotations/trainval.txt and test.txt
+  ('<name> <class id 1-based> <species 1 cat | 2 dog> <breed id within the species>')}."""
+  rng = np.random.default_rng(seed)
+  root = os.path.join(os.fspath(base), 'oxford-iiit-pet')
+  names = ['Abyssinian', 'american_pit_bull_terrier', 'Bengal', 'german_shorthaired'][:num_classes]
+  names += [f'breed_{c}' for c in range(len(names), num_classes)]
+  species = [1 if name[0].isupper() else 2 for name in names]  # cats are capitalised
+  out = {}
+  number = 0
+  for which, file_name, per in (('train', 'trainval.txt', train_per_class),
+                                ('test', 'test.txt', test_per_class)):
+    entries = []
+    for c, name in enumerate(names):
+      for size in _sizes(rng, per):
+        number += int(rng.integers(1, 9))
+        write_image(os.path.join(root, 'images', f'{name}_{number}.jpg'), size, c, rng)
+        entries.append((f'{name}_{number}', c))
+    entries = [entries[i] for i in rng.permutation(len(entries))]
+    os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
+    with open(os.path.join(root, 'annotations', file_name), 'w') as f:
+      f.writelines(f'{n} {c + 1} {species[c]} {species[:c + 1].count(species[c])}\n'
+                   for n, c in entries)
+    out[which] = [(os.path.join(root, 'images', n + '.jpg'), c) for n, c in entries]
+  return Layout('pets', os.fspath(base), root, names, out['train'], out['test'])
+
+
+WRITERS = {'cub': write_cub_layout, 'aircraft': write_aircraft_layout,
+           'cars': write_cars_layout, 'nabirds': write_nabirds_layout, 'dogs': write_dogs_layout, 'pets': write_pets_layout}
 
 
 def write_layout(dataset: str, base: str, **kwargs) -> Layout:

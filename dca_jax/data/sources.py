@@ -28,7 +28,8 @@ from dca_jax.data.errors import DataError, DataWarning
 from dca_jax.data.preprocess import TF_FORMATS
 
 AIRCRAFT_BANNER_PX = 20
-TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196'}
+TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196', 'dogs': 'stanford_dogs',
+              'pets': 'oxford_iiit_pet'}  # each builder's splits are 'train' and 'test'
 
 
 class ImageSplit:
@@ -263,9 +264,150 @@ def read_cars(data_dir: str) -> FolderDataset:
   return FolderDataset('cars', root, class_names, splits['train'], splits['test'])
 
 
+# ----------------------------------------------------------------------------- NABirds
+def _read_key_table(path: str) -> dict[str, str]:
+  """'<key> <value>' lines -> {key: value} in file order; keys are strings (NABirds: UUIDs)."""
+  table = {}
+  for line_number, line in enumerate(_read_lines(path), 1):
+    parts = line.split(maxsplit=1)
+    if len(parts) != 2:
+      raise DataError(f'{path}:{line_number}: expected "<id> <value>", got {line!r}')
+    if parts[0] in table:
+      raise DataError(f'{path}:{line_number}: id {parts[0]} appears twice')
+    table[parts[0]] = parts[1].strip()
+  return table
+
+
+def _int_values(table: dict, path: str) -> dict:
+  try:
+    return {key: int(value) for key, value in table.items()}
+  except ValueError as e:
+    raise DataError(f'{path}: a value is not an integer ({e})') from None
+
+
+def read_nabirds(data_dir: str) -> FolderDataset:
+  """nabirds/: images.txt, image_class_labels.txt, train_test_split.txt (UUID image ids) and
+  classes.txt (every node of the taxonomy). The class ids that label images (555 leaves in the
+  full set) become 0..C-1 in increasing id order. Order: as in images.txt."""
+  root = _find_root(data_dir, ['nabirds', '.'], 'images.txt', 'NABirds (nabirds/)')
+  images_file, labels_file, split_file, classes_file = (os.path.join(root, name) for name in (
+      'images.txt', 'image_class_labels.txt', 'train_test_split.txt', 'classes.txt'))
+  images = _read_key_table(images_file)
+  labels = _int_values(_read_key_table(labels_file), labels_file)
+  is_train = _int_values(_read_key_table(split_file), split_file)
+  classes = _read_id_table(classes_file)
+  for table_file, table in ((labels_file, labels), (split_file, is_train)):
+    if set(table) != set(images):
+      raise DataError(f'{table_file} does not match {images_file}: {len(table)} vs '
+                      f'{len(images)} ids, {len(set(images) ^ set(table))} ids in only one of '
+                      'them')
+  bad = [i for i in images if labels[i] not in classes]
+  if bad:
+    raise DataError(f'{labels_file}: image id {bad[0]} has class {labels[bad[0]]}, which is '
+                    f'not in {classes_file}')
+  bad = [i for i in images if is_train[i] not in (0, 1)]
+  if bad:
+    raise DataError(f'{split_file}: image id {bad[0]} has flag {is_train[bad[0]]}, expected '
+                    '0|1')
+  class_ids = sorted(set(labels.values()))  # not contiguous: the taxonomy's leaves with images
+  label_of = {class_id: label for label, class_id in enumerate(class_ids)}
+  splits = {}
+  for flag, which in ((1, 'train'), (0, 'test')):
+    ids = [i for i in images if is_train[i] == flag]
+    paths = [os.path.join(root, 'images', images[i]) for i in ids]
+    check_files_exist(paths, images_file)
+    split_labels = np.asarray([label_of[labels[i]] for i in ids], np.int32)
+    splits[which] = _nonempty(FileSplit(paths, split_labels, split_file), which)
+  return FolderDataset('nabirds', root, [classes[i] for i in class_ids], splits['train'],
+                       splits['test'])
+
+
+# ----------------------------------------------------------------------------- Stanford Dogs
+def _dogs_list(root: str, name: str) -> str:
+  """lists.tar extracts flat: its .mat files in lists/ or in the root itself."""
+  for candidate in (os.path.join(root, 'lists', name), os.path.join(root, name)):
+    if os.path.isfile(candidate):
+      return candidate
+  raise DataError(f'missing split file: {os.path.join(root, "lists", name)} (nor '
+                  f'{os.path.join(root, name)}; from lists.tar)')
+
+
+def read_dogs(data_dir: str) -> FolderDataset:
+  """Images/<wnid>-<breed>/<file>.jpg and lists.tar's train_list.mat / test_list.mat
+  (`file_list`: paths under Images/, `labels`: 1-based, in synset order). Class names: the
+  breed part of the folder names. Order: as in the .mat files."""
+  root = _find_root(data_dir, ['.', 'stanford_dogs', 'StanfordDogs'], 'Images',
+                    'Stanford Dogs (Images/)')
+  folder_of, splits = {}, {}
+  for which in ('train', 'test'):
+    list_file = _dogs_list(root, f'{which}_list.mat')
+    mat = _loadmat(list_file)
+    if 'file_list' not in mat or 'labels' not in mat:
+      raise DataError(f'{list_file} lacks the file_list/labels fields (found '
+                      f'{sorted(k for k in mat if not k.startswith("__"))})')
+    files = [str(name) for name in np.atleast_1d(mat['file_list'])]
+    class_ids = np.atleast_1d(mat['labels']).astype(np.int64)
+    if len(files) != len(class_ids):
+      raise DataError(f'{list_file}: {len(files)} files but {len(class_ids)} labels')
+    for name, class_id in zip(files, class_ids.tolist()):
+      folder = os.path.dirname(name)
+      if class_id < 1:
+        raise DataError(f'{list_file}: {name} has label {class_id}, expected 1..')
+      if folder_of.setdefault(class_id, folder) != folder:
+        raise DataError(f'{list_file}: {name} has label {class_id}, the label of folder '
+                        f'{folder_of[class_id]!r}: one folder per label')
+    paths = [os.path.join(root, 'Images', name) for name in files]
+    check_files_exist(paths, list_file)
+    splits[which] = _nonempty(FileSplit(paths, (class_ids - 1).astype(np.int32), list_file),
+                              which)
+  missing = sorted(set(range(1, max(folder_of) + 1)) - set(folder_of))
+  if missing:
+    raise DataError(f'{splits["train"].label_file}: no image of label {missing[0]} in either '
+                    f'list (labels must be 1..{max(folder_of)})')
+  class_names = [folder_of[i].split('-', 1)[-1] for i in sorted(folder_of)]
+  return FolderDataset('dogs', root, class_names, splits['train'], splits['test'])
+
+
+# ----------------------------------------------------------------------------- Oxford-IIIT Pets
+def read_pets(data_dir: str) -> FolderDataset:
+  """images/<Breed_name>_<n>.jpg, annotations/trainval.txt and test.txt ('<name> <class id,
+  1-based> <species> <breed id>'). Class names: the image names less their number (TFDS's
+  names). Order: as in the files."""
+  root = _find_root(data_dir, ['.', 'oxford-iiit-pet', 'oxford_iiit_pet'],
+                    os.path.join('annotations', 'trainval.txt'), 'Oxford-IIIT Pets')
+  name_of, splits = {}, {}
+  for which, file_name in (('train', 'trainval.txt'), ('test', 'test.txt')):
+    label_file = os.path.join(root, 'annotations', file_name)
+    paths, labels = [], []
+    for line_number, line in enumerate(_read_lines(label_file), 1):
+      if line.startswith('#'):
+        continue
+      parts = line.split()
+      if len(parts) != 4 or not all(part.isdigit() for part in parts[1:]):
+        raise DataError(f'{label_file}:{line_number}: expected "<name> <class id> <species> '
+                        f'<breed id>", got {line!r}')
+      class_id, breed = int(parts[1]), parts[0].rsplit('_', 1)[0]
+      if class_id < 1:
+        raise DataError(f'{label_file}:{line_number}: class id {class_id}, expected 1..')
+      if name_of.setdefault(class_id, breed) != breed:
+        raise DataError(f'{label_file}:{line_number}: {parts[0]} has class {class_id}, the class '
+                        f'of {name_of[class_id]!r}: one breed per class id')
+      paths.append(os.path.join(root, 'images', parts[0] + '.jpg'))
+      labels.append(class_id - 1)
+    check_files_exist(paths, label_file)
+    splits[which] = _nonempty(FileSplit(paths, np.asarray(labels, np.int32), label_file), which)
+  missing = sorted(set(range(1, max(name_of) + 1)) - set(name_of))
+  if missing:
+    raise DataError(f'{splits["train"].label_file}: no image of class {missing[0]} in either '
+                    f'list (class ids must be 1..{max(name_of)})')
+  class_names = [name_of[i] for i in sorted(name_of)]
+  return FolderDataset('pets', root, class_names, splits['train'], splits['test'])
+
+
 # Folder readers of the official layouts; with the TFDS builders and the generated set they are
 # the FGVC datasets (tasks.fgvc.datasets). A new dataset: a reader here (and a config).
-READERS = {'cub': read_cub, 'cars': read_cars, 'aircraft': read_aircraft}
+READERS = {'cub': read_cub, 'cars': read_cars, 'aircraft': read_aircraft,
+           'nabirds': read_nabirds, 'dogs': read_dogs, 'pets': read_pets}
 FGVC_DATASETS = tuple(dict.fromkeys([*READERS, *TFDS_NAMES, 'synthetic']))
 
 
