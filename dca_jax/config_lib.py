@@ -21,11 +21,11 @@ OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_
 def _data_knobs(c: ml_collections.ConfigDict) -> None:
   """Data knobs."""
   c.task = 'fgvc'                  # fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)
-  c.dataset = 'synthetic'          # fgvc: cub | cars | aircraft | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid
+  c.dataset = 'synthetic'          # fgvc: cub | cars | aircraft | nabirds | dogs | pets | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid
   c.val_split = 0.0                # FGVC: fraction of each class's train images held out as a validation split (fixed draw, whatever the seed); `best` is then chosen on it
   c.data_source = 'synthetic'      # tfds | folder | synthetic
   c.data_dir = ''                  # TFDS data_dir, or the folder holding the official layout
-  c.num_classes = 10               # classes of the dataset (200 CUB, 196 Cars, 100 Aircraft)
+  c.num_classes = 10               # classes of the dataset (200 CUB, 196 Cars, 100 Aircraft, 555 NABirds, 120 Dogs, 37 Pets)
   c.input_size = 448               # crop height in px (and width unless input_width is set)
   c.input_width = ml_collections.config_dict.placeholder(int)  # crop width in px; unset = input_size (square). Re-ID persons: 256 x 128
   c.resize_size = 550              # FGVC: resize before the crop (square)
@@ -112,6 +112,7 @@ def _evaluation_knobs(c: ml_collections.ConfigDict) -> None:
   c.eval_frequency = 1             # epochs
   c.evals = ml_collections.ConfigDict()  # evaluators by name: {name: {type: classification / retrieval / attention, prefix, options}}; empty = the task's (dca_jax/evaluators/)
   c.best_metric = ''               # the eval metric the best checkpoint is chosen by; '' = the task's (accuracy / mAP), on the validation split when val_split > 0
+  c.test_flip = False              # FGVC: also score the probabilities averaged over each test image and its mirror (flip/accuracy beside the single-crop accuracy)
   c.reid_feature = 'before_bn'     # task=reid: retrieval feature concat(SA, GLCA) taken before_bn / after_bn (the neck)
   c.reid_normalize = True          # task=reid: L2-normalise the retrieval feature
   c.reid_flip_test = False         # task=reid: average the features of the image and its mirror
@@ -258,6 +259,10 @@ def _check_evals(config) -> None:
       evaluators.evaluator_class(entry['type'])
     except ValueError as e:
       raise ConfigError(f'config.evals.{name}: {e}') from None
+  if config.test_flip and not any(entry.get('flip') for entry in evaluators.entries(config).values()):
+    raise ConfigError('config.test_flip=True but no evaluator of config.evals scores mirrored '
+                      "images: add {'type': 'classification', 'flip': True} to it (Re-ID: "
+                      'reid_flip_test)')
   if config.best_metric and config.best_metric not in evaluators.metric_names(config):
     raise ConfigError(f'config.best_metric={config.best_metric!r} is not scored by config.evals: '
                       f'one of {sorted(evaluators.metric_names(config))}')

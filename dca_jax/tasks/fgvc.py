@@ -25,6 +25,8 @@ def check(config) -> None:
 
 def default_evals(config) -> dict:
   evals = {'test': {'type': 'classification', 'split': 'test', 'prefix': ''}}
+  if config.test_flip:  # beside the single crop: 'flip/accuracy' next to 'accuracy'
+    evals['flip'] = {'type': 'classification', 'split': 'test', 'flip': True, 'prefix': 'flip/'}
   if config.val_split > 0:
     evals['val'] = {'type': 'classification', 'split': 'val'}
   evals['attention'] = {'type': 'attention', 'num_images': 4}
@@ -53,11 +55,17 @@ def batch_fits(config, batch_size: int) -> bool:
   return True
 
 
+def _top1(result: dict, prefix: str = '') -> str:
+  parts = [f'SA+GLCA {result[prefix + "accuracy"]:.4f}', f'SA {result[prefix + "accuracy_sa"]:.4f}']
+  if prefix + 'accuracy_glca' in result:
+    parts.append(f'GLCA {result[prefix + "accuracy_glca"]:.4f}')
+  return ', '.join(parts)
+
+
 def summary_line(result: dict) -> str:
-  parts = [f'SA+GLCA {result["accuracy"]:.4f}', f'SA {result["accuracy_sa"]:.4f}']
-  if 'accuracy_glca' in result:
-    parts.append(f'GLCA {result["accuracy_glca"]:.4f}')
-  line = 'top-1 ' + ', '.join(parts) + f' on {result["num_images"]} test images'
+  line = f'top-1 {_top1(result)} on {result["num_images"]} test images'
+  if 'flip/accuracy' in result:
+    line += f'; flip-averaged {_top1(result, "flip/")}'
   if 'val/accuracy' in result:
     line += f'; val {result["val/accuracy"]:.4f} on {result["val/num_images"]} images'
   return line
