@@ -250,8 +250,8 @@ def write_pets_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
   return Layout('pets', os.fspath(base), root, names, out['train'], out['test'])
 
 
-WRITERS = {'cub': write_cub_layout, 'aircraft': write_aircraft_layout,
-           'cars': write_cars_layout, 'nabirds': write_nabirds_layout, 'dogs': write_dogs_layout, 'pets': write_pets_layout}
+WRITERS = {'cub': write_cub_layout, 'aircraft': write_aircraft_layout, 'cars': write_cars_layout,
+           'nabirds': write_nabirds_layout, 'dogs': write_dogs_layout, 'pets': write_pets_layout}
 
 
 def write_layout(dataset: str, base: str, **kwargs) -> Layout:

@@ -68,7 +68,8 @@ def numpy_probs(setup):
       sa, glca = _softmax(out['sa_logits']), _softmax(out['glca_logits'])
       views[k].append({'accuracy': (sa + glca) / 2, 'accuracy_sa': sa, 'accuracy_glca': glca})
   single, mirror = ({m: np.concatenate([p[m] for p in view]) for m in view[0]} for view in views)
-  return {False: single, True: {m: (single[m] + mirror[m]) / 2 for m in single}}, np.concatenate(labels)
+  averaged = {m: (single[m] + mirror[m]) / 2 for m in single}
+  return {False: single, True: averaged}, np.concatenate(labels)
 
 
 def top1(probs, labels):
