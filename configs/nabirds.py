@@ -12,5 +12,5 @@ def get_config(arg=None):
   c.dataset = 'nabirds'
   c.data_source = 'folder'     # data_dir holds nabirds/
   c.num_classes = 555          # the leaf classes that label images (ids not contiguous)
-  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
+  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's, fetched once (docs/WEIGHTS.md)
   return c

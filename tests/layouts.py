@@ -85,7 +85,7 @@ def write_cub_layout(base: str, num_classes: int = 3, train_per_class: int = 3,
     f.writelines(f'{r[0]} {r[3]}\n' for r in rows)
   with open(os.path.join(root, 'classes.txt'), 'w') as f:
     f.writelines(f'{c + 1} {n}\n' for c, n in enumerate(names))
-  for image_id, rel, label, flag in sorted(rows):
+  for _, rel, label, flag in sorted(rows):
     (train if flag else test).append((os.path.join(root, 'images', rel), label - 1))
   return Layout('cub', os.fspath(base), root, names, train, test)
 
