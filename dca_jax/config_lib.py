@@ -119,7 +119,7 @@ def _evaluation_knobs(c: ml_collections.ConfigDict) -> None:
   c.reid_rerank = False            # task=reid: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)
   c.save_frequency = 1             # epochs
   c.save_every_steps = 0           # optimizer micro-steps; 0 = off (tests and pre-emptible jobs)
-  c.keep_checkpoints = 2           # latest N kept, plus the best by eval accuracy
+  c.keep_checkpoints = 2           # latest N kept, plus the best by best_metric
   c.log_every_steps = 10           # metrics to TensorBoard / metrics.jsonl / progress bar
   c.wandb_project = ''             # log to Weights & Biases when set (pip install wandb)
   c.max_steps = 0                  # stop after this many micro-steps; 0 = run num_epochs
