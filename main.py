@@ -2,6 +2,7 @@
 
   python main.py --config configs/cub.py --workdir DIR                 # train (resumes)
   python main.py --config configs/cub.py --workdir DIR --mode eval     # evaluate a checkpoint
+  python main.py --config configs/cub.py --workdir DIR --mode export   # -> DIR/export/model.onnx, ...
   python main.py --config configs/demo.py --workdir DIR --config.batch_size=8
   python main.py --config configs/cub.py --workdir DIR --mode plan \
       --target_config .../h100_sxm.txtpb                              # memory plan for a GPU
@@ -47,10 +48,15 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and outputs go here.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize', 'predict', 'plan'],
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'eval', 'visualize', 'predict', 'plan', 'export'],
                           'What to run.')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
-                                'Which checkpoint eval/visualize/predict restore.')
+                                'Which checkpoint eval/visualize/predict/export restore.')
+_FORMAT = flags.DEFINE_string('format', 'stablehlo,onnx',
+                              'export: the files to write into WORKDIR/export/ (comma-separated).')
+_EXPORTED = flags.DEFINE_string('exported', '', 'predict: serve this exported model.onnx / '
+                                'model.stablehlo instead of the checkpoint (no model is built).')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files for predict/visualize.')
 _EVAL_OUT = flags.DEFINE_string('eval_out', 'eval.json',
                                 'eval: the file in --workdir the results are written to.')
@@ -78,6 +84,8 @@ def main(argv):
     config_lib.validate(config)
   except ValueError as e:
     sys.exit(f'error: {e}')
+  if _EXPORTED.value and _MODE.value != 'predict':
+    sys.exit(f'error: --exported serves a file in --mode predict, not --mode {_MODE.value}')
   distributed.initialize_multihost(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _MODE.value != 'plan':
     _import_tensorflow_quietly()  # the input pipeline's; before anything else imports it
@@ -98,6 +106,12 @@ def main(argv):
     elif _MODE.value == 'plan':
       from dca_jax import plan  # pylint: disable=g-import-not-at-top
       plan.run_plan(config, _WORKDIR.value, _TARGETS.value, topology=_TOPOLOGY.value)
+    elif _MODE.value == 'export':
+      from dca_jax import export  # pylint: disable=g-import-not-at-top
+      export.run_export(config, _WORKDIR.value, _FORMAT.value, _CHECKPOINT.value)
+    elif _MODE.value == 'predict' and _EXPORTED.value:
+      from dca_jax import export  # pylint: disable=g-import-not-at-top
+      export.run_predict_exported(_EXPORTED.value, _WORKDIR.value, _IMAGES.value)
     elif _MODE.value == 'eval':
       from dca_jax import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.run_eval(config, _WORKDIR.value, _CHECKPOINT.value, output=_EVAL_OUT.value)

@@ -16,6 +16,8 @@ A task module (`dca_jax/tasks/<name>.py`) provides:
     build_input(config, process_index, process_count, with_train)   its input (dca_jax.data)
     eval_transform(image, config)   a decoded image -> the uint8 crop its eval stream makes
     visualize(config, workdir, **options)                           the visualize mode
+    export_outputs(config)          the `inference.forward_fn` outputs --mode export serialises
+    export_transform(config)        the eval stream's host-side resize/crop, for preprocessing.json
 
 Nothing outside this package tests `config.task`: `get(config.task)` is the one lookup. A third
 task is one module here.

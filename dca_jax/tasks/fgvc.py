@@ -87,3 +87,28 @@ def eval_transform(image, config):
 def visualize(config, workdir: str, **options):
   from dca_jax import visualize as visualize_lib  # pylint: disable=g-import-not-at-top
   return visualize_lib.run_visualize_fgvc(config, workdir, **options)
+
+
+def export_outputs(config) -> tuple[str, ...]:
+  """What --mode export serialises: the SA+GLCA prediction and each head's (inference.OUTPUTS;
+  'glca_probs' is left out of a model without GLCA)."""
+  del config
+  return ('probs', 'sa_probs', 'glca_probs')
+
+
+def export_transform(config) -> dict:
+  """The eval stream's host-side steps before the model, for the export's preprocessing.json:
+  the knobs `load_image_for_eval` reads and the steps in words."""
+  from dca_jax import config_lib  # pylint: disable=g-import-not-at-top
+  height, width = config_lib.input_hw(config)
+  size = int(config.resize_size)
+  resize = 'bilinear, antialiased when shrinking (tf.image.resize)'
+  if config.test_crop == 'center_crop':
+    steps = [f'resize to {size} x {size} ({resize})',
+             f'centre crop {height} x {width} (top {(size - height) // 2}, '
+             f'left {(size - width) // 2})']
+  else:
+    steps = [f'resize to {height} x {width} ({resize})']
+  return {'eval_transform': {'input_size': height, 'input_width': width, 'resize_size': size,
+                             'test_crop': config.test_crop},
+          'host_preprocessing': ['decode to RGB'] + steps + ['round, clip to [0, 255], uint8']}

@@ -99,3 +99,19 @@ def visualize(config, workdir: str, *, images=(), compare_workdir: str = '', **o
                      'are for FGVC runs')
   from dca_jax import visualize as visualize_lib  # pylint: disable=g-import-not-at-top
   return visualize_lib.run_visualize_reid(config, workdir, **options)
+
+
+def export_outputs(config) -> tuple[str, ...]:
+  """What --mode export serialises: the retrieval feature as evaluated (inference.OUTPUTS)."""
+  del config
+  return ('feature',)
+
+
+def export_transform(config) -> dict:
+  """The eval stream's host-side steps before the model, for the export's preprocessing.json."""
+  from dca_jax import config_lib  # pylint: disable=g-import-not-at-top
+  height, width = config_lib.input_hw(config)
+  return {'eval_transform': {'input_size': height, 'input_width': width},
+          'host_preprocessing': ['decode to RGB', f'resize to {height} x {width} (bilinear, '
+                                 'antialiased when shrinking: tf.image.resize)',
+                                 'round, clip to [0, 255], uint8']}
