@@ -2,7 +2,7 @@
 
   python main.py --config configs/cub.py --workdir DIR                 # train (resumes)
   python main.py --config configs/cub.py --workdir DIR --mode eval     # evaluate a checkpoint
-  python main.py --config configs/cub.py --workdir DIR --mode export   # -> DIR/export/model.onnx, ...
+  python main.py --config configs/cub.py --workdir DIR --mode export   # -> DIR/export/model.onnx
   python main.py --config configs/demo.py --workdir DIR --config.batch_size=8
   python main.py --config configs/cub.py --workdir DIR --mode plan \
       --target_config .../h100_sxm.txtpb                              # memory plan for a GPU
@@ -55,8 +55,9 @@ _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                                 'Which checkpoint eval/visualize/predict/export restore.')
 _FORMAT = flags.DEFINE_string('format', 'stablehlo,onnx',
                               'export: the files to write into WORKDIR/export/ (comma-separated).')
-_EXPORTED = flags.DEFINE_string('exported', '', 'predict: serve this exported model.onnx / '
-                                'model.stablehlo instead of the checkpoint (no model is built).')
+_EXPORTED = flags.DEFINE_string(
+    'exported', '', 'predict: serve this exported model.onnx / model.stablehlo instead of the '
+    'checkpoint (no model is built).')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files for predict/visualize.')
 _EVAL_OUT = flags.DEFINE_string('eval_out', 'eval.json',
                                 'eval: the file in --workdir the results are written to.')

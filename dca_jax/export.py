@@ -227,8 +227,10 @@ def _max_difference(a: dict, b: dict) -> float:
              for k in a)
 
 
-def export_model(config, variables, out_dir: str, formats=FORMATS, *, meta=None) -> dict:
+def export_model(config, variables, out_dir: str, formats=FORMATS, *, meta=None,
+                 class_names=None) -> dict:
   """Writes the formats' files and preprocessing.json into `out_dir`; returns the JSON's dict.
+  `class_names`: recorded for clients of a model that outputs probabilities.
 
   Each written file is run once on CHECK_IMAGES fixed images by its own runtime and compared
   with the jitted function (recorded as 'check'; onnxruntime missing: the ONNX check is
@@ -273,7 +275,7 @@ def export_model(config, variables, out_dir: str, formats=FORMATS, *, meta=None)
       **task.export_transform(c),
       'outputs': {k: {'shape': ['batch', int(want[k].shape[-1])], 'dtype': 'float32',
                       'meaning': OUTPUT_MEANINGS[k]} for k in names},
-      'class_names': _class_names(c) if 'probs' in names else None,
+      'class_names': list(class_names) if class_names is not None and 'probs' in names else None,
       'compute_dtype': 'float32',
       'files': files,
       'check': check,
@@ -291,7 +293,9 @@ def run_export(config, workdir: str, formats=FORMATS, which: str = 'latest') -> 
     _import_jax2onnx()
   restored = load_for_inference(config, workdir, which)
   out_dir = os.path.join(workdir, 'export')
-  result = export_model(config, restored.variables, out_dir, formats,
+  with_probs = 'probs' in tasks.get(config.task).export_outputs(config)
+  names = _class_names(config) if with_probs else None
+  result = export_model(config, restored.variables, out_dir, formats, class_names=names,
                         meta={'step': restored.step, 'checkpoint': which,
                               'workdir': os.path.abspath(workdir)})
   for fmt, info in result['files'].items():

@@ -4,6 +4,7 @@ exported to StableHLO and ONNX; onnxruntime and `jax.export.deserialize` run the
 files written here, decoded and resized as eval does, at batch 1 and 5, against the jitted
 predict of the restored checkpoint."""
 
+import ast
 import json
 import os
 import subprocess
@@ -207,3 +208,25 @@ def test_bad_input_is_one_line(runs, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'onnxruntime', None)
   with pytest.raises(ValueError, match='needs onnxruntime'):
     export.ExportedModel(os.path.join(run['dir'], 'model.onnx'))
+
+
+def test_the_docs_serving_snippet_runs_on_onnxruntime_alone(runs, tmp_path, monkeypatch, capsys):
+  """docs/EXPORT.md's serve.py, run as written, on a PNG of the resize size (36 x 36): only the
+  centre crop applies and PNG decodes alike everywhere, so it must give predict's numbers (a
+  JPEG would not: TensorFlow decodes with libjpeg's fast IDCT, Pillow with the accurate one)."""
+  import runpy  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'docs', 'EXPORT.md')) as f:
+    code = f.read().split('```python serve.py\n', 1)[1].split('```', 1)[0]
+  script = tmp_path / 'serve.py'
+  script.write_text(code)
+  path = str(tmp_path / 'square.png')
+  Image.open(runs['paths'][4]).save(path)
+  assert Image.open(path).size == (36, 36)
+  crop = data.load_image_for_eval(path, runs['fgvc']['config'])[None]
+  probs = _runtimes(runs['fgvc'])['onnx'](crop)['probs'][0]  # = the checkpoint's (tests above)
+  monkeypatch.setattr(sys, 'argv', [str(script), runs['fgvc']['dir'], path])
+  runpy.run_path(str(script), run_name='__main__')
+  printed = capsys.readouterr().out.strip().splitlines()[-1]
+  top5 = ast.literal_eval(printed[len(path):].strip())  # a list of (class, probability)
+  assert top5[0][0] == f'class_{int(probs.argmax()):02d}'
+  assert [p for _, p in top5] == pytest.approx(sorted(probs.tolist(), reverse=True), abs=1e-4)
