@@ -69,16 +69,19 @@ def main():
     config = model_config(name)
     model = build_model(export.export_config(config), dtype=jnp.float32)
     hw = config_lib.input_hw(config)
-    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, *hw, 3)),
-                                           train=False))()
+    variables = jax.jit(model.init, static_argnames='train')(
+        jax.random.key(0), jnp.zeros((1, *hw, 3)), train=False)
     out_dir = tempfile.mkdtemp(prefix=f'export_{name}_')
     start = time.perf_counter()
     meta = export.export_model(config, variables, out_dir)
     export_seconds = time.perf_counter() - start
     forward = jax.jit(inference.forward_fn(model, config, jnp.float32,
                                            tasks.get(config.task).export_outputs(config)))
+    def jit_predict(x, forward=forward, variables=variables):
+      return jax.block_until_ready(forward(variables, x))
+
     runtimes = {
-        'jit': lambda x: jax.block_until_ready(forward(variables, x)),
+        'jit': jit_predict,
         'stablehlo': export.ExportedModel(os.path.join(out_dir, 'model.stablehlo')),
         'onnxruntime': export.ExportedModel(os.path.join(out_dir, 'model.onnx')),
     }
