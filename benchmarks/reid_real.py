@@ -12,6 +12,12 @@ same test images is in the first line.
   python benchmarks/reid_real.py --variant fixed --seeds 0,1,2 \
       --out benchmarks/results/reid_real.jsonl
   python benchmarks/reid_real.py --variant demo_recipe --set bnneck=False --epochs 16
+  python benchmarks/reid_real.py --variant fixed --seeds 0,1,2 --min_ratio 3   # the check
+
+After the seeds it writes one 'seeds' line (mean +- std of the final test and train-id mAP,
+the ratio to the raw-pixel baseline) and, with `--min_ratio R`, exits 1 when the mean test
+mAP is below R x that baseline: the real-image learning check (minutes of CPU per seed,
+too slow for the test suite; tests/test_reid_real.py checks the gate itself).
 
 Variants (`VARIANTS`): `demo_recipe` = configs/reid_demo.py with the real set swapped in as
 the issue did (the BEFORE); `fixed` = configs/reid_demo.py:real (the AFTER). `--set k=v`
@@ -166,6 +172,9 @@ def main(argv=None) -> None:
                       help='ablation only: raw / batch_standardized distances in the triplet')
   parser.add_argument('--same_scans', type=int, default=0,
                       help='1: each identity keeps its three real scans in every view')
+  parser.add_argument('--min_ratio', type=float, default=0.0,
+                      help='exit 1 unless the mean test mAP over the seeds is >= this many '
+                           'times the raw-pixel baseline (the learning check of issue #25)')
   args = parser.parse_args(argv)
   if args.triplet_weight is not None or args.triplet_feature:
     _patch_triplet(1.0 if args.triplet_weight is None else args.triplet_weight,
@@ -173,6 +182,7 @@ def main(argv=None) -> None:
   data_dir = real_reid.ensure(args.data_base, real_reid.Params(same_scans=args.same_scans))
   out = sys.stdout if args.out == '-' else open(args.out, 'a')
   pixel_map, pixel_rank1 = real_reid.pixel_baseline(data_dir)
+  finals = []
   for seed in [int(s) for s in args.seeds.split(',')]:
     config = VARIANTS[args.variant](data_dir)
     if args.epochs is not None:
@@ -195,6 +205,27 @@ def main(argv=None) -> None:
     out.flush()
     if out is not sys.stdout:
       print(json.dumps(summary), flush=True)
+    finals.append(summary)
+  verdict = check(finals, pixel_map, args.min_ratio)
+  out.write(json.dumps(dict(finals[0], event='seeds', **verdict)) + '\n')
+  print(json.dumps(verdict), flush=True)
+  if not verdict['passed']:
+    sys.exit(f"error: mean test mAP {verdict['test_mAP_mean']:.4f} is below {args.min_ratio} x "
+             f'the raw-pixel baseline {pixel_map:.4f}')
+
+
+def check(finals: list[dict], pixel_map: float, min_ratio: float) -> dict:
+  """Mean +- std (population, over the seeds) of the final test / train-id mAP, the ratio of
+  the mean test mAP to the raw-pixel baseline, and whether it reaches `min_ratio`."""
+  test = np.array([f['test_mAP'] for f in finals], np.float64)
+  fit = np.array([f['train_ids_mAP'] for f in finals], np.float64)
+  ratio = float(test.mean() / pixel_map) if pixel_map > 0 else float('inf')
+  return {'seeds': [f['seed'] for f in finals], 'test_mAP_mean': round(float(test.mean()), 4),
+          'test_mAP_std': round(float(test.std()), 4),
+          'train_ids_mAP_mean': round(float(fit.mean()), 4),
+          'train_ids_mAP_std': round(float(fit.std()), 4),
+          'pixel_baseline_mAP': round(pixel_map, 4), 'ratio_to_pixels': round(ratio, 2),
+          'min_ratio': min_ratio, 'passed': bool(ratio >= min_ratio)}
 
 
 if __name__ == '__main__':

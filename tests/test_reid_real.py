@@ -61,3 +61,13 @@ def test_raw_pixels_do_not_find_the_identities(written):
 def test_bad_sizes_are_one_error_line(tmp_path):
   with pytest.raises(ValueError, match='identities'):
     real_reid.write(str(tmp_path), real_reid.Params(num_train_ids=900, num_test_ids=200))
+
+
+def test_learning_gate_is_the_mean_over_seeds_against_the_pixel_baseline():
+  from benchmarks import reid_real  # pylint: disable=g-import-not-at-top
+  finals = [{'seed': s, 'test_mAP': m, 'train_ids_mAP': 0.2} for s, m in ((0, 0.05), (1, 0.03),
+                                                                          (2, 0.04))]
+  verdict = reid_real.check(finals, 0.01, 4.0)
+  assert verdict['passed'] and verdict['ratio_to_pixels'] == 4.0
+  assert verdict['test_mAP_mean'] == 0.04 and verdict['test_mAP_std'] == pytest.approx(0.0082, abs=1e-4)
+  assert not reid_real.check(finals, 0.01, 4.5)['passed']   # one seed above 4.5x is not enough
