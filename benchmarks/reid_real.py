@@ -100,7 +100,8 @@ def batch_check(trainer, epochs=(0, 1)) -> dict:
 
 def run(config, *, eval_every: int, out, tag: dict, data_dir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from dca_jax import config_lib, distributed, evaluate, train  # pylint: disable=g-import-not-at-top
+  from dca_jax import config_lib, distributed, evaluators, train  # pylint: disable=g-import-not-at-top
+  from dca_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
   from dca_jax import data  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
   workdir = tempfile.mkdtemp(prefix='reid_real_')
@@ -109,8 +110,9 @@ def run(config, *, eval_every: int, out, tag: dict, data_dir: str) -> dict:
   train_config = config.copy_and_resolve_references()
   train_config.data_dir = os.path.join(data_dir, 'train_ids')
   train_input = data.build_input(train_config, with_train=False)
-  train_eval = evaluate.Evaluator(train_config, trainer.model, train_input, trainer.mesh,
-                                  trainer.shardings.variables, dtype=trainer.dtype)
+  train_eval = retrieval.Evaluator(evaluators.Context(
+      train_config, trainer.model, train_input, trainer.mesh, trainer.shardings.variables,
+      trainer.dtype))
   record = dict(tag, event='start', batch_check=batch_check(trainer))
   out.write(json.dumps(record) + '\n')
   out.flush()
@@ -131,8 +133,8 @@ def run(config, *, eval_every: int, out, tag: dict, data_dir: str) -> dict:
                     seconds=round(time.time() - start, 1),
                     **{k: round(v / count, 4) for k, v in sums.items()})
       if epoch % eval_every == 0 or step + 1 == trainer.total_steps:
-        test = trainer.evaluate(trainer.state.variables)
-        fit = train_eval(trainer.state.variables)
+        test, _ = trainer.evaluate(trainer.state.variables)
+        fit = dict(train_eval.run(trainer.state.variables))
         record.update(test_mAP=round(test['mAP'], 4), test_rank1=round(test['rank1'], 4),
                       train_ids_mAP=round(fit['mAP'], 4), train_ids_rank1=round(fit['rank1'], 4))
       out.write(json.dumps(record) + '\n')
