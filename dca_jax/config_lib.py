@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from dca_jax import backbones
 from dca_jax import tasks
 
-GOOGLE_BACKBONES = ('vit_base', 'r50_vit_base')
+BACKBONES = backbones.names()  # dca_jax/backbones/: one file per family
 TASKS = tasks.NAMES
 OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                'resnet_width')
@@ -31,7 +32,7 @@ def _data_knobs(c: ml_collections.ConfigDict) -> None:
   c.resize_size = 550              # FGVC: resize before the crop (square)
   c.test_crop = 'center_crop'      # center_crop (resize 550 -> centre 448) | resize (to 448)
   c.train_interpolation = 'bilinear'  # train resize: bilinear (FGVC) / bicubic (Re-ID: TransReID's); eval resizes are bilinear
-  c.normalization = 'auto'         # auto (by backbone) / imagenet (mean/std: DeiT) / inception ([-1, 1]: Google ViT, AugReg)
+  c.normalization = 'auto'         # auto (the backbone's, dca_jax/backbones/) / imagenet (mean/std: DeiT, DINOv2) / inception ([-1, 1]: Google ViT, AugReg) / clip (CLIP's mean/std)
   c.shuffle_buffer = 2048          # TFDS source: per-host shuffle buffer (folder/synthetic permute whole epochs)
   c.num_parallel_calls = -1        # tf.data AUTOTUNE
   c.verify_images = True           # folder source: decode every file once at start, skip bad ones
@@ -52,7 +53,7 @@ def _reid_input_knobs(c: ml_collections.ConfigDict) -> None:
 
 def _model_knobs(c: ml_collections.ConfigDict) -> None:
   """Model knobs."""
-  c.backbone = 'deit_tiny'         # deit_tiny | deit_small | deit_base | vit_base | r50_vit_base | tiny test variants
+  c.backbone = 'deit_tiny'         # deit_tiny / deit_small / deit_base / vit_base / r50_vit_base (the paper's); dinov2_small / dinov2_base (+ _reg4) / clip_base / clip_base_quickgelu (dca_jax/backbones/)
   c.backbone_overrides = ml_collections.ConfigDict(  # width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2
       {k: ml_collections.config_dict.placeholder(int) for k in OVERRIDABLE_BACKBONE_FIELDS})
   c.num_sa_layers = 12             # L (must equal the backbone depth)
@@ -172,7 +173,8 @@ CHOICES = {
     'data_source': ('tfds', 'folder', 'synthetic'),
     'test_crop': ('center_crop', 'resize'),
     'train_interpolation': ('bilinear', 'bicubic'),
-    'normalization': ('auto', 'imagenet', 'inception'),
+    'backbone': BACKBONES,
+    'normalization': ('auto',) + backbones.NORMALIZATIONS,
     'random_erasing_fill': ('random', 'mean'),
     'glca_input': ('parallel', 'on_top'),
     'glca_pool': ('cls', 'mean', 'local'),
@@ -330,11 +332,12 @@ def model_settings(config) -> dict:
 
 
 def resolve_normalization(config) -> str:
-  """'auto': [-1, 1] for the Google-trained backbones (ViT-B/16 in21k / AugReg and R50+ViT-B/16,
-  npz or their timm ports), ImageNet mean/std for DeiT. An explicit choice is kept."""
+  """'auto': the backbone's (its registry entry, dca_jax/backbones/): [-1, 1] for the
+  Google-trained backbones (ViT-B/16 in21k / AugReg and R50+ViT-B/16), ImageNet mean/std for
+  DeiT and DINOv2, CLIP's for CLIP. An explicit choice is kept."""
   if config.normalization != 'auto':
     return config.normalization
-  return 'inception' if config.backbone in GOOGLE_BACKBONES else 'imagenet'
+  return backbones.normalization(config.backbone)
 
 
 def backbone_overrides(config) -> dict:

@@ -16,7 +16,8 @@
 - `none` (or `''`, `scratch`): random initialisation, on purpose.
 
 `PAPER_WEIGHTS` names the weights the paper fine-tunes for each backbone; the FGVC and Re-ID
-configs default to them. Every failure is a `WeightFetchError` with one line: what could not
+configs default to them. Backbones beyond the paper's (DINOv2, CLIP: dca_jax/backbones/) have
+their registry entry's weights (`default_weights`), also in `KNOWN`. Every failure is a `WeightFetchError` with one line: what could not
 be had, where the cache is, and the ways out (a local path; `tools/fetch_weights.py` run where
 the network is open, e.g. on a login node before a SLURM job; `none`).
 
@@ -34,6 +35,7 @@ import re
 from typing import Dict, Optional
 from urllib.parse import quote
 
+from dca_jax import backbones
 from dca_jax.weights import WeightLoadError
 
 SCRATCH_WORDS = ('', 'none', 'scratch')
@@ -96,6 +98,14 @@ KNOWN: Dict[str, KnownWeights] = {
         url=GOOGLE_BUCKET_URL + 'augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz'),
 }
 
+# --- the families beyond the paper's (dca_jax/backbones/): timm's copies on the Hub, each for the
+# backbone its registry entry names (OpenAI's CLIP weights: the QuickGELU network they fit).
+for _variant in backbones.VARIANTS.values():
+  if _variant.family in ('dinov2', 'clip') and _variant.weights not in KNOWN:
+    KNOWN[_variant.weights] = KnownWeights(_variant.name, _variant.description,
+                                           _variant.normalization)
+del _variant
+
 # What the paper fine-tunes (docs/METHOD.md, "Training recipes"): DeiT-T/S/B on ImageNet-1k,
 # ViT-B/16 and R50+ViT-B/16 on ImageNet-21k, all at 224 px (position embeddings resized to the
 # fine-tuning grid). Backbones not listed (the tiny test variants) start from scratch.
@@ -111,6 +121,14 @@ PAPER_WEIGHTS: Dict[str, str] = {
 def paper_weights(backbone: str) -> str:
   """The paper's pretrained weights for `backbone` ('none' where the paper has none)."""
   return PAPER_WEIGHTS.get(backbone, 'none')
+
+
+def default_weights(backbone: str) -> str:
+  """The weights a config fine-tunes for `backbone`: the paper's, else its registry entry's
+  (DINOv2, CLIP), else 'none'."""
+  if backbone in PAPER_WEIGHTS:
+    return PAPER_WEIGHTS[backbone]
+  return backbones.VARIANTS[backbone].weights if backbone in backbones.VARIANTS else 'none'
 
 
 def is_scratch(value) -> bool:
@@ -172,7 +190,7 @@ def check_backbone(spec: Spec, backbone: str) -> None:
       f'pretrained_model {spec.value!r} holds {spec.known.backbone} weights but '
       f'config.backbone={backbone!r}: pick the backbone by config argument '
       f'(e.g. configs/cub.py:{backbone}: the default weights follow it), or set '
-      f'--config.pretrained_model={paper_weights(backbone)}')
+      f'--config.pretrained_model={default_weights(backbone)}')
 
 
 # --------------------------------------------------------------------------------------------

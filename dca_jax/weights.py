@@ -473,7 +473,10 @@ def _convert_timm(keys: _KeyCollector):
   keys.put('embed/patch_embed/kernel', 'patch_embed.proj.weight', _oihw_to_hwio, 'OIHW -> HWIO')
   keys.put('embed/patch_embed/bias', 'patch_embed.proj.bias')
   keys.put('embed/cls_token', 'cls_token')
+  keys.put('embed/reg_token', 'reg_token')        # DINOv2 reg4: [1, registers, D]
   keys.put('embed/pos_embed', 'pos_embed')
+  keys.put('embed/norm_pre/scale', 'norm_pre.weight')  # CLIP's pre-norm
+  keys.put('embed/norm_pre/bias', 'norm_pre.bias')
   keys.put('norm/scale', 'norm.weight')
   keys.put('norm/bias', 'norm.bias')
   keys.put('head/kernel', 'head.weight', _transpose, 'transposed')
@@ -493,6 +496,8 @@ def _convert_timm(keys: _KeyCollector):
       module = linear.replace('.', '/')
       keys.put(f'{ours}{module}/kernel', f'{source}{linear}.weight', _transpose, 'transposed')
       keys.put(f'{ours}{module}/bias', f'{source}{linear}.bias')
+    for scale in ('ls1', 'ls2'):  # layer scale (DINOv2, DeiT-III)
+      keys.put(f'{ours}{scale}/gamma', f'{source}{scale}.gamma')
 
 
 def _convert_checkpoint(checkpoint: Mapping[str, np.ndarray], layout: _Layout, vit_config,
@@ -503,20 +508,62 @@ def _convert_checkpoint(checkpoint: Mapping[str, np.ndarray], layout: _Layout, v
     _convert_google(keys, vit_config.num_heads, path)
   else:
     _convert_timm(keys)
-  # DeiT distilled: pos_embed holds [cls, dist, grid]; the merge keeps cls and the grid.
+  # DeiT distilled: pos_embed holds [cls, dist, grid]; the merge keeps cls and the grid. A
+  # no_embed_class model (DINOv2 reg4) has a table of the grid alone, as its checkpoints do.
   distilled = layout.name == 'timm' and keys.has('dist_token')
-  return _Converted(keys.entries, keys.unknown(), num_prefix_tokens=2 if distilled else 1)
+  prefix = 0 if getattr(vit_config, 'no_embed_class', False) else 2 if distilled else 1
+  return _Converted(keys.entries, keys.unknown(), num_prefix_tokens=prefix)
+
+
+def _apply_family_filters(checkpoint: Dict[str, np.ndarray],
+                          path: str) -> Tuple[Dict[str, np.ndarray], Optional[str]]:
+  """A family's native layout (Meta's DINOv2, OpenAI's CLIP) -> timm's, by the family's
+  `checkpoint_filter` (dca_jax/backbones/); (checkpoint, family name or None)."""
+  from dca_jax import backbones  # pylint: disable=g-import-not-at-top
+  for family, checkpoint_filter in backbones.checkpoint_filters():
+    try:
+      converted = checkpoint_filter(checkpoint)
+    except ValueError as error:
+      raise WeightLoadError(f'{path}: {error}') from None
+    if converted is not None:
+      return {key: np.asarray(value) for key, value in converted.items()}, family
+  return checkpoint, None
 
 
 # Checkpoint features our backbone does not implement: loading around them would silently give a
 # different network, so they are refused (strict) rather than just reported.
 _UNSUPPORTED = [
-    (re.compile(r'(^|\.)ls[12]\.gamma$|gamma_[12]$'), 'layer scale (DeiT-III/CaiT)'),
+    (re.compile(r'gamma_[12]$'), 'CaiT-style layer scale (gamma_1/gamma_2)'),
     (re.compile(r'(^|\.)(q_norm|k_norm)\.'), 'q/k normalisation'),
-    (re.compile(r'^norm_pre\.|^fc_norm\.'), 'pre-norm / global-pool fc_norm'),
-    (re.compile(r'^reg_token$'), 'register tokens'),
+    (re.compile(r'^fc_norm\.'), 'global-pool fc_norm'),
     (re.compile(r'^attn_pool\.|^MAPHead_0/'), 'attention-pool (MAP) head'),
 ]
+
+# Features the backbone implements but the model's ViTConfig may have switched off: a
+# checkpoint entry of one that finds no target leaf means the configured backbone is another
+# network than the checkpoint's (e.g. DINOv2 weights into `deit_small`), refused when strict.
+_OPTIONAL_FEATURES = [
+    (re.compile(r'^block_\d+/ls[12]/'), 'layer scale (ls1/ls2.gamma)', 'layer_scale'),
+    (re.compile(r'^embed/reg_token$'), 'register tokens (reg_token)', 'num_registers'),
+    (re.compile(r'^embed/norm_pre/'), 'a pre-norm (norm_pre)', 'pre_norm'),
+]
+
+
+def _refuse_features_the_model_lacks(converted: '_Converted', targets: Set[Path], path: str):
+  """Strict mode: a checkpoint entry of a feature the configured backbone has switched off
+  (`targets`: the model's leaf paths; a block beyond its depth is reported, not refused). Run
+  before the merge, whose shape errors (e.g. a position table without a CLS slot) would hide
+  the reason."""
+  modules = {target[0] for target in targets}
+  for source, entry in converted.entries.items():
+    if source in targets or source[0] not in modules:
+      continue
+    for pattern, feature, field in _OPTIONAL_FEATURES:
+      if pattern.search('/'.join(source)):
+        raise WeightLoadError(
+            f'{path}: checkpoint uses {feature} ({entry.sources[0]}) but the backbone config has '
+            f'no {field}: pick the backbone these weights are for (dca_jax/backbones/, e.g. a '
+            'dinov2_* or clip_* one), or pass strict=False to load around it')
 
 
 def _without_prefix(key: str, prefix: str) -> str:
@@ -604,7 +651,8 @@ def _fit_posemb(value: np.ndarray, target_shape: Tuple[int, ...], entry: _Entry,
   """The checkpoint's pos_embed on the model's grid: (value, a note when it was resized).
 
   The CLS slot is kept, a distilled DeiT's dist slot dropped, the checkpoint's square grid
-  resampled to the model's (height, width) when they differ.
+  resampled to the model's (height, width) when they differ. `num_prefix_tokens` 0: a table
+  of the grid alone (timm `no_embed_class`, DINOv2 reg4), model and checkpoint alike.
   """
   sources = '+'.join(entry.sources)
   if value.ndim == 2:
@@ -614,22 +662,23 @@ def _fit_posemb(value: np.ndarray, target_shape: Tuple[int, ...], entry: _Entry,
                           f'gives {value.shape}, the model expects {target_shape}')
   if num_prefix_tokens == 2:
     value = np.concatenate([value[:, :1], value[:, 2:]], axis=1)  # drop the dist slot
+  prefix = min(num_prefix_tokens, 1)  # the CLS slot, when the table has one
   if grid_hw is None and value.shape == target_shape:
     return value, None  # same grid (square or not, e.g. a Re-ID checkpoint): nothing to resize
-  height, width = _target_grid(target_shape[1] - 1, grid_hw, value.shape, target_shape,
+  height, width = _target_grid(target_shape[1] - prefix, grid_hw, value.shape, target_shape,
                                sources, path)
-  old_side = _square_side(value.shape[1] - 1)
+  old_side = _square_side(value.shape[1] - prefix)
   if old_side is None and value.shape == target_shape:
     return value, None  # a non-square checkpoint grid of the model's size: taken as the same grid
   if old_side is None:
     raise WeightLoadError(
         f'{path}: cannot resize embed/pos_embed: checkpoint {sources} gives {value.shape}, whose '
-        f'{value.shape[1] - 1} patches are no square grid; the model expects {target_shape}')
+        f'{value.shape[1] - prefix} patches are no square grid; the model expects {target_shape}')
   if (old_side, old_side) == (height, width):
     return value, None
   note = (f'embed/pos_embed grid resized {old_side}x{old_side} -> {height}x{width} '
           f'({method})')
-  return resize_posemb(value, (height, width), method), note
+  return resize_posemb(value, (height, width), method, num_prefix_tokens=prefix), note
 
 
 def _loaded_value(entry: _Entry, name: str, source: Path, leaf, converted: _Converted,
@@ -808,14 +857,19 @@ def load_pretrained(path: PathLike, params: Mapping[str, Any], vit_config, *,
   grid_hw = _check_options(posemb_interpolation, grid_hw)
   heads = (head_name,) if isinstance(head_name, str) else tuple(head_name)
   checkpoint = read_checkpoint(path)
+  checkpoint, family = _apply_family_filters(checkpoint, path)
   layout = _detect_layout(checkpoint, path)
   converted = _convert_checkpoint(checkpoint, layout, vit_config, path)
+  flat_params = _flatten(params)
   if strict:
     _refuse_unsupported_features(converted.unknown, layout.prefix, path)
-  merged = _merge_into_params(_flatten(params), converted, heads=heads, load_head=load_head,
+    _refuse_features_the_model_lacks(converted, set(flat_params), path)
+  merged = _merge_into_params(flat_params, converted, heads=heads, load_head=load_head,
                               posemb_interpolation=posemb_interpolation, grid_hw=grid_hw,
                               path=path)
   if strict:
     _raise_if_missing(merged.missing, path)
   report = _build_report(path, layout, converted, merged, load_head)
+  if family is not None:
+    report.notes.append(f'{family} native checkpoint layout converted to timm\'s first')
   return _replace_leaves(params, merged.values), report

@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from dca_jax import config_lib
+from dca_jax import backbones, config_lib
 from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError, ImageLoadError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = backbones.MEAN_STD['imagenet']
 NORMALIZATIONS = tuple(n for n in config_lib.CHOICES['normalization'] if n != 'auto')
 # Formats tf.io.decode_image reads; the folder pre-scan skips anything else.
 TF_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
@@ -40,6 +39,12 @@ def normalization_name(config_or_name: Any) -> str:
   return name
 
 
+def mean_std(name: str):
+  """(mean, std) float32 [3] of a mean/std normalisation (imagenet, clip; pixels in [0, 1])."""
+  mean, std = backbones.MEAN_STD[name]
+  return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
 # ----------------------------------------------------------------------------- numpy helpers
 def normalize(image: np.ndarray, config_or_name: Any = 'imagenet') -> np.ndarray:
   """uint8 (or float in [0, 255]) RGB [..., 3] -> float32 as the model sees it.
@@ -48,9 +53,9 @@ def normalize(image: np.ndarray, config_or_name: Any = 'imagenet') -> np.ndarray
   """
   name = normalization_name(config_or_name)
   pixels = np.asarray(image, np.float32) / 255.0
-  if name == 'imagenet':
-    return ((pixels - np.asarray(IMAGENET_MEAN, np.float32)) /
-            np.asarray(IMAGENET_STD, np.float32)).astype(np.float32)
+  if name != 'inception':
+    mean, std = mean_std(name)
+    return ((pixels - mean) / std).astype(np.float32)
   return (pixels * 2.0 - 1.0).astype(np.float32)
 
 
@@ -58,9 +63,9 @@ def denormalize(image: np.ndarray, config_or_name: Any = 'imagenet') -> np.ndarr
   """Inverse of `normalize`: float32 [..., 3] -> uint8 RGB in [0, 255] (rounded, clipped)."""
   name = normalization_name(config_or_name)
   pixels = np.asarray(image, np.float32)
-  if name == 'imagenet':
-    pixels = (pixels * np.asarray(IMAGENET_STD, np.float32) +
-              np.asarray(IMAGENET_MEAN, np.float32))
+  if name != 'inception':
+    mean, std = mean_std(name)
+    pixels = pixels * std + mean
   else:
     pixels = (pixels + 1.0) / 2.0
   return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
@@ -72,8 +77,8 @@ def device_normalize(images, config_or_name: Any, dtype=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   name = normalization_name(config_or_name)
   pixels = jnp.asarray(images).astype(jnp.float32)
-  if name == 'imagenet':
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+  if name != 'inception':
+    mean, std = mean_std(name)
     pixels = pixels * (1.0 / (255.0 * std)) - mean / std
   else:
     pixels = pixels * (2.0 / 255.0) - 1.0
@@ -92,8 +97,8 @@ def tf_normalize(image, name: str):
   """float32 [0, 255] -> normalised float32 (TF version of `normalize`)."""
   tf = tensorflow()
   pixels = tf.cast(image, tf.float32)
-  if name == 'imagenet':  # (pixels / 255 - mean) / std as one multiply-add.
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+  if name != 'inception':  # (pixels / 255 - mean) / std as one multiply-add.
+    mean, std = mean_std(name)
     return (pixels * tf.constant(1.0 / (255.0 * std), tf.float32) +
             tf.constant(-mean / std, tf.float32))
   return pixels * (2.0 / 255.0) - 1.0
@@ -209,8 +214,8 @@ def random_erase(image, key, probability: float, fill: str = 'random',
   inside = ((rows >= top) & (rows < top + erase_height) & (cols >= left) &
             (cols < left + erase_width))
   inside = inside & erase & tf.reduce_any(fits)
-  if normalization == 'imagenet':
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+  if normalization != 'inception':
+    mean, std = mean_std(normalization)
   else:  # inception: x / 127.5 - 1
     mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
   if fill == 'random':

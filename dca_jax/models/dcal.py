@@ -73,13 +73,29 @@ def num_selected(num_patches: int, top_k_ratio: float) -> int:
   return max(1, min(num_patches, int(round(top_k_ratio * num_patches))))
 
 
-def select_tokens(cls_row, top_k_ratio: float):
-  """Token indices [B, 1 + R]: CLS (0) then the R patches of highest score (CLS column dropped)."""
-  patches = cls_row[:, 1:]
+def select_tokens(cls_row, top_k_ratio: float, num_prefix_tokens: int = 1):
+  """Token indices [B, 1 + R]: CLS (0) then the R patches of highest score.
+
+  `cls_row` scores all tokens [CLS, registers..., patches]; only the patches (after the
+  `num_prefix_tokens` = 1 + registers) are selectable: CLS is always a query, and registers
+  are not image regions (docs/MODEL.md, "Register tokens")."""
+  patches = cls_row[:, num_prefix_tokens:]
   r = num_selected(patches.shape[-1], top_k_ratio)
   _, idx = jax.lax.top_k(patches, r)
   cls = jnp.zeros((patches.shape[0], 1), idx.dtype)
-  return jnp.concatenate([cls, idx + 1], axis=1)
+  return jnp.concatenate([cls, idx + num_prefix_tokens], axis=1)
+
+
+def patch_frame(row_or_index, num_registers: int, *, index: bool):
+  """Drops the register tokens from what DCAL outputs: a rollout row over all tokens [B, 1+G+N]
+  -> [B, 1+N] (CLS, patches; the registers' columns removed, not renormalised), or token
+  indices (CLS 0, patches G+1..G+N) -> the same frame (patches 1..N), what the visualizer and
+  the attention evaluator draw on the patch grid. Identity without registers."""
+  if not num_registers:
+    return row_or_index
+  if index:
+    return jnp.where(row_or_index > 0, row_or_index - num_registers, row_or_index)
+  return jnp.concatenate([row_or_index[:, :1], row_or_index[:, 1 + num_registers:]], axis=1)
 
 
 def derangement(rng, batch_size: int):
@@ -242,7 +258,8 @@ class DCAL(nn.Module):
     """Returns a dict of logits/features. PWCA runs only when `partner` is given.
 
     with_selection: also compute the rollout ('rollout', [B, N+1]) and GLCA's token indices
-    ('glca_index', [B, 1+R]) when they would otherwise be skipped as dead compute.
+    ('glca_index', [B, 1+R]) when they would otherwise be skipped as dead compute. Both are
+    in the frame [CLS, patches]: a backbone's register tokens are dropped (`patch_frame`).
     """
     self._check()
     depth = self.config.depth
@@ -255,7 +272,7 @@ class DCAL(nn.Module):
     # Uncertainty loss weights w_sa, w_glca, w_pwca (Kendall et al.).
     loss_weights = self.param('loss_weights', nn.initializers.constant(self.loss_weights_init),
                               (len(BRANCHES),))
-    norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='norm')
+    norm = nn.LayerNorm(epsilon=self.config.norm_eps, dtype=jnp.float32, name='norm')
     head = Classifier(self.num_classes, self.bnneck, self.classifier_init_std, name='head')
     select = self.num_glca_layers > 0 and (self.selection_reaches_outputs() or with_selection)
 
@@ -267,19 +284,24 @@ class DCAL(nn.Module):
     out = {'sa_logits': sa_logits, 'sa_feature': sa_feature, 'loss_weights': loss_weights}
     if self.bnneck:
       out['sa_bn_feature'] = sa_neck
+    registers = self.config.num_registers
+    rollout = None  # the CLS row over all tokens, registers included (they carry attention)
     if with_selection or (select and self.glca_select in ROLLOUT_SELECTIONS):
-      out['rollout'] = self._rollout(maps, x.shape[0], x.shape[1])
+      rollout = self._rollout(maps, x.shape[0], x.shape[1])
+      out['rollout'] = patch_frame(rollout, registers, index=False)
     if self.num_glca_layers:
       glca_block = vit.make_block(self.config, drop_path=rates[-1], name='glca_block',
                                   attention_impl=self.attention_impl, **block_args)
-      glca_norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32, name='glca_norm')
+      glca_norm = nn.LayerNorm(epsilon=self.config.norm_eps, dtype=jnp.float32,
+                               name='glca_norm')
       glca_head = Classifier(self.num_classes, self.bnneck, self.classifier_init_std,
                              name='glca_head')
+      index = None  # token indices GLCA queries: CLS + the selected patches
       if select:
-        out['glca_index'] = self._select(out.get('rollout'), maps, x.shape[0], x.shape[1])
+        index = self._select(rollout, maps, x.shape[0], x.shape[1])
+        out['glca_index'] = patch_frame(index, registers, index=True)
       out.update(self._glca(glca_block, glca_norm, glca_head,
-                            x if self.glca_input == 'on_top' else glca_in,
-                            out.get('glca_index'), train))
+                            x if self.glca_input == 'on_top' else glca_in, index, train))
     if x_pw is not None:
       pwca_feature = norm(x_pw[:, 0])
       out['pwca_logits'], _ = head(pwca_feature, train=train, update_stats=False)
@@ -339,7 +361,8 @@ class DCAL(nn.Module):
     else:  # 'random': uniform scores -> a uniformly random R-subset per image
       rng = self.make_rng('selection') if self.has_rng('selection') else jax.random.key(0)
       scores = jax.random.uniform(rng, (batch, num_tokens))
-    return select_tokens(jax.lax.stop_gradient(scores), self.top_k_ratio)
+    return select_tokens(jax.lax.stop_gradient(scores), self.top_k_ratio,
+                         self.config.num_prefix_tokens)
 
 
 def predict_probs(outputs):

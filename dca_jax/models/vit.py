@@ -1,9 +1,12 @@
-"""Pre-LN Vision Transformer (ViT / DeiT / R50+ViT hybrid) in Flax Linen.
+"""Pre-LN Vision Transformer (ViT / DeiT / R50+ViT hybrid / DINOv2 / CLIP) in Flax Linen.
 
-Parameter names follow timm's `vision_transformer.py` (`patch_embed`, `cls_token`, `pos_embed`,
-`block_{i}/{norm1,attn/{qkv,proj},norm2,mlp/{fc1,fc2}}`, `norm`), so the weight importer is a
-plain renaming. The attention exposes its pieces (q/k/v projection, attention, output projection)
-because DCAL reuses one block's weights with other query and key/value sets (GLCA, PWCA).
+Parameter names follow timm's `vision_transformer.py` (`patch_embed`, `cls_token`, `reg_token`,
+`pos_embed`, `norm_pre`, `block_{i}/{norm1,attn/{qkv,proj},ls1,norm2,mlp/{fc1,fc2},ls2}`,
+`norm`), so the weight importer is a plain renaming. The variants (and what each carries: its
+normalisation, interpolation, weights) are registered in `dca_jax/backbones/`, one file per
+family; `get_variant` builds a `ViTConfig` from there. The attention exposes its pieces (q/k/v
+projection, attention, output projection) because DCAL reuses one block's weights with other
+query and key/value sets (GLCA, PWCA).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dca_jax import backbones
 
 Dtype = Any
 LN_EPS = 1e-6  # timm and the original ViT use 1e-6, not PyTorch's 1e-5.
@@ -41,6 +46,14 @@ def _gelu_exact_jvp(primals, tangents):
   return x * cdf, (cdf + x * pdf) * t
 
 
+def quick_gelu(x):
+  """CLIP's (OpenAI) activation, x * sigmoid(1.702 x) (timm `QuickGELU`)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'gelu': gelu_exact, 'quick_gelu': quick_gelu}
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   width: int
@@ -50,6 +63,27 @@ class ViTConfig:
   patch_size: int = 16
   resnet_layers: Optional[Sequence[int]] = None  # R50 hybrid: ResNet-v2 stage depths
   resnet_width: int = 64
+  layer_scale: bool = False      # DINOv2/DeiT-III: x + gamma * branch(x), gamma per channel
+  num_registers: int = 0         # register tokens after CLS (DINOv2 reg4): [CLS, regs, patches]
+  no_embed_class: bool = False   # timm's: pos_embed covers the patches only (not CLS/registers)
+  pre_norm: bool = False         # CLIP: LayerNorm (`norm_pre`) on the tokens before block 0
+  patch_bias: bool = True        # CLIP's patch embedding has no bias
+  norm_eps: float = LN_EPS       # every LayerNorm's eps (CLIP 1e-5)
+  activation: str = 'gelu'       # MLP: gelu (exact) | quick_gelu (OpenAI CLIP)
+
+  def __post_init__(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'activation {self.activation!r} not in {tuple(ACTIVATIONS)}')
+    if self.num_registers < 0:
+      raise ValueError(f'num_registers={self.num_registers} must be >= 0')
+    if self.num_registers and not self.no_embed_class:
+      raise ValueError('register tokens need no_embed_class=True: the position table covers the '
+                       'patches only (timm, DINOv2 reg4)')
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patches: CLS and the registers."""
+    return 1 + self.num_registers
 
   @property
   def stem_stride(self) -> int:
@@ -66,23 +100,14 @@ class ViTConfig:
     return self.grid_size(input_size) ** 2
 
 
-# The variant registry (timm names in comments: what `tools/` compares against).
-VARIANTS = {
-    'deit_tiny': dict(width=192, depth=12, num_heads=3, mlp_dim=768),    # deit_tiny_patch16_224
-    'deit_small': dict(width=384, depth=12, num_heads=6, mlp_dim=1536),  # deit_small_patch16_224
-    'deit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),  # deit_base_patch16_224
-    # vit_base_patch16_224.augreg_in21k
-    'vit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
-    # R50+ViT-B/16: ResNet-v2 (3, 4, 9) stride 16, then a 1x1 "patch" embedding.
-    'r50_vit_base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=1,
-                         resnet_layers=(3, 4, 9)),                       # vit_base_r50_s16_224
-}
+# Every variant's architecture, from the registry (dca_jax/backbones/: one file per family,
+# with the timm architecture each matches, its normalisation, interpolation and weights).
+VARIANTS = {name: dict(variant.arch) for name, variant in backbones.VARIANTS.items()}
 
 
 def get_variant(name: str, overrides: Optional[dict] = None) -> ViTConfig:
-  if name not in VARIANTS:
-    raise ValueError(f'unknown backbone {name!r}; known: {", ".join(sorted(VARIANTS))}')
-  kwargs = dict(VARIANTS[name])
+  """The ViTConfig of registered backbone `name`, with `overrides` (config.backbone_overrides)."""
+  kwargs = dict(backbones.get(name).arch)
   kwargs.update(dict(overrides or {}))
   if 'resnet_layers' in kwargs and kwargs['resnet_layers'] is not None:
     kwargs['resnet_layers'] = tuple(kwargs['resnet_layers'])
@@ -148,12 +173,13 @@ class LayerNorm(nn.Module):
 class Mlp(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  activation: str = 'gelu'
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
-    x = gelu_exact(x)  # timm/PyTorch nn.GELU is the exact erf form.
+    x = ACTIVATIONS[self.activation](x)  # gelu: timm/PyTorch nn.GELU, the exact erf form
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
 
 
@@ -226,8 +252,22 @@ class Attention(nn.Module):
     return self.proj(o.reshape(b, n, self.width))
 
 
+class LayerScale(nn.Module):
+  """x * gamma, gamma a learned [D] vector (timm `LayerScale`, init 1e-5 as DINOv2's)."""
+  init_value: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param('gamma', nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       jnp.float32)
+    return x * gamma.astype(x.dtype)
+
+
 class EncoderBlock(nn.Module):
   """x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x))), with DCAL's query/key-value variants.
+
+  With `layer_scale` each branch is scaled by its own per-channel gamma (`ls1`, `ls2`) before
+  the residual sum, as timm's Block(init_values=...) (DINOv2).
 
   Plain self-attention is `__call__(x)`. DCAL uses the same weights in two more ways:
   - GLCA: `query_index` [B, Q] picks the query tokens (and the residual rows); keys/values
@@ -243,13 +283,18 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
   partner_stop_gradient: bool = False  # PWCA: no gradient into the partner's SA keys/values
+  layer_scale: bool = False
+  norm_eps: float = LN_EPS
+  activation: str = 'gelu'
 
   def setup(self):
-    self.norm1 = LayerNorm(LN_EPS)
+    self.norm1 = LayerNorm(self.norm_eps)
     self.attn = Attention(width=self.width, num_heads=self.num_heads, dtype=self.dtype)
-    self.norm2 = LayerNorm(LN_EPS)
-    self.mlp = Mlp(self.mlp_dim, dtype=self.dtype)
+    self.norm2 = LayerNorm(self.norm_eps)
+    self.mlp = Mlp(self.mlp_dim, dtype=self.dtype, activation=self.activation)
     self.drop = DropPath(self.drop_path)
+    if self.layer_scale:
+      self.ls1, self.ls2 = LayerScale(), LayerScale()
 
   def sa_and_pwca(self, x, x_pw, partner, deterministic: bool, need_weights: bool):
     """DCAL's use of a backbone block: the SA step (with the head-mean attention for the
@@ -277,8 +322,14 @@ class EncoderBlock(nn.Module):
       values = jnp.concatenate([v, extra_kv[1].astype(v.dtype)], axis=1)
     impl = 'xla' if need_weights else self.attention_impl
     o, head_mean = attention(q, keys, values, need_weights=need_weights, impl=impl)
-    x = x + self.drop(self.attn.project_out(o), deterministic).astype(x.dtype)
-    x = x + self.drop(self.mlp(self.norm2(x)), deterministic).astype(x.dtype)
+    branch = self.attn.project_out(o)
+    if self.layer_scale:
+      branch = self.ls1(branch)
+    x = x + self.drop(branch, deterministic).astype(x.dtype)
+    branch = self.mlp(self.norm2(x))
+    if self.layer_scale:
+      branch = self.ls2(branch)
+    x = x + self.drop(branch, deterministic).astype(x.dtype)
     return x, (k, v), head_mean
 
 
@@ -295,7 +346,13 @@ def partner_rows(x, partner):
 
 
 class Embedding(nn.Module):
-  """Image -> [CLS; patch tokens] + position embedding, [B, 1 + N, D] float32."""
+  """Image -> [CLS; registers; patch tokens] with the position embedding, [B, 1 + R + N, D]
+  float32 (R = num_registers, 0 but for DINOv2 reg4), then `norm_pre` for a pre-norm (CLIP)
+  backbone.
+
+  The position table covers CLS and the patches (timm's default, [1, 1 + N, D]: concatenated,
+  then added) or, with `no_embed_class`, the patches only ([1, N, D]: added to the patches,
+  then CLS and the registers concatenated); the registers never have one (timm)."""
   config: ViTConfig
   dtype: Dtype = jnp.float32
 
@@ -308,14 +365,26 @@ class Embedding(nn.Module):
       x = ResNetStem(layers=tuple(vit_config.resnet_layers), width=vit_config.resnet_width,
                      dtype=self.dtype, name='stem')(x)
     patch = vit_config.patch_size
-    x = nn.Conv(vit_config.width, (patch, patch), strides=patch,
-                padding='VALID', dtype=self.dtype, kernel_init=dense_init, name='patch_embed')(x)
+    x = nn.Conv(vit_config.width, (patch, patch), strides=patch, padding='VALID',
+                use_bias=vit_config.patch_bias, dtype=self.dtype, kernel_init=dense_init,
+                name='patch_embed')(x)
     batch, rows, cols, width = x.shape  # the patch grid may be non-square (Re-ID: 16 x 8)
     x = x.reshape(batch, rows * cols, width).astype(jnp.float32)
     cls = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)), x], axis=1)
-    pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, rows * cols + 1, width))
-    return x + pos
+    prefix = [jnp.broadcast_to(cls, (batch, 1, width))]
+    if vit_config.num_registers:
+      reg = self.param('reg_token', nn.initializers.normal(1e-6),
+                       (1, vit_config.num_registers, width))
+      prefix.append(jnp.broadcast_to(reg, (batch, vit_config.num_registers, width)))
+    if vit_config.no_embed_class:
+      pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, rows * cols, width))
+      x = jnp.concatenate(prefix + [x + pos], axis=1)
+    else:
+      pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, rows * cols + 1, width))
+      x = jnp.concatenate(prefix + [x], axis=1) + pos
+    if vit_config.pre_norm:
+      x = LayerNorm(vit_config.norm_eps, name='norm_pre')(x)
+    return x
 
 
 def drop_path_rates(rate: float, depth: int):
@@ -340,7 +409,8 @@ def make_block(config: ViTConfig, *, drop_path: float, dtype, attention_impl='xl
       cls = nn.remat(EncoderBlock, static_argnums=(2, 3), policy=policy)
   return cls(width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
              drop_path=drop_path, dtype=dtype, attention_impl=attention_impl,
-             partner_stop_gradient=partner_stop_gradient, name=name)
+             partner_stop_gradient=partner_stop_gradient, layer_scale=config.layer_scale,
+             norm_eps=config.norm_eps, activation=config.activation, name=name)
 
 
 class VisionTransformer(nn.Module):
@@ -360,6 +430,6 @@ class VisionTransformer(nn.Module):
     for i, rate in enumerate(drop_path_rates(self.stochastic_depth_prob, vit_config.depth)):
       x, _, _ = make_block(vit_config, drop_path=rate, dtype=self.dtype, name=f'block_{i}')(
           x, not train)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name='norm')(x)
+    x = nn.LayerNorm(epsilon=vit_config.norm_eps, dtype=jnp.float32, name='norm')(x)
     return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=dense_init,
                     name='head')(x[:, 0])
