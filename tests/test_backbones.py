@@ -156,6 +156,32 @@ def test_a_layer_scale_model_needs_the_gammas(tmp_path):
     W.load_pretrained(path, params, cfg)
 
 
+def test_every_layer_norm_uses_the_backbone_eps():
+  """CLIP's LayerNorms use eps 1e-5, timm's ViTs 1e-6: every norm of the backbone and of DCAL
+  (blocks, norm_pre, norm, glca_norm) must take the config's (a 1e-6 / 1e-5 slip is below the
+  parity tolerance, so it is checked here directly)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config('clip_base', 8)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if (isinstance(context.module, (nn.LayerNorm, vit.LayerNorm))
+        and context.method_name == '__call__'):
+      seen.append((context.module.name, context.module.epsilon))
+    return next_fun(*args, **kwargs)
+
+  x = jnp.zeros((1, 32, 32, 3))
+  for model in (vit.VisionTransformer(cfg, num_classes=3),
+                dcal.DCAL(cfg, num_classes=3, num_pwca_layers=0, glca_pool='mean')):
+    seen.clear()
+    with nn.intercept_methods(record):
+      jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    names = {name for name, _ in seen}
+    assert {'norm_pre', 'norm1', 'norm2', 'norm'} <= names, names
+    assert all(eps == 1e-5 for _, eps in seen), seen
+  assert 'glca_norm' in names
+
+
 # --- the registry -------------------------------------------------------------------------------
 def test_every_registered_variant_builds_and_names_its_preprocessing():
   for name, variant in backbones.VARIANTS.items():
@@ -280,3 +306,62 @@ def test_dcal_rollout_and_selection_with_registers_match_numpy():
   np.testing.assert_array_equal(out['glca_index'], np.where(ref['index'] > 0, ref['index'] - 3, 0))
   assert out['glca_index'].min() >= 0 and out['glca_index'].max() <= 16
   np.testing.assert_allclose(out['glca_logits'], ref['glca_logits'], atol=1e-4)
+
+
+# --- a config with a new backbone: train, evaluate, visualise -----------------------------------
+def _cub_config(arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'cub_config', os.path.join(os.path.dirname(FIX), '..', 'configs', 'cub.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('arg', ['dinov2_base', 'dinov2_small_reg4', 'clip_base',
+                                 'clip_base_quickgelu'])
+def test_cub_config_picks_the_backbone_its_weights_and_normalisation(arg):
+  config = _cub_config(arg)
+  config_lib.validate(config)
+  variant = backbones.get(arg)
+  assert config.backbone == arg and config.pretrained_model == variant.weights
+  assert hub.parse(config.pretrained_model).known.backbone == arg
+  assert config_lib.resolve_normalization(config) == variant.normalization
+  cfg = vit.get_variant(arg)
+  assert cfg.grid_size(config.input_size) == config.input_size // cfg.patch_size  # 448 fits
+
+
+def test_dinov2_reg4_config_trains_evaluates_and_visualises(tmp_path, monkeypatch):
+  """configs/cub.py:dinov2_small_reg4 shrunk (the fixture's sizes, synthetic data, 56 px): the
+  timm fixture loads as its pretrained weights, 2 steps train (SA + GLCA + PWCA), the epoch's
+  evaluation scores them, and the visualize mode restores the checkpoint and draws the rollout
+  and GLCA's cells on the 4 x 4 patches (registers dropped)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from dca_jax import train, visualize  # pylint: disable=g-import-not-at-top
+  config = _cub_config('dinov2_small_reg4')
+  config.dataset = config.data_source = 'synthetic'
+  config.num_classes = 4
+  config.synthetic_num_train, config.synthetic_num_test, config.synthetic_image_size = 8, 8, 56
+  config.input_size, config.resize_size = 56, 60
+  config.backbone_overrides.update(TINY)
+  config.num_sa_layers, config.num_pwca_layers, config.top_k_ratio = 2, 1, 0.25
+  config.batch_size, config.gradient_accumulation_steps, config.eval_batch_size = 4, 1, 8
+  config.num_epochs, config.warmup_epochs = 1, 0.0
+  config.use_gradient_checkpointing, config.precision = False, 'fp32'
+  config.pretrained_model = fixture_file('bb_dinov2_reg')
+  config_lib.validate(config)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  assert hub.banner_line(config.pretrained_model).endswith(
+      '35 arrays loaded, GLCA from block_1')   # every backbone leaf, registers and gammas too
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert any('eval/accuracy' in r for r in records), records[-1]
+  predictors = {}
+  real = visualize.Predictor
+  monkeypatch.setattr(visualize, 'Predictor', lambda *a: predictors.setdefault(a[1], real(*a)))
+  written = visualize.run_visualize(config, workdir, num_images=1)
+  assert len(written) == 1 and os.path.getsize(written[0]) > 0
+  out = predictors[workdir](np.zeros((1, 56, 56, 3), np.uint8))
+  assert out['rollout'].shape == (1, 1 + 16)          # CLS + 4 x 4 patches, no registers
+  assert 1 <= out['glca_index'][:, 1:].min() and out['glca_index'].max() <= 16

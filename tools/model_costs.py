@@ -76,7 +76,7 @@ def inference_flops(variant, size, num_classes, batch=1):
     p, x = abstract_params(model, size, batch)
     # predict_probs is what evaluation runs; no partner -> no PWCA at inference.
     out[name] = flops(lambda p, x, m=model: dcal.predict_probs(m.apply({'params': p}, x)), p, x)
-  n = cfg.num_patches(size) + 1
+  n = cfg.num_patches(size) + cfg.num_prefix_tokens  # CLS (+ registers) + patches
   k = cfg.depth - 1  # the blocks before GLCA
   maps = [jax.ShapeDtypeStruct((batch, n, n), jnp.float32)] * k
   for impl in ('vector', 'running_product'):

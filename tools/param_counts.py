@@ -22,16 +22,12 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from dca_jax import backbones  # noqa: E402
 from dca_jax.models import vit  # noqa: E402
 
 IMG, CLASSES = 448, 200
-TIMM_NAMES = {
-    'deit_tiny': 'deit_tiny_patch16_224',
-    'deit_small': 'deit_small_patch16_224',
-    'deit_base': 'deit_base_patch16_224',
-    'vit_base': 'vit_base_patch16_224',
-    'r50_vit_base': 'vit_base_r50_s16_224',
-}
+# Each registered variant and the timm architecture its registry entry names.
+TIMM_NAMES = {name: variant.timm_name for name, variant in backbones.VARIANTS.items()}
 
 
 def ours(variant):
@@ -53,7 +49,7 @@ def timm_count(name):
 
 def table():
   lines = [f'| variant | timm model | grid @ {IMG} | ours | of which ResNet stem | timm | equal |',
-           '|---|---|---|---:|---:|---:|---|']
+           '|---|---|---|---:|---:|---:|---|']  # the grid: patches per side (patch 14: 32)
   for v, name in TIMM_NAMES.items():
     n, stem, grid = ours(v)
     t = timm_count(name)
