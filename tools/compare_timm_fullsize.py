@@ -49,8 +49,15 @@ CASES = {
                          ('safetensors', 'npz')),
     'r50_vit_base_224': ('vit_base_r50_s16_224', 'r50_vit_base', 224, (224, 224),
                          ('safetensors', 'npz')),
+    # beyond the paper (dca_jax/backbones/): DINOv2 pretrained at 518 px, fine-tuned at 448
+    'dinov2_small_reg4_448': ('vit_small_patch14_reg4_dinov2', 'dinov2_small_reg4', 518,
+                              (448, 448), ('safetensors',)),
+    'dinov2_base_448': ('vit_base_patch14_dinov2', 'dinov2_base', 518, (448, 448),
+                        ('safetensors',)),
+    'clip_base_224': ('vit_base_patch16_clip_224', 'clip_base', 224, (224, 224), ('safetensors',)),
+    'clip_base_quickgelu_448': ('vit_base_patch16_clip_quickgelu_224', 'clip_base_quickgelu', 224,
+                                (448, 448), ('safetensors',)),
 }
-PATCH = 16  # the patch grid's stride for every case (patch 16, or the R50 stem's 16)
 
 
 def run_case(name, timm_name, variant, native, size, formats, batch=2):
@@ -83,7 +90,8 @@ def run_case(name, timm_name, variant, native, size, formats, batch=2):
         save_file(sd, path)
       else:
         np.savez(path, **to_google_npz(sd, cfg.num_heads))
-      grid_hw = None if height == width else (height // PATCH, width // PATCH)
+      stride = cfg.patch_size * cfg.stem_stride  # 16 (patch or the R50 stem), 14 for DINOv2
+      grid_hw = None if height == width else (height // stride, width // stride)
       loaded, report = W.load_pretrained(path, params, cfg, load_head=True, grid_hw=grid_hw)
       assert not report.newly_initialized, report.summary()
       t = time.time()
