@@ -844,9 +844,10 @@ def load_pretrained(path: PathLike, params: Mapping[str, Any], vit_config, *,
     load_head: also load the classifier (`head`) — only for parity tests / same label space;
       otherwise every head is left as initialised (reported newly initialised).
     head_name: our head module name(s) that receive the checkpoint head when load_head=True.
-    strict: a backbone parameter (`embed/*`, `block_{i}/*`, `norm/*`) missing from the checkpoint
-      or a checkpoint feature we don't implement (layer scale, ...) raises; with strict=False they
-      are only reported.
+    strict: a backbone parameter (`embed/*`, `block_{i}/*`, `norm/*`) missing from the checkpoint,
+      a checkpoint feature we don't implement (q/k norm, ...) or one the configured backbone has
+      switched off (layer scale, registers, pre-norm into e.g. `deit_small`) raises; with
+      strict=False they are only reported.
 
   Returns:
     (new params tree of the same structure, LoadReport). Loaded leaves are host numpy arrays in
