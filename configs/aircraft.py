@@ -1,4 +1,4 @@
-"""DCAL on FGVC-Aircraft, variant level (100 classes), paper recipe. No TFDS builder: folder only."""
+"""DCAL on FGVC-Aircraft, variant level (100 classes), paper recipe; folder only (no TFDS)."""
 from dca_jax import config_lib, hub
 
 
@@ -7,5 +7,6 @@ def get_config(arg=None):
   c.dataset = 'aircraft'
   c.data_source = 'folder'     # data_dir holds fgvc-aircraft-2013b/
   c.num_classes = 100
-  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
+  # the paper's weights for the backbone (DINOv2/CLIP: their own), fetched once (docs/WEIGHTS.md)
+  c.pretrained_model = hub.default_weights(c.backbone)
   return c

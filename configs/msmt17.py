@@ -10,5 +10,6 @@ def get_config(arg=None):
   c = config_lib.reid_config(backbone=arg or 'vit_base')
   c.dataset = 'msmt17'
   c.num_classes = 1041
-  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's: fetched once, cached (docs/WEIGHTS.md)
+  # the paper's weights for the backbone (DINOv2/CLIP: their own), fetched once (docs/WEIGHTS.md)
+  c.pretrained_model = hub.default_weights(c.backbone)
   return c

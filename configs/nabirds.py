@@ -12,5 +12,6 @@ def get_config(arg=None):
   c.dataset = 'nabirds'
   c.data_source = 'folder'     # data_dir holds nabirds/
   c.num_classes = 555          # the leaf classes that label images (ids not contiguous)
-  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's, fetched once (docs/WEIGHTS.md)
+  # the paper's weights for the backbone (DINOv2/CLIP: their own), fetched once (docs/WEIGHTS.md)
+  c.pretrained_model = hub.default_weights(c.backbone)
   return c

@@ -14,5 +14,6 @@ def get_config(arg=None):
   c.dataset = 'pets'
   c.data_source = 'tfds'       # or 'folder' with data_dir holding images/ and annotations/
   c.num_classes = 37
-  c.pretrained_model = hub.paper_weights(c.backbone)  # the paper's, fetched once (docs/WEIGHTS.md)
+  # the paper's weights for the backbone (DINOv2/CLIP: their own), fetched once (docs/WEIGHTS.md)
+  c.pretrained_model = hub.default_weights(c.backbone)
   return c
