@@ -6,16 +6,14 @@ numbers on the host (no model init). It is saved with the project's Checkpointer
 then timed: Orbax's save until committed, the seal (fsync of every file + CRC-32 record), the
 verification before a restore (sizes + CRC-32), and a full restore for scale.
 
-  python benchmarks/checkpoint_integrity.py [--dir /tmp/ckpt_integrity_cost]
+  python -m benchmarks.checkpoint_integrity [--dir /tmp/ckpt_integrity_cost]
 """
 
 import argparse
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402

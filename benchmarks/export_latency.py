@@ -1,8 +1,8 @@
 """Exported model sizes and CPU latency per image: onnxruntime vs the jitted predict vs the
 deserialised StableHLO, timed in one run (docs/BENCHMARKS.md, "Export").
 
-  python benchmarks/export_latency.py                       # the demo model and DeiT-T at 448 px
-  python benchmarks/export_latency.py --models demo --batches 1,8 --repeats 20
+  python -m benchmarks.export_latency                       # the demo model and DeiT-T at 448 px
+  python -m benchmarks.export_latency --models demo --batches 1,8 --repeats 20
 
 Each model is initialised (latency does not depend on the weights), exported by
 `dca_jax.export.export_model` (both formats, as --mode export writes them) and run on the same
@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-from machine import cpu_model, loadavg  # benchmarks/machine.py
+from benchmarks.machine import cpu_model, loadavg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def model_config(name: str):

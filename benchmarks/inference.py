@@ -1,7 +1,7 @@
 """Inference speed of DCAL (the eval/predict forward: softmax(SA) + softmax(GLCA)), img/s.
 
-  python benchmarks/inference.py                          # DeiT-T 448 px, batch 8, the variants
-  python benchmarks/inference.py --repo /path/to/old/checkout --label before
+  python -m benchmarks.inference                          # DeiT-T 448 px, batch 8, the variants
+  python -m benchmarks.inference --repo /path/to/old/checkout --label before
 
 Times the jitted forward of random images for the DCAL variants that differ in what they
 compute: glca_pool=cls (no attention maps, rollout, selection or local query rows: only GLCA's
@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from machine import cpu_model, loadavg  # benchmarks/machine.py
+from benchmarks.machine import cpu_model, loadavg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

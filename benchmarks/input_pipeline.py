@@ -5,7 +5,7 @@ grain, quality 90: ~40-90 kB each like CUB) into a temp dir, builds the train pi
 paper recipe (resize 550, random crop 448, flip, imagenet normalisation, batch 16) and prints
 one JSON line with images/s measured after a warm-up, plus the build-time pre-scan cost.
 
-    python benchmarks/input_pipeline.py [--num_images 600] [--batches 40] [--warmup 8]
+    python -m benchmarks.input_pipeline [--num_images 600] [--batches 40] [--warmup 8]
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dca_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dca_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position

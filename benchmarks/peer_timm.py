@@ -8,10 +8,10 @@ and classes (200), cross-entropy, AdamW (lr 1.5625e-5, betas 0.9/0.999, eps 1e-8
 `torch.set_num_threads(--threads)`.
 
   # standalone: one JSON line (medians of the timed steps)
-  python benchmarks/peer_timm.py --model deit_tiny_patch16_224 --size 448 --batch 4 --steps 5
+  python -m benchmarks.peer_timm --model deit_tiny_patch16_224 --size 448 --batch 4 --steps 5
   # peer mode for benchmarks/peers.py: one '@@ {ready}' line, then one timed command per stdin
   # line (step | fwd | fwdbwd | matmul | quit), each answered by '@@ {cmd, s, minflt, user_s, sys_s, maxrss_mb}'
-  python benchmarks/peer_timm.py --serve ...
+  python -m benchmarks.peer_timm --serve ...
 
 `fwd` is the loss's forward under `torch.no_grad()` (train mode, drop path on), `fwdbwd` the
 forward and backward without the optimizer, `matmul` an n x n `torch.mm` (MKL's fp32 rate).
@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import cpu_model, loadavg  # benchmarks/machine.py
+from benchmarks.machine import cpu_model, loadavg
 
 SERVE_PREFIX = '@@ '
 

@@ -10,12 +10,12 @@ the pairwise-median ratio of each peer to the first (the reference), GFLOP/s, th
 JAX matmul peak measured in the same run (the first peer's `matmul`), the load average and the
 CPU model; and prints a markdown summary.
 
-  python benchmarks/peers.py \\
-      --peer 'jax=python benchmarks/train_step.py --serve --sa_only --remat off' \\
-      --peer 'timm=.venv-timm/bin/python benchmarks/peer_timm.py --serve' \\
-      --peer 'jax_dcal=python benchmarks/train_step.py --serve --remat on' \\
+  python -m benchmarks.peers \\
+      --peer 'jax=python -m benchmarks.train_step --serve --sa_only --remat off' \\
+      --peer 'timm=.venv-timm/bin/python -m benchmarks.peer_timm --serve' \\
+      --peer 'jax_dcal=python -m benchmarks.train_step --serve --remat on' \\
       --same_flops timm=jax --rounds 5 --parts --out benchmarks/results/cpu_peers.jsonl
-  python benchmarks/peers.py --render benchmarks/results/cpu_peers.jsonl
+  python -m benchmarks.peers --render benchmarks/results/cpu_peers.jsonl
 
 `benchmarks/run_cpu_peers.sh` is the usual entry point.
 """
@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from machine import cpu_model  # benchmarks/machine.py
+from benchmarks.machine import cpu_model
 
 PREFIX = '@@ '
 PARTS = ('step', 'fwd', 'fwdbwd', 'matmul')

@@ -9,10 +9,10 @@ on the TRAINING identities (each train identity's first image as query, its othe
 gallery: does the model fit what it trains on?). The raw-pixel nearest-neighbour mAP of the
 same test images is in the first line.
 
-  python benchmarks/reid_real.py --variant fixed --seeds 0,1,2 \
+  python -m benchmarks.reid_real --variant fixed --seeds 0,1,2 \
       --out benchmarks/results/reid_real.jsonl
-  python benchmarks/reid_real.py --variant demo_recipe --set bnneck=False --epochs 16
-  python benchmarks/reid_real.py --variant fixed --seeds 0,1,2 --min_ratio 3   # the check
+  python -m benchmarks.reid_real --variant demo_recipe --set bnneck=False --epochs 16
+  python -m benchmarks.reid_real --variant fixed --seeds 0,1,2 --min_ratio 3   # the check
 
 After the seeds it writes one 'seeds' line (mean +- std of the final test and train-id mAP,
 the ratio to the raw-pixel baseline) and, with `--min_ratio R`, exits 1 when the mean test
@@ -37,7 +37,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from tools import real_reid  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -9,21 +9,19 @@ tools/real_reid.py's set (one seed), then probes the trained model in eval mode:
   * the share of the feature's variance between identities and between cameras;
   * test retrieval (before / after BN, logits).
 
-  python benchmarks/reid_real_probe.py                           # :real as configured
-  python benchmarks/reid_real_probe.py --conv_stem num_epochs=40 # + a small ResNet-v2 stem
-  python benchmarks/reid_real_probe.py crop_padding=4 label_smoothing=0.1 weight_decay=0.3
+  python -m benchmarks.reid_real_probe                           # :real as configured
+  python -m benchmarks.reid_real_probe --conv_stem num_epochs=40 # + a small ResNet-v2 stem
+  python -m benchmarks.reid_real_probe crop_padding=4 label_smoothing=0.1 weight_decay=0.3
 
 `--conv_stem` registers a backbone variant for this process only (a ResNet-v2 root conv + one
 bottleneck of width 32, then 2 x 2 patches: the same 8 x 4 token grid as the 8 px patches).
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402

@@ -1,10 +1,10 @@
 """The feature collapse of issue #25, measured: the spread of the retrieval feature over a
 gallery batch while the demo recipe trains on tools/real_reid.py's set (one seed).
 
-  python benchmarks/reid_real_spread.py 120                                   # raw triplet
-  TW=0 python benchmarks/reid_real_spread.py 120                              # no triplet
-  TF=batch_standardized python benchmarks/reid_real_spread.py 288             # the fix
-  python benchmarks/reid_real_spread.py 120 learning_rate=1e-3                # + overrides
+  python -m benchmarks.reid_real_spread 120                                   # raw triplet
+  TW=0 python -m benchmarks.reid_real_spread 120                              # no triplet
+  TF=batch_standardized python -m benchmarks.reid_real_spread 288             # the fix
+  python -m benchmarks.reid_real_spread 120 learning_rate=1e-3                # + overrides
 
 Prints, at a few steps, the step's CE and triplet of SA and the per-dimension standard
 deviation across images ('across-image std') and mean |value| of sa_feature / glca_feature.
@@ -13,7 +13,6 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402

@@ -19,7 +19,7 @@ DOC=${DOC:-docs/BENCHMARKS.md}
 mkdir -p "$(dirname "$RESULTS")"
 : > "$RESULTS"
 PY=${PYTHON:-python3}
-T="$PY benchmarks/train_step.py --precision fp32 --accum 1 --steps $STEPS --residuals --out $RESULTS"
+T="$PY -m benchmarks.train_step --precision fp32 --accum 1 --steps $STEPS --residuals --out $RESULTS"
 
 declare -A ROW=(
   [tiny_dcal_remat]="--backbone deit_tiny --size 448 --batch 4 --remat on"
@@ -36,7 +36,7 @@ ROWS=${ROWS:-$ORDER}
 
 start=$(date +%s)
 echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-$PY benchmarks/train_step.py --matmul_peak --dtype fp32 --n 2048 --reps 10 --out "$RESULTS"
+$PY -m benchmarks.train_step --matmul_peak --dtype fp32 --n 2048 --reps 10 --out "$RESULTS"
 for name in $ROWS; do
   echo "# $name ($(( $(date +%s) - start )) s elapsed, load $(cut -d' ' -f1 /proc/loadavg))" >&2
   $T --label "$name" ${ROW[$name]} || echo "# $name failed (JSON error line written)" >&2
@@ -48,7 +48,7 @@ echo "# done in ${elapsed} s, load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 CPU_MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
 NCPU=$(nproc)
 JAXV=$($PY -c 'import jax, jaxlib; print(jax.__version__, "/ jaxlib", jaxlib.__version__)')
-TABLE=$($PY benchmarks/train_step.py --render "$RESULTS")
+TABLE=$($PY -m benchmarks.train_step --render "$RESULTS")
 HEADER="Machine: ${CPU_MODEL}, ${NCPU} cores ($(free -g | awk '/Mem:/{print $2}') GB RAM), jax ${JAXV}, XLA CPU backend, fp32.
 Run: \`bash benchmarks/run_cpu.sh\` (STEPS=${STEPS}; one process per row; $(date -u +%Y-%m-%dT%H:%MZ); ${elapsed} s wall).
 Each row's own command is in the \`command\` field of \`${RESULTS}\`."

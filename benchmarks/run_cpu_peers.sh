@@ -72,7 +72,7 @@ case $ALLOC in
   *) echo "unknown ALLOC $ALLOC (default | retain)" >&2; exit 2 ;;
 esac
 COMMON="--size $SIZE --batch $BATCH --num_classes 200 --drop_path 0.1"
-OURS="$PIN $PY benchmarks/train_step.py --serve --backbone $BACKBONE $COMMON --precision fp32 --accum 1"
+OURS="$PIN $PY -m benchmarks.train_step --serve --backbone $BACKBONE $COMMON --precision fp32 --accum 1"
 
 args=()
 first_jax_sa=
@@ -82,7 +82,7 @@ for peer in $PEERS; do
     jax_sa_remat) cmd="$OURS --sa_only --remat on ${EXTRA:-}" ;;
     jax_dcal) cmd="$OURS --remat on ${EXTRA:-}" ;;
     jax_dcal_noremat) cmd="$OURS --remat off ${EXTRA:-}" ;;
-    timm) cmd="$PIN $VENV/bin/python benchmarks/peer_timm.py --serve --model $TIMM_MODEL $COMMON --threads $THREADS" ;;
+    timm) cmd="$PIN $VENV/bin/python -m benchmarks.peer_timm --serve --model $TIMM_MODEL $COMMON --threads $THREADS" ;;
     *) echo "unknown peer $peer (jax_sa | jax_sa_remat | jax_dcal | jax_dcal_noremat | timm)" >&2; exit 2 ;;
   esac
   args+=(--peer "$peer=$cmd")
@@ -94,4 +94,4 @@ fi
 [[ "$PARTS" == 1 ]] && args+=(--parts)
 label=${LABEL:-peers_$(echo $PEERS | tr ' ' '+')_alloc_$ALLOC}
 echo "# $label: load $(cut -d' ' -f1-3 /proc/loadavg), peers' stderr in $LOG" >&2
-$PY benchmarks/peers.py "${args[@]}" --rounds "$ROUNDS" --label "$label" --out "$RESULTS" --log "$LOG"
+$PY -m benchmarks.peers "${args[@]}" --rounds "$ROUNDS" --label "$label" --out "$RESULTS" --log "$LOG"

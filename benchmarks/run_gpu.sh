@@ -51,7 +51,7 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
 fi
 : > "$RESULTS"
-T="$PY benchmarks/train_step.py $MODEL --steps 5 --warmup_cycles 1 --out $RESULTS"
+T="$PY -m benchmarks.train_step $MODEL --steps 5 --warmup_cycles 1 --out $RESULTS"
 
 declare -A ROW=(
   [bf16_default]="--precision bf16 --batch 4 --accum 4 --remat on --attention_impl $ATTN"
@@ -86,8 +86,8 @@ else
 fi
 timeout 300 $PY main.py --config configs/cub.py:vit_base --workdir "$RESDIR/plan" --mode plan \
     --config.plan_search=True --config.precision=bf16 $PLAN_MODEL 2>&1 | grep -v -i warning
-$PY benchmarks/train_step.py --matmul_peak --dtype bf16 --n $MATMUL_N --reps 10 --out "$RESULTS"
-$PY benchmarks/train_step.py --matmul_peak --dtype fp32 --n $MATMUL_N --reps 5 --out "$RESULTS"
+$PY -m benchmarks.train_step --matmul_peak --dtype bf16 --n $MATMUL_N --reps 10 --out "$RESULTS"
+$PY -m benchmarks.train_step --matmul_peak --dtype fp32 --n $MATMUL_N --reps 5 --out "$RESULTS"
 for name in $ROWS; do
   left=$(( BUDGET_S - ($(date +%s) - start) ))
   label="$name"
@@ -105,4 +105,4 @@ for name in $ROWS; do
   fi
 done
 echo "# done in $(( $(date +%s) - start )) s" >&2
-$PY benchmarks/train_step.py --render "$RESULTS" | tee "$TABLE_MD"
+$PY -m benchmarks.train_step --render "$RESULTS" | tee "$TABLE_MD"

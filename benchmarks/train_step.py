@@ -8,21 +8,21 @@ stdout and, with `--out`, is appended to a file. No TensorFlow/TFDS is imported
 (`dca_jax.data` is never touched).
 
   # one row: DeiT-Tiny DCAL at 448 px, batch 4, remat on, fp32
-  python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --accum 1 --remat on
+  python -m benchmarks.train_step --backbone deit_tiny --size 448 --batch 4 --accum 1 --remat on
   # the SA-only baseline of the same model (M = 0, T = 0)
-  python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --sa_only
+  python -m benchmarks.train_step --backbone deit_tiny --size 448 --batch 4 --sa_only
   # a tiny backbone (any ViTConfig field): --override width=64 --override depth=2 ...
   # the machine's matmul peak (2 n^3 flops per n x n product)
-  python benchmarks/train_step.py --matmul_peak --dtype fp32 --n 2048
+  python -m benchmarks.train_step --matmul_peak --dtype fp32 --n 2048
   # render JSON lines as a markdown table
-  python benchmarks/train_step.py --render results.jsonl
+  python -m benchmarks.train_step --render results.jsonl
   # DCAL vs SA-only in one process, steps alternating (robust to load from other jobs)
-  python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --pair=--sa_only
+  python -m benchmarks.train_step --backbone deit_tiny --size 448 --batch 4 --pair=--sa_only
   # where the time goes: forward, forward+backward, rollout alone, full step
-  python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --breakdown
+  python -m benchmarks.train_step --backbone deit_tiny --size 448 --batch 4 --breakdown
   # peer mode: time step / fwd / fwdbwd / matmul on request from stdin (benchmarks/peers.py,
   # benchmarks/run_cpu_peers.sh: ours against timm's step, alternating)
-  python benchmarks/train_step.py --backbone deit_tiny --size 448 --batch 4 --sa_only --serve
+  python -m benchmarks.train_step --backbone deit_tiny --size 448 --batch 4 --sa_only --serve
 
 Fields: compile_s (lower + compile), step_s_{median,min,max,p25,p75} (one micro-step = one
 physical batch), images_per_s (batch / median step), images_per_s_wall (all timed images / wall
@@ -47,12 +47,11 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from machine import cpu_model, loadavg  # benchmarks/machine.py
+from benchmarks.machine import cpu_model, loadavg
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
 

@@ -8,6 +8,9 @@ Names follow the PyTorch DCAL code users come from (`batch_size`,
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, Optional
+
 import ml_collections
 
 from dca_jax import backbones
@@ -19,118 +22,162 @@ OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_
                                'resnet_width')
 
 
-def _data_knobs(c: ml_collections.ConfigDict) -> None:
-  """Data knobs."""
-  c.task = 'fgvc'                  # fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)
-  c.dataset = 'synthetic'          # fgvc: cub | cars | aircraft | nabirds | dogs | pets | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid
-  c.val_split = 0.0                # FGVC: fraction of each class's train images held out as a validation split (fixed draw, whatever the seed); `best` is then chosen on it
-  c.data_source = 'synthetic'      # tfds | folder | synthetic
-  c.data_dir = ''                  # TFDS data_dir, or the folder holding the official layout
-  c.num_classes = 10               # classes of the dataset (200 CUB, 196 Cars, 100 Aircraft, 555 NABirds, 120 Dogs, 37 Pets)
-  c.input_size = 448               # crop height in px (and width unless input_width is set)
-  c.input_width = ml_collections.config_dict.placeholder(int)  # crop width in px; unset = input_size (square). Re-ID persons: 256 x 128
-  c.resize_size = 550              # FGVC: resize before the crop (square)
-  c.test_crop = 'center_crop'      # center_crop (resize 550 -> centre 448) | resize (to 448)
-  c.train_interpolation = 'bilinear'  # train resize: bilinear (FGVC) / bicubic (Re-ID: TransReID's); eval resizes are bilinear
-  c.normalization = 'auto'         # auto (the backbone's, dca_jax/backbones/) / imagenet (mean/std: DeiT, DINOv2) / inception ([-1, 1]: Google ViT, AugReg) / clip (CLIP's mean/std)
-  c.shuffle_buffer = 2048          # TFDS source: per-host shuffle buffer (folder/synthetic permute whole epochs)
-  c.num_parallel_calls = -1        # tf.data AUTOTUNE
-  c.verify_images = True           # folder source: decode every file once at start, skip bad ones
-  c.synthetic_num_train = 1000     # synthetic source only
-  c.synthetic_num_test = 500       # synthetic source only
-  c.synthetic_image_size = 64      # synthetic source only: generated image side in px
-  c.synthetic_seed = 0             # synthetic sets: the generation seed (fixed data whatever `seed` trains with)
-  c.synthetic_distractors = 3      # synthetic (FGVC) only: look-alike squares per image
-  c.synthetic_detail_size = 0.125  # synthetic (FGVC) only: side of the class-defining detail / image side
+INF = float('inf')
 
-def _reid_input_knobs(c: ml_collections.ConfigDict) -> None:
-  """Re-ID input (task=reid) knobs."""
-  c.num_instances = 4              # K images per identity in a batch; batch_size = P x K (paper 16 x 4)
-  c.crop_padding = 10              # pad by this many px, then random crop back to the input size
-  c.random_erasing = 0.5           # probability of random erasing per train image; 0 = off
-  c.random_erasing_fill = 'random' # random (values N(0, 1) once normalised, TransReID) / mean (the mean colour)
-  c.random_erasing_max_area = 1 / 3  # largest erased fraction of the image (TransReID's timm RandomErasing: 1/3; Zhong et al.: 0.4); the smallest is 0.02
 
-def _model_knobs(c: ml_collections.ConfigDict) -> None:
-  """Model knobs."""
-  c.backbone = 'deit_tiny'         # deit_tiny / deit_small / deit_base / vit_base / r50_vit_base (the paper's); dinov2_small / dinov2_base (+ _reg4) / clip_base / clip_base_quickgelu (dca_jax/backbones/)
-  c.backbone_overrides = ml_collections.ConfigDict(  # width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2
-      {k: ml_collections.config_dict.placeholder(int) for k in OVERRIDABLE_BACKBONE_FIELDS})
-  c.num_sa_layers = 12             # L (must equal the backbone depth)
-  c.num_glca_layers = 1            # M; 0 disables GLCA
-  c.num_pwca_layers = 12           # T; 0 disables PWCA; T < L uses the last T blocks
-  c.top_k_ratio = 0.1              # R: 0.1 FGVC, 0.3 Re-ID
-  c.glca_input = 'parallel'        # parallel: input of SA block L | on_top: output of SA block L
-  c.glca_pool = 'cls'              # GLCA head reads: cls (its CLS output) / mean (of CLS + the R local outputs) / local (mean of the R local outputs)
-  c.glca_select = 'rollout'        # GLCA's local queries: rollout (paper) / random patches / last_layer (attention of the last block before GLCA only) / rollout_lowest (the R lowest: a control)
-  c.rollout_layers = 'before_glca' # SA blocks the rollout accumulates: before_glca (1..L-1 with parallel GLCA) / all (1..L)
-  c.rollout_impl = 'vector'        # vector: CLS row as e0^T S_K ... S_1, O(L N^2) / running_product: one N x N map, O(L N^3), less memory
-  c.pwca_partners = 'per_device'   # PWCA partners drawn within each device's share (no key/value traffic) / global (over the whole batch)
-  c.pwca_partner_stop_gradient = False  # PWCA: no gradient flows into the partner's SA keys/values (the paper is silent)
-  c.glca_init_from_sa = True       # copy the last SA block into GLCA when pretrained weights load
-  c.loss_weighting = 'uncertainty' # uncertainty (Kendall et al.) | sum
-  c.loss_weights_init = 0.0        # initial w_b of the uncertainty loss (paper: 0)
-  c.loss_weights_lr_multiplier = 1.0  # the w_b learn at learning rate x this
-  c.label_smoothing = 0.0          # cross-entropy label smoothing (paper: none)
-  c.classifier_init_std = 0.02     # std of the classifiers' normal init: 0.02 timm (FGVC), 0.001 TransReID (Re-ID)
-  c.triplet_margin = 0.0           # task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin
-  c.triplet_feature = 'raw'        # task=reid: triplet distances of raw features (TransReID) / batch_standardized (collapse-proof from scratch: docs/REID.md)
-  c.bnneck = True                  # task=reid: BatchNorm neck between each branch's feature and its classifier
-  c.stochastic_depth_prob = 0.1    # drop-path rate of the last block (linear from 0)
-  c.attention_impl = 'xla'         # xla | cudnn (fused attention in SA/PWCA blocks whose attention maps are not needed)
-  c.use_gradient_checkpointing = True # nn.remat around every block (SA/PWCA/GLCA)
-  c.remat_policy = 'nothing_saveable'  # full, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable, ...
-  c.precision = 'auto'             # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)
-  c.pretrained_model = ''          # a file (.npz / .safetensors / .pth), a Hub id (timm/deit_tiny_patch16_224.fb_in1k: fetched once, cached) or a known name (tools/fetch_weights.py --list); none or '' = random init. FGVC/Re-ID configs: the paper's for the backbone
-  c.posemb_interpolation = 'bicubic'  # bicubic (timm) | bilinear (original ViT code)
+@dataclasses.dataclass(frozen=True)
+class Knob:
+  """One configuration knob, declared once: its default, its doc (the README's knob table) and
+  what values it takes (`choices`, or `within` = (low, high, low allowed); high is allowed)."""
+  name: str
+  default: Any                     # a value, or a function making a fresh one (ConfigDicts)
+  doc: str
+  section: str                     # data | reid | model | optim | eval
+  choices: Optional[tuple] = None
+  within: Optional[tuple] = None
 
-def _optimisation_knobs(c: ml_collections.ConfigDict) -> None:
-  """Optimisation knobs."""
-  c.optimizer = 'adamw'            # adamw (FGVC) | sgd (Re-ID: momentum, coupled L2 weight decay)
-  c.momentum = 0.9                 # sgd only
-  c.batch_size = 4                 # physical batch, global across devices
-  c.fsdp = False                   # shard params and optimizer state over the devices (else replicated)
-  c.gradient_accumulation_steps = 4 # micro-batches per update (optax.MultiSteps); effective batch = batch_size x this
-  c.auto_batch = False             # train: the memory planner picks batch_size x accumulation (same effective batch) and remat at start-up (docs/MEMORY.md)
-  c.plan_memory_margin = 0.1       # plan/auto_batch: fraction of the usable device memory kept free (cuDNN workspace, fragmentation)
-  c.plan_memory_gb = 0.0           # plan/auto_batch: device memory to plan for in GiB; 0 = the device's (JAX's pool: XLA_PYTHON_CLIENT_MEM_FRACTION of it)
-  c.plan_mfu = 0.4                 # plan: utilisation of the executed FLOPs (remat's included) assumed when turning FLOPs into step time
-  c.plan_search = False            # plan: compile candidates in order of preference and stop at the first that fits (what auto_batch does) instead of all
-  c.learning_rate = 5e-4           # base; scaled by effective batch / lr_reference_batch
-  c.lr_reference_batch = 512       # the effective batch at which learning_rate applies as is
-  c.weight_decay = 0.05            # AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights
-  c.warmup_epochs = 1.0            # linear warm-up, then cosine decay
-  c.warmup_factor = 0.0            # warm-up starts from this x the peak lr (TransReID: 0.01)
-  c.min_lr_factor = 0.0            # the cosine ends at this x the peak lr (TransReID: 0.002)
-  c.warmup_prefix = True           # the cosine starts at the peak after the warm-up; False: it spans the whole run, the warm-up overriding its start (timm without warmup_prefix: TransReID)
-  c.num_epochs = 100               # training length
-  c.max_grad_norm = 0.0            # 0 disables global-norm clipping
-  c.seed = 42                      # init, data order, augmentation, PWCA partners, drop path (not the synthetic data: synthetic_seed)
+  def value(self):
+    return self.default() if callable(self.default) else self.default
 
-def _evaluation_knobs(c: ml_collections.ConfigDict) -> None:
-  """Evaluation, checkpoints, logging knobs."""
-  c.eval_batch_size = 16           # global; the last batch is padded and masked
-  c.eval_frequency = 1             # epochs
-  c.evals = ml_collections.ConfigDict()  # evaluators by name: {name: {type: classification / retrieval / attention, prefix, options}}; empty = the task's (dca_jax/evaluators/)
-  c.best_metric = ''               # the eval metric the best checkpoint is chosen by; '' = the task's (accuracy / mAP), on the validation split when val_split > 0
-  c.test_flip = False              # FGVC: also score the probabilities averaged over each test image and its mirror (flip/accuracy beside the single-crop accuracy)
-  c.reid_feature = 'before_bn'     # task=reid: retrieval feature concat(SA, GLCA) taken before_bn / after_bn (the neck)
-  c.reid_normalize = True          # task=reid: L2-normalise the retrieval feature
-  c.reid_flip_test = False         # task=reid: average the features of the image and its mirror
-  c.reid_rerank = False            # task=reid: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)
-  c.save_frequency = 1             # epochs
-  c.save_every_steps = 0           # optimizer micro-steps; 0 = off (tests and pre-emptible jobs)
-  c.keep_checkpoints = 2           # latest N kept, plus the best by best_metric
-  c.log_every_steps = 10           # metrics to TensorBoard / metrics.jsonl / progress bar
-  c.wandb_project = ''             # log to Weights & Biases when set (pip install wandb)
-  c.max_steps = 0                  # stop after this many micro-steps; 0 = run num_epochs
+
+def _data_knobs(k) -> None:
+  """Data."""
+  k('task', 'fgvc', 'fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)', choices=TASKS)
+  k('dataset', 'synthetic', 'fgvc: cub | cars | aircraft | nabirds | dogs | pets | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid')
+  k('val_split', 0.0, "FGVC: fraction of each class's train images held out as a validation split (fixed draw, whatever the seed); `best` is then chosen on it", within=(0.0, 0.9, True))
+  k('data_source', 'synthetic', 'tfds | folder | synthetic', choices=('tfds', 'folder', 'synthetic'))
+  k('data_dir', '', 'TFDS data_dir, or the folder holding the official layout')
+  k('num_classes', 10, 'classes of the dataset (200 CUB, 196 Cars, 100 Aircraft, 555 NABirds, 120 Dogs, 37 Pets)', within=(1, INF, True))
+  k('input_size', 448, 'crop height in px (and width unless input_width is set)', within=(1, INF, True))
+  k('input_width', lambda: ml_collections.config_dict.placeholder(int), 'crop width in px; unset = input_size (square). Re-ID persons: 256 x 128', within=(1, INF, True))
+  k('resize_size', 550, 'FGVC: resize before the crop (square)', within=(1, INF, True))
+  k('test_crop', 'center_crop', 'center_crop (resize 550 -> centre 448) | resize (to 448)', choices=('center_crop', 'resize'))
+  k('train_interpolation', 'bilinear', "train resize: bilinear (FGVC) / bicubic (Re-ID: TransReID's); eval resizes are bilinear", choices=('bilinear', 'bicubic'))
+  k('normalization', 'auto', "auto (the backbone's, dca_jax/backbones/) / imagenet (mean/std: DeiT, DINOv2) / inception ([-1, 1]: Google ViT, AugReg) / clip (CLIP's mean/std)", choices=('auto',) + backbones.NORMALIZATIONS)
+  k('shuffle_buffer', 2048, 'TFDS source: per-host shuffle buffer (folder/synthetic permute whole epochs)', within=(1, INF, True))
+  k('num_parallel_calls', -1, 'tf.data AUTOTUNE', within=(-1, INF, True))
+  k('verify_images', True, 'folder source: decode every file once at start, skip bad ones')
+  k('synthetic_num_train', 1000, 'synthetic source only', within=(1, INF, True))
+  k('synthetic_num_test', 500, 'synthetic source only', within=(1, INF, True))
+  k('synthetic_image_size', 64, 'synthetic source only: generated image side in px', within=(8, INF, True))
+  k('synthetic_seed', 0, 'synthetic sets: the generation seed (fixed data whatever `seed` trains with)', within=(0, INF, True))
+  k('synthetic_distractors', 3, 'synthetic (FGVC) only: look-alike squares per image', within=(0, INF, True))
+  k('synthetic_detail_size', 0.125, 'synthetic (FGVC) only: side of the class-defining detail / image side', within=(0.0, 0.5, False))
+
+
+def _reid_input_knobs(k) -> None:
+  """Re-ID input (task=reid)."""
+  k('num_instances', 4, 'K images per identity in a batch; batch_size = P x K (paper 16 x 4)', within=(1, INF, True))
+  k('crop_padding', 10, 'pad by this many px, then random crop back to the input size', within=(0, INF, True))
+  k('random_erasing', 0.5, 'probability of random erasing per train image; 0 = off', within=(0.0, 1.0, True))
+  k('random_erasing_fill', 'random', 'random (values N(0, 1) once normalised, TransReID) / mean (the mean colour)', choices=('random', 'mean'))
+  k('random_erasing_max_area', 1 / 3, "largest erased fraction of the image (TransReID's timm RandomErasing: 1/3; Zhong et al.: 0.4); the smallest is 0.02", within=(0.02, 1.0, False))
+
+
+def _model_knobs(k) -> None:
+  """Model."""
+  k('backbone', 'deit_tiny', "deit_tiny / deit_small / deit_base / vit_base / r50_vit_base (the paper's); dinov2_small / dinov2_base (+ _reg4) / clip_base / clip_base_quickgelu (dca_jax/backbones/)", choices=BACKBONES)
+  k('backbone_overrides', lambda: ml_collections.ConfigDict(
+      {k: ml_collections.config_dict.placeholder(int) for k in OVERRIDABLE_BACKBONE_FIELDS}), 'width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2')
+  k('num_sa_layers', 12, 'L (must equal the backbone depth)', within=(1, INF, True))
+  k('num_glca_layers', 1, 'M; 0 disables GLCA', within=(0, 1, True))
+  k('num_pwca_layers', 12, 'T; 0 disables PWCA; T < L uses the last T blocks', within=(0, INF, True))
+  k('top_k_ratio', 0.1, 'R: 0.1 FGVC, 0.3 Re-ID', within=(0.0, 1.0, False))
+  k('glca_input', 'parallel', 'parallel: input of SA block L | on_top: output of SA block L', choices=('parallel', 'on_top'))
+  k('glca_pool', 'cls', 'GLCA head reads: cls (its CLS output) / mean (of CLS + the R local outputs) / local (mean of the R local outputs)', choices=('cls', 'mean', 'local'))
+  k('glca_select', 'rollout', "GLCA's local queries: rollout (paper) / random patches / last_layer (attention of the last block before GLCA only) / rollout_lowest (the R lowest: a control)", choices=('rollout', 'random', 'last_layer', 'rollout_lowest'))
+  k('rollout_layers', 'before_glca', 'SA blocks the rollout accumulates: before_glca (1..L-1 with parallel GLCA) / all (1..L)', choices=('before_glca', 'all'))
+  k('rollout_impl', 'vector', 'vector: CLS row as e0^T S_K ... S_1, O(L N^2) / running_product: one N x N map, O(L N^3), less memory', choices=('vector', 'running_product'))
+  k('pwca_partners', 'per_device', "PWCA partners drawn within each device's share (no key/value traffic) / global (over the whole batch)", choices=('per_device', 'global'))
+  k('pwca_partner_stop_gradient', False, "PWCA: no gradient flows into the partner's SA keys/values (the paper is silent)")
+  k('glca_init_from_sa', True, 'copy the last SA block into GLCA when pretrained weights load')
+  k('loss_weighting', 'uncertainty', 'uncertainty (Kendall et al.) | sum', choices=('uncertainty', 'sum'))
+  k('loss_weights_init', 0.0, 'initial w_b of the uncertainty loss (paper: 0)', within=(-INF, INF, True))
+  k('loss_weights_lr_multiplier', 1.0, 'the w_b learn at learning rate x this', within=(0.0, INF, True))
+  k('label_smoothing', 0.0, 'cross-entropy label smoothing (paper: none)', within=(0.0, 0.999, True))
+  k('classifier_init_std', 0.02, "std of the classifiers' normal init: 0.02 timm (FGVC), 0.001 TransReID (Re-ID)", within=(0.0, INF, True))
+  k('triplet_margin', 0.0, 'task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin', within=(0.0, INF, True))
+  k('triplet_feature', 'raw', 'task=reid: triplet distances of raw features (TransReID) / batch_standardized (collapse-proof from scratch: docs/REID.md)', choices=('raw', 'batch_standardized'))
+  k('bnneck', True, "task=reid: BatchNorm neck between each branch's feature and its classifier")
+  k('stochastic_depth_prob', 0.1, 'drop-path rate of the last block (linear from 0)', within=(0.0, 0.999, True))
+  k('attention_impl', 'xla', 'xla | cudnn (fused attention in SA/PWCA blocks whose attention maps are not needed)', choices=('xla', 'cudnn'))
+  k('use_gradient_checkpointing', True, 'nn.remat around every block (SA/PWCA/GLCA)')
+  k('remat_policy', 'nothing_saveable', 'full, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable, ...')
+  k('precision', 'auto', 'fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)', choices=('auto', 'fp32', 'bf16', 'fp16'))
+  k('pretrained_model', '', "a file (.npz / .safetensors / .pth), a Hub id (timm/deit_tiny_patch16_224.fb_in1k: fetched once, cached) or a known name (tools/fetch_weights.py --list); none or '' = random init. FGVC/Re-ID configs: the paper's for the backbone")
+  k('posemb_interpolation', 'bicubic', 'bicubic (timm) | bilinear (original ViT code)', choices=('bicubic', 'bilinear'))
+
+
+def _optimisation_knobs(k) -> None:
+  """Optimisation."""
+  k('optimizer', 'adamw', 'adamw (FGVC) | sgd (Re-ID: momentum, coupled L2 weight decay)', choices=('adamw', 'sgd'))
+  k('momentum', 0.9, 'sgd only', within=(0.0, 0.999, True))
+  k('batch_size', 4, 'physical batch, global across devices', within=(1, INF, True))
+  k('fsdp', False, 'shard params and optimizer state over the devices (else replicated)')
+  k('gradient_accumulation_steps', 4, 'micro-batches per update (optax.MultiSteps); effective batch = batch_size x this', within=(1, INF, True))
+  k('auto_batch', False, 'train: the memory planner picks batch_size x accumulation (same effective batch) and remat at start-up (docs/MEMORY.md)')
+  k('plan_memory_margin', 0.1, 'plan/auto_batch: fraction of the usable device memory kept free (cuDNN workspace, fragmentation)', within=(0.0, 0.9, True))
+  k('plan_memory_gb', 0.0, "plan/auto_batch: device memory to plan for in GiB; 0 = the device's (JAX's pool: XLA_PYTHON_CLIENT_MEM_FRACTION of it)", within=(0.0, INF, True))
+  k('plan_mfu', 0.4, "plan: utilisation of the executed FLOPs (remat's included) assumed when turning FLOPs into step time", within=(0.0, 1.0, False))
+  k('plan_search', False, 'plan: compile candidates in order of preference and stop at the first that fits (what auto_batch does) instead of all')
+  k('learning_rate', 5e-4, 'base; scaled by effective batch / lr_reference_batch', within=(0.0, INF, False))
+  k('lr_reference_batch', 512, 'the effective batch at which learning_rate applies as is', within=(1, INF, True))
+  k('weight_decay', 0.05, 'AdamW decoupled decay; not on biases, norms, pos_embed, cls_token, loss weights', within=(0.0, INF, True))
+  k('warmup_epochs', 1.0, 'linear warm-up, then cosine decay', within=(0.0, INF, True))
+  k('warmup_factor', 0.0, 'warm-up starts from this x the peak lr (TransReID: 0.01)', within=(0.0, 1.0, True))
+  k('min_lr_factor', 0.0, 'the cosine ends at this x the peak lr (TransReID: 0.002)', within=(0.0, 1.0, True))
+  k('warmup_prefix', True, 'the cosine starts at the peak after the warm-up; False: it spans the whole run, the warm-up overriding its start (timm without warmup_prefix: TransReID)')
+  k('num_epochs', 100, 'training length', within=(0.0, INF, False))
+  k('max_grad_norm', 0.0, '0 disables global-norm clipping', within=(0.0, INF, True))
+  k('seed', 42, 'init, data order, augmentation, PWCA partners, drop path (not the synthetic data: synthetic_seed)', within=(0, INF, True))
+
+
+def _evaluation_knobs(k) -> None:
+  """Evaluation, checkpoints, logging."""
+  k('eval_batch_size', 16, 'global; the last batch is padded and masked', within=(1, INF, True))
+  k('eval_frequency', 1, 'epochs', within=(1, INF, True))
+  k('evals', lambda: ml_collections.ConfigDict(), "evaluators by name: {name: {type: classification / retrieval / attention, prefix, options}}; empty = the task's (dca_jax/evaluators/)")
+  k('best_metric', '', "the eval metric the best checkpoint is chosen by; '' = the task's (accuracy / mAP), on the validation split when val_split > 0")
+  k('test_flip', False, 'FGVC: also score the probabilities averaged over each test image and its mirror (flip/accuracy beside the single-crop accuracy)')
+  k('reid_feature', 'before_bn', 'task=reid: retrieval feature concat(SA, GLCA) taken before_bn / after_bn (the neck)', choices=('before_bn', 'after_bn'))
+  k('reid_normalize', True, 'task=reid: L2-normalise the retrieval feature')
+  k('reid_flip_test', False, 'task=reid: average the features of the image and its mirror')
+  k('reid_rerank', False, 'task=reid: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)')
+  k('save_frequency', 1, 'epochs', within=(1, INF, True))
+  k('save_every_steps', 0, 'optimizer micro-steps; 0 = off (tests and pre-emptible jobs)', within=(0, INF, True))
+  k('keep_checkpoints', 2, 'latest N kept, plus the best by best_metric', within=(1, INF, True))
+  k('log_every_steps', 10, 'metrics to TensorBoard / metrics.jsonl / progress bar', within=(1, INF, True))
+  k('wandb_project', '', 'log to Weights & Biases when set (pip install wandb)')
+  k('max_steps', 0, 'stop after this many micro-steps; 0 = run num_epochs', within=(0, INF, True))
+
+
+# The sections, in the README's order. A knob is one `k(...)` line in its section's function.
+SECTIONS = (('data', _data_knobs), ('reid', _reid_input_knobs), ('model', _model_knobs),
+            ('optim', _optimisation_knobs), ('eval', _evaluation_knobs))
+
+
+def _declare() -> dict[str, Knob]:
+  knobs: dict[str, Knob] = {}
+  for section, declare in SECTIONS:
+    def k(name, default, doc, *, choices=None, within=None, section=section):
+      assert name not in knobs, f'knob {name} declared twice'
+      knobs[name] = Knob(name, default, doc, section, choices, within)
+    declare(k)
+  return knobs
+
+
+KNOBS = _declare()
+# Every choice knob's values and every numeric knob's range (the data package and the model
+# read them from here).
+CHOICES = {name: knob.choices for name, knob in KNOBS.items() if knob.choices is not None}
+RANGES = {name: knob.within for name, knob in KNOBS.items() if knob.within is not None}
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Every knob at its default (FGVC on the synthetic set): the README's knob table."""
   c = ml_collections.ConfigDict()
-  for add_knobs in (_data_knobs, _reid_input_knobs, _model_knobs, _optimisation_knobs,
-                    _evaluation_knobs):
-    add_knobs(c)
+  for knob in KNOBS.values():
+    c[knob.name] = knob.value()
   return c
 
 
@@ -167,57 +214,6 @@ def reid_config(backbone: str = 'vit_base') -> ml_collections.ConfigDict:
   return task_config('reid', backbone)
 
 
-# Every choice knob and its values (the data package and the model read them from here).
-CHOICES = {
-    'task': TASKS,
-    'data_source': ('tfds', 'folder', 'synthetic'),
-    'test_crop': ('center_crop', 'resize'),
-    'train_interpolation': ('bilinear', 'bicubic'),
-    'backbone': BACKBONES,
-    'normalization': ('auto',) + backbones.NORMALIZATIONS,
-    'random_erasing_fill': ('random', 'mean'),
-    'glca_input': ('parallel', 'on_top'),
-    'glca_pool': ('cls', 'mean', 'local'),
-    'glca_select': ('rollout', 'random', 'last_layer', 'rollout_lowest'),
-    'rollout_layers': ('before_glca', 'all'),
-    'rollout_impl': ('vector', 'running_product'),
-    'loss_weighting': ('uncertainty', 'sum'),
-    'attention_impl': ('xla', 'cudnn'),
-    'precision': ('auto', 'fp32', 'bf16', 'fp16'),
-    'posemb_interpolation': ('bicubic', 'bilinear'),
-    'optimizer': ('adamw', 'sgd'),
-    'reid_feature': ('before_bn', 'after_bn'),
-    'triplet_feature': ('raw', 'batch_standardized'),
-    'pwca_partners': ('per_device', 'global'),
-}
-INF = float('inf')
-# Every numeric knob's range: (low, high, whether low is allowed); high is always allowed.
-RANGES = {
-    'num_classes': (1, INF, True), 'input_size': (1, INF, True), 'input_width': (1, INF, True),
-    'resize_size': (1, INF, True), 'shuffle_buffer': (1, INF, True),
-    'num_parallel_calls': (-1, INF, True), 'synthetic_num_train': (1, INF, True),
-    'synthetic_num_test': (1, INF, True), 'synthetic_image_size': (8, INF, True),
-    'synthetic_distractors': (0, INF, True), 'synthetic_detail_size': (0.0, 0.5, False),
-    'synthetic_seed': (0, INF, True), 'num_instances': (1, INF, True),
-    'val_split': (0.0, 0.9, True),
-    'crop_padding': (0, INF, True), 'random_erasing': (0.0, 1.0, True),
-    'random_erasing_max_area': (0.02, 1.0, False), 'classifier_init_std': (0.0, INF, True),
-    'warmup_factor': (0.0, 1.0, True), 'min_lr_factor': (0.0, 1.0, True),
-    'num_sa_layers': (1, INF, True), 'num_glca_layers': (0, 1, True),
-    'num_pwca_layers': (0, INF, True), 'top_k_ratio': (0.0, 1.0, False),
-    'loss_weights_init': (-INF, INF, True), 'loss_weights_lr_multiplier': (0.0, INF, True),
-    'label_smoothing': (0.0, 0.999, True), 'triplet_margin': (0.0, INF, True),
-    'stochastic_depth_prob': (0.0, 0.999, True), 'momentum': (0.0, 0.999, True),
-    'batch_size': (1, INF, True), 'gradient_accumulation_steps': (1, INF, True),
-    'learning_rate': (0.0, INF, False), 'lr_reference_batch': (1, INF, True),
-    'weight_decay': (0.0, INF, True), 'warmup_epochs': (0.0, INF, True),
-    'num_epochs': (0.0, INF, False), 'max_grad_norm': (0.0, INF, True), 'seed': (0, INF, True),
-    'eval_batch_size': (1, INF, True), 'eval_frequency': (1, INF, True),
-    'save_frequency': (1, INF, True), 'save_every_steps': (0, INF, True),
-    'keep_checkpoints': (1, INF, True), 'log_every_steps': (1, INF, True),
-    'max_steps': (0, INF, True), 'plan_memory_margin': (0.0, 0.9, True),
-    'plan_memory_gb': (0.0, INF, True), 'plan_mfu': (0.0, 1.0, False),
-}
 
 
 class ConfigError(ValueError):

@@ -42,7 +42,7 @@ SCRATCH_WORDS = ('', 'none', 'scratch')
 CHECKPOINT_EXTENSIONS = ('.npz', '.safetensors', '.pth', '.pt', '.bin')
 DEFAULT_HUB_FILE = 'model.safetensors'
 GOOGLE_BUCKET_URL = 'https://storage.googleapis.com/vit_models/'
-FETCH_TOOL = 'python tools/fetch_weights.py'
+FETCH_TOOL = 'python -m tools.fetch_weights'
 
 
 class WeightFetchError(WeightLoadError):

@@ -49,8 +49,8 @@ def test_unknown_key_and_bad_choice_are_named():
 
 
 def test_readme_knob_table_is_current():
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'knob_table.py'), '--check',
-                      os.path.join(ROOT, 'README.md')], capture_output=True, text=True)
+  r = subprocess.run([sys.executable, '-m', 'tools.knob_table', '--check', 'README.md'],
+                     capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0, r.stderr
 
 

@@ -120,7 +120,7 @@ def test_cached_file_is_used_when_the_hub_cannot_be_reached(hf_home):
 def _fetch_tool(hf_home, *names):
   env = dict(os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE='1')
   env.pop('HF_HUB_CACHE', None)
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'fetch_weights.py'), *names],
+  return subprocess.run([sys.executable, '-m', 'tools.fetch_weights', *names], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -139,7 +139,7 @@ def test_offline_and_not_cached_is_one_line_with_the_ways_out(hf_home):
   assert line.startswith(f"error: pretrained_model '{name}': could not fetch model.safetensors")
   assert 'HF_HUB_OFFLINE=1' in line and os.path.join(hf_home, 'hub') in line
   assert '--config.pretrained_model=/path/to/' in line
-  assert f'python tools/fetch_weights.py {name}' in line
+  assert f'python -m tools.fetch_weights {name}' in line
 
 
 def test_checksum_mismatch_is_one_line(hf_home):

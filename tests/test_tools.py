@@ -1,15 +1,10 @@
 """The ablation tool's bookkeeping: overrides parsed as on the CLI, mean ± std tables, resume."""
 
 import json
-import os
-import sys
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, 'tools'))
-import ablate  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from tools import ablate
 
 
 def test_overrides_and_test_time_swaps_parse_as_on_the_command_line():

@@ -1,11 +1,11 @@
 """Ablation grids: config variants x seeds, each trained and evaluated by the normal main.py.
 
-  python tools/ablate.py --grid paper --seeds 0,1,2                  # the paper's ablations, demo
-  python tools/ablate.py --grid paper --variants dcal_local_rollout,dcal_local_random --seeds 0,1,2
-  python tools/ablate.py --config configs/cub.py --grid selection --seeds 0,1,2 \
+  python -m tools.ablate --grid paper --seeds 0,1,2                  # the paper's ablations, demo
+  python -m tools.ablate --grid paper --variants dcal_local_rollout,dcal_local_random --seeds 0,1,2
+  python -m tools.ablate --config configs/cub.py --grid selection --seeds 0,1,2 \
       --set data_dir=/data --set pretrained_model=/w/deit_tiny.safetensors --out runs/ablate_cub
-  python tools/ablate.py --grid paper --table_only                   # re-write the table
-  python tools/ablate.py --grid selection --variants dcal_local_rollout \
+  python -m tools.ablate --grid paper --table_only                   # re-write the table
+  python -m tools.ablate --grid selection --variants dcal_local_rollout \
       --test_time random:glca_select=random --test_time last_layer:glca_select=last_layer
 
 Each run is `main.py --mode train` then `main.py --mode eval` (the restored checkpoint) into

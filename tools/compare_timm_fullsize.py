@@ -3,7 +3,7 @@
 Run from the repo root with a Python that has torch + timm and jax/flax; here the torch venv plus
 the system site-packages (same Python 3.11, same numpy) for jax:
   PYTHONPATH=/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages \
-      /work/venvs/torch/bin/python tools/compare_timm_fullsize.py [--only deit_tiny_224 ...]
+      /work/venvs/torch/bin/python -m tools.compare_timm_fullsize [--only deit_tiny_224 ...]
 
 For each case: create the timm model (pretrained=False), perturb every parameter as
 tools/make_timm_fixtures.py does (unit-gain weights, non-trivial norms/biases/tokens, so the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -29,8 +28,6 @@ from safetensors.torch import save_file
 import timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'tools'))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

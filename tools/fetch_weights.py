@@ -1,9 +1,9 @@
 """Fills the weight cache where the network is open, so that a job without it finds the files.
 
-  python tools/fetch_weights.py --paper                 # the paper's weights for every backbone
-  python tools/fetch_weights.py timm/deit_tiny_patch16_224.fb_in1k imagenet21k/ViT-B_16.npz
-  python tools/fetch_weights.py --list                  # the names we know, and the paper's
-  HF_HUB_OFFLINE=1 python tools/fetch_weights.py NAME   # only check what the cache holds
+  python -m tools.fetch_weights --paper                 # the paper's weights for every backbone
+  python -m tools.fetch_weights timm/deit_tiny_patch16_224.fb_in1k imagenet21k/ViT-B_16.npz
+  python -m tools.fetch_weights --list                  # the names we know, and the paper's
+  HF_HUB_OFFLINE=1 python -m tools.fetch_weights NAME   # only check what the cache holds
 
 Run it with the HF_HOME (or HF_HUB_CACHE) the training job will see, e.g. on a cluster's login
 node before a SLURM job on nodes without network: the job then reads the cache. Each file is
@@ -15,7 +15,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ host platform, and XLA's GPU target specs (xla/backends/gpu/target_config/specs/
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false /tmp/cuda-venv/bin/python \
       tools/gpu_memory_table.py --specs SPEC_DIR --groups core,cards,backbones,reid,multi,extra \
       --out benchmarks/results/plan_gpu.jsonl
-  python tools/gpu_memory_table.py --render benchmarks/results/plan_gpu.jsonl   # markdown
+  python -m tools.gpu_memory_table --render benchmarks/results/plan_gpu.jsonl   # markdown
 
 Rows already in --out (same key) are skipped, so an interrupted run continues.
 """
@@ -20,9 +20,7 @@ import argparse
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SPECS = {'v100': 'v100.txtpb', 'a100_40': 'a100_sxm_40.txtpb', 'a100_80': 'a100_sxm_80.txtpb',
          'h100': 'h100_sxm.txtpb', 'h200': 'h200.txtpb'}

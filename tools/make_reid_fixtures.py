@@ -17,8 +17,8 @@ Set-up (a torch venv; the references need torch only for `compute_distance_matri
       fastreid==1.4.0
   /work/venvs/torch/bin/pip install Cython setuptools    # to build fast-reid's rank_cy.pyx
 Run from the repository root:
-  /work/venvs/torch/bin/python tools/make_reid_fixtures.py [--out tests/fixtures/reid_metrics.npz]
-  /work/venvs/torch/bin/python tools/make_reid_fixtures.py --bench   # speed vs the references
+  /work/venvs/torch/bin/python -m tools.make_reid_fixtures [--out tests/fixtures/reid_metrics.npz]
+  /work/venvs/torch/bin/python -m tools.make_reid_fixtures --bench   # speed vs the references
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import importlib.metadata
 import importlib.util
 import io
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -213,7 +212,6 @@ def build(refs: References) -> dict:
 
 
 def bench(refs: References):
-  sys.path.insert(0, ROOT)
   from dca_jax.reid import metrics
 
   def timed(fn, *args, **kw):

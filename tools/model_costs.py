@@ -12,17 +12,14 @@ products (rollout_impl='vector', the default: O(K N^2)); the alternative running
 K-2 full (N+1)^3 matrix products (O(K N^3)), which at 448 px (N+1 = 785) is large next to a
 DeiT-Tiny forward pass. Both are measured, with the model and alone.
 
-  python tools/model_costs.py                       # all variants' params; FLOPs for deit_tiny, vit_base
-  python tools/model_costs.py --flops_variants deit_tiny --size 448 --num_classes 200
+  python -m tools.model_costs                       # all variants' params; FLOPs for deit_tiny, vit_base
+  python -m tools.model_costs --flops_variants deit_tiny --size 448 --num_classes 200
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Parameter counts of the backbone variants at 448 px, 200 classes: ours vs timm.
 
 Run with the timm venv (torch + timm + jax/flax), from the repo root:
-  /work/timm_venv/bin/python tools/param_counts.py [--write docs/PARAMS.md]
+  /work/timm_venv/bin/python -m tools.param_counts [--write docs/PARAMS.md]
 
 Ours: `vit.VisionTransformer(get_variant(v), num_classes=200)` shapes from `jax.eval_shape`
 (no real init). timm: `timm.create_model(name, pretrained=False, img_size=448, num_classes=200)`.
@@ -14,10 +14,8 @@ import argparse
 import math
 import os
 import re
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

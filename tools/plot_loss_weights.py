@@ -1,7 +1,7 @@
 """Plots the uncertainty loss weights w_b (and each branch's loss) over training from runs'
 metrics.jsonl: how far the "dynamic" weighting actually moves.
 
-  python tools/plot_loss_weights.py --out docs/images/loss_weights.png \
+  python -m tools.plot_loss_weights --out docs/images/loss_weights.png \
       x1=runs/ablate/dcal_cls/seed_0 x10=runs/ablate/dcal_lw_lr_x10/seed_0
 
 Each argument is LABEL=WORKDIR. Left: w_sa, w_glca, w_pwca per run (solid, dashed, dotted);

@@ -22,7 +22,7 @@ Defaults (the issue's set sizes): 300 train identities x 6 images over 2-4 of th
 150 test identities, 1 query + 3 gallery images each from distinct cameras, 75 distractors:
 150 queries x 525 gallery images. 64 x 32 px (height x width), JPEG quality 95.
 
-  python tools/real_reid.py --out /tmp/digits_reid        # writes + prints counts, pixel mAP
+  python -m tools.real_reid --out /tmp/digits_reid        # writes + prints counts, pixel mAP
   python main.py --config configs/reid_demo.py:real --workdir runs/reid_real \
       --config.data_dir=/tmp/digits_reid                 # (see docs/REID.md)
 
@@ -283,7 +283,6 @@ def ensure(base_dir: str, params: Params = Params()) -> str:
 
 def pixel_baseline(data_dir: str) -> tuple[float, float]:
   """Raw-pixel nearest-neighbour (mAP, rank-1) of the set under `data_dir`."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from dca_jax.data import reid_sources, synthetic_reid  # pylint: disable=g-import-not-at-top
   dataset = reid_sources.read_reid('market1501', data_dir, False)
   return synthetic_reid.raw_pixel_map(dataset)

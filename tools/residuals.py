@@ -6,8 +6,8 @@ allocated, so ViT-B at 448 px costs only the trace. Residuals that are function 
 (the parameters, the images) are held anyway and are reported separately; the "activations"
 column is what remat is meant to shrink.
 
-  python tools/residuals.py                         # ViT-B, 448 px, batch 4, fp32 + bf16
-  python tools/residuals.py --backbone deit_tiny --batch 16 --dtypes fp32 --top 15
+  python -m tools.residuals                         # ViT-B, 448 px, batch 4, fp32 + bf16
+  python -m tools.residuals --backbone deit_tiny --batch 16 --dtypes fp32 --top 15
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ import argparse
 import collections
 import contextlib
 import io
-import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.ad_checkpoint  # noqa: F401  (print_saved_residuals)

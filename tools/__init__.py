@@ -1,0 +1,1 @@
+"""tools/: scripts run from the repository root as modules: python -m tools.<name>."""
