@@ -5,12 +5,15 @@ weights): the same tiny ViT and R50-hybrid saved as timm `.safetensors`/`.pth` a
 `.npz` (checked there with timm's own npz loader), with timm's logits at 32 px (native), 64 px
 and the non-square 64x32 and 48x24 px (timm built at `img_size=(H, W)`, position embedding resized
 by timm's `checkpoint_filter_fn` from the 4x4 grid to 8x8, 8x4, 6x3). No torch import here: the
-`.pth` cases are skipped where torch is not installed.
+`.pth` files are read by weights.py's own torch.save reader (torch.load where torch is installed);
+`tools/make_torch_fixtures.py` (torch only) wrote the legacy-format and tensor-layout fixtures.
 """
 
 import copy
 import importlib.util
 import os
+import pickle
+import sys
 import zipfile
 
 import jax
@@ -30,8 +33,7 @@ CONFIGS = {
     'hybrid': vit.ViTConfig(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=1,
                             resnet_layers=(1, 1), resnet_width=32),
 }
-FORMATS = ['npz', 'safetensors',
-           pytest.param('pth', marks=pytest.mark.skipif(not HAS_TORCH, reason='torch not installed'))]
+FORMATS = ['npz', 'safetensors', 'pth']
 
 
 @pytest.fixture(scope='module')
@@ -262,9 +264,9 @@ def test_unknown_format(tmp_path):
     W.load_pretrained(other, params, CONFIGS['vit'])
 
 
-@pytest.mark.parametrize('ext', ['npz', 'safetensors', 'pth'])
+@pytest.mark.parametrize('ext', ['npz', 'safetensors', 'pth', 'legacy.pth'])
 def test_truncated_file(tmp_path, ext):
-  with open(os.path.join(FIX, f'vit.{ext}'), 'rb') as f:
+  with open(os.path.join(FIX, f'vit.{ext}'.replace('.legacy', '_legacy')), 'rb') as f:
     data = f.read()
   path = tmp_path / f'cut.{ext}'
   path.write_bytes(data[:len(data) // 2])
@@ -281,13 +283,72 @@ def test_pickle_npz_refused(tmp_path):
   assert zipfile.is_zipfile(path)
 
 
-def test_torch_zip_needs_torch_or_loads(tmp_path):
-  path = os.path.join(FIX, 'vit.pth')
-  if HAS_TORCH:
-    assert set(W.read_checkpoint(path)) == set(_timm_state())
-  else:
-    with pytest.raises(W.WeightLoadError, match='needs torch'):
-      W.read_checkpoint(path)
+@pytest.fixture
+def no_torch(monkeypatch):
+  """`import torch` fails, as in the test environment: weights.py's own reader runs."""
+  monkeypatch.setitem(sys.modules, 'torch', None)
+
+
+@pytest.mark.parametrize('name', ['torch_layouts.pth', 'torch_layouts_legacy.pth'])
+def test_torch_save_read_without_torch_equals_torch(no_torch, name):
+  """Zip and legacy torch.save files: every dtype, a transposed tensor, a slice at a storage
+  offset, views sharing a storage, a Parameter, 0-d and empty tensors, each equal to torch's own
+  `.numpy()` (torch_layouts.npz, written by torch), with the `model` wrapper unwrapped."""
+  with np.load(os.path.join(FIX, 'torch_layouts.npz')) as f:
+    want = {k: f[k] for k in f.files}
+  got = W.read_checkpoint(os.path.join(FIX, name))
+  assert got.keys() == want.keys()
+  for key in want:
+    assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize('name', ['vit.pth', 'vit_legacy.pth'])
+def test_timm_pth_read_without_torch_equals_safetensors(no_torch, name):
+  got, want = W.read_checkpoint(os.path.join(FIX, name)), _timm_state()
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='torch not installed')
+@pytest.mark.parametrize('name', ['vit.pth', 'vit_legacy.pth', 'torch_layouts.pth'])
+def test_torch_load_and_our_reader_agree(name, monkeypatch):
+  path = os.path.join(FIX, name)
+  with_torch = W.read_checkpoint(path)
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  without = W.read_checkpoint(path)
+  assert with_torch.keys() == without.keys()
+  for key in with_torch:
+    np.testing.assert_array_equal(with_torch[key], without[key], err_msg=key)
+
+
+class _MakeDir:
+  """A pickle that, if loaded by a plain unpickler, creates a directory."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize('layout', ['zip', 'legacy'])
+def test_torch_pickle_naming_other_code_is_refused_unrun(no_torch, tmp_path, layout):
+  marker = tmp_path / 'ran'
+  payload = pickle.dumps({'weight': _MakeDir(str(marker))}, protocol=2)
+  path = tmp_path / 'evil.pth'
+  if layout == 'zip':  # torch's zip layout: <archive>/data.pkl
+    with zipfile.ZipFile(path, 'w') as archive:
+      archive.writestr('evil/data.pkl', payload)
+      archive.writestr('evil/byteorder', 'little')
+  else:  # legacy: magic, protocol, sys_info, then the object
+    path.write_bytes(b''.join(pickle.dumps(v, protocol=2) for v in (
+        0x1950a86a20f9469cfc6c, 1001, {'little_endian': True})) + payload)
+  with pytest.raises(W.WeightLoadError, match=r'evil\.pth: .*mkdir, which is refused') as e:
+    W.read_checkpoint(path)
+  assert '\n' not in str(e.value)
+  assert not marker.exists()  # the refused global was never called
 
 
 # ---------------------------------------------------------------------------------------------
