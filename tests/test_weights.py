@@ -401,3 +401,37 @@ def test_resize_posemb_identity_and_errors(expected):
     W.resize_posemb(pe, 9, 'nearest')
   with pytest.raises(ValueError, match='not square'):
     W.resize_posemb(pe[:, :-1], 9, 'bicubic')
+
+
+# ---------------------------------------------------------------------------------------------
+# GLCA's start from a pretrained load (train.load_pretrained_params)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('from_sa', [True, False])
+def test_glca_block_starts_as_the_loaded_last_block(from_sa):
+  """DCAL's params from the timm fixture: with glca_init_from_sa the GLCA block is a copy of the
+  *loaded* last block (timm's blocks.1, after the load, not the init nor block_0); without it,
+  GLCA keeps its initialisation. The GLCA norm and head are not in the checkpoint either way."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from dca_jax import train  # pylint: disable=g-import-not-at-top
+  from dca_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  config = tiny_config(pretrained_model=os.path.join(FIX, 'vit.safetensors'),
+                       glca_init_from_sa=from_sa)
+  config.backbone_overrides.update(width=48, depth=2, num_heads=2, mlp_dim=192, patch_size=8)
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes['params'])
+  loaded = train.load_pretrained_params(config, params)
+  timm = _timm_state()
+  np.testing.assert_array_equal(loaded['block_1']['attn']['qkv']['kernel'],
+                                timm['blocks.1.attn.qkv.weight'].T)
+  glca = loaded['glca_block']
+  if from_sa:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, glca, loaded['block_1'])
+    assert glca['attn']['qkv']['kernel'] is not loaded['block_1']['attn']['qkv']['kernel']
+    assert not np.array_equal(glca['mlp']['fc1']['kernel'], loaded['block_0']['mlp']['fc1']['kernel'])
+  else:
+    jax.tree_util.tree_map(lambda a: np.testing.assert_array_equal(a, 0.5), glca)
+  for name in ('glca_norm', 'glca_head'):
+    jax.tree_util.tree_map(lambda a: np.testing.assert_array_equal(a, 0.5), loaded[name])
