@@ -193,6 +193,13 @@ def japply(model, params, x, partner=None, with_selection=False, rngs=None):
   return fn(params, x, partner, rngs)
 
 
+def jblock(*static):
+  """EncoderBlock.apply with its positional flags bound, jitted (run eagerly, every op of the
+  block compiles on its own: seconds per call on CPU)."""
+  blk = vit.EncoderBlock(TINY.width, TINY.num_heads, TINY.mlp_dim)
+  return jax.jit(lambda p, x, *arrays: blk.apply(p, x, *static, *arrays), **FAST)
+
+
 def images(seed=1, batch=B, size=SIZE):
   return jax.random.normal(jax.random.PRNGKey(seed), (batch, size, size, 3))
 
@@ -254,9 +261,9 @@ def test_block_head_mean_attention_matches_numpy():
   x = np.asarray(images(), np.float64)
   p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   h = np_embed(p64['embed'], x, TINY.patch_size)
-  blk = vit.EncoderBlock(TINY.width, TINY.num_heads, TINY.mlp_dim)
+  block = jblock(True, True)
   for i in range(TINY.depth):
-    y, (k, v), m = blk.apply(block_params(params, i), jnp.asarray(h, jnp.float32), True, True)
+    y, (k, v), m = block(block_params(params, i), jnp.asarray(h, jnp.float32))
     ry, (rk, rv), rm = np_block(p64[f'block_{i}'], h, TINY.num_heads)
     np.testing.assert_allclose(m, rm, **TOL)
     np.testing.assert_allclose(y, ry, **TOL)
@@ -318,11 +325,10 @@ def test_glca_all_queries_equals_self_attention_block():
   model = make_model()
   params = init_params(model)
   x = jax.random.normal(jax.random.PRNGKey(3), (B, 17, TINY.width))
-  blk = vit.EncoderBlock(TINY.width, TINY.num_heads, TINY.mlp_dim)
   bp = block_params(params, 1)
-  sa, _, _ = blk.apply(bp, x)
+  sa, _, _ = jblock()(bp, x)
   perm = jnp.stack([jax.random.permutation(jax.random.PRNGKey(b), 17) for b in range(B)])
-  glca, _, _ = blk.apply(bp, x, True, False, perm)
+  glca, _, _ = jblock(True, False)(bp, x, perm)
   # compare after sorting rows back by token index
   unperm = jnp.take_along_axis(glca, jnp.argsort(perm, axis=1)[:, :, None], axis=1)
   np.testing.assert_allclose(unperm, sa, rtol=1e-5, atol=1e-5)
@@ -369,12 +375,12 @@ def test_glca_cls_output_does_not_depend_on_the_selection():
   for l in logits[1:]:
     np.testing.assert_allclose(l, logits[0], rtol=1e-5, atol=1e-5)
   # block level: CLS row for two disjoint random selections
-  blk = vit.EncoderBlock(TINY.width, TINY.num_heads, TINY.mlp_dim)
+  glca = jblock(True, False)
   h = jax.random.normal(jax.random.PRNGKey(3), (B, 17, TINY.width))
   a = jnp.tile(jnp.array([[0, 1, 2, 3]]), (B, 1))
   b = jnp.tile(jnp.array([[0, 9, 12, 16]]), (B, 1))
-  ya = blk.apply({'params': params['glca_block']}, h, True, False, a)[0]
-  yb = blk.apply({'params': params['glca_block']}, h, True, False, b)[0]
+  ya = glca({'params': params['glca_block']}, h, a)[0]
+  yb = glca({'params': params['glca_block']}, h, b)[0]
   np.testing.assert_allclose(ya[:, 0], yb[:, 0], rtol=1e-6, atol=1e-6)
 
 
@@ -499,7 +505,7 @@ def test_no_dead_compute_when_the_selection_cannot_reach_the_outputs():
 
 def test_loss_weights_start_at_their_configured_value():
   model = make_model(loss_weights_init=0.5)
-  v = model.init(jax.random.PRNGKey(0), images())
+  v = jax.jit(model.init, **FAST)(jax.random.PRNGKey(0), images())
   np.testing.assert_array_equal(v['params']['loss_weights'], [0.5, 0.5, 0.5])
 
 
@@ -529,12 +535,14 @@ def test_bnneck_is_pytorch_batchnorm1d_without_bias():
 
 def test_reid_model_has_necks_and_bias_free_classifiers():
   model = make_model(bnneck=True)
-  v = model.init(jax.random.PRNGKey(0), images(), partner=jnp.array([1, 2, 3, 0]))
+  partner = jnp.array([1, 2, 3, 0])
+  v = jax.jit(model.init, **FAST)(jax.random.PRNGKey(0), images(), partner=partner)
   for head in ('head', 'glca_head'):
     assert set(v['params'][head]) == {'kernel', 'bnneck'}
     assert set(v['batch_stats'][head]['bnneck']) == {'mean', 'var'}
-  out, upd = model.apply(v, images(), train=True, partner=jnp.array([1, 2, 3, 0]),
-                         mutable=['batch_stats'])
+  out, upd = jax.jit(lambda v, x, partner: model.apply(v, x, train=True, partner=partner,
+                                                       mutable=['batch_stats']), **FAST)(
+      v, images(), partner)
   for k in ('sa_feature', 'sa_bn_feature', 'glca_feature', 'glca_bn_feature', 'pwca_feature'):
     assert out[k].shape == (B, TINY.width), k
   # SA's neck moved its running mean by exactly 0.1 x the batch mean of SA's features (PWCA's
@@ -555,16 +563,16 @@ def test_pwca_block_reduces_to_sa_without_partner():
   sa, (k, v), _ = np_block(p64, x, TINY.num_heads)
   ref_pw, _, _ = np_block(p64, x, TINY.num_heads, extra_kv=(k[partner], v[partner]))
   # the model's block with extra_kv is the numpy [K1; K2] attention, and it differs from SA
-  blk = vit.EncoderBlock(TINY.width, TINY.num_heads, TINY.mlp_dim)
   bp = block_params(params, 0)
   xf = jnp.asarray(x, jnp.float32)
-  _, (kj, vj), _ = blk.apply(bp, xf)
-  pw, _, _ = blk.apply(bp, xf, True, False, None, (kj[partner], vj[partner]))
+  _, (kj, vj), _ = jblock()(bp, xf)
+  pwca = jblock(True, False, None)
+  pw, _, _ = pwca(bp, xf, (kj[partner], vj[partner]))
   np.testing.assert_allclose(pw, ref_pw, **TOL)
   assert np.abs(np.asarray(pw) - sa).max() > 1e-2
   # model-side exact identity: the image as its own partner duplicates every key/value, which
   # halves each softmax weight and leaves the SA output unchanged.
-  own, _, _ = blk.apply(bp, xf, True, False, None, (kj, vj))
+  own, _, _ = pwca(bp, xf, (kj, vj))
   np.testing.assert_allclose(own, sa, **TOL)
 
 
