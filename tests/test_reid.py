@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_reid_config
-from dca_jax import config_lib, data, evaluate, evaluators, inference, train, visualize
+from dca_jax import data, evaluate, evaluators, inference, train, visualize
 from dca_jax.evaluators import retrieval
 from dca_jax.data import preprocess
 from dca_jax.models import dcal
@@ -143,7 +143,8 @@ def test_flip_and_after_bn_features(run):
   images = preprocess.normalize(batch['image'], config)
   out = restored.model.apply(variables, images)
   out_mirror = restored.model.apply(variables, images[:, :, ::-1])
-  want = 0.5 * (dcal.reid_feature(out, after_bn=True) + dcal.reid_feature(out_mirror, after_bn=True))
+  want = 0.5 * (dcal.reid_feature(out, after_bn=True)
+                + dcal.reid_feature(out_mirror, after_bn=True))
   np.testing.assert_allclose(flipped, want, rtol=1e-5, atol=1e-5)
   assert not np.allclose(dcal.reid_feature(out, after_bn=True), dcal.reid_feature(out))
 

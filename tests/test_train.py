@@ -109,8 +109,8 @@ def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps(
     np.testing.assert_allclose(o, g, rtol=1e-2, atol=1e-3 * largest)
   # the necks: running mean/var after each micro-step, from the branch features (fp16 forward
   # with the params of that micro-step) and BatchNorm1d's update rule
-  forward = jax.jit(lambda p, s, x: model.apply({'params': p, 'batch_stats': s},
-                                                preprocess.device_normalize(x, config, jnp.float16)),
+  normalize = lambda x: preprocess.device_normalize(x, config, jnp.float16)
+  forward = jax.jit(lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, normalize(x)),
                     **FAST)
   expected = jax.tree.map(np.asarray, before.batch_stats)
   for batch, got in zip(batches, (s1, s2)):
@@ -157,7 +157,7 @@ def test_loss_weighting_sum_and_label_smoothing_reach_the_train_step():
                                 before.params['loss_weights'])
 
 
-# --- devices and hosts -----------------------------------------------------------------------------
+# --- devices and hosts ---------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def one_device_run(tmp_path_factory):
   """3 steps on 1 device: the reference the 8-device runs and the 2-process run are compared
@@ -337,7 +337,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run_and_eval_reproduces(tmp_pa
                       timeout=300)
   assert ev.returncode == 0, ev.stderr[-3000:]
   result = json.load(open(whole / 'eval.json'))
-  last = [json.loads(l) for l in open(whole / 'metrics.jsonl') if '"eval/accuracy"' in l][-1]
+  last = [json.loads(line) for line in open(whole / 'metrics.jsonl')
+          if '"eval/accuracy"' in line][-1]
   assert result['num_images'] == 20 == last['eval/num_images']
   assert result['accuracy'] == pytest.approx(last['eval/accuracy'])
   assert result['accuracy_glca'] == pytest.approx(last['eval/accuracy_glca'])
@@ -350,8 +351,9 @@ def test_evaluator_accuracies_equal_a_top1_from_the_model_outputs():
   21 images in batches of 8, so the last batch carries 3 padding rows that must count nowhere;
   SA+GLCA is the argmax of the sum of the two softmaxes. Weights random and large enough that
   SA, GLCA and SA+GLCA disagree on some images (else a swapped head would go unnoticed)."""
-  from dca_jax import data, evaluate  # pylint: disable=g-import-not-at-top
+  from dca_jax import data, evaluators  # pylint: disable=g-import-not-at-top
   from dca_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from dca_jax.evaluators import classification  # pylint: disable=g-import-not-at-top
   config = tiny_config(resize_size=32, synthetic_num_test=21, eval_batch_size=8)
   model = build_model(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
@@ -359,9 +361,10 @@ def test_evaluator_accuracies_equal_a_top1_from_the_model_outputs():
   params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
                         shapes['params'])
   mesh = distributed.make_mesh()
-  evaluator = evaluate.Evaluator(config, model, data.build_input(config, with_train=False), mesh,
-                                 distributed.replicated(mesh), dtype=jnp.float32)
-  result = evaluator({'params': params})
+  evaluator = classification.Evaluator(evaluators.Context(
+      config, model, data.build_input(config, with_train=False), mesh,
+      distributed.replicated(mesh), jnp.float32))
+  result = dict(evaluator.run({'params': params}))
   generated = synthetic.generate(4, config.synthetic_num_train, 21, 32, config.synthetic_seed,
                                  config.synthetic_distractors, config.synthetic_detail_size)
   out = jax.jit(model.apply)({'params': params},
@@ -408,7 +411,7 @@ def test_fp16_resume_restores_the_loss_scale_accumulation_and_skip_count(tmp_pat
   _leaves_equal(saved, restored)
 
 
-# --- bad input: one clear line, nothing damaged ------------------------------------------------------
+# --- bad input: one clear line, nothing damaged --------------------------------------------------
 def _run_main(workdir, *extra, mode='train'):
   return subprocess.run(_main(workdir, *extra, mode=mode), env=_env(), capture_output=True,
                         text=True, timeout=300)
@@ -445,7 +448,8 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path, two_st
                                                                   mlp_dim=64, patch_size=8))):
     with pytest.raises(ckpt_lib.CheckpointError, match='another model'):
       train.train_and_evaluate(tiny_config(max_steps=4, **other), str(tmp_path))
-  after = {p: os.path.getsize(os.path.join(d, p)) for d, _, files in os.walk(tmp_path) for p in files}
+  after = {p: os.path.getsize(os.path.join(d, p)) for d, _, files in os.walk(tmp_path)
+           for p in files}
   assert {k: v for k, v in after.items() if 'metrics' not in k} == \
          {k: v for k, v in snapshot.items() if 'metrics' not in k}
 

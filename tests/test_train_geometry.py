@@ -60,6 +60,6 @@ def test_fgvc_train_crop_is_448_of_550_mirrored_or_not(photo):
     np.testing.assert_array_equal(again, crop)  # a stateless key: the same crop every epoch
   mirrored = [m for _, _, m in seen]
   assert any(mirrored) and not all(mirrored), seen           # flipped half of the time
-  tops, lefts = [t for t, _, _ in seen], [l for _, l, _ in seen]
+  tops, lefts = [top for top, _, _ in seen], [left for _, left, _ in seen]
   assert len(set(tops)) > 4 and len(set(lefts)) > 4, seen   # offsets over the whole span
   assert max(tops + lefts) - min(tops + lefts) > SPAN // 2, seen

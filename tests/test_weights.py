@@ -430,7 +430,8 @@ def test_glca_block_starts_as_the_loaded_last_block(from_sa):
   if from_sa:
     jax.tree_util.tree_map(np.testing.assert_array_equal, glca, loaded['block_1'])
     assert glca['attn']['qkv']['kernel'] is not loaded['block_1']['attn']['qkv']['kernel']
-    assert not np.array_equal(glca['mlp']['fc1']['kernel'], loaded['block_0']['mlp']['fc1']['kernel'])
+    assert not np.array_equal(glca['mlp']['fc1']['kernel'],
+                              loaded['block_0']['mlp']['fc1']['kernel'])
   else:
     jax.tree_util.tree_map(lambda a: np.testing.assert_array_equal(a, 0.5), glca)
   for name in ('glca_norm', 'glca_head'):

@@ -51,7 +51,8 @@ flat = traverse_util.flatten_dict(params, sep='/')
 flat.update({'init:' + k: v for k, v in traverse_util.flatten_dict(init, sep='/').items()})
 np.savez(args.out, **{k: np.asarray(v) for k, v in flat.items()})
 trainer.checkpointer.close()
-sharded = sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(trainer.state.params))
+sharded = sum(not leaf.sharding.is_fully_replicated
+              for leaf in jax.tree.leaves(trainer.state.params))
 hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()  # the cached executable
 print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count(),
                   'sharded_param_leaves': sharded, 'all_gathers': hlo.count('all-gather('),
