@@ -223,7 +223,8 @@ one = jax.devices()[0]
 reference = jax.device_put(jax.device_get(trainer.state), one)
 ref_step = jax.jit(train.make_train_step(trainer.model, trainer.tx, config, dtype=trainer.dtype,
                                          rng=jax.random.split(jax.random.key(config.seed))[1],
-                                         num_devices=8))
+                                         num_devices=8),
+                   compiler_options={'xla_backend_optimization_level': 0})  # 2 steps: compile less
 state = trainer.state
 for host_batch in batches:
   state, _ = trainer.train_step(state, distributed.global_batch(host_batch, trainer.batch_sharding))
@@ -384,31 +385,33 @@ def test_evaluator_accuracies_equal_a_top1_from_the_model_outputs():
 
 def test_fp16_resume_restores_the_loss_scale_accumulation_and_skip_count(tmp_path):
   """An fp16 train state in the middle of an accumulation, with a loss scale, finite-step count
-  and skip count of its own, saved and restored by a new Trainer in the workdir: every leaf
-  comes back (a resume that re-created the loss scale would restart at 2^15, count 0)."""
+  and skip count of its own, saved and restored as a resume does (Trainer.restore's calls):
+  every leaf comes back (a resume that re-created the loss scale would restart at 2^15, 0)."""
   config = tiny_config(precision='fp16', gradient_accumulation_steps=4)
-  trainer = train.Trainer(config, str(tmp_path))
+  model = build_model(config, dtype=jnp.float16)
+  tx = optim.make_optimizer(config, steps_per_epoch=8)
+  state, shardings = train.create_train_state(config, model, tx, distributed.make_mesh(),
+                                              precision='fp16', rng=jax.random.key(0))
+  opt = state.opt_state
+  state = state.replace(
+      step=jnp.asarray(7, jnp.int32), skipped=jnp.asarray(2, jnp.int32),
+      loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(2.0 ** 9),
+                                                fin_steps=jnp.asarray(5, jnp.int32)),
+      opt_state=opt._replace(mini_step=jnp.asarray(3, jnp.int32),
+                             gradient_step=jnp.asarray(1, jnp.int32),
+                             acc_grads=jax.tree.map(lambda g: g + 0.25, opt.acc_grads)))
+  meta = ckpt_lib.model_meta(config, loss_scale=True)
+  saver = ckpt_lib.Checkpointer(str(tmp_path))
+  saver.save(7, state, meta, force=True)
+  saver.close()
+  reader = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   try:
-    opt = trainer.state.opt_state
-    trainer.state = trainer.state.replace(
-        step=jnp.asarray(7, jnp.int32), skipped=jnp.asarray(2, jnp.int32),
-        loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(2.0 ** 9),
-                                                  fin_steps=jnp.asarray(5, jnp.int32)),
-        opt_state=opt._replace(mini_step=jnp.asarray(3, jnp.int32),
-                               gradient_step=jnp.asarray(1, jnp.int32),
-                               acc_grads=jax.tree.map(lambda g: g + 0.25, opt.acc_grads)))
-    saved = jax.device_get(trainer.state)
-    trainer.save()
+    assert reader.newest_intact_step() == 7
+    restored = jax.device_get(reader.restore(7, ckpt_lib.abstract_like(state, shardings), meta))
   finally:
-    trainer.close()
-  resumed = train.Trainer(config, str(tmp_path))
-  try:
-    assert resumed.restore(resumed.resume_step) == 7
-    restored = jax.device_get(resumed.state)
-  finally:
-    resumed.close()
+    reader.close()
   assert float(restored.loss_scale.scale) == 2.0 ** 9 and int(restored.loss_scale.fin_steps) == 5
-  _leaves_equal(saved, restored)
+  _leaves_equal(jax.device_get(state), restored)
 
 
 # --- bad input: one clear line, nothing damaged --------------------------------------------------
