@@ -37,7 +37,7 @@ def test_tiny_training_writes_losses_and_accuracies_to_tensorboard(tmp_path):
   from dca_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   # 8 steps per epoch: max_steps=3 logs steps 1, 2, 3 and evaluates once, at the last step.
-  train.train_and_evaluate(tiny_config(max_steps=3, log_every_steps=1), workdir)
+  result = train.train_and_evaluate(tiny_config(max_steps=3, log_every_steps=1), workdir)
   events = _events(os.path.join(workdir, 'tensorboard'))
   logged = {(r['step'], k): v for r in _jsonl(workdir) for k, v in r.items()}
   for name in TRAIN_TAGS:
@@ -49,7 +49,9 @@ def test_tiny_training_writes_losses_and_accuracies_to_tensorboard(tmp_path):
     tag = f'eval/{name}'
     assert [s for s, _ in events.get(tag, [])] == [3], tag
     assert float(events[tag][0][1]) == pytest.approx(logged[(3, tag)], rel=1e-6)
-    assert 0.0 <= float(events[tag][0][1]) <= 1.0
+    # the Evaluator's own figure (not a re-read of the same file), a count of the 20 test images
+    assert float(events[tag][0][1]) == pytest.approx(result[name], rel=1e-6)
+    assert float(events[tag][0][1]) * 20 == pytest.approx(round(result[name] * 20), abs=1e-4)
   # the attention pictures of the first test images, at the evaluation's step
   assert [s for s, _ in events.get('eval/attention/test_00000', [])] == [3]
 

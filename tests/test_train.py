@@ -1,7 +1,9 @@
-"""Training system: fp16 loss scaling, devices, hosts, resume after SIGKILL, eval, bad input."""
+"""Training system: fp16 loss scaling, the BN necks, the loss through the step, devices, hosts,
+resume after SIGKILL (mid-accumulation), fp16 resume, eval against its own top-1, bad input."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,8 +16,9 @@ import numpy as np
 import pytest
 from flax.training import dynamic_scale as dynamic_scale_lib
 
-from conftest import ROOT, tiny_config
-from dca_jax.models import build_model
+from conftest import ROOT, tiny_config, tiny_reid_config
+from dca_jax.data import preprocess
+from dca_jax.models import build_model, dcal
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib, distributed, optim, train
 
@@ -48,46 +51,121 @@ def _assert_same_params(a, b, atol=1e-6):
     np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=1e-5, err_msg=k)
 
 
-# --- fp16 dynamic loss scaling -------------------------------------------------------------------
-def test_fp16_overflow_keeps_state_lowers_scale_and_counts():
-  config = tiny_config(precision='fp16', gradient_accumulation_steps=2)
+# --- fp16 dynamic loss scaling, the BN necks, accumulation ----------------------------------------
+FAST = {'compiler_options': {'xla_backend_optimization_level': 0}}  # tiny fp16 steps compile faster
+
+
+def _leaves_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _scale(state, scale):
+  return state.replace(loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(scale)))
+
+
+def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps():
+  """Re-ID (BN necks), fp16, 2 micro-steps per update, SGD. An overflowing step keeps params,
+  optimizer (accumulation included) and neck statistics bit for bit and halves the scale. Each
+  later micro-step moves the necks' running statistics by its own batch (PyTorch's BatchNorm1d
+  updates at every forward, accumulation or not); the params move only at the second. Loss
+  scales 2^10 and 2^4 accumulate the same gradient (it is unscaled)."""
+  config = tiny_reid_config(precision='fp16', gradient_accumulation_steps=2, optimizer='sgd')
   model = build_model(config, dtype=jnp.float16)
   tx = optim.make_optimizer(config, steps_per_epoch=8)
   state, _ = train.create_train_state(config, model, tx, distributed.make_mesh(),
                                       precision='fp16', rng=jax.random.key(0))
-  # -O0: the tiny fp16 step (emulated on CPU) compiles several times faster; numerics unchanged
-  step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float16, rng=jax.random.key(1)),
-                 compiler_options={'xla_backend_optimization_level': 0})
+  step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float16,
+                                       rng=jax.random.key(1)), **FAST)
   rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
-           'label': rng.integers(0, 4, 4).astype(np.int32)}
+  labels = np.repeat(np.arange(2, dtype=np.int32), 4)  # P x K = 2 x 4
+  batches = [{'image': rng.integers(0, 256, (8, 32, 16, 3), dtype=np.uint8), 'label': labels}
+             for _ in range(2)]
+  before = jax.device_get(state)
   # A scale this large makes the fp16 backward pass overflow.
-  huge = state.replace(loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(6e4 ** 3)))
-  before = jax.device_get(huge)
-  after, metrics = step(huge, batch)
+  after, metrics = step(_scale(state, 6e4 ** 3), batches[0])
   after = jax.device_get(after)
-  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
-                  jax.tree.leaves((after.params, after.opt_state))):
-    np.testing.assert_array_equal(a, b)
+  _leaves_equal((before.params, before.opt_state, before.batch_stats),
+                (after.params, after.opt_state, after.batch_stats))
   assert float(after.loss_scale.scale) == pytest.approx(0.5 * 6e4 ** 3)
   assert int(after.skipped) == 1 and int(metrics['skipped_steps']) == 1
-  # With a sane scale the same batch is finite and does update (accumulation: after 2 steps).
-  sane = after.replace(loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(2.0 ** 10)))
-  s1, _ = step(jax.device_put(sane), batch)
-  s2, m2 = step(s1, batch)
+
+  # after the skip: two micro-steps from the kept state (bitwise the state before the overflow:
+  # the skip can leave no trace there); the first only accumulates, the second updates
+  s1, _ = step(jax.device_put(_scale(after, 2.0 ** 10)), batches[0])
+  s2, m2 = step(s1, batches[1])
+  s1, s2 = jax.device_get((s1, s2))
   assert int(m2['skipped_steps']) == 1
-  moved = [float(jnp.abs(a - b).max()) for a, b in
-           zip(jax.tree.leaves(after.params), jax.tree.leaves(jax.device_get(s2.params)))]
-  assert max(moved) > 0
+  _leaves_equal(s1.params, before.params)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s2.params),
+                                                         jax.tree.leaves(before.params)))
+  assert moved > 1e-4
+  # the accumulated gradient is unscaled: the same micro-step under scale 2^4 accumulates it too
+  other, _ = step(jax.device_put(_scale(after, 2.0 ** 4)), batches[0])
+  accumulated = [np.asarray(g) for g in jax.tree.leaves(s1.opt_state.acc_grads)]
+  largest = max(np.abs(g).max() for g in accumulated)
+  assert largest > 1e-3
+  for g, o in zip(accumulated, jax.tree.leaves(jax.device_get(other.opt_state.acc_grads))):
+    np.testing.assert_allclose(o, g, rtol=1e-2, atol=1e-3 * largest)
+  # the necks: running mean/var after each micro-step, from the branch features (fp16 forward
+  # with the params of that micro-step) and BatchNorm1d's update rule
+  normalize = lambda x: preprocess.device_normalize(x, config, jnp.float16)
+  forward = jax.jit(lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, normalize(x)),
+                    **FAST)
+  expected = jax.tree.map(np.asarray, before.batch_stats)
+  for batch, got in zip(batches, (s1, s2)):
+    out = forward(before.params, before.batch_stats, batch['image'])
+    for head, branch in (('head', 'sa'), ('glca_head', 'glca')):
+      feature = np.asarray(out[f'{branch}_feature'], np.float64)
+      stats = expected[head]['bnneck']
+      stats['mean'] = 0.9 * stats['mean'] + 0.1 * feature.mean(0)
+      stats['var'] = 0.9 * stats['var'] + 0.1 * feature.var(0, ddof=1)
+      for k in ('mean', 'var'):
+        np.testing.assert_allclose(got.batch_stats[head]['bnneck'][k], stats[k], rtol=2e-3,
+                                   atol=2e-3, err_msg=f'{head} {k}')
 
 
-# --- devices and hosts -----------------------------------------------------------------------------
+def test_loss_weighting_sum_and_label_smoothing_reach_the_train_step():
+  """The step's loss is Σ_b CE_b with smoothed targets (1 - ε)·onehot + ε/C, recomputed here
+  from the model's outputs for the step's own partners; the w_b get no gradient and stay."""
+  config = tiny_config(loss_weighting='sum', label_smoothing=0.2)
+  model = build_model(config)
+  tx = optim.make_optimizer(config, steps_per_epoch=8)
+  state, _ = train.create_train_state(config, model, tx, distributed.make_mesh(),
+                                      precision='fp32', rng=jax.random.key(0))
+  base = jax.random.key(1)
+  step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float32, rng=base), **FAST)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+           'label': np.array([0, 1, 2, 3], np.int32)}
+  before = jax.device_get(state)
+  new, metrics = step(state, batch)
+  partner_rng, dropout_rng, selection_rng = jax.random.split(jax.random.fold_in(base, 0), 3)
+  out = model.apply({'params': before.params}, preprocess.device_normalize(batch['image'], config),
+                    train=True, partner=dcal.derangement(partner_rng, 4),
+                    rngs={'dropout': dropout_rng, 'selection': selection_rng})
+  target = 0.8 * np.eye(4)[batch['label']] + 0.2 / 4
+  ce = {}
+  for branch in ('sa', 'glca', 'pwca'):
+    z = np.asarray(out[f'{branch}_logits'], np.float64)
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    ce[branch] = -(target * logp).sum(1).mean()
+    assert float(metrics[f'ce_{branch}']) == pytest.approx(ce[branch], rel=1e-5)
+  assert float(metrics['loss']) == pytest.approx(sum(ce.values()), rel=1e-5)
+  np.testing.assert_array_equal(jax.device_get(new.params['loss_weights']),
+                                before.params['loss_weights'])
+
+
+# --- devices and hosts ---------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def one_device_run(tmp_path_factory):
-  """3 steps on 1 device: the reference both 8-device runs are compared with."""
+  """3 steps on 1 device: the reference the 8-device runs and the 2-process run are compared
+  with. Its batches are put in the order 2 hosts assemble them (`--as_hosts 2`)."""
   overrides = dict(batch_size=8, num_pwca_layers=2, stochastic_depth_prob=0.1,
                    pwca_partners='global')
-  cmd, out = _worker(tmp_path_factory.mktemp('one'), 'd1', overrides, devices=1, steps=3)
+  cmd, out = _worker(tmp_path_factory.mktemp('one'), 'd1', overrides, devices=1, steps=3,
+                     as_hosts=2)
   r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   return overrides, _load(out)
@@ -98,7 +176,7 @@ def one_device_run(tmp_path_factory):
 def test_eight_devices_match_one_device(tmp_path, fsdp, one_device_run):
   # the same pairing on 8 devices as on 1: partners drawn over the global batch
   overrides, one = one_device_run
-  cmd, out = _worker(tmp_path, 'd8', dict(overrides, fsdp=fsdp), devices=8, steps=3)
+  cmd, out = _worker(tmp_path, 'd8', dict(overrides, fsdp=fsdp), devices=8, steps=3, as_hosts=2)
   r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads(r.stdout.strip().splitlines()[-1])
@@ -107,13 +185,17 @@ def test_eight_devices_match_one_device(tmp_path, fsdp, one_device_run):
   assert (report['sharded_param_leaves'] > 5) if fsdp else report['sharded_param_leaves'] == 0
   if not fsdp:  # replicated params: the only all-gather is of the partners' keys/values
     assert report['all_gathers'] > 0, report
-  eight = _load(out)
-  # Adam moves each weight by ~lr per step whatever the gradient's size, so float-rounding
-  # differences of the 8-way reduction in near-zero gradients can reach a fraction of lr in a
-  # few weights; a wrong sharding (other partners, a missing all-reduce) moves all of them by ~lr.
+  _assert_same_training(one, _load(out), overrides)
+
+
+def _assert_same_training(one, other, overrides):
+  """Adam moves each weight by ~lr per step whatever the gradient's size, so float-rounding
+  differences of a multi-device reduction in near-zero gradients can reach a fraction of lr in
+  a few weights; a wrong sharding or other data (other partners, a missing all-reduce, another
+  host's shard) moves all of them by ~lr."""
   lr = config_lib.scaled_learning_rate(tiny_config(**overrides))
   keys = [k for k in one if not k.startswith('init:')]
-  diffs = np.concatenate([np.abs(one[k] - eight[k]).ravel() for k in keys])
+  diffs = np.concatenate([np.abs(one[k] - other[k]).ravel() for k in keys])
   moved = np.concatenate([np.abs(one[k] - one['init:' + k]).ravel() for k in keys])
   assert np.median(moved) > 0.5 * lr          # the steps really updated the weights
   assert diffs.max() < 0.1 * lr and np.mean(diffs) < 1e-3 * lr
@@ -126,24 +208,49 @@ sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tests')]
 import jax
 from conftest import tiny_config
 from dca_jax import distributed, train
-trainer = train.Trainer(tiny_config(batch_size=16, pwca_partners='per_device'), sys.argv[2])
-batch = distributed.global_batch(next(trainer.input.train_iter()), trainer.batch_sharding)
+import numpy as np
+config = tiny_config(batch_size=16, pwca_partners='per_device')
+trainer = train.Trainer(config, sys.argv[2])
+stream = trainer.input.train_iter()
+batches = [next(stream), next(stream)]
+batch = distributed.global_batch(batches[0], trainer.batch_sharding)
 hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+counts = {op: hlo.count(op + '(') for op in
+          ('all-gather', 'all-to-all', 'collective-permute', 'reduce-scatter', 'all-reduce')}
+# The same two steps on one device, partners drawn in the same 8 groups of 2 (num_devices=8):
+# the sharded program must compute what the unsharded one does.
+one = jax.devices()[0]
+reference = jax.device_put(jax.device_get(trainer.state), one)
+ref_step = jax.jit(train.make_train_step(trainer.model, trainer.tx, config, dtype=trainer.dtype,
+                                         rng=jax.random.split(jax.random.key(config.seed))[1],
+                                         num_devices=8),
+                   compiler_options={'xla_backend_optimization_level': 0})  # 2 steps: compile less
+state = trainer.state
+for host_batch in batches:
+  state, _ = trainer.train_step(state, distributed.global_batch(host_batch, trainer.batch_sharding))
+  reference, _ = ref_step(reference, jax.device_put(host_batch, one))
+diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                           jax.tree.leaves(jax.device_get(reference.params))))
 trainer.checkpointer.close()
-print(json.dumps({op: hlo.count(op + '(') for op in ('all-gather', 'all-reduce')}))
+print(json.dumps(dict(counts, max_param_diff=diff, lr=float(trainer.schedule(0)))))
 """
 
 
 def test_per_device_pwca_partners_gather_no_activations_across_devices(tmp_path):
   """8 simulated devices, 2 images each: with partners drawn within each device's share the
-  compiled train step has no all-gather, only the gradients' all-reduce (drawn over the global
-  batch, they are all-gathered: test_eight_devices_match_one_device[False] checks that)."""
+  compiled train step moves nothing between devices but the gradients' all-reduce (no
+  all-gather, all-to-all or collective-permute; drawn over the global batch, they are
+  all-gathered: test_eight_devices_match_one_device[False] checks that), and two steps give
+  the params of the same two steps on one device with the same 8 partner groups."""
   r = subprocess.run([sys.executable, '-c', _COLLECTIVES, ROOT, str(tmp_path / 'w')], env=_env(),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   counts = json.loads(r.stdout.strip().splitlines()[-1])
-  assert counts['all-gather'] == 0, counts
+  for op in ('all-gather', 'all-to-all', 'collective-permute', 'reduce-scatter'):
+    assert counts[op] == 0, counts
   assert counts['all-reduce'] > 0, counts  # the data-parallel gradient sum
+  assert counts['max_param_diff'] < 0.1 * counts['lr'], counts  # Adam: a wrong step moves ~lr
 
 
 def _free_port():
@@ -152,11 +259,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_on_localhost_train_identically(tmp_path):
+@pytest.mark.xdist_group('one_device_run')
+def test_two_processes_on_localhost_train_as_one_process(tmp_path, one_device_run):
+  """2 processes of 1 device, each feeding its own host's share, against one process fed the
+  same global batches (the fixture): both hosts feeding one shard, or a shard fed twice, fails."""
+  overrides, one = one_device_run
   port = _free_port()
   procs, outs = [], []
   for pid in range(2):
-    cmd, out = _worker(tmp_path, f'p{pid}', dict(batch_size=4), steps=3,
+    cmd, out = _worker(tmp_path, f'p{pid}', overrides, steps=3,
                        coordinator=f'localhost:{port}', num_processes=2, process_id=pid)
     procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True))
@@ -168,9 +279,8 @@ def test_two_processes_on_localhost_train_identically(tmp_path):
     results.append(json.loads(stdout.strip().splitlines()[-1]))
   assert [r['processes'] for r in results] == [2, 2]
   a, b = _load(outs[0]), _load(outs[1])
-  _assert_same_params(a, b, atol=0)
-  # the params really moved (not two idle processes agreeing on the init)
-  assert max(np.abs(a[k] - a['init:' + k]).max() for k in a if not k.startswith('init:')) > 1e-4
+  _assert_same_params(a, b, atol=0)  # replicated: the hosts hold one copy
+  _assert_same_training(one, a, overrides)
 
 
 # --- main.py end to end: resume after SIGKILL, eval from the restored checkpoint ------------------
@@ -179,20 +289,26 @@ def _main(workdir, *extra, mode='train'):
           'tiny_config.py'), '--workdir', str(workdir), '--mode', mode, *extra]
 
 
-def _final_params(workdir):
+def _final_state(workdir):
+  """(step, {path: array}) of the newest checkpoint's whole train state: params, optimizer
+  (MultiSteps' accumulated gradient and counters included), step, skip count."""
   step = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   ck = ckpt_lib.Checkpointer(str(workdir), read_only=True)
   import orbax.checkpoint as ocp
   restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   ck.close()
-  from flax import traverse_util
-  return step, {k: np.asarray(v) for k, v in
-                traverse_util.flatten_dict(restored['state']['params'], sep='/').items()}
+  return step, {jax.tree_util.keystr(path, simple=True, separator='/'): np.asarray(v)
+                for path, v in jax.tree_util.tree_leaves_with_path(restored['state'])}
+
+
+# 12 micro-steps, 4 per update, saves every 3: every save the kill can land after (3, 6, 9) is
+# in the middle of an accumulation, so the resume must restore the accumulated gradient.
+_RESUME_ARGS = dict(max_steps=12, save_every_steps=3, num_epochs=2, stochastic_depth_prob=0.1,
+                    gradient_accumulation_steps=4)
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run_and_eval_reproduces(tmp_path):
-  args = ['--config.max_steps=12', '--config.save_every_steps=4', '--config.num_epochs=2',
-          '--config.stochastic_depth_prob=0.1']
+  args = [f'--config.{k}={v}' for k, v in _RESUME_ARGS.items()]
   whole, killed = tmp_path / 'whole', tmp_path / 'killed'
   ref = subprocess.Popen(_main(whole, *args), env=_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
@@ -200,7 +316,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run_and_eval_reproduces(tmp_pa
                             stderr=subprocess.DEVNULL)
   ckdir = killed / 'checkpoints'
   deadline = time.time() + 240
-  while not (ckdir / '4').is_dir() and time.time() < deadline and victim.poll() is None:
+  while not (ckdir / '3').is_dir() and time.time() < deadline and victim.poll() is None:
     time.sleep(0.05)
   victim.send_signal(signal.SIGKILL)
   victim.wait()
@@ -212,9 +328,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run_and_eval_reproduces(tmp_pa
   assert 'Resumed from' in resumed.stdout
   out, _ = ref.communicate(timeout=300)
   assert ref.returncode == 0, out[-3000:]
-  step_a, a = _final_params(whole)
-  step_b, b = _final_params(killed)
-  assert step_a == step_b == 12
+  step_a, a = _final_state(whole)
+  step_b, b = _final_state(killed)
+  assert step_a == step_b == 12 and int(a['opt_state/gradient_step']) == 3
   _assert_same_params(a, b, atol=1e-6)
 
   # eval restores the checkpoint and reproduces the accuracy measured at the end of training
@@ -222,14 +338,83 @@ def test_sigkill_then_resume_equals_uninterrupted_run_and_eval_reproduces(tmp_pa
                       timeout=300)
   assert ev.returncode == 0, ev.stderr[-3000:]
   result = json.load(open(whole / 'eval.json'))
-  last = [json.loads(l) for l in open(whole / 'metrics.jsonl') if '"eval/accuracy"' in l][-1]
+  last = [json.loads(line) for line in open(whole / 'metrics.jsonl')
+          if '"eval/accuracy"' in line][-1]
   assert result['num_images'] == 20 == last['eval/num_images']
   assert result['accuracy'] == pytest.approx(last['eval/accuracy'])
   assert result['accuracy_glca'] == pytest.approx(last['eval/accuracy_glca'])
   assert result['step'] == 12
 
 
-# --- bad input: one clear line, nothing damaged ------------------------------------------------------
+def test_evaluator_accuracies_equal_a_top1_from_the_model_outputs():
+  """The Evaluator against a top-1 computed here from model.apply on the raw test images (the
+  synthetic set's own arrays: resize_size = input_size makes the eval crop the image itself):
+  21 images in batches of 8, so the last batch carries 3 padding rows that must count nowhere;
+  SA+GLCA is the argmax of the sum of the two softmaxes. Weights random and large enough that
+  SA, GLCA and SA+GLCA disagree on some images (else a swapped head would go unnoticed)."""
+  from dca_jax import data, evaluators  # pylint: disable=g-import-not-at-top
+  from dca_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from dca_jax.evaluators import classification  # pylint: disable=g-import-not-at-top
+  config = tiny_config(resize_size=32, synthetic_num_test=21, eval_batch_size=8)
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.default_rng(0)  # 9, 7 and 6 of the 21 right for SA, GLCA and SA+GLCA
+  params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
+                        shapes['params'])
+  mesh = distributed.make_mesh()
+  evaluator = classification.Evaluator(evaluators.Context(
+      config, model, data.build_input(config, with_train=False), mesh,
+      distributed.replicated(mesh), jnp.float32))
+  result = dict(evaluator.run({'params': params}))
+  generated = synthetic.generate(4, config.synthetic_num_train, 21, 32, config.synthetic_seed,
+                                 config.synthetic_distractors, config.synthetic_detail_size)
+  out = jax.jit(model.apply)({'params': params},
+                             preprocess.normalize(generated.test_images, config))
+  softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(
+      z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+  sa, glca = (np.asarray(out[f'{b}_logits'], np.float64) for b in ('sa', 'glca'))
+  predictions = {'accuracy_sa': sa.argmax(1), 'accuracy_glca': glca.argmax(1),
+                 'accuracy': (softmax(sa) + softmax(glca)).argmax(1)}
+  hits = {k: predicted == generated.test_labels for k, predicted in predictions.items()}
+  # the three heads score differently, so a swapped or missing head changes a figure
+  assert len({h.sum() for h in hits.values()}) == 3, hits
+  assert result['num_images'] == 21
+  for key, hit in hits.items():
+    assert result[key] == pytest.approx(hit.mean()), key
+
+
+def test_fp16_resume_restores_the_loss_scale_accumulation_and_skip_count(tmp_path):
+  """An fp16 train state in the middle of an accumulation, with a loss scale, finite-step count
+  and skip count of its own, saved and restored as a resume does (Trainer.restore's calls):
+  every leaf comes back (a resume that re-created the loss scale would restart at 2^15, 0)."""
+  config = tiny_config(precision='fp16', gradient_accumulation_steps=4)
+  model = build_model(config, dtype=jnp.float16)
+  tx = optim.make_optimizer(config, steps_per_epoch=8)
+  state, shardings = train.create_train_state(config, model, tx, distributed.make_mesh(),
+                                              precision='fp16', rng=jax.random.key(0))
+  opt = state.opt_state
+  state = state.replace(
+      step=jnp.asarray(7, jnp.int32), skipped=jnp.asarray(2, jnp.int32),
+      loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(2.0 ** 9),
+                                                fin_steps=jnp.asarray(5, jnp.int32)),
+      opt_state=opt._replace(mini_step=jnp.asarray(3, jnp.int32),
+                             gradient_step=jnp.asarray(1, jnp.int32),
+                             acc_grads=jax.tree.map(lambda g: g + 0.25, opt.acc_grads)))
+  meta = ckpt_lib.model_meta(config, loss_scale=True)
+  saver = ckpt_lib.Checkpointer(str(tmp_path))
+  saver.save(7, state, meta, force=True)
+  saver.close()
+  reader = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
+  try:
+    assert reader.newest_intact_step() == 7
+    restored = jax.device_get(reader.restore(7, ckpt_lib.abstract_like(state, shardings), meta))
+  finally:
+    reader.close()
+  assert float(restored.loss_scale.scale) == 2.0 ** 9 and int(restored.loss_scale.fin_steps) == 5
+  _leaves_equal(jax.device_get(state), restored)
+
+
+# --- bad input: one clear line, nothing damaged --------------------------------------------------
 def _run_main(workdir, *extra, mode='train'):
   return subprocess.run(_main(workdir, *extra, mode=mode), env=_env(), capture_output=True,
                         text=True, timeout=300)
@@ -248,22 +433,34 @@ def test_eval_of_empty_workdir_is_one_clear_error(tmp_path):
   assert r.stderr.strip().splitlines()[-1].startswith('error: no checkpoint in')
 
 
-def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path):
-  config = tiny_config(max_steps=2, save_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+@pytest.fixture(scope='module')
+def two_step_run(tmp_path_factory):
+  """A finished 2-step run; each test resumes a copy of it."""
+  workdir = tmp_path_factory.mktemp('two_steps') / 'run'
+  train.train_and_evaluate(tiny_config(max_steps=2, save_every_steps=2), str(workdir))
+  return workdir
+
+
+@pytest.mark.xdist_group('two_step_run')
+def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path, two_step_run):
+  tmp_path = tmp_path / 'run'
+  shutil.copytree(two_step_run, tmp_path)
   snapshot = {p: os.path.getsize(os.path.join(d, p)) for d, _, files in os.walk(tmp_path)
               for p in files}
   for other in (dict(num_classes=5), dict(backbone_overrides=dict(width=64, depth=2, num_heads=2,
                                                                   mlp_dim=64, patch_size=8))):
     with pytest.raises(ckpt_lib.CheckpointError, match='another model'):
       train.train_and_evaluate(tiny_config(max_steps=4, **other), str(tmp_path))
-  after = {p: os.path.getsize(os.path.join(d, p)) for d, _, files in os.walk(tmp_path) for p in files}
+  after = {p: os.path.getsize(os.path.join(d, p)) for d, _, files in os.walk(tmp_path)
+           for p in files}
   assert {k: v for k, v in after.items() if 'metrics' not in k} == \
          {k: v for k, v in snapshot.items() if 'metrics' not in k}
 
 
-def test_resume_says_the_pretrained_weights_are_not_loaded(tmp_path, capsys):
-  train.train_and_evaluate(tiny_config(max_steps=2, save_every_steps=2), str(tmp_path))
+@pytest.mark.xdist_group('two_step_run')
+def test_resume_says_the_pretrained_weights_are_not_loaded(tmp_path, capsys, two_step_run):
+  tmp_path = tmp_path / 'run'
+  shutil.copytree(two_step_run, tmp_path)
   capsys.readouterr()
   missing = str(tmp_path / 'not_even_there.npz')  # never opened: the checkpoint wins
   train.train_and_evaluate(tiny_config(max_steps=3, pretrained_model=missing), str(tmp_path))

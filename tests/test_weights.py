@@ -5,12 +5,15 @@ weights): the same tiny ViT and R50-hybrid saved as timm `.safetensors`/`.pth` a
 `.npz` (checked there with timm's own npz loader), with timm's logits at 32 px (native), 64 px
 and the non-square 64x32 and 48x24 px (timm built at `img_size=(H, W)`, position embedding resized
 by timm's `checkpoint_filter_fn` from the 4x4 grid to 8x8, 8x4, 6x3). No torch import here: the
-`.pth` cases are skipped where torch is not installed.
+`.pth` files are read by weights.py's own torch.save reader (torch.load where torch is installed);
+`tools/make_torch_fixtures.py` (torch only) wrote the legacy-format and tensor-layout fixtures.
 """
 
 import copy
 import importlib.util
 import os
+import pickle
+import sys
 import zipfile
 
 import jax
@@ -30,8 +33,7 @@ CONFIGS = {
     'hybrid': vit.ViTConfig(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=1,
                             resnet_layers=(1, 1), resnet_width=32),
 }
-FORMATS = ['npz', 'safetensors',
-           pytest.param('pth', marks=pytest.mark.skipif(not HAS_TORCH, reason='torch not installed'))]
+FORMATS = ['npz', 'safetensors', 'pth']
 
 
 @pytest.fixture(scope='module')
@@ -262,9 +264,9 @@ def test_unknown_format(tmp_path):
     W.load_pretrained(other, params, CONFIGS['vit'])
 
 
-@pytest.mark.parametrize('ext', ['npz', 'safetensors', 'pth'])
+@pytest.mark.parametrize('ext', ['npz', 'safetensors', 'pth', 'legacy.pth'])
 def test_truncated_file(tmp_path, ext):
-  with open(os.path.join(FIX, f'vit.{ext}'), 'rb') as f:
+  with open(os.path.join(FIX, f'vit.{ext}'.replace('.legacy', '_legacy')), 'rb') as f:
     data = f.read()
   path = tmp_path / f'cut.{ext}'
   path.write_bytes(data[:len(data) // 2])
@@ -281,13 +283,72 @@ def test_pickle_npz_refused(tmp_path):
   assert zipfile.is_zipfile(path)
 
 
-def test_torch_zip_needs_torch_or_loads(tmp_path):
-  path = os.path.join(FIX, 'vit.pth')
-  if HAS_TORCH:
-    assert set(W.read_checkpoint(path)) == set(_timm_state())
-  else:
-    with pytest.raises(W.WeightLoadError, match='needs torch'):
-      W.read_checkpoint(path)
+@pytest.fixture
+def no_torch(monkeypatch):
+  """`import torch` fails, as in the test environment: weights.py's own reader runs."""
+  monkeypatch.setitem(sys.modules, 'torch', None)
+
+
+@pytest.mark.parametrize('name', ['torch_layouts.pth', 'torch_layouts_legacy.pth'])
+def test_torch_save_read_without_torch_equals_torch(no_torch, name):
+  """Zip and legacy torch.save files: every dtype, a transposed tensor, a slice at a storage
+  offset, views sharing a storage, a Parameter, 0-d and empty tensors, each equal to torch's own
+  `.numpy()` (torch_layouts.npz, written by torch), with the `model` wrapper unwrapped."""
+  with np.load(os.path.join(FIX, 'torch_layouts.npz')) as f:
+    want = {k: f[k] for k in f.files}
+  got = W.read_checkpoint(os.path.join(FIX, name))
+  assert got.keys() == want.keys()
+  for key in want:
+    assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize('name', ['vit.pth', 'vit_legacy.pth'])
+def test_timm_pth_read_without_torch_equals_safetensors(no_torch, name):
+  got, want = W.read_checkpoint(os.path.join(FIX, name)), _timm_state()
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='torch not installed')
+@pytest.mark.parametrize('name', ['vit.pth', 'vit_legacy.pth', 'torch_layouts.pth'])
+def test_torch_load_and_our_reader_agree(name, monkeypatch):
+  path = os.path.join(FIX, name)
+  with_torch = W.read_checkpoint(path)
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  without = W.read_checkpoint(path)
+  assert with_torch.keys() == without.keys()
+  for key in with_torch:
+    np.testing.assert_array_equal(with_torch[key], without[key], err_msg=key)
+
+
+class _MakeDir:
+  """A pickle that, if loaded by a plain unpickler, creates a directory."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize('layout', ['zip', 'legacy'])
+def test_torch_pickle_naming_other_code_is_refused_unrun(no_torch, tmp_path, layout):
+  marker = tmp_path / 'ran'
+  payload = pickle.dumps({'weight': _MakeDir(str(marker))}, protocol=2)
+  path = tmp_path / 'evil.pth'
+  if layout == 'zip':  # torch's zip layout: <archive>/data.pkl
+    with zipfile.ZipFile(path, 'w') as archive:
+      archive.writestr('evil/data.pkl', payload)
+      archive.writestr('evil/byteorder', 'little')
+  else:  # legacy: magic, protocol, sys_info, then the object
+    path.write_bytes(b''.join(pickle.dumps(v, protocol=2) for v in (
+        0x1950a86a20f9469cfc6c, 1001, {'little_endian': True})) + payload)
+  with pytest.raises(W.WeightLoadError, match=r'evil\.pth: .*mkdir, which is refused') as e:
+    W.read_checkpoint(path)
+  assert '\n' not in str(e.value)
+  assert not marker.exists()  # the refused global was never called
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,3 +401,38 @@ def test_resize_posemb_identity_and_errors(expected):
     W.resize_posemb(pe, 9, 'nearest')
   with pytest.raises(ValueError, match='not square'):
     W.resize_posemb(pe[:, :-1], 9, 'bicubic')
+
+
+# ---------------------------------------------------------------------------------------------
+# GLCA's start from a pretrained load (train.load_pretrained_params)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('from_sa', [True, False])
+def test_glca_block_starts_as_the_loaded_last_block(from_sa):
+  """DCAL's params from the timm fixture: with glca_init_from_sa the GLCA block is a copy of the
+  *loaded* last block (timm's blocks.1, after the load, not the init nor block_0); without it,
+  GLCA keeps its initialisation. The GLCA norm and head are not in the checkpoint either way."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from dca_jax import train  # pylint: disable=g-import-not-at-top
+  from dca_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  config = tiny_config(pretrained_model=os.path.join(FIX, 'vit.safetensors'),
+                       glca_init_from_sa=from_sa)
+  config.backbone_overrides.update(width=48, depth=2, num_heads=2, mlp_dim=192, patch_size=8)
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes['params'])
+  loaded = train.load_pretrained_params(config, params)
+  timm = _timm_state()
+  np.testing.assert_array_equal(loaded['block_1']['attn']['qkv']['kernel'],
+                                timm['blocks.1.attn.qkv.weight'].T)
+  glca = loaded['glca_block']
+  if from_sa:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, glca, loaded['block_1'])
+    assert glca['attn']['qkv']['kernel'] is not loaded['block_1']['attn']['qkv']['kernel']
+    assert not np.array_equal(glca['mlp']['fc1']['kernel'],
+                              loaded['block_0']['mlp']['fc1']['kernel'])
+  else:
+    jax.tree_util.tree_map(lambda a: np.testing.assert_array_equal(a, 0.5), glca)
+  for name in ('glca_norm', 'glca_head'):
+    jax.tree_util.tree_map(lambda a: np.testing.assert_array_equal(a, 0.5), loaded[name])
