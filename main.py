@@ -61,7 +61,8 @@ _EXPORTED = flags.DEFINE_string(
 _IMAGES = flags.DEFINE_list('images', [], 'Image files for predict/visualize.')
 _EVAL_OUT = flags.DEFINE_string('eval_out', 'eval.json',
                                 'eval: the file in --workdir the results are written to.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'visualize: test images to draw without --images.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 8,
+                                   'visualize: test images to draw without --images.')
 _COMPARE = flags.DEFINE_string('compare_workdir', '', 'visualize: a second run drawn side by side.')
 _TARGETS = flags.DEFINE_list(
     'target_config', [], 'plan: GPU target spec files (XLA gpu_target_config .txtpb, e.g. from '

@@ -15,7 +15,7 @@
 #   PEERS="jax_sa timm jax_dcal" bash benchmarks/run_cpu_peers.sh   # + our DCAL step (remat on):
 #                                                             # DCAL / SA-only in the same run
 #   PEERS="jax_sa jax_dcal" PARTS=0 ROUNDS=6 bash benchmarks/run_cpu_peers.sh
-#   TIMM_VENV=/work/venvs/torch ALLOC=retain bash benchmarks/run_cpu_peers.sh
+#   TIMM_VENV=~/venvs/timm ALLOC=retain bash benchmarks/run_cpu_peers.sh
 #
 # Peers (the first is the reference of the ratios):
 #   jax_sa            ours, SA only, remat off   (timm's step: the same model and work)

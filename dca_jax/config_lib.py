@@ -9,7 +9,7 @@ Names follow the PyTorch DCAL code users come from (`batch_size`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import ml_collections
 

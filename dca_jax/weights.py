@@ -6,7 +6,8 @@ Two source layouts are understood (see docs/WEIGHTS.md for the full mapping):
   (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query/kernel` (D, heads, hd), ...,
   `embedding/kernel` HWIO, `cls`, `Transformer/posembed_input/pos_embedding` with the CLS slot,
   hybrid stem `conv_root`, `gn_root`, `block{s}/unit{u}/...`).
-- timm / DeiT PyTorch state dicts (`.safetensors`, `.pth`, `.pt`, `.bin`): `blocks.{i}.attn.qkv.weight`
+- timm / DeiT PyTorch state dicts (`.safetensors`, `.pth`, `.pt`, `.bin`):
+  `blocks.{i}.attn.qkv.weight`
   (3D, D), `patch_embed.proj.weight` OIHW, `cls_token`, `pos_embed`, hybrid
   `patch_embed.backbone.stem.conv.weight`, `patch_embed.backbone.stages.{s}.blocks.{u}....`.
 
@@ -97,7 +98,8 @@ def _read_npz(path: str) -> Dict[str, np.ndarray]:
   except ValueError as error:
     if 'pickle' in str(error).lower() or 'object arrays' in str(error).lower():
       raise WeightLoadError(
-          f'{path}: npz holds pickled object arrays, which are refused (allow_pickle=False)') from None
+          f'{path}: npz holds pickled object arrays, which are refused (allow_pickle=False)'
+      ) from None
     raise WeightLoadError(f'{path}: corrupt npz ({error})') from None
   except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
     raise WeightLoadError(

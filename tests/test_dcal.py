@@ -7,8 +7,8 @@ parameter tree: nothing of dcal.py / vit.py is reused, so it checks the model en
 
 import functools
 import math
+import importlib
 import os
-import sys
 
 import chex
 import flax.linen as nn
@@ -676,11 +676,7 @@ def test_deit_tiny_dcal_has_about_9_percent_more_parameters():
 
 
 def _tools_module(name):
-  sys.path.insert(0, os.path.join(ROOT, 'tools'))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.pop(0)
+  return importlib.import_module(f'tools.{name}')
 
 
 def test_inference_flops_glca_adds_about_2_percent():

@@ -2,8 +2,8 @@
 
 Run from the repo root with a Python that has torch + timm and jax/flax; here the torch venv plus
 the system site-packages (same Python 3.11, same numpy) for jax:
-  PYTHONPATH=/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages \
-      /work/venvs/torch/bin/python -m tools.compare_timm_fullsize [--only deit_tiny_224 ...]
+  PYTHONPATH=$(python -c "import site; print(site.getsitepackages()[0])") \
+      $TORCH_VENV/bin/python -m tools.compare_timm_fullsize [--only deit_tiny_224 ...]
 
 For each case: create the timm model (pretrained=False), perturb every parameter as
 tools/make_timm_fixtures.py does (unit-gain weights, non-trivial norms/biases/tokens, so the

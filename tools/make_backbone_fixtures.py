@@ -1,7 +1,7 @@
 """Builds the tiny timm parity fixtures of the families beyond the paper's (tests/fixtures/bb_*).
 
 Run with a timm venv (torch + timm + safetensors; jax not needed):
-  /tmp/timmvenv/bin/python -m tools.make_backbone_fixtures [--out tests/fixtures]
+  $TORCH_VENV/bin/python -m tools.make_backbone_fixtures [--out tests/fixtures]
 
 Tiny timm `VisionTransformer`s with random weights (every parameter perturbed, as in
 `make_timm_fixtures.py`, so layer-scale gammas, norms and tokens are far from their init):

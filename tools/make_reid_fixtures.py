@@ -12,13 +12,13 @@ metric modules are loaded from the installed files by path; the cython modules a
 where the libraries' own `evaluate_rank` looks for them.
 
 Set-up (a torch venv; the references need torch only for `compute_distance_matrix`):
-  python -m venv /work/venvs/torch && /work/venvs/torch/bin/pip install torch
-  /work/venvs/torch/bin/pip install --no-deps torchreid==0.2.5 pyppbox-torchreid==1.4.1.0 \
+  python -m venv $TORCH_VENV && $TORCH_VENV/bin/pip install torch
+  $TORCH_VENV/bin/pip install --no-deps torchreid==0.2.5 pyppbox-torchreid==1.4.1.0 \
       fastreid==1.4.0
-  /work/venvs/torch/bin/pip install Cython setuptools    # to build fast-reid's rank_cy.pyx
+  $TORCH_VENV/bin/pip install Cython setuptools    # to build fast-reid's rank_cy.pyx
 Run from the repository root:
-  /work/venvs/torch/bin/python -m tools.make_reid_fixtures [--out tests/fixtures/reid_metrics.npz]
-  /work/venvs/torch/bin/python -m tools.make_reid_fixtures --bench   # speed vs the references
+  $TORCH_VENV/bin/python -m tools.make_reid_fixtures [--out tests/fixtures/reid_metrics.npz]
+  $TORCH_VENV/bin/python -m tools.make_reid_fixtures --bench   # speed vs the references
 """
 
 from __future__ import annotations

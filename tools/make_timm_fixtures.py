@@ -1,7 +1,7 @@
 """Builds the tiny timm parity fixtures in tests/fixtures/ (random weights, no download).
 
 Run with the timm venv (torch + timm; jax not needed):
-  /work/venvs/torch/bin/python -m tools.make_timm_fixtures [--out tests/fixtures]
+  $TORCH_VENV/bin/python -m tools.make_timm_fixtures [--out tests/fixtures]
 
 Two tiny models with random weights (every parameter perturbed so that norms/biases/tokens are
 not at their trivial init):

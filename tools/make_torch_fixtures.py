@@ -1,7 +1,7 @@
 """Builds the torch.save format fixtures in tests/fixtures/ (torch only: no timm, no jax).
 
-  python -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 safetensors
-  /tmp/torchvenv/bin/python tools/make_torch_fixtures.py [--out tests/fixtures]
+  python -m venv $TORCH_VENV && $TORCH_VENV/bin/pip install torch==2.13.0 safetensors
+  TORCH_VENV/bin/python -m tools.make_torch_fixtures [--out tests/fixtures]
 
 What `dca_jax/weights.py` reads without torch, written by torch itself:
 - `vit_legacy.pth`: the timm `vit` fixture's state dict (read from `vit.safetensors`, which

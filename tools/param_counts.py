@@ -1,7 +1,7 @@
 """Parameter counts of the backbone variants at 448 px, 200 classes: ours vs timm.
 
 Run with the timm venv (torch + timm + jax/flax), from the repo root:
-  /work/timm_venv/bin/python -m tools.param_counts [--write docs/PARAMS.md]
+  $TORCH_VENV/bin/python -m tools.param_counts [--write docs/PARAMS.md]
 
 Ours: `vit.VisionTransformer(get_variant(v), num_classes=200)` shapes from `jax.eval_shape`
 (no real init). timm: `timm.create_model(name, pretrained=False, img_size=448, num_classes=200)`.
