@@ -8,16 +8,13 @@ batch, the recommendation is the brute-force optimum, and `auto_batch` trains wi
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 from dca_jax import plan
 from dca_jax.models import vit
 
@@ -187,7 +184,7 @@ def test_recommendation_is_the_brute_force_optimum_at_every_memory_limit(cpu_pla
 
 
 @pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
-def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path):
+def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path, capsys):
   """main.py with auto_batch and a memory budget that the largest batch exceeds: the search
   (ranked by FLOPs, compiling until one fits) must land on the brute-force choice, say so,
   and train with it (config.json records it)."""
@@ -196,22 +193,21 @@ def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path):
   limit = max(r['memory_bytes'] for r in records if r['batch_size'] == 2)
   assert limit < largest
   want = _brute_force(records, limit)
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
-  cmd = [sys.executable, os.path.join(ROOT, 'main.py'),
-         f'--config={os.path.join(ROOT, "tests", "tiny_config.py")}', f'--workdir={tmp_path}',
-         '--config.auto_batch=True', f'--config.plan_memory_gb={limit / 2**30!r}',
-         '--config.plan_memory_margin=0', '--config.max_steps=2', '--config.eval_frequency=100']
-  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-  line = [s for s in r.stdout.splitlines() if s.startswith('auto_batch:')]
-  assert line, r.stdout[-2000:]
+  # what main.py's train mode does with auto_batch (in this process: its compiles are cached)
+  from dca_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(auto_batch=True, plan_memory_gb=limit / 2**30, plan_memory_margin=0.0,
+                       max_steps=2, eval_frequency=100)
+  train.train_and_evaluate(plan.apply_auto_batch(config), str(tmp_path))
+  stdout = capsys.readouterr().out
+  line = [s for s in stdout.splitlines() if s.startswith('auto_batch:')]
+  assert line, stdout[-2000:]
   assert f'batch_size={want["batch_size"]} gradient_accumulation_steps={want["accumulation"]}' \
       in line[0]
   with open(tmp_path / 'config.json') as f:
     saved = json.load(f)
   assert (saved['batch_size'], saved['gradient_accumulation_steps']) == (
       want['batch_size'], want['accumulation'])
-  assert f'Physical batch size: {want["batch_size"]} (auto_batch' in r.stdout
+  assert f'Physical batch size: {want["batch_size"]} (auto_batch' in stdout
 
 
 @pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
