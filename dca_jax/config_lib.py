@@ -92,6 +92,7 @@ def _model_knobs(k) -> None:
   k('pwca_partner_stop_gradient', False, "PWCA: no gradient flows into the partner's SA keys/values (the paper is silent)")
   k('glca_init_from_sa', True, 'copy the last SA block into GLCA when pretrained weights load')
   k('loss_weighting', 'uncertainty', 'uncertainty (Kendall et al.) | sum', choices=('uncertainty', 'sum'))
+  k('loss_terms', '', "each branch's loss: the sum of these terms, comma-separated (losses.TERMS: ce, triplet); '' = the task's (FGVC ce; Re-ID ce,triplet)")
   k('loss_weights_init', 0.0, 'initial w_b of the uncertainty loss (paper: 0)', within=(-INF, INF, True))
   k('loss_weights_lr_multiplier', 1.0, 'the w_b learn at learning rate x this', within=(0.0, INF, True))
   k('label_smoothing', 0.0, 'cross-entropy label smoothing (paper: none)', within=(0.0, 0.999, True))
@@ -241,6 +242,12 @@ def _check_pairs(config) -> None:
                       f'{task.datasets()}{hint}')
   task.check(config)
   _check_evals(config)
+  if config.loss_terms:
+    from dca_jax import losses  # pylint: disable=g-import-not-at-top
+    try:
+      losses.parse_terms(config.loss_terms)
+    except ValueError as e:
+      raise ConfigError(f'config.loss_terms={config.loss_terms!r}: {e}') from None
   policy = config.remat_policy
   if policy != 'full' and not _is_remat_policy(policy):
     raise ConfigError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '

@@ -6,7 +6,7 @@ loss on that branch's feature (the P x K sampler guarantees positives in every m
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,28 +75,71 @@ def batch_hard_triplet(features, labels, margin: float = 0.0, feature: str = 'ra
   return loss, accuracy
 
 
-def dcal_loss(outputs, labels, weighting: str = 'uncertainty', *, label_smoothing: float = 0.0,
-              triplet_margin: Optional[float] = None, triplet_feature: str = 'raw'):
+# ---------------------------------------------------------------------------- loss terms
+# A branch's loss L_b is the sum of the run's terms (`config.loss_terms`, or its task's). A term
+# is (outputs, branch, labels, options) -> (loss, metrics); a new one is a function registered
+# here, then named in `--config.loss_terms`.
+TERMS: dict[str, Callable] = {}
+
+
+def term(name: str):
+  def register(fn):
+    TERMS[name] = fn
+    return fn
+  return register
+
+
+@term('ce')
+def _cross_entropy_term(outputs, branch, labels, options):
+  loss = cross_entropy(outputs[f'{branch}_logits'], labels, options.get('label_smoothing', 0.0))
+  return loss, {f'ce_{branch}': loss}
+
+
+@term('triplet')
+def _triplet_term(outputs, branch, labels, options):
+  """Batch-hard triplet on the branch's feature (the P x K sampler guarantees positives)."""
+  loss, accuracy = batch_hard_triplet(outputs[f'{branch}_feature'], labels,
+                                      options.get('triplet_margin') or 0.0,
+                                      options.get('triplet_feature', 'raw'))
+  return loss, {f'triplet_{branch}': loss, f'triplet_acc_{branch}': accuracy}
+
+
+def parse_terms(value) -> tuple[str, ...]:
+  """'ce,triplet' (or a sequence) -> ('ce', 'triplet'); ValueError for an unknown term."""
+  names = tuple(n.strip() for n in (value.split(',') if isinstance(value, str) else value)
+                if n.strip())
+  unknown = [n for n in names if n not in TERMS]
+  if unknown or not names:
+    raise ValueError(f'loss terms {list(names)}: each one of {sorted(TERMS)} (losses.TERMS)')
+  return names
+
+
+def dcal_loss(outputs, labels, weighting: str = 'uncertainty', *, terms=None,
+              label_smoothing: float = 0.0, triplet_margin: Optional[float] = None,
+              triplet_feature: str = 'raw', **options):
   """L = 0.5 · Σ_b (exp(-w_b)·L_b + w_b) over the branches present (or Σ_b L_b for 'sum').
 
-  L_b = CE_b, plus the batch-hard triplet loss on the branch's feature when `triplet_margin`
-  is given (Re-ID), on `triplet_feature` distances (see `batch_hard_triplet`). PWCA's target
-  is the first image's label (the partner is noise). Returns
-  (total, metrics) with each CE_b, triplet_b and w_b, since the total itself can go negative.
+  L_b = the sum of `terms` on branch b (default: the CE, plus the batch-hard triplet on the
+  branch's feature when `triplet_margin` is given, Re-ID), the triplet on `triplet_feature`
+  distances (see `batch_hard_triplet`). PWCA's target is the first image's label (the partner is
+  noise). Returns (total, metrics) with each term per branch and w_b, since the total itself can
+  go negative.
   """
+  if terms is None:
+    terms = ('ce',) if triplet_margin is None else ('ce', 'triplet')
+  terms = parse_terms(terms)
+  options.update(label_smoothing=label_smoothing, triplet_margin=triplet_margin,
+                 triplet_feature=triplet_feature)
   weights = outputs['loss_weights'].astype(jnp.float32)
   total, metrics = 0.0, {}
   for i, branch in enumerate(BRANCHES):
-    logits = outputs.get(f'{branch}_logits')
-    if logits is None:
+    if outputs.get(f'{branch}_logits') is None:
       continue
-    loss = metrics[f'ce_{branch}'] = cross_entropy(logits, labels, label_smoothing)
-    if triplet_margin is not None:
-      triplet, triplet_acc = batch_hard_triplet(outputs[f'{branch}_feature'], labels,
-                                                triplet_margin, triplet_feature)
-      metrics[f'triplet_{branch}'] = triplet
-      metrics[f'triplet_acc_{branch}'] = triplet_acc
-      loss = loss + triplet
+    loss = 0.0
+    for name in terms:
+      value, term_metrics = TERMS[name](outputs, branch, labels, options)
+      loss = loss + value
+      metrics.update(term_metrics)
     metrics[f'w_{branch}'] = weights[i]
     if weighting == 'uncertainty':
       total = total + 0.5 * (jnp.exp(-weights[i]) * loss + weights[i])

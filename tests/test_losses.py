@@ -88,3 +88,30 @@ def test_reid_branch_loss_is_ce_plus_triplet_under_uncertainty_weights():
   # FGVC (no triplet): the features are not read
   _, fgvc = losses.dcal_loss(out, jnp.asarray(labels))
   assert not any(k.startswith('triplet') for k in fgvc)
+
+
+def test_a_registered_term_is_added_by_config_alone():
+  """A new term is a function in losses.TERMS named in config.loss_terms: the train step sums it
+  into every branch's loss (here a constant 1 per branch: 'sum' weighting adds 3 with 3 branches);
+  an unknown name is one ConfigError line."""
+  from conftest import tiny_config
+  from dca_jax import config_lib, tasks
+  rng = np.random.default_rng(0)
+  out = {'loss_weights': jnp.zeros(3, jnp.float32)}
+  for b in ('sa', 'glca', 'pwca'):
+    out[f'{b}_logits'] = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  labels = jnp.asarray([0, 1, 0, 1])
+  losses.TERMS['one'] = lambda outputs, branch, labels, options: (jnp.float32(1.0), {})
+  try:
+    config = tiny_config(loss_terms='ce,one', loss_weighting='sum')
+    config_lib.validate(config)
+    options = tasks.get('fgvc').loss_options(config)
+    with_one, _ = losses.dcal_loss(out, labels, 'sum', **options)
+    plain, _ = losses.dcal_loss(out, labels, 'sum')
+    assert float(with_one) == pytest.approx(float(plain) + 3.0, rel=1e-6)
+  finally:
+    del losses.TERMS['one']
+  with pytest.raises(config_lib.ConfigError, match=r"config.loss_terms='ce,nope'") as e:
+    config_lib.validate(tiny_config(loss_terms='ce,nope'))
+  assert '\n' not in str(e.value)
+  assert tasks.get('reid').loss_options(tiny_config())['terms'] == 'ce,triplet'

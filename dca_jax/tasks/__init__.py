@@ -10,7 +10,8 @@ A task module (`dca_jax/tasks/<name>.py`) provides:
     default_evals(config)           {name: evaluator entry} when `config.evals` is empty
     bnneck(config)                  whether the model carries BN necks
     partners(rng, labels, n, groups)  PWCA partner indices for a batch of n images
-    loss_options(config)            keyword arguments of `losses.dcal_loss` beyond the CE
+    loss_options(config)            `losses.dcal_loss` keywords: its terms (config.loss_terms
+                                    or LOSS_TERMS) and their options
     batch_fits(config, batch_size)  whether a physical batch suits its sampler (the planner)
     summary_line(result)            one console line of its eval results
     build_input(config, process_index, process_count, with_train)   its input (dca_jax.data)

@@ -45,9 +45,12 @@ def partners(rng, labels, num_images: int, groups: int):
   return dcal.derangement_per_group(rng, num_images, groups)
 
 
+LOSS_TERMS = ('ce',)
+
+
 def loss_options(config) -> dict:
-  del config
-  return {}
+  """Per branch, the CE (`config.loss_terms` overrides: losses.TERMS)."""
+  return {'terms': config.loss_terms or ','.join(LOSS_TERMS)}
 
 
 def batch_fits(config, batch_size: int) -> bool:

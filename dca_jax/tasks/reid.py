@@ -60,9 +60,13 @@ def partners(rng, labels, num_images: int, groups: int):
   return dcal.other_label_partners(rng, labels, groups)
 
 
+LOSS_TERMS = ('ce', 'triplet')
+
+
 def loss_options(config) -> dict:
-  """Per branch, the batch-hard triplet loss beside the CE."""
-  return {'triplet_margin': config.triplet_margin, 'triplet_feature': config.triplet_feature}
+  """Per branch, the batch-hard triplet loss beside the CE (`config.loss_terms` overrides)."""
+  return {'terms': config.loss_terms or ','.join(LOSS_TERMS),
+          'triplet_margin': config.triplet_margin, 'triplet_feature': config.triplet_feature}
 
 
 def batch_fits(config, batch_size: int) -> bool:
