@@ -126,6 +126,19 @@ def _nonempty(split: FileSplit, which: str) -> FileSplit:
   return split
 
 
+def _check_tables(images, images_file, labels, labels_file, is_train, split_file) -> None:
+  """The CUB-style id tables agree: the same image ids in each, split flags 0|1."""
+  for table_file, table in ((labels_file, labels), (split_file, is_train)):
+    if set(table) != set(images):
+      raise DataError(f'{table_file} does not match {images_file}: {len(table)} vs '
+                      f'{len(images)} ids, {len(set(images) ^ set(table))} ids in only one of '
+                      'them')
+  bad = [i for i in images if is_train[i] not in (0, 1)]
+  if bad:
+    raise DataError(f'{split_file}: image id {bad[0]} has flag {is_train[bad[0]]}, expected '
+                    '0|1')
+
+
 # ----------------------------------------------------------------------------- CUB-200-2011
 def read_cub(data_dir: str) -> FolderDataset:
   root = _find_root(data_dir, ['CUB_200_2011', '.'], 'images.txt', 'CUB-200-2011')
@@ -138,19 +151,11 @@ def read_cub(data_dir: str) -> FolderDataset:
   class_names = [classes[class_id] for class_id in sorted(classes)]
   if sorted(classes) != list(range(1, len(classes) + 1)):
     raise DataError(f'{classes_file}: class ids must be 1..{len(classes)}')
-  for table_file, table in ((labels_file, labels), (split_file, is_train)):
-    if set(table) != set(images):
-      raise DataError(f'{table_file} does not match {images_file}: {len(table)} vs '
-                      f'{len(images)} ids, {len(set(images) ^ set(table))} ids in only one of '
-                      'them')
+  _check_tables(images, images_file, labels, labels_file, is_train, split_file)
   bad = [i for i in images if not 1 <= labels[i] <= len(class_names)]
   if bad:
     raise DataError(f'{labels_file}: image id {bad[0]} has label {labels[bad[0]]}, outside '
                     f'1..{len(class_names)} ({classes_file})')
-  bad = [i for i in images if is_train[i] not in (0, 1)]
-  if bad:
-    raise DataError(f'{split_file}: image id {bad[0]} has flag {is_train[bad[0]]}, expected '
-                    '0|1')
   splits = {}
   for flag, which in ((1, 'train'), (0, 'test')):
     ids = sorted(i for i in images if is_train[i] == flag)
@@ -296,19 +301,11 @@ def read_nabirds(data_dir: str) -> FolderDataset:
   labels = _int_values(_read_key_table(labels_file), labels_file)
   is_train = _int_values(_read_key_table(split_file), split_file)
   classes = _read_id_table(classes_file)
-  for table_file, table in ((labels_file, labels), (split_file, is_train)):
-    if set(table) != set(images):
-      raise DataError(f'{table_file} does not match {images_file}: {len(table)} vs '
-                      f'{len(images)} ids, {len(set(images) ^ set(table))} ids in only one of '
-                      'them')
+  _check_tables(images, images_file, labels, labels_file, is_train, split_file)
   bad = [i for i in images if labels[i] not in classes]
   if bad:
     raise DataError(f'{labels_file}: image id {bad[0]} has class {labels[bad[0]]}, which is '
                     f'not in {classes_file}')
-  bad = [i for i in images if is_train[i] not in (0, 1)]
-  if bad:
-    raise DataError(f'{split_file}: image id {bad[0]} has flag {is_train[bad[0]]}, expected '
-                    '0|1')
   class_ids = sorted(set(labels.values()))  # not contiguous: the taxonomy's leaves with images
   label_of = {class_id: label for label, class_id in enumerate(class_ids)}
   splits = {}
