@@ -4,10 +4,10 @@ step (`dca_jax.plan.measure`) over a grid of recipes x cards, one JSON line per 
 Needs the CUDA wheels of the installed jax (kept out of requirements.txt and the tests), the
 host platform, and XLA's GPU target specs (xla/backends/gpu/target_config/specs/ in openxla/xla):
 
-  python3 -m venv /tmp/cuda-venv && /tmp/cuda-venv/bin/pip install "jax[cuda12]==0.10.2" \
+  python3 -m venv $CUDA_VENV && $CUDA_VENV/bin/pip install "jax[cuda12]==0.10.2" \
       -r requirements.txt
-  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false /tmp/cuda-venv/bin/python \
-      tools/gpu_memory_table.py --specs SPEC_DIR --groups core,cards,backbones,reid,multi,extra \
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $CUDA_VENV/bin/python \
+      -m tools.gpu_memory_table --specs SPEC_DIR --groups core,cards,backbones,reid,multi,extra \
       --out benchmarks/results/plan_gpu.jsonl
   python -m tools.gpu_memory_table --render benchmarks/results/plan_gpu.jsonl   # markdown
 
