@@ -30,9 +30,7 @@ torch/timm).
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import zipfile
 from functools import partial
 
 import numpy as np
@@ -42,6 +40,8 @@ from safetensors.torch import save_file
 import timm
 from timm.layers import LayerNorm
 from timm.models import vision_transformer as tv
+
+from tools.make_timm_fixtures import save_npz  # byte-identical re-runs (no zip timestamps)
 
 
 def make_dinov2(img_size=56, registers=0):
@@ -64,15 +64,6 @@ MODELS = {
     'bb_dinov2_reg': (partial(make_dinov2, registers=4), 56, ((84, 84), (84, 42))),
     'bb_clip': (make_clip, 32, ((48, 48), (48, 24))),
 }
-
-
-def save_npz(path, arrays):
-  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as archive:
-    for name, value in arrays.items():
-      buffer = io.BytesIO()
-      np.lib.format.write_array(buffer, np.asarray(value), allow_pickle=False)
-      archive.writestr(zipfile.ZipInfo(name + '.npy', date_time=(1980, 1, 1, 0, 0, 0)),
-                       buffer.getvalue())
 
 
 @torch.no_grad()
