@@ -221,3 +221,55 @@ def test_new_sets_are_fgvc_datasets_with_configs():
     c = module.get_config()
     assert (c.dataset, c.num_classes, c.data_source) == (dataset, num_classes, source)
     config_lib.validate(c)
+
+
+# ------------------------------------------------------------------------------ imagefolder
+def _write_imagefolder(root, classes=('cat', 'dog', 'eel'), train=3, test=2):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for which, count in (('train', train), ('test', test)):
+    for label, name in enumerate(classes):
+      os.makedirs(os.path.join(root, which, name), exist_ok=True)
+      for i in range(count):
+        pixels = np.full((40, 48, 3), 60 * label, np.uint8) + rng.integers(0, 20, (40, 48, 3),
+                                                                          dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, which, name, f'{i}.jpg'))
+  with open(os.path.join(root, 'train', 'cat', 'notes.txt'), 'w') as f:
+    f.write('not an image: ignored')
+  return root
+
+
+def test_imagefolder_reads_your_own_classes(tmp_path):
+  root = _write_imagefolder(str(tmp_path))
+  dataset = sources.read_folder('imagefolder', root)
+  assert dataset.class_names == ['cat', 'dog', 'eel']
+  assert len(dataset.train.paths) == 9 and len(dataset.test.paths) == 6
+  assert list(dataset.train.labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert all(f'/train/{dataset.class_names[label]}/' in path
+             for path, label in zip(dataset.train.paths, dataset.train.labels))
+  info = data.build_input(tiny_config(dataset='imagefolder', data_source='folder',
+                                      data_dir=root, num_classes=3))
+  labels = collections.Counter()
+  for batch in info.eval_iter():
+    labels.update(int(x) for x, keep in zip(batch['label'], batch['mask']) if keep)
+    assert batch['image'].shape[1:] == (32, 32, 3)
+  assert labels == {0: 2, 1: 2, 2: 2}
+
+
+@pytest.mark.parametrize('case', ['no_test', 'unknown_test_class', 'empty_class'])
+def test_imagefolder_bad_layout_is_one_line(case, tmp_path):
+  root = _write_imagefolder(str(tmp_path))
+  if case == 'no_test':
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(os.path.join(root, 'test'))
+    match = 'missing image folder.*test'
+  elif case == 'unknown_test_class':
+    os.rename(os.path.join(root, 'test', 'eel'), os.path.join(root, 'test', 'owl'))
+    match = "class folder 'owl' is not among the 3 train classes"
+  else:
+    for name in os.listdir(os.path.join(root, 'train', 'eel')):
+      os.remove(os.path.join(root, 'train', 'eel', name))
+    match = 'eel: no image of this class'
+  with pytest.raises(data.DataError, match=match) as e:
+    sources.read_folder('imagefolder', root)
+  assert '\n' not in str(e.value)

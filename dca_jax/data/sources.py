@@ -401,10 +401,52 @@ def read_pets(data_dir: str) -> FolderDataset:
   return FolderDataset('pets', root, class_names, splits['train'], splits['test'])
 
 
+# ----------------------------------------------------------------------------- image folder
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+
+def read_imagefolder(data_dir: str) -> FolderDataset:
+  """Your own classes: data_dir/train/<class>/<image> and data_dir/test/<class>/<image> (the
+  torchvision ImageFolder convention). Class names: the train folder names, sorted (label i =
+  the i-th); a test class must be one of them. Order: sorted paths. Files that are not images
+  by extension are ignored; unreadable images are dropped by the pre-scan as in every reader."""
+  check_data_dir(data_dir, 'imagefolder (train/<class>/, test/<class>/)')
+  splits, class_names = {}, None
+  for which in ('train', 'test'):
+    split_dir = os.path.join(data_dir, which)
+    if not os.path.isdir(split_dir):
+      raise DataError(f'missing image folder: {split_dir} (imagefolder: {which}/<class>/<image>)')
+    names = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not names:
+      raise DataError(f'{split_dir}: no class folders (imagefolder: {which}/<class>/<image>)')
+    if class_names is None:
+      class_names = names
+    unknown = sorted(set(names) - set(class_names))
+    if unknown:
+      raise DataError(f'{split_dir}: class folder {unknown[0]!r} is not among the '
+                      f'{len(class_names)} train classes')
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+      folder = os.path.join(split_dir, name)
+      if not os.path.isdir(folder):
+        continue
+      files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+      paths += [os.path.join(folder, f) for f in files]
+      labels += [label] * len(files)
+    splits[which] = _nonempty(FileSplit(paths, np.asarray(labels, np.int32), split_dir), which)
+  empty = [name for label, name in enumerate(class_names)
+           if not np.any(splits['train'].labels == label)]
+  if empty:
+    raise DataError(f'{os.path.join(data_dir, "train", empty[0])}: no image of this class')
+  return FolderDataset('imagefolder', os.fspath(data_dir), class_names, splits['train'],
+                       splits['test'])
+
+
 # Folder readers of the official layouts; with the TFDS builders and the generated set they are
 # the FGVC datasets (tasks.fgvc.datasets). A new dataset: a reader here (and a config).
 READERS = {'cub': read_cub, 'cars': read_cars, 'aircraft': read_aircraft,
-           'nabirds': read_nabirds, 'dogs': read_dogs, 'pets': read_pets}
+           'nabirds': read_nabirds, 'dogs': read_dogs, 'pets': read_pets,
+           'imagefolder': read_imagefolder}
 FGVC_DATASETS = tuple(dict.fromkeys([*READERS, *TFDS_NAMES, 'synthetic']))
 
 
