@@ -268,8 +268,8 @@ class Resolved:
 
   def describe(self) -> str:
     what = f' ({self.known.description})' if self.known else ''
-    if self.source == 'local file':
-      return f'{self.path}{what}, local file'
+    if self.source in ('local file', 'dca_jax run'):
+      return f'{self.path}{what}, {self.source}'
     return f'{self.value}{what}, {self.source}, file {self.path} ({self.verified})'
 
 
@@ -419,6 +419,8 @@ def resolve(value, *, backbone: Optional[str] = None, cache_dir: Optional[str] =
   if backbone is not None:
     check_backbone(spec, backbone)
   if spec.kind == 'path':
+    if os.path.isdir(spec.path):  # a dca_jax run (weights.read_run says which step)
+      return Resolved(spec.value, spec.path, 'dca_jax run', 'not checked', spec.known)
     if not os.path.isfile(spec.path):
       raise WeightFetchError(f'{spec.path}: no such checkpoint file')
     return Resolved(spec.value, spec.path, 'local file', 'not checked', spec.known)

@@ -74,7 +74,8 @@ def load_pretrained_params(config, params):
       posemb_interpolation=config.posemb_interpolation, grid_hw=grid_hw)
   logging.info('pretrained weights: %s', report.summary())
   description = f'{resolved.describe()}; {len(report.loaded)} arrays loaded'
-  if config.glca_init_from_sa and 'glca_block' in params:
+  glca_loaded = any(name.startswith('glca_block/') for name in report.loaded)  # from a run
+  if config.glca_init_from_sa and 'glca_block' in params and not glca_loaded:
     params = dcal.glca_from_last_block(params, vit_config.depth)
     logging.info('GLCA block initialised from block_%d', vit_config.depth - 1)
     description += f', GLCA from block_{vit_config.depth - 1}'

@@ -10,6 +10,10 @@ Two source layouts are understood (see docs/WEIGHTS.md for the full mapping):
   `blocks.{i}.attn.qkv.weight`
   (3D, D), `patch_embed.proj.weight` OIHW, `cls_token`, `pos_embed`, hybrid
   `patch_embed.backbone.stem.conv.weight`, `patch_embed.backbone.stages.{s}.blocks.{u}....`.
+- A dca_jax run (a directory: its `--workdir`, its `checkpoints/` folder or one step folder):
+  the `params` of its newest intact checkpoint, already in our names. The backbone and the GLCA
+  block are loaded, the task's heads and necks are not (fine-tuning from your own pretraining
+  or from a run on another set).
 
 `load_pretrained` runs five steps, one function each: read the file (`read_checkpoint`), detect
 the layout (`_detect_layout`), convert to our names (`_convert_checkpoint`: `embed/...`,
@@ -361,6 +365,7 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
 def read_checkpoint(path: PathLike) -> Dict[str, np.ndarray]:
   """Reads a checkpoint into a flat {key: numpy array} dict (format sniffed from the content).
 
+  A directory is a dca_jax run (`read_run`). Files:
   `.npz` (np.load(allow_pickle=False)), `.safetensors`, PyTorch `.pth/.pt/.bin`
   (torch.load(weights_only=True) on CPU, or without torch our restricted unpickler; `{'model':
   ...}` / `{'state_dict': ...}` unwrapped).
@@ -368,6 +373,8 @@ def read_checkpoint(path: PathLike) -> Dict[str, np.ndarray]:
   files. bfloat16 tensors are widened to float32.
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    return read_run(path)
   if not os.path.isfile(path):
     raise WeightLoadError(f'{path}: no such checkpoint file')
   with open(path, 'rb') as handle:
@@ -377,6 +384,67 @@ def read_checkpoint(path: PathLike) -> Dict[str, np.ndarray]:
   reader = {'npz': _read_npz, 'safetensors': _read_safetensors,
             'torch': _read_torch}[_sniff_format(path, head)]
   return reader(path)
+
+
+RUN_PREFIX = 'params/'
+
+
+def _run_step_dir(path: str) -> str:
+  """The step folder that `path` (a workdir, its checkpoints/ folder or a step folder) means:
+  for a run, its newest intact (sealed, files matching their record) step."""
+  from dca_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    sealed, why = ckpt_lib.verify_integrity(path)
+    if sealed is False:
+      raise WeightLoadError(f'{path}: damaged checkpoint ({why})')
+    return path
+  workdir = os.path.dirname(path) if os.path.basename(path) == 'checkpoints' else path
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    raise WeightLoadError(f'{path}: a directory, but not a dca_jax run (no checkpoints/ folder '
+                          'nor a step folder with state/)')
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = checkpointer.newest_intact_step('latest')
+  except ckpt_lib.CheckpointError as e:
+    raise WeightLoadError(f'{path}: {e}') from None
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise WeightLoadError(f'{path}: the run has no intact checkpoint')
+  return os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step))
+
+
+def read_run(path: PathLike) -> Dict[str, np.ndarray]:
+  """The `params` of a dca_jax run's checkpoint as a flat {'params/<our path>': array} dict
+  (host numpy, whatever mesh saved it); the optimizer state is not read."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dca_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  step_dir = _run_step_dir(os.fspath(path))
+  state_dir = os.path.join(step_dir, 'state')
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  # The state item has no step-level metadata file of its own (the step has): Orbax says so.
+  quiet = ckpt_lib._DropMessage('Metadata file does not exist')  # pylint: disable=protected-access
+  logging.get_absl_logger().addFilter(quiet)
+  try:
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    params = tree['params']
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={'params': jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params)},
+        restore_args={'params': jax.tree.map(
+            lambda m: ocp.RestoreArgs(restore_type=np.ndarray), params)},
+        partial_restore=True))['params']
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    raise WeightLoadError(f'{step_dir}: cannot read its params: {type(e).__name__}: '
+                          f'{first}') from None
+  finally:
+    logging.get_absl_logger().removeFilter(quiet)
+  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+  return {RUN_PREFIX + '/'.join(str(k.key) for k in keys): np.asarray(value)
+          for keys, value in flat}
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,7 +562,7 @@ _TIMM_PREFIXES = ('module.', 'model.')
 
 class _Layout(NamedTuple):
   """Which naming a checkpoint uses, and the prefix its keys carry."""
-  name: str    # 'google_npz' or 'timm'
+  name: str    # 'google_npz', 'timm' or 'dca_jax'
   prefix: str  # e.g. 'opt/target/' or 'module.'; '' when none
 
 
@@ -506,6 +574,8 @@ def _detect_layout(checkpoint: Mapping[str, np.ndarray], path: str) -> _Layout:
   for prefix in ('',) + _TIMM_PREFIXES:
     if f'{prefix}patch_embed.proj.weight' in checkpoint or f'{prefix}cls_token' in checkpoint:
       return _Layout('timm', prefix)
+  if f'{RUN_PREFIX}embed/pos_embed' in checkpoint:
+    return _Layout('dca_jax', RUN_PREFIX)
   first = ', '.join(sorted(checkpoint)[:5])
   raise WeightLoadError(
       f'{path}: unrecognised checkpoint layout (no `embedding/kernel` (Google npz) nor '
@@ -688,12 +758,23 @@ def _convert_timm(keys: _KeyCollector):
       keys.put(f'{ours}{scale}/gamma', f'{source}{scale}.gamma')
 
 
+def _convert_run(keys: _KeyCollector):
+  """A dca_jax run's params are in our names already: its backbone and GLCA block are taken;
+  its heads and necks (another task's label space) stay behind as unused."""
+  for key in list(keys.weights):
+    top = key.split('/')[0]
+    if top in ('embed', 'norm', 'glca_block') or re.fullmatch(r'block_\d+', top):
+      keys.put(key, key)
+
+
 def _convert_checkpoint(checkpoint: Mapping[str, np.ndarray], layout: _Layout, vit_config,
                         path: str) -> _Converted:
   """Checkpoint keys -> our '/'-paths (values converted: transposes, qkv joined, ...)."""
   keys = _KeyCollector(checkpoint, layout.prefix)
   if layout.name == 'google_npz':
     _convert_google(keys, vit_config.num_heads, path)
+  elif layout.name == 'dca_jax':
+    _convert_run(keys)
   else:
     _convert_timm(keys)
   # DeiT distilled: pos_embed holds [cls, dist, grid]; the merge keeps cls and the grid. A
@@ -978,6 +1059,8 @@ def _unknown_key_reason(key: str) -> str:
     return ' (DeiT distillation token/head: dropped, the CLS path is kept)'
   if key.startswith('pre_logits'):
     return ' (pre-logits representation layer: not used)'
+  if key.startswith(RUN_PREFIX):
+    return " (the run's task head / neck: not loaded)"
   return ''
 
 

@@ -527,3 +527,56 @@ def test_sigterm_on_one_host_stops_every_host_after_one_save(tmp_path):
   assert 'SIGTERM: saved step' in outs[0]  # printed by the chief, which got no signal itself
   saved = int(outs[0].split('SIGTERM: saved step ')[1].split(',')[0])
   assert 3 <= saved < 400 and (ckdir / str(saved)).is_dir()
+
+
+# --- a run as pretrained weights: fine-tune from your own pretraining (docs/REID.md) -----------
+def _fresh_params(config):
+  model = build_model(config, dtype=jnp.float32)
+  shape = (1, *config_lib.input_hw(config), 3)
+  return jax.device_get(model.init(jax.random.key(1), jnp.zeros(shape), train=False)['params'])
+
+
+@pytest.mark.xdist_group('two_step_run')
+def test_a_run_is_pretrained_weights_for_another_task(tmp_path, two_step_run, caplog):
+  """An FGVC run (32 x 32 px, 4 classes) loads into a Re-ID model (32 x 16 px, 6 identities):
+  backbone and GLCA block from the run's newest checkpoint, positions resized 4x4 -> 4x2, the
+  task heads left as initialised; what a run is not gives one line."""
+  from dca_jax import hub, weights  # pylint: disable=g-import-not-at-top
+  _, saved = _final_state(two_step_run)
+  config = tiny_reid_config(pretrained_model=str(two_step_run))
+  fresh = _fresh_params(config)
+  loaded = train.load_pretrained_params(config, fresh)
+  flat = lambda tree: {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(v)
+                       for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  loaded, fresh = flat(loaded), flat(fresh)
+  backbone = [k for k in loaded if k.split('/')[0] in ('embed', 'norm', 'glca_block')
+              or k.startswith('block_')]
+  assert len(backbone) > 20 and any(k.startswith('glca_block/') for k in backbone)
+  for name in backbone:
+    if name == 'embed/pos_embed':
+      continue
+    np.testing.assert_array_equal(loaded[name], saved['params/' + name], err_msg=name)
+  # GLCA came from the run, not from its own last SA block (glca_init_from_sa is on)
+  assert not np.array_equal(loaded['glca_block/attn/qkv/kernel'],
+                            saved['params/block_1/attn/qkv/kernel'])
+  old, new = saved['params/embed/pos_embed'], loaded['embed/pos_embed']
+  assert old.shape == (1, 17, 32) and new.shape == (1, 9, 32)
+  np.testing.assert_array_equal(new[:, 0], old[:, 0])             # the CLS slot is kept
+  np.testing.assert_allclose(new[:, 1:], weights.resize_posemb(old, (4, 2))[:, 1:], atol=0)
+  heads = [k for k in loaded if k not in backbone and k != 'embed/pos_embed']
+  assert heads and all(np.array_equal(loaded[k], fresh[k]) for k in heads)  # not loaded
+  assert 'dca_jax run' in hub.banner_line(str(two_step_run))
+  # a step folder works the same; a damaged or foreign directory is one line
+  step_dir = max((d for d in (two_step_run / 'checkpoints').iterdir() if d.name.isdigit()),
+                 key=lambda d: int(d.name))
+  assert set(weights.read_run(step_dir)) == set(weights.read_run(two_step_run))
+  with pytest.raises(weights.WeightLoadError, match='not a dca_jax run'):
+    weights.read_checkpoint(tmp_path)
+  broken = tmp_path / 'broken'
+  shutil.copytree(two_step_run, broken)
+  target = next(p for p in (broken / 'checkpoints' / step_dir.name / 'state').rglob('*')
+                if p.is_file() and p.stat().st_size > 1000)
+  target.write_bytes(b'\0' * target.stat().st_size)
+  with pytest.raises(weights.WeightLoadError) as error:
+    weights.read_checkpoint(broken / 'checkpoints' / step_dir.name)
+  assert 'damaged' in str(error.value) and '\n' not in str(error.value)
