@@ -13,8 +13,9 @@ tools/real_reid.py's set (one seed), then probes the trained model in eval mode:
   python -m benchmarks.reid_real_probe --conv_stem num_epochs=40 # + a small ResNet-v2 stem
   python -m benchmarks.reid_real_probe crop_padding=4 label_smoothing=0.1 weight_decay=0.3
 
-`--conv_stem` registers a backbone variant for this process only (a ResNet-v2 root conv + one
-bottleneck of width 32, then 2 x 2 patches: the same 8 x 4 token grid as the 8 px patches).
+`--conv_stem` = `backbone_overrides.resnet_layers=(1,) resnet_width=32 patch_size=2`: a
+ResNet-v2 root conv + one bottleneck of width 32, then 2 x 2 patches: the same 8 x 4 token
+grid as the 8 px patches.
 """
 import argparse
 import os
@@ -32,12 +33,10 @@ from PIL import Image  # noqa: E402
 from benchmarks import reid_real  # noqa: E402
 from dca_jax import config_lib, distributed, train  # noqa: E402
 from dca_jax.data import preprocess, reid_sources  # noqa: E402
-from dca_jax.models import vit  # noqa: E402
 from dca_jax.reid import metrics  # noqa: E402
 from tools import real_reid  # noqa: E402
 
-CONV_STEM = dict(width=64, depth=3, num_heads=4, mlp_dim=128, patch_size=2, resnet_layers=(1,),
-                 resnet_width=32)
+CONV_STEM = dict(patch_size=2, resnet_layers=(1,), resnet_width=32)
 
 
 def train_model(config):
@@ -123,9 +122,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   config = reid_real.fixed(real_reid.ensure(args.data_base, real_reid.Params()))
   if args.conv_stem:
-    vit.VARIANTS['probe_conv_stem'] = CONV_STEM
-    config.backbone = 'probe_conv_stem'
-    config.backbone_overrides.patch_size = 2
+    config.backbone_overrides.update(CONV_STEM)
   reid_real.apply_overrides(config, args.overrides)
   config_lib.validate(config)
   model, variables = train_model(config)

@@ -19,7 +19,7 @@ from dca_jax import tasks
 BACKBONES = backbones.names()  # dca_jax/backbones/: one file per family
 TASKS = tasks.NAMES
 OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
-                               'resnet_width')
+                               'resnet_width', 'resnet_layers')
 
 
 INF = float('inf')
@@ -78,7 +78,8 @@ def _model_knobs(k) -> None:
   """Model."""
   k('backbone', 'deit_tiny', "deit_tiny / deit_small / deit_base / vit_base / r50_vit_base (the paper's); dinov2_small / dinov2_base (+ _reg4) / clip_base / clip_base_quickgelu (dca_jax/backbones/)", choices=BACKBONES)
   k('backbone_overrides', lambda: ml_collections.ConfigDict(
-      {k: ml_collections.config_dict.placeholder(int) for k in OVERRIDABLE_BACKBONE_FIELDS}), 'width, depth, num_heads, mlp_dim, patch_size, resnet_width: e.g. --config.backbone_overrides.depth=2')
+      {k: ml_collections.config_dict.placeholder(tuple if k == 'resnet_layers' else int)
+       for k in OVERRIDABLE_BACKBONE_FIELDS}), "width, depth, num_heads, mlp_dim, patch_size, resnet_width, resnet_layers (a conv stem: ResNet-v2 stage depths, e.g. '(1,)': the patch then cuts the stem's 4 x 2^(stages-1) smaller map): e.g. --config.backbone_overrides.depth=2")
   k('num_sa_layers', 12, 'L (must equal the backbone depth)', within=(1, INF, True))
   k('num_glca_layers', 1, 'M; 0 disables GLCA', within=(0, 1, True))
   k('num_pwca_layers', 12, 'T; 0 disables PWCA; T < L uses the last T blocks', within=(0, INF, True))
@@ -105,7 +106,7 @@ def _model_knobs(k) -> None:
   k('use_gradient_checkpointing', True, 'nn.remat around every block (SA/PWCA/GLCA)')
   k('remat_policy', 'nothing_saveable', 'full, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable, ...')
   k('precision', 'auto', 'fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU/TPU)', choices=('auto', 'fp32', 'bf16', 'fp16'))
-  k('pretrained_model', '', "a file (.npz / .safetensors / .pth), a Hub id (timm/deit_tiny_patch16_224.fb_in1k: fetched once, cached) or a known name (tools/fetch_weights.py --list); none or '' = random init. FGVC/Re-ID configs: the paper's for the backbone")
+  k('pretrained_model', '', "a file (.npz / .safetensors / .pth), a dca_jax run's workdir (its backbone + GLCA, not its heads), a Hub id (timm/deit_tiny_patch16_224.fb_in1k: fetched once, cached) or a known name (tools/fetch_weights.py --list); none or '' = random init. FGVC/Re-ID configs: the paper's for the backbone")
   k('posemb_interpolation', 'bicubic', 'bicubic (timm) | bilinear (original ViT code)', choices=('bicubic', 'bilinear'))
 
 
@@ -305,7 +306,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'unknown backbone_overrides {sorted(unknown)}; '
                       f'known: {", ".join(OVERRIDABLE_BACKBONE_FIELDS)}')
   for key, value in backbone_overrides(config).items():
-    if value < 1:
+    if key == 'resnet_layers':
+      if not value or not all(isinstance(v, int) and v >= 1 for v in value):
+        raise ConfigError(f'config.backbone_overrides.resnet_layers={tuple(value)!r} must be '
+                          "stage depths >= 1, e.g. '(1,)'")
+    elif value < 1:
       raise ConfigError(f'config.backbone_overrides.{key}={value} must be >= 1')
   if not isinstance(config.pretrained_model, str):
     raise ConfigError(f'config.pretrained_model={config.pretrained_model!r} must be a path, a '
@@ -345,7 +350,8 @@ def resolve_normalization(config) -> str:
 
 def backbone_overrides(config) -> dict:
   """The backbone fields this config sets (unset placeholders dropped)."""
-  return {k: v for k, v in config.backbone_overrides.items() if v is not None}
+  return {k: list(v) if isinstance(v, (tuple, list)) else v  # lists: as the meta's JSON
+          for k, v in config.backbone_overrides.items() if v is not None}
 
 
 def input_hw(config) -> tuple[int, int]:

@@ -66,6 +66,25 @@ def test_backbone_overrides_are_typed_placeholders():
     config_lib.validate(c)
 
 
+
+def test_a_conv_stem_is_a_backbone_override():
+  """resnet_layers puts a ResNet-v2 stem under any ViT; the checkpoint meta (JSON) compares
+  equal to the config after a round trip, so a resumed run is not 'another model'."""
+  import json  # pylint: disable=g-import-not-at-top
+  from dca_jax.models import vit  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.backbone_overrides.update(dict(width=64, depth=2, num_heads=2, mlp_dim=64, patch_size=2,
+                                   resnet_layers=(1,), resnet_width=32))
+  config_lib.validate(c)
+  settings = config_lib.model_settings(c)
+  assert json.loads(json.dumps(settings)) == settings
+  variant = vit.get_variant(c.backbone, config_lib.backbone_overrides(c))
+  assert variant.resnet_layers == (1,) and variant.grid_size(64) == 8  # 64 px / (4 x 2)
+  for bad in ((0,), ()):
+    c.backbone_overrides.resnet_layers = bad
+    with pytest.raises(ValueError, match='resnet_layers'):
+      config_lib.validate(c)
+
 @pytest.mark.parametrize('key,value', [('log_every_steps', 0), ('eval_frequency', 0),
                                        ('remat_policy', 'save_only_these_names')])
 def test_values_that_would_fail_late_fail_at_start(key, value):
