@@ -43,7 +43,7 @@ class Knob:
 def _data_knobs(k) -> None:
   """Data."""
   k('task', 'fgvc', 'fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)', choices=TASKS)
-  k('dataset', 'synthetic', 'fgvc: cub | cars | aircraft | nabirds | dogs | pets | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid')
+  k('dataset', 'synthetic', 'fgvc: cub | cars | aircraft | nabirds | dogs | pets | imagefolder (your own train/<class>/, test/<class>/) | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid')
   k('val_split', 0.0, "FGVC: fraction of each class's train images held out as a validation split (fixed draw, whatever the seed); `best` is then chosen on it", within=(0.0, 0.9, True))
   k('data_source', 'synthetic', 'tfds | folder | synthetic', choices=('tfds', 'folder', 'synthetic'))
   k('data_dir', '', 'TFDS data_dir, or the folder holding the official layout')

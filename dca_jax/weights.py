@@ -1,6 +1,6 @@
 """Import of pretrained ViT / DeiT / R50+ViT weights into our Flax parameter tree.
 
-Two source layouts are understood (see docs/WEIGHTS.md for the full mapping):
+Three source layouts are understood (see docs/WEIGHTS.md for the full mapping):
 
 - Google ViT / AugReg `.npz` (`ViT-B_16.npz`, `R50+ViT-B_16.npz`, AugReg `*.npz`): Flax names
   (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query/kernel` (D, heads, hd), ...,
@@ -420,10 +420,10 @@ def read_run(path: PathLike) -> Dict[str, np.ndarray]:
   (host numpy, whatever mesh saved it); the optimizer state is not read."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from dca_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   step_dir = _run_step_dir(os.fspath(path))
   state_dir = os.path.join(step_dir, 'state')
-  from absl import logging  # pylint: disable=g-import-not-at-top
   # The state item has no step-level metadata file of its own (the step has): Orbax says so.
   quiet = ckpt_lib._DropMessage('Metadata file does not exist')  # pylint: disable=protected-access
   logging.get_absl_logger().addFilter(quiet)
