@@ -71,3 +71,35 @@ def test_learning_gate_is_the_mean_over_seeds_against_the_pixel_baseline():
   assert verdict['passed'] and verdict['ratio_to_pixels'] == 4.0
   assert verdict['test_mAP_mean'] == 0.04 and verdict['test_mAP_std'] == pytest.approx(0.0082, abs=1e-4)
   assert not reid_real.check(finals, 0.01, 4.5)['passed']   # one seed above 4.5x is not enough
+
+
+def test_pretraining_set_is_an_imagefolder_of_train_half_scans_and_other_cameras(tmp_path):
+  from dca_jax.data import sources  # pylint: disable=g-import-not-at-top
+  params = real_reid.PretrainParams(train_per_class=2, test_per_class=1)
+  root = real_reid.write_pretrain(str(tmp_path), params)
+  dataset = sources.read_folder('imagefolder', root)
+  assert dataset.class_names == [str(d) for d in range(10)]
+  assert len(dataset.train.paths) == 20 and len(dataset.test.paths) == 10
+  reid_cameras = real_reid._cameras(0)  # pylint: disable=protected-access
+  pretrain_cameras = [c for s in real_reid.PRETRAIN_CAMERA_SEEDS
+                      for c in real_reid._cameras(s)]  # pylint: disable=protected-access
+  assert not any(np.allclose(a.wall, b.wall) for a in reid_cameras for b in pretrain_cameras)
+
+
+def test_demo_configs_for_real_images_validate():
+  """:pretrain (an imagefolder classifier of the demo's backbone) and :real_imagenet (DeiT-T
+  with its ImageNet weights at 128 x 64: 8 x 4 patches) are complete configs."""
+  from configs import reid_demo  # pylint: disable=g-import-not-at-top
+  from dca_jax import config_lib, hub  # pylint: disable=g-import-not-at-top
+  from dca_jax.models import vit  # pylint: disable=g-import-not-at-top
+  pre = reid_demo.get_config('pretrain')
+  config_lib.validate(pre)
+  assert (pre.task, pre.dataset, pre.num_classes) == ('fgvc', 'imagefolder', 10)
+  real = reid_demo.get_config('real')
+  assert config_lib.backbone_overrides(pre) == config_lib.backbone_overrides(real)
+  imagenet = reid_demo.get_config('real_imagenet')
+  config_lib.validate(imagenet)
+  assert hub.parse(imagenet.pretrained_model).known.backbone == 'deit_tiny'
+  variant = vit.get_variant(imagenet.backbone, config_lib.backbone_overrides(imagenet))
+  assert (variant.depth, variant.grid_size(128), variant.grid_size(64)) == (12, 8, 4)
+  assert imagenet.random_erasing == 0 and imagenet.optimizer == 'sgd'

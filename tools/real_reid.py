@@ -23,6 +23,7 @@ Defaults (the issue's set sizes): 300 train identities x 6 images over 2-4 of th
 150 queries x 525 gallery images. 64 x 32 px (height x width), JPEG quality 95.
 
   python -m tools.real_reid --out /tmp/digits_reid        # writes + prints counts, pixel mAP
+  python -m tools.real_reid --pretrain --out /tmp/digits_pretrain   # the 10-class pretraining set
   python main.py --config configs/reid_demo.py:real --workdir runs/reid_real \
       --config.data_dir=/tmp/digits_reid                 # (see docs/REID.md)
 
@@ -142,10 +143,13 @@ def _resize(scan: np.ndarray, side: int) -> np.ndarray:
   return np.asarray(image.resize((side, side), Image.BILINEAR), np.float32) / 255.0
 
 
-def render(rng, camera: _Camera, scans: list[np.ndarray], height: int, width: int) -> np.ndarray:
-  """The digits `scans` (8 x 8, [0, 1]) stacked top to bottom on the camera's background."""
+def render(rng, camera: _Camera, scans: list[np.ndarray], height: int, width: int,
+           side: int | None = None) -> np.ndarray:
+  """The digits `scans` (8 x 8, [0, 1]) stacked top to bottom on the camera's background;
+  `side` (px) overrides the camera's digit size."""
   image = _background(rng, camera, height, width)
-  side = int(round(camera.scale * rng.uniform(0.9, 1.1) * height / 64))
+  if side is None:
+    side = int(round(camera.scale * rng.uniform(0.9, 1.1) * height / 64))
   side = max(4, min(side, width - 2, (height - 2) // len(scans)))
   gap = int(rng.integers(0, 3))
   total = len(scans) * side + (len(scans) - 1) * gap
@@ -281,6 +285,83 @@ def ensure(base_dir: str, params: Params = Params()) -> str:
   return final
 
 
+# --------------------------------------------------------------------------------------------
+# A pretraining set: the "ImageNet" of this world (docs/REID.md "Real images")
+# --------------------------------------------------------------------------------------------
+PRETRAIN_MARKER = 'digits_pretrain.json'
+PRETRAIN_CAMERA_SEEDS = (1000, 1001)  # 8 cameras, none of them the Re-ID set's 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainParams:
+  train_per_class: int = 500
+  test_per_class: int = 50
+  height: int = 64
+  min_side: int = 10  # digit size drawn from [min_side, max_side] px: objects at every scale,
+  max_side: int = 40  # as in ImageNet (small digits alone are not learnt from scratch)
+  width: int = 64    # square, as ImageNet is: the Re-ID model's 64 x 32 grid is resized to
+  #                    from its 8 x 8 positions on loading, as the paper's 224 px to 256 x 128
+  seed: int = 0
+
+  def key(self) -> str:
+    blob = json.dumps({'version': VERSION, 'pretrain': dataclasses.asdict(self)}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def write_pretrain(out_dir: str, params: PretrainParams = PretrainParams()) -> str:
+  """A generic classification set for pretraining, in the imagefolder layout
+  (`out_dir/{train,test}/<digit>/*.jpg`, dataset='imagefolder'): ONE real digit scan per
+  image, label = the digit (10 classes), drawn by 8 cameras that are not the Re-ID set's.
+
+  What it shares with the Re-ID set is only the world (digits on backgrounds), as ImageNet
+  shares people and clothes with Market-1501: no identity, no 3-digit number, no camera of the
+  Re-ID set, and only the FIRST half of the scans (the Re-ID train half), so the Re-ID test
+  images' scans are never seen in pretraining either. Returns `out_dir`."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  scans, labels = load_scans()
+  half = len(scans) // 2
+  pools = [np.flatnonzero(labels[:half] == d) for d in range(10)]
+  cameras = [camera for seed in PRETRAIN_CAMERA_SEEDS for camera in _cameras(params.seed + seed)]
+  index = 0
+  for which, count in (('train', params.train_per_class), ('test', params.test_per_class)):
+    for digit in range(10):
+      folder = os.path.join(out_dir, which, str(digit))
+      os.makedirs(folder, exist_ok=True)
+      for _ in range(count):
+        rng = np.random.default_rng([params.seed, 17, index])
+        camera = cameras[int(rng.integers(len(cameras)))]
+        side = int(rng.integers(params.min_side, params.max_side + 1))
+        image = render(rng, camera, [scans[rng.choice(pools[digit])]], params.height,
+                       params.width, side=side)
+        Image.fromarray(image).save(os.path.join(folder, f'{index:06d}.jpg'), 'JPEG',
+                                    quality=95, subsampling=0)
+        index += 1
+  with open(os.path.join(out_dir, PRETRAIN_MARKER), 'w') as f:
+    json.dump({'version': VERSION, 'params': dataclasses.asdict(params), 'images': index,
+               'source': 'sklearn.datasets.load_digits, first half of the scans'}, f, indent=1)
+  return out_dir
+
+
+def ensure_pretrain(base_dir: str, params: PretrainParams = PretrainParams()) -> str:
+  """`base_dir/digits_pretrain-<key>`, written once, atomically (config.data_dir)."""
+  final = os.path.join(base_dir, f'digits_pretrain-{params.key()}')
+  if os.path.isfile(os.path.join(final, PRETRAIN_MARKER)):
+    return final
+  os.makedirs(base_dir, exist_ok=True)
+  temporary = tempfile.mkdtemp(prefix='.tmp-digits_pretrain-', dir=base_dir)
+  try:
+    write_pretrain(temporary, params)
+    try:
+      os.rename(temporary, final)
+    except OSError:
+      if not os.path.isfile(os.path.join(final, PRETRAIN_MARKER)):
+        raise
+  finally:
+    if os.path.isdir(temporary):
+      shutil.rmtree(temporary, ignore_errors=True)
+  return final
+
+
 def pixel_baseline(data_dir: str) -> tuple[float, float]:
   """Raw-pixel nearest-neighbour (mAP, rank-1) of the set under `data_dir`."""
   from dca_jax.data import reid_sources, synthetic_reid  # pylint: disable=g-import-not-at-top
@@ -295,7 +376,16 @@ def main(argv=None) -> None:
     parser.add_argument(f'--{field.name}', type=int, default=field.default)
   parser.add_argument('--train_eval', action='store_true',
                       help='also write <out>/train_ids/ (retrieval on the train identities)')
+  parser.add_argument('--pretrain', action='store_true',
+                      help='write the 10-class pretraining set instead (imagefolder layout: '
+                           'configs/reid_demo.py:pretrain)')
   args = parser.parse_args(argv)
+  if args.pretrain:
+    if os.path.exists(os.path.join(args.out, PRETRAIN_MARKER)):
+      sys.exit(f'error: {args.out} already holds a set ({PRETRAIN_MARKER}); choose another --out')
+    write_pretrain(args.out, PretrainParams(seed=args.seed))
+    print(json.dumps({'data_dir': args.out, 'dataset': 'imagefolder', 'num_classes': 10}))
+    return
   params = Params(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Params)})
   if os.path.exists(os.path.join(args.out, MARKER)):
     sys.exit(f'error: {args.out} already holds a set ({MARKER}); choose another --out')
