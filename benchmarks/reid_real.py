@@ -42,6 +42,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from dca_jax.weights import WeightLoadError  # noqa: E402  pylint: disable=g-import-not-at-top
 from tools import real_reid  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -211,7 +212,10 @@ def main(argv=None) -> None:
     tag = {'variant': args.variant, 'same_scans': args.same_scans, 'name': args.name or ' '.join(overrides) or args.variant,
            'overrides': overrides, 'seed': seed, 'epochs': config.num_epochs,
            'pixel_baseline_mAP': round(pixel_map, 4), 'pixel_baseline_rank1': round(pixel_rank1, 4)}
-    last = run(config, eval_every=args.eval_every, out=out, tag=tag, data_dir=data_dir)
+    try:
+      last = run(config, eval_every=args.eval_every, out=out, tag=tag, data_dir=data_dir)
+    except WeightLoadError as e:  # e.g. the imagenet variant where no weights can be had
+      sys.exit(f'error: {e}')
     summary = dict(tag, event='final', **{k: last.get(k) for k in (
         'test_mAP', 'test_rank1', 'train_ids_mAP', 'train_ids_rank1', 'ce_sa', 'ce_glca',
         'ce_pwca', 'triplet_sa', 'w_sa', 'seconds')})
