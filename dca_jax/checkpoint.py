@@ -110,7 +110,9 @@ class _OrphanedFutureFilter(pylogging.Filter):
     while tb is not None:
       frames.append(tb.tb_frame.f_code.co_filename)
       tb = tb.tb_next
-    if any('orbax' in f for f in frames):
+    # A write error set on the future from TensorStore's thread may carry no traceback: then
+    # the path it names (Orbax's temporary step folder) says whose it is.
+    if any('orbax' in f for f in frames) or '.orbax-checkpoint-tmp' in str(error):
       _CAPTURED.append(error)
       return False
     return True
