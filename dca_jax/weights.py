@@ -22,7 +22,8 @@ merge strictly into the target tree (`_merge_into_params`: every target paramete
 listed as newly initialised, shape mismatches raise, `pos_embed`'s grid is resized to the model's,
 square or not) and build the report (`_build_report`: unused checkpoint keys with reasons).
 
-Only numpy is needed: safetensors' format and torch.save's (`.pth`, through a pickle reader that
+Only numpy is needed for files (a run directory is read with Orbax, imported then): safetensors'
+format and torch.save's (`.pth`, through a pickle reader that
 admits only tensors and state dicts) are parsed here; torch.load is used where torch is installed.
 """
 

@@ -267,17 +267,25 @@ def _link(source: str, target: str) -> None:
 def ensure(base_dir: str, params: Params = Params()) -> str:
   """`base_dir/digits_reid-<key>` holding the set (with train_ids/), written once, atomically.
   Returns that folder (config.data_dir for dataset=market1501)."""
-  final = os.path.join(base_dir, f'digits_reid-{params.key()}')
-  if os.path.isfile(os.path.join(final, MARKER)):
+  return _write_once(base_dir, f'digits_reid-{params.key()}', MARKER,
+                     lambda folder: write(folder, params, train_eval=True))
+
+
+def _write_once(base_dir: str, name: str, marker: str, write_into) -> str:
+  """`base_dir/name`, made by `write_into(folder)` in a temporary folder and renamed (atomic:
+  a concurrent or killed writer never leaves a half set under `name`), unless `marker` says
+  it is there already."""
+  final = os.path.join(base_dir, name)
+  if os.path.isfile(os.path.join(final, marker)):
     return final
   os.makedirs(base_dir, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.tmp-digits_reid-', dir=base_dir)
+  temporary = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=base_dir)
   try:
-    write(temporary, params, train_eval=True)
+    write_into(temporary)
     try:
       os.rename(temporary, final)
     except OSError:
-      if not os.path.isfile(os.path.join(final, MARKER)):
+      if not os.path.isfile(os.path.join(final, marker)):
         raise
   finally:
     if os.path.isdir(temporary):
@@ -344,22 +352,8 @@ def write_pretrain(out_dir: str, params: PretrainParams = PretrainParams()) -> s
 
 def ensure_pretrain(base_dir: str, params: PretrainParams = PretrainParams()) -> str:
   """`base_dir/digits_pretrain-<key>`, written once, atomically (config.data_dir)."""
-  final = os.path.join(base_dir, f'digits_pretrain-{params.key()}')
-  if os.path.isfile(os.path.join(final, PRETRAIN_MARKER)):
-    return final
-  os.makedirs(base_dir, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.tmp-digits_pretrain-', dir=base_dir)
-  try:
-    write_pretrain(temporary, params)
-    try:
-      os.rename(temporary, final)
-    except OSError:
-      if not os.path.isfile(os.path.join(final, PRETRAIN_MARKER)):
-        raise
-  finally:
-    if os.path.isdir(temporary):
-      shutil.rmtree(temporary, ignore_errors=True)
-  return final
+  return _write_once(base_dir, f'digits_pretrain-{params.key()}', PRETRAIN_MARKER,
+                     lambda folder: write_pretrain(folder, params))
 
 
 def pixel_baseline(data_dir: str) -> tuple[float, float]:
