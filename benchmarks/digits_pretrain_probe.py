@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from dca_jax.data import sources  # noqa: E402
 from dca_jax.models import vit  # noqa: E402
 from tools import real_reid  # noqa: E402
 
@@ -60,14 +61,11 @@ def _model(name: str):
 
 
 def _folder(root: str, which: str):
-  images, labels = [], []
-  for digit in range(10):
-    folder = os.path.join(root, which, str(digit))
-    for name in sorted(os.listdir(folder)):
-      images.append(np.asarray(Image.open(os.path.join(folder, name)).convert('RGB'),
-                               np.float32) / 127.5 - 1)
-      labels.append(digit)
-  return np.stack(images), np.asarray(labels)
+  """(images in [-1, 1], labels) of one split, listed by the project's imagefolder reader."""
+  split = getattr(sources.read_folder('imagefolder', root), which)
+  images = [np.asarray(Image.open(path).convert('RGB'), np.float32) / 127.5 - 1
+            for path in split.paths]
+  return np.stack(images), np.asarray(split.labels)
 
 
 def _centred(train_count: int = 1500):
