@@ -20,7 +20,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import cub  # noqa: E402
-from dca_jax import checkpoint as ckpt_lib, distributed, optim, train  # noqa: E402
+from dca_jax import train_step
+from dca_jax import checkpoint as ckpt_lib, distributed, optim  # noqa: E402
 from dca_jax.models import build_model  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main():
   mesh = distributed.make_mesh()
   model = build_model(config, dtype=np.float32)
   tx = optim.make_optimizer(config, steps_per_epoch=100)
-  abstract, shardings = train.abstract_train_state(config, model, tx, mesh, precision='fp32')
+  abstract, shardings = train_step.abstract_train_state(config, model, tx, mesh, precision='fp32')
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32).astype(x.dtype)
                        if x.shape else np.zeros((), x.dtype), abstract)

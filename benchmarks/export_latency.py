@@ -22,6 +22,7 @@ import tempfile
 import time
 
 from benchmarks.machine import cpu_model, loadavg
+from dca_jax import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,8 +81,8 @@ def main():
 
     runtimes = {
         'jit': jit_predict,
-        'stablehlo': export.ExportedModel(os.path.join(out_dir, 'model.stablehlo')),
-        'onnxruntime': export.ExportedModel(os.path.join(out_dir, 'model.onnx')),
+        'stablehlo': serving.ExportedModel(os.path.join(out_dir, 'model.stablehlo')),
+        'onnxruntime': serving.ExportedModel(os.path.join(out_dir, 'model.onnx')),
     }
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batches.split(',')]:

@@ -1,15 +1,13 @@
 """Inference speed of DCAL (the eval/predict forward: softmax(SA) + softmax(GLCA)), img/s.
 
   python -m benchmarks.inference                          # DeiT-T 448 px, batch 8, the variants
-  python -m benchmarks.inference --repo /path/to/old/checkout --label before
+  (cd /path/to/old/checkout && python -m benchmarks.inference --label before)
 
 Times the jitted forward of random images for the DCAL variants that differ in what they
 compute: glca_pool=cls (no attention maps, rollout, selection or local query rows: only GLCA's
 CLS query), glca_pool=mean with the code's default rollout (now the vector chain), and with the
-running product. With
-`--repo` the model code of another checkout is timed instead (e.g. the commit before the
-change), so the before/after figures come from one script; variants that checkout lacks are
-skipped. Medians of `--repeats` calls after one warm-up call; XLA's FLOP count alongside.
+running product. Run from another checkout (e.g. a `git worktree` of the commit before a
+change), the module times that checkout's model code; variants it lacks are skipped. Medians of `--repeats` calls after one warm-up call; XLA's FLOP count alongside.
 Prints one JSON line per variant.
 """
 
@@ -18,13 +16,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
-import sys
 import time
 
-from benchmarks.machine import cpu_model, loadavg
+import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.machine import cpu_model, loadavg
+from dca_jax.models import dcal, vit
 
 VARIANTS = {  # None: the plain ViT; else DCAL's keyword arguments (the code's defaults otherwise)
     'sa_only_vit': None,
@@ -34,12 +31,9 @@ VARIANTS = {  # None: the plain ViT; else DCAL's keyword arguments (the code's d
 }
 
 
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--repo', default=ROOT, help='checkout whose dca_jax is timed')
   parser.add_argument('--label', default='after')
   parser.add_argument('--backbone', default='deit_tiny')
   parser.add_argument('--size', type=int, default=448)
@@ -48,9 +42,6 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--variants', default=','.join(VARIANTS))
   args = parser.parse_args()
-  sys.path.insert(0, os.path.abspath(args.repo))
-  import jax  # pylint: disable=g-import-not-at-top
-  from dca_jax.models import dcal, vit  # pylint: disable=g-import-not-at-top
 
   config = vit.get_variant(args.backbone)
   images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))

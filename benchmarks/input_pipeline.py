@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 
+from dca_jax.data import folders
 from dca_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dca_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dca_jax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def photo_like(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
@@ -78,7 +78,7 @@ def main():
     mean_kb = float(np.mean([os.path.getsize(f) for f in files]) / 1024)
 
     t0 = time.perf_counter()
-    sources.scan_images(files)
+    folders.scan_images(files)
     scan_s = time.perf_counter() - t0
 
     c = config_lib.base_config()

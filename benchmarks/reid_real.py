@@ -17,7 +17,7 @@ same test images is in the first line.
 After the seeds it writes one 'seeds' line (mean +- std of the final test and train-id mAP,
 the ratio to the raw-pixel baseline) and, with `--min_ratio R`, exits 1 when the mean test
 mAP is below R x that baseline: the real-image learning check (minutes of CPU per seed,
-too slow for the test suite; tests/test_reid_real.py checks the gate itself).
+too slow for the test suite; tests/test_real_reid.py checks the gate itself).
 
 Variants (`VARIANTS`): `demo_recipe` = configs/reid_demo.py with the real set swapped in as
 the issue did (the BEFORE); `fixed` = configs/reid_demo.py:real (the AFTER, from scratch);
@@ -42,6 +42,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from dca_jax import checks  # noqa: E402  pylint: disable=g-import-not-at-top
 from dca_jax.weights import WeightLoadError  # noqa: E402  pylint: disable=g-import-not-at-top
 from tools import real_reid  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -112,10 +113,10 @@ def batch_check(trainer, epochs=(0, 1)) -> dict:
 
 def run(config, *, eval_every: int, out, tag: dict, data_dir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from dca_jax import config_lib, distributed, evaluators, train  # pylint: disable=g-import-not-at-top
+  from dca_jax import distributed, evaluators, train  # pylint: disable=g-import-not-at-top
   from dca_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
   from dca_jax import data  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config)
+  checks.checked(config)
   workdir = tempfile.mkdtemp(prefix='reid_real_')
   start = time.time()
   trainer = train.Trainer(config, workdir)

@@ -1,6 +1,6 @@
 """Speed and memory of the real jitted DCAL train step, on synthetic batches.
 
-Times `dca_jax.train.make_train_step` (forward, backward, fp16 loss scaling when asked, the
+Times `dca_jax.train_step.make_train_step` (forward, backward, fp16 loss scaling when asked, the
 optax.MultiSteps accumulation and the AdamW update) exactly as the train loop jits it
 (`donate_argnums=(0,)`, replicated state, data-sharded batch), over a whole number of
 accumulation cycles after an AOT compile and a warm-up cycle. One JSON line per run goes to
@@ -52,6 +52,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.machine import cpu_model, loadavg
+from dca_jax import checks
+from dca_jax import train_step
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
 
@@ -181,13 +183,13 @@ def build_config(args):
   c.pretrained_model = ''
   for key, value in parse_overrides(args.set).items():  # any other knob, e.g. glca_pool=mean
     c[key] = value
-  config_lib.validate(c)
+  checks.checked(c)
   return c, vcfg
 
 
 def setup(args):
   """(config, vcfg, jitted step, state, batch, model, dtype) exactly as train.Trainer builds them."""
-  from dca_jax import distributed, optim, train  # pylint: disable=g-import-not-at-top
+  from dca_jax import distributed, optim  # pylint: disable=g-import-not-at-top
   from dca_jax.models import build_model  # pylint: disable=g-import-not-at-top
   config, vcfg = build_config(args)
   distributed.check_batch_divisible(config.batch_size)
@@ -198,9 +200,9 @@ def setup(args):
   tx = optim.make_optimizer(config, steps_per_epoch=1000)
   rng = jax.random.key(args.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state, shardings = train.create_train_state(config, model, tx, mesh, precision=precision,
+  state, shardings = train_step.create_train_state(config, model, tx, mesh, precision=precision,
                                               rng=init_rng, load_pretrained=False)
-  step = train.jit_train_step(model, tx, config, dtype=dtype, rng=step_rng, mesh=mesh,
+  step = train_step.jit_train_step(model, tx, config, dtype=dtype, rng=step_rng, mesh=mesh,
                               shardings=shardings)
   r = np.random.default_rng(args.seed)
   local = {'image': r.standard_normal((config.batch_size, args.size, args.size, 3), np.float32),
@@ -242,7 +244,6 @@ def residual_bytes(model, params, batch, dtype, use_pwca: bool) -> dict:
 def run_train_step(args) -> dict:
   load0 = loadavg()
   config, vcfg, step, state, batch, model, dtype, precision = setup(args)
-  from dca_jax import train  # pylint: disable=g-import-not-at-top
   rec = {'kind': 'train_step', 'label': args.label,
          'backbone': args.backbone, 'overrides': parse_overrides(args.override),
          'size': args.size, 'tokens': vcfg.num_patches(args.size) + 1,
@@ -253,7 +254,7 @@ def run_train_step(args) -> dict:
          'precision': precision, 'glca_M': config.num_glca_layers,
          'pwca_T': config.num_pwca_layers, 'sa_only': bool(args.sa_only),
          'attention_impl': config.attention_impl, 'drop_path': config.stochastic_depth_prob,
-         'params': train.count_params(state.params)}
+         'params': train_step.count_params(state.params)}
   rec.update(machine_info())
 
   t0 = time.perf_counter()

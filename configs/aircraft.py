@@ -1,9 +1,9 @@
 """DCAL on FGVC-Aircraft, variant level (100 classes), paper recipe; folder only (no TFDS)."""
-from dca_jax import config_lib, hub
+from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
-  c = config_lib.fgvc_config(backbone=arg or 'deit_tiny')
+  c = tasks.task_config('fgvc', arg or 'deit_tiny')
   c.dataset = 'aircraft'
   c.data_source = 'folder'     # data_dir holds fgvc-aircraft-2013b/
   c.num_classes = 100

@@ -1,9 +1,9 @@
 """DCAL on Stanford Cars (196 classes) with the paper's FGVC recipe (METHOD.md)."""
-from dca_jax import config_lib, hub
+from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
-  c = config_lib.fgvc_config(backbone=arg or 'deit_tiny')
+  c = tasks.task_config('fgvc', arg or 'deit_tiny')
   c.dataset = 'cars'
   c.data_source = 'tfds'       # or 'folder' with data_dir holding the devkit layout
   c.num_classes = 196

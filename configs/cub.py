@@ -15,14 +15,14 @@ configs/cub.py:clip_base (LAION-2B) or clip_base_quickgelu (OpenAI) the CLIP ViT
 tower. The normalisation follows the backbone (imagenet for DINOv2, CLIP's mean/std for CLIP);
 the rest is the paper's FGVC recipe, untuned for these backbones.
 """
-from dca_jax import config_lib, hub
+from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
   """arg picks the backbone: deit_tiny (default), deit_small, deit_base, vit_base, r50_vit_base;
   dinov2_small, dinov2_base, dinov2_small_reg4, dinov2_base_reg4, clip_base,
   clip_base_quickgelu."""
-  c = config_lib.fgvc_config(backbone=arg or 'deit_tiny')
+  c = tasks.task_config('fgvc', arg or 'deit_tiny')
   c.dataset = 'cub'
   c.data_source = 'tfds'       # or 'folder' with data_dir holding CUB_200_2011/
   c.num_classes = 200

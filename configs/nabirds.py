@@ -3,12 +3,12 @@ folder only, data_dir holding nabirds/ (images/, images.txt, classes.txt, ...; d
 
 python main.py --config configs/nabirds.py --workdir runs/nabirds --config.data_dir=/data
 """
-from dca_jax import config_lib, hub
+from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
   """arg picks the backbone: deit_tiny (default), deit_small, deit_base, vit_base, r50_vit_base."""
-  c = config_lib.fgvc_config(backbone=arg or 'deit_tiny')
+  c = tasks.task_config('fgvc', arg or 'deit_tiny')
   c.dataset = 'nabirds'
   c.data_source = 'folder'     # data_dir holds nabirds/
   c.num_classes = 555          # the leaf classes that label images (ids not contiguous)

@@ -5,12 +5,12 @@ python main.py --config configs/pets.py --workdir runs/pets --config.data_dir=/d
 TFDS `oxford_iiit_pet` (trainval 3,680 / test 3,669), or --config.data_source=folder with
 data_dir holding images/ and annotations/{trainval,test}.txt (docs/DATA.md).
 """
-from dca_jax import config_lib, hub
+from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
   """arg picks the backbone: deit_tiny (default), deit_small, deit_base, vit_base, r50_vit_base."""
-  c = config_lib.fgvc_config(backbone=arg or 'deit_tiny')
+  c = tasks.task_config('fgvc', arg or 'deit_tiny')
   c.dataset = 'pets'
   c.data_source = 'tfds'       # or 'folder' with data_dir holding images/ and annotations/
   c.num_classes = 37

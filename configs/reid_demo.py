@@ -8,13 +8,13 @@ README); eval.json also reports the raw-pixel nearest-neighbour baseline of the 
   python main.py --config configs/reid_demo.py --workdir runs/reid_demo
   python main.py --config configs/reid_demo.py --workdir runs/reid_demo --mode eval
 """
-from dca_jax import config_lib, hub
+from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
   """arg 'real': the from-scratch recipe for real images in a Market-1501 folder (issue #25;
   docs/REID.md "Real images"): set data_dir (and num_classes if not 300)."""
-  c = config_lib.reid_config(backbone='deit_tiny')
+  c = tasks.task_config('reid', 'deit_tiny')
   c.dataset, c.data_source = 'synthetic_reid', 'synthetic'
   c.num_classes = 32                         # train identities (as many unseen test ones)
   c.synthetic_num_train, c.synthetic_num_test, c.synthetic_image_size = 1600, 800, 64
@@ -64,10 +64,10 @@ def real_imagenet(c):
   """`:real` with the paper's premise, an ImageNet-pretrained backbone: DeiT-T (12 blocks,
   width 192) with timm/deit_tiny_patch16_224.fb_in1k, the 64 x 32 images read at 128 x 64
   (8 x 4 patches of 16 px), and the paper's Re-ID optimiser for pretrained weights (SGD lr
-  0.008 at batch 64, 5 warm-up epochs; config_lib.reid_config). The data-specific choices of
+  0.008 at batch 64, 5 warm-up epochs; tasks/reid.py). The data-specific choices of
   `:real` stay (no erasing or padding: they wipe out 10 px digits). Not run on the development
   machine (no weights can be downloaded there): docs/REID.md."""
-  base = config_lib.reid_config(backbone='deit_tiny')
+  base = tasks.task_config('reid', 'deit_tiny')
   c.backbone, c.pretrained_model = base.backbone, hub.default_weights(base.backbone)
   c.backbone_overrides = base.backbone_overrides
   c.input_size, c.input_width = 128, 64
@@ -86,7 +86,7 @@ def pretrain():
   `pretrained_model`. Measured (docs/REID.md): from scratch this ViT does not learn the task
   in the steps a CPU affords (19.6 % top-1 after 1,170 steps), so it does not yet give the
   Re-ID run the prior that ImageNet weights give."""
-  c = config_lib.fgvc_config(backbone='deit_tiny')
+  c = tasks.task_config('fgvc', 'deit_tiny')
   c.dataset, c.data_source, c.num_classes = 'imagefolder', 'folder', 10
   c.resize_size, c.input_size = 72, 64           # 8 x 8 patches of 8 px
   c.backbone_overrides.update(dict(width=64, depth=3, num_heads=4, mlp_dim=128, patch_size=8))

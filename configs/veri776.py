@@ -2,11 +2,11 @@
 
 data_dir holds VeRi/ (image_train/, image_query/, image_test/). See docs/REID.md.
 """
-from dca_jax import config_lib, hub
+from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
-  c = config_lib.reid_config(backbone=arg or 'vit_base')
+  c = tasks.task_config('reid', arg or 'vit_base')
   c.dataset = 'veri776'
   c.num_classes = 576
   # the paper's weights for the backbone (DINOv2/CLIP: their own), fetched once (docs/WEIGHTS.md)

@@ -1,23 +1,25 @@
-"""The one list of every configuration knob, with its default.
+"""The one list of every configuration knob, with its default, and what follows from knobs alone.
 
-Experiment files in `configs/` start from `base_config()` and change what their recipe needs,
-so every key that exists is listed here once, and a misspelt key fails loudly (`validate`).
+Experiment files in `configs/` start from a task's recipe (`tasks.task_config`, itself
+`base_config()` plus the task's changes), so every key that exists is listed here once, and a
+misspelt key fails loudly (`check_knobs`, asked by the one validator, dca_jax/checks.py).
 Names follow the PyTorch DCAL code users come from (`batch_size`,
 `gradient_accumulation_steps`, `use_gradient_checkpointing`, `input_size`, ...).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from typing import Any, Optional
 
 import ml_collections
 
 from dca_jax import backbones
-from dca_jax import tasks
+from dca_jax.errors import ConfigError  # noqa: F401  (config_lib.ConfigError: the knobs' error)
 
 BACKBONES = backbones.names()  # dca_jax/backbones/: one file per family
-TASKS = tasks.NAMES
 OVERRIDABLE_BACKBONE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                'resnet_width', 'resnet_layers')
 
@@ -42,12 +44,12 @@ class Knob:
 
 def _data_knobs(k) -> None:
   """Data."""
-  k('task', 'fgvc', 'fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md)', choices=TASKS)
+  k('task', 'fgvc', 'fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md): a module of dca_jax/tasks/')
   k('dataset', 'synthetic', 'fgvc: cub | cars | aircraft | nabirds | dogs | pets | imagefolder (your own train/<class>/, test/<class>/) | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid')
   k('val_split', 0.0, "FGVC: fraction of each class's train images held out as a validation split (fixed draw, whatever the seed); `best` is then chosen on it", within=(0.0, 0.9, True))
   k('data_source', 'synthetic', 'tfds | folder | synthetic', choices=('tfds', 'folder', 'synthetic'))
   k('data_dir', '', 'TFDS data_dir, or the folder holding the official layout')
-  k('num_classes', 10, 'classes of the dataset (200 CUB, 196 Cars, 100 Aircraft, 555 NABirds, 120 Dogs, 37 Pets)', within=(1, INF, True))
+  k('num_classes', 10, 'classes of the dataset (200 CUB, 196 Cars, 100 Aircraft, 555 NABirds, 120 Dogs, 37 Pets; Re-ID: train identities); 0 = as many as the data has (a run records the count; the synthetic sets generate this many, 0: 10)', within=(0, INF, True))
   k('input_size', 448, 'crop height in px (and width unless input_width is set)', within=(1, INF, True))
   k('input_width', lambda: ml_collections.config_dict.placeholder(int), 'crop width in px; unset = input_size (square). Re-ID persons: 256 x 128', within=(1, INF, True))
   k('resize_size', 550, 'FGVC: resize before the crop (square)', within=(1, INF, True))
@@ -100,7 +102,7 @@ def _model_knobs(k) -> None:
   k('classifier_init_std', 0.02, "std of the classifiers' normal init: 0.02 timm (FGVC), 0.001 TransReID (Re-ID)", within=(0.0, INF, True))
   k('triplet_margin', 0.0, 'task=reid: 0 = soft-margin batch-hard triplet, > 0 = hinge with this margin', within=(0.0, INF, True))
   k('triplet_feature', 'raw', 'task=reid: triplet distances of raw features (TransReID) / batch_standardized (collapse-proof from scratch: docs/REID.md)', choices=('raw', 'batch_standardized'))
-  k('bnneck', True, "task=reid: BatchNorm neck between each branch's feature and its classifier")
+  k('bnneck', False, "task=reid: BatchNorm neck between each branch's feature and its classifier (the Re-ID recipe's; FGVC has none)")
   k('stochastic_depth_prob', 0.1, 'drop-path rate of the last block (linear from 0)', within=(0.0, 0.999, True))
   k('attention_impl', 'xla', 'xla | cudnn (fused attention in SA/PWCA blocks whose attention maps are not needed)', choices=('xla', 'cudnn'))
   k('use_gradient_checkpointing', True, 'nn.remat around every block (SA/PWCA/GLCA)')
@@ -183,43 +185,75 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _remat_policy_names():
-  import jax  # pylint: disable=g-import-not-at-top
-  names = [n for n in dir(jax.checkpoint_policies) if not n.startswith('_')]
-  # Factories (save_only_these_names, ...) need arguments: not usable by name.
-  return [n for n in names if n in ('nothing_saveable', 'everything_saveable', 'dots_saveable',
-                                    'checkpoint_dots', 'dots_with_no_batch_dims_saveable',
-                                    'checkpoint_dots_with_no_batch_dims')]
+def _json_value(key: str, default, value):
+  """`value` (read from JSON) in the type of the knob's `default`: lists back to tuples where
+  the knob holds a tuple, nested dicts into the ConfigDict a knob holds."""
+  if isinstance(default, ml_collections.ConfigDict):
+    if not isinstance(value, dict):
+      raise ConfigError(f'config.{key} in the JSON is {value!r}, not a mapping')
+    merged = copy.deepcopy(default)
+    fixed = bool(merged.keys())  # backbone_overrides: known fields only; evals: any names
+    for name, item in value.items():
+      if fixed and name not in merged:
+        raise ConfigError(f'unknown config key {key}.{name} in the JSON config')
+      if fixed:
+        field = merged._fields[name]  # pylint: disable=protected-access
+        if isinstance(item, list):
+          item = tuple(item)
+        if item is None:
+          continue  # an unset placeholder stays unset
+        field_type = getattr(field, 'field_type', None)
+        merged[name] = field_type(item) if field_type is tuple else item
+      else:
+        merged[name] = item
+    return merged
+  if isinstance(default, tuple) and isinstance(value, list):
+    return tuple(value)
+  return value
 
 
-def _is_remat_policy(name: str) -> bool:
-  return name in _remat_policy_names()
-
-
-def task_config(task: str, backbone: str) -> ml_collections.ConfigDict:
-  """The base config with `task`'s recipe (`tasks.<task>.configure`) and `backbone`."""
+def from_json(values: dict) -> ml_collections.ConfigDict:
+  """A config from its JSON form (a run's WORKDIR/config.json): every knob at its default, then
+  the file's values in the knobs' types. Raises ConfigError naming an unknown key."""
+  if not isinstance(values, dict):
+    raise ConfigError('a JSON config is an object of knobs, e.g. a run\'s WORKDIR/config.json')
   c = base_config()
-  tasks.get(task).configure(c)
-  c.backbone = backbone
+  unknown = sorted(set(values) - set(c.keys()))
+  if unknown:
+    raise ConfigError(f'unknown config key(s) in the JSON config: {", ".join(unknown)}')
+  for key, value in values.items():
+    default = c[key]
+    if value is None and key in RANGES:  # a placeholder knob left unset (input_width)
+      continue
+    c[key] = _json_value(key, default, value)
   return c
 
 
-def fgvc_config(backbone: str = 'deit_tiny') -> ml_collections.ConfigDict:
-  """The paper's FGVC recipe (docs/METHOD.md) is what the defaults are: 448 crops of 550,
-  R = 10 %, M = 1, T = 12, physical batch 4 x accumulation 4 = 16, AdamW lr 5e-4 / 512 x 16,
-  100 epochs, drop path 0.1, gradient checkpointing. Datasets set the rest."""
-  return task_config('fgvc', backbone)
+def load_json(path: str) -> ml_collections.ConfigDict:
+  """`from_json` of a file; ConfigError (one line naming the file) if it cannot be one."""
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f'--config {path}: no such file') from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'--config {path}: not a JSON config ({type(e).__name__}: '
+                      f'{" ".join(str(e).split())})') from None
+  try:
+    return from_json(values)
+  except ConfigError as e:
+    raise ConfigError(f'--config {path}: {e}') from None
 
 
-def reid_config(backbone: str = 'vit_base') -> ml_collections.ConfigDict:
-  """The paper's Re-ID recipe (TransReID's ViT-B settings, docs/METHOD.md): `tasks/reid.py`."""
-  return task_config('reid', backbone)
+REMAT_POLICIES = ('nothing_saveable', 'everything_saveable', 'dots_saveable', 'checkpoint_dots',
+                  'dots_with_no_batch_dims_saveable', 'checkpoint_dots_with_no_batch_dims')
 
 
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run: an unknown key, a value out of range, a bad pair."""
+def remat_policy_names() -> list[str]:
+  """The `jax.checkpoint_policies` usable by name (factories such as save_only_these_names need
+  arguments) that this jax has."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return [n for n in REMAT_POLICIES if hasattr(jax.checkpoint_policies, n)]
 
 
 def _check_range(key: str, value) -> None:
@@ -233,74 +267,7 @@ def _check_range(key: str, value) -> None:
     raise ConfigError(f'config.{key}={value} is out of its range {bounds}')
 
 
-def _check_pairs(config) -> None:
-  """Checks that involve several knobs (the task's own in `tasks.<task>.check`)."""
-  task = tasks.get(config.task)
-  if config.dataset not in task.datasets():
-    owner = [name for name in tasks.NAMES if config.dataset in tasks.get(name).datasets()]
-    hint = f" (or set task='{owner[0]}')" if owner else ''
-    raise ConfigError(f'config.dataset={config.dataset!r} is not a {config.task} dataset: one of '
-                      f'{task.datasets()}{hint}')
-  task.check(config)
-  _check_evals(config)
-  if config.loss_terms:
-    from dca_jax import losses  # pylint: disable=g-import-not-at-top
-    try:
-      losses.parse_terms(config.loss_terms)
-    except ValueError as e:
-      raise ConfigError(f'config.loss_terms={config.loss_terms!r}: {e}') from None
-  policy = config.remat_policy
-  if policy != 'full' and not _is_remat_policy(policy):
-    raise ConfigError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
-                      f'jax.checkpoint_policies: {", ".join(_remat_policy_names())}')
-
-
-def _check_evals(config) -> None:
-  """Each evaluator entry names a known type; best_metric is one the evaluators score."""
-  from dca_jax import evaluators  # pylint: disable=g-import-not-at-top
-  for name, entry in evaluators.entries(config).items():
-    if not isinstance(entry, dict) or 'type' not in entry:
-      raise ConfigError(f'config.evals.{name} needs a type: one of {evaluators.TYPES}')
-    try:
-      evaluators.evaluator_class(entry['type'])
-    except ValueError as e:
-      raise ConfigError(f'config.evals.{name}: {e}') from None
-  if config.test_flip and not any(entry.get('flip') for entry in evaluators.entries(config).values()):
-    raise ConfigError('config.test_flip=True but no evaluator of config.evals scores mirrored '
-                      "images: add {'type': 'classification', 'flip': True} to it (Re-ID: "
-                      'reid_flip_test)')
-  if config.best_metric and config.best_metric not in evaluators.metric_names(config):
-    raise ConfigError(f'config.best_metric={config.best_metric!r} is not scored by config.evals: '
-                      f'one of {sorted(evaluators.metric_names(config))}')
-
-
-def best_metric(config) -> str:
-  """The eval metric the best checkpoint is chosen by (`config.best_metric`, or the task's
-  metric, on the validation split when there is one)."""
-  if config.best_metric:
-    return config.best_metric
-  metric = tasks.get(config.task).METRIC
-  return f'val/{metric}' if f'val/{metric}' in _metric_names(config) else metric
-
-
-def _metric_names(config) -> set:
-  from dca_jax import evaluators  # pylint: disable=g-import-not-at-top
-  return evaluators.metric_names(config)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """The one validator: raises ConfigError (a ValueError) with one line naming the first
-  unknown key, unknown choice, value out of range or inconsistent pair."""
-  known = base_config()
-  unknown = sorted(set(config.keys()) - set(known.keys()))
-  if unknown:
-    raise ConfigError(f'unknown config key(s): {", ".join(unknown)}; '
-                      f'known keys are listed in dca_jax/config_lib.py')
-  for key, allowed in CHOICES.items():
-    if config[key] not in allowed:
-      raise ConfigError(f'config.{key}={config[key]!r} is not one of {allowed}')
-  for key in RANGES:
-    _check_range(key, config[key])
+def _check_backbone_overrides(config) -> None:
   unknown = set(config.backbone_overrides.keys()) - set(OVERRIDABLE_BACKBONE_FIELDS)
   if unknown:
     raise ConfigError(f'unknown backbone_overrides {sorted(unknown)}; '
@@ -312,12 +279,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "stage depths >= 1, e.g. '(1,)'")
     elif value < 1:
       raise ConfigError(f'config.backbone_overrides.{key}={value} must be >= 1')
+
+
+def check_knobs(config: ml_collections.ConfigDict) -> None:
+  """What the knobs' declarations say, one knob at a time: raises ConfigError (a ValueError)
+  with one line naming the first unknown key, unknown choice or value out of range. The checks
+  that involve the task, the evaluators, the weights or the loss terms are theirs
+  (dca_jax/checks.py asks each)."""
+  known = base_config()
+  unknown = sorted(set(config.keys()) - set(known.keys()))
+  if unknown:
+    raise ConfigError(f'unknown config key(s): {", ".join(unknown)}; '
+                      f'known keys are listed in dca_jax/config_lib.py')
+  for key, allowed in CHOICES.items():
+    if config[key] not in allowed:
+      raise ConfigError(f'config.{key}={config[key]!r} is not one of {allowed}')
+  for key in RANGES:
+    _check_range(key, config[key])
+  _check_backbone_overrides(config)
   if not isinstance(config.pretrained_model, str):
     raise ConfigError(f'config.pretrained_model={config.pretrained_model!r} must be a path, a '
                       "Hub id or a name ('none' trains from scratch)")
-  from dca_jax import hub  # pylint: disable=g-import-not-at-top  (no network: the name's form)
-  hub.check_backbone(hub.parse(config.pretrained_model), config.backbone)
-  _check_pairs(config)
+  policy = config.remat_policy
+  if policy != 'full' and policy not in remat_policy_names():
+    raise ConfigError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
+                      f'jax.checkpoint_policies: {", ".join(remat_policy_names())}')
 
 
 # The knobs that describe a trained model, in one place: the checkpoint's meta records them, and
@@ -335,7 +321,7 @@ def model_settings(config) -> dict:
   settings = {k: config[k] for k in MODEL_SHAPE_KEYS + MODEL_BEHAVIOUR_KEYS}
   settings['backbone_overrides'] = backbone_overrides(config)
   settings['input_width'] = input_hw(config)[1]
-  settings['bnneck'] = bool(tasks.get(config.task).bnneck(config))
+  settings['bnneck'] = bool(config.bnneck)  # resolved by the task (dca_jax/checks.py)
   return settings
 
 

@@ -97,7 +97,7 @@ def attention_picture(display, rollout_row, glca_index=None) -> np.ndarray:
 RANK_PANEL_HEIGHT = 192  # px: every image of a ranking row is scaled to this height
 RANK_FRAME = 4           # px: the green (same identity) / red frame around a gallery image
 RANK_GAP = 12            # px between the query part and the gallery images
-GREEN, RED = (40, 170, 60), (210, 40, 40)
+GREEN, RED, GREY = (40, 170, 60), (210, 40, 40), (150, 150, 150)
 
 
 def _scaled(image: np.ndarray, height: int) -> np.ndarray:
@@ -111,15 +111,19 @@ def _scaled(image: np.ndarray, height: int) -> np.ndarray:
 
 def ranking_picture(query, query_map, gallery, matches) -> np.ndarray:
   """One ranking row, uint8 [H, W, 3]: the query, its attention map, then the ranked gallery
-  images, each framed green if it shows the query's identity, red if not."""
+  images, each framed green if it shows the query's identity, red if not (grey for all when
+  `matches` is None: identities unknown)."""
+  if matches is None:
+    matches = [None] * len(gallery)
   height = RANK_PANEL_HEIGHT
   parts = [_scaled(query, height), np.full((height, 2, 3), 255, np.uint8),
            _scaled(query_map, height), np.full((height, RANK_GAP, 3), 255, np.uint8)]
   for image, same in zip(gallery, matches):
     framed = _scaled(image, height - 2 * RANK_FRAME)
     framed = np.pad(framed, ((RANK_FRAME, RANK_FRAME), (RANK_FRAME, RANK_FRAME), (0, 0)))
-    framed[:RANK_FRAME], framed[-RANK_FRAME:] = GREEN if same else RED, GREEN if same else RED
-    framed[:, :RANK_FRAME], framed[:, -RANK_FRAME:] = (GREEN if same else RED,) * 2
+    colour = GREY if same is None else GREEN if same else RED
+    framed[:RANK_FRAME], framed[-RANK_FRAME:] = colour, colour
+    framed[:, :RANK_FRAME], framed[:, -RANK_FRAME:] = colour, colour
     parts += [framed, np.full((height, 2, 3), 255, np.uint8)]
   return np.concatenate(parts, axis=1)
 

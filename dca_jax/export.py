@@ -30,21 +30,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dca_jax import checks
 from dca_jax import config_lib
+from dca_jax import data
 from dca_jax import tasks
 from dca_jax.data import preprocess
-from dca_jax.inference import forward_fn, load_for_inference  # noqa: F401  (the one import)
+from dca_jax.inference import forward_fn, load_for_inference
 from dca_jax.models import build_model
+from dca_jax.serving import FILES, INPUT_NAME, PREPROCESSING, ExportedModel
 
 FORMATS = ('stablehlo', 'onnx')
-FILES = {'stablehlo': 'model.stablehlo', 'onnx': 'model.onnx'}
-PREPROCESSING = 'preprocessing.json'
 # jax.export lowers once per platform into one artifact; the caller's device picks its lowering.
 PLATFORMS = ('cpu', 'cuda')
 # Opset 17: the lowest that holds every operator jax2onnx emits for DCAL (Einsum, TopK,
 # GatherND, Erf, ...) and that TensorRT 8.6+, OpenVINO and onnxruntime >= 1.13 all read.
 ONNX_OPSET = 17
-INPUT_NAME = 'images'
 # jax2onnx pins orbax-checkpoint<0.11.37, which dca_jax's >=0.12.8 excludes, though it never
 # imports orbax: CI installs this version with --no-deps (.ci/run, docs/EXPORT.md).
 JAX2ONNX_INSTALL = 'pip install onnx onnx-ir onnxruntime && pip install --no-deps jax2onnx==0.17.1'
@@ -153,62 +153,10 @@ def write_onnx(fn, spec, names: Sequence[str], path: str) -> dict:
           'load': 'onnxruntime.InferenceSession(file).run(None, {"images": images})'}
 
 
-# ============================================================================ serving
-class ExportedModel:
-  """An exported file, run without dca_jax's model: onnxruntime for .onnx, the deserialised
-  jax.export for .stablehlo. `model(uint8 [n, H, W, 3])` -> {output name: numpy array}."""
-
-  def __init__(self, path: str):
-    self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
-      raise ValueError(f'exported model {self.path}: no such file (write it with --mode export)')
-    ext = os.path.splitext(self.path)[1]
-    if ext == '.onnx':
-      try:
-        import onnxruntime  # pylint: disable=g-import-not-at-top
-      except ImportError:
-        raise ValueError(f'{self.path}: running an .onnx file needs onnxruntime '
-                         '(pip install onnxruntime)') from None
-      self.runtime = f'onnxruntime {onnxruntime.__version__}'
-      self._session = onnxruntime.InferenceSession(
-          self.path, providers=onnxruntime.get_available_providers())
-      self.names = [o.name for o in self._session.get_outputs()]
-    elif ext == '.stablehlo':
-      with open(self.path, 'rb') as f:
-        self._exported = jax.export.deserialize(bytearray(f.read()))
-      self.runtime = f'jax.export {jax.__version__}'
-      tree = self._exported.out_tree
-      self.names = sorted(tree.unflatten(range(tree.num_leaves)))
-      self._call = jax.jit(self._exported.call)
-    else:
-      raise ValueError(f'exported model {self.path}: expected a .onnx or .stablehlo file')
-
-  def __call__(self, images) -> dict[str, np.ndarray]:
-    images = np.ascontiguousarray(images, np.uint8)
-    if hasattr(self, '_session'):
-      return dict(zip(self.names, self._session.run(None, {INPUT_NAME: images})))
-    return {k: np.asarray(v) for k, v in jax.device_get(self._call(images)).items()}
-
-
-def read_preprocessing(model_path: str) -> dict:
-  path = os.path.join(os.path.dirname(os.path.abspath(model_path)), PREPROCESSING)
-  if not os.path.isfile(path):
-    raise ValueError(f'{path} is missing: the exported model\'s preprocessing is recorded there '
-                     '(write the export directory with --mode export)')
-  with open(path) as f:
-    return json.load(f)
-
-
-def eval_transform_config(meta: dict):
-  """The knobs `data.load_image_for_eval` reads, from preprocessing.json."""
-  return ml_collections.ConfigDict(dict(meta['eval_transform'], task=meta['task']))
-
-
 # ============================================================================ the mode
 def _class_names(config):
   """The dataset's class names, or None when its data cannot be read here (export needs only
   the checkpoint; the names are a convenience for clients)."""
-  from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
   try:
     return [str(n) for n in data.build_input(config, with_train=False).info.class_names]
   except (data.DataError, FileNotFoundError, OSError) as e:
@@ -288,10 +236,18 @@ def export_model(config, variables, out_dir: str, formats=FORMATS, *, meta=None,
 
 def run_export(config, workdir: str, formats=FORMATS, which: str = 'latest') -> dict:
   """The `export` mode: the restored checkpoint -> WORKDIR/export/."""
+  config = checks.checked(config)
   formats = parse_formats(formats)
   if 'onnx' in formats:
-    _import_jax2onnx()
+    try:
+      _import_jax2onnx()
+    except ValueError as e:  # what can be written is: ONNX alone asked for is the error
+      if formats == ('onnx',):
+        raise
+      formats = tuple(f for f in formats if f != 'onnx')
+      print(f'export: ONNX skipped: {e}', flush=True)
   restored = load_for_inference(config, workdir, which)
+  config = restored.config  # num_classes=0: the checkpoint's
   out_dir = os.path.join(workdir, 'export')
   with_probs = 'probs' in tasks.get(config.task).export_outputs(config)
   names = _class_names(config) if with_probs else None
@@ -307,46 +263,3 @@ def run_export(config, workdir: str, formats=FORMATS, which: str = 'latest') -> 
           flush=True)
   print(f'export: preprocessing -> {os.path.join(out_dir, PREPROCESSING)}', flush=True)
   return result
-
-
-def run_predict_exported(exported: str, workdir: str, images) -> list[dict]:
-  """`--mode predict --exported FILE`: the exported file serves the images (no dca_jax model is
-  built); decoding and resizing follow preprocessing.json, as the eval stream does.
-
-  FGVC: top-5 classes per image; Re-ID: the retrieval feature. Printed and written to
-  WORKDIR/predictions.jsonl (unreadable files: one error line each, as --mode predict)."""
-  from dca_jax import visualize  # pylint: disable=g-import-not-at-top
-  paths = visualize._clean_paths(images)  # pylint: disable=protected-access
-  if not paths:
-    raise ValueError('--mode predict needs image files: --images a.jpg,b.png')
-  meta = read_preprocessing(exported)
-  model = ExportedModel(exported)
-  loaded, failed = visualize._load_files(  # pylint: disable=protected-access
-      paths, eval_transform_config(meta))
-  results = {path: {'file': path, 'error': reason} for path, reason in failed}
-  if loaded:
-    out = model(np.stack([im for _, im, _ in loaded]))
-    for i, (path, _, _) in enumerate(loaded):
-      if 'probs' in out:
-        names = meta.get('class_names') or [str(k) for k in range(out['probs'].shape[-1])]
-        results[path] = {'file': path, 'top5': [{'class': c, 'prob': p} for c, p in
-                                                visualize.top_k(out['probs'][i], names, 5)]}
-      else:
-        results[path] = {'file': path, 'feature': [float(v) for v in out['feature'][i]]}
-  rows = [results[p] for p in paths]
-  os.makedirs(workdir, exist_ok=True)
-  out_path = os.path.join(workdir, 'predictions.jsonl')
-  with open(out_path, 'w') as f:
-    for r in rows:
-      f.write(json.dumps(r) + '\n')
-  print(f'{model.runtime} on {exported} (step {meta.get("step")}):')
-  if meta['task'] == 'fgvc' or any('top5' in r for r in rows):
-    print(visualize.format_table(rows))
-  else:
-    for r in rows:
-      print(f'{r["file"]}: ' + (f'error: {r["error"]}' if 'error' in r else
-                                f'feature of dimension {len(r["feature"])}'))
-  print(f'{len(loaded)} of {len(paths)} image(s) predicted -> {out_path}', flush=True)
-  if not loaded:
-    raise ValueError(f'none of the {len(paths)} image file(s) could be read')
-  return rows

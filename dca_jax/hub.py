@@ -36,17 +36,13 @@ from typing import Dict, Optional
 from urllib.parse import quote
 
 from dca_jax import backbones
-from dca_jax.weights import WeightLoadError
+from dca_jax.errors import WeightFetchError, WeightLoadError  # noqa: F401
 
 SCRATCH_WORDS = ('', 'none', 'scratch')
 CHECKPOINT_EXTENSIONS = ('.npz', '.safetensors', '.pth', '.pt', '.bin')
 DEFAULT_HUB_FILE = 'model.safetensors'
 GOOGLE_BUCKET_URL = 'https://storage.googleapis.com/vit_models/'
 FETCH_TOOL = 'python -m tools.fetch_weights'
-
-
-class WeightFetchError(WeightLoadError):
-  """Pretrained weights named by `pretrained_model` could not be had (one clear line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +187,12 @@ def check_backbone(spec: Spec, backbone: str) -> None:
       f'config.backbone={backbone!r}: pick the backbone by config argument '
       f'(e.g. configs/cub.py:{backbone}: the default weights follow it), or set '
       f'--config.pretrained_model={default_weights(backbone)}')
+
+
+def check(config) -> None:
+  """`config.pretrained_model`'s form and, for known weights, their backbone; no network (the
+  one validator asks: dca_jax/checks.py)."""
+  check_backbone(parse(config.pretrained_model), config.backbone)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,18 +7,18 @@
 The evaluators (dca_jax/evaluators/), the predict and visualize modes and the export mode all
 call `forward_fn`, so "normalise the uint8 pixels, apply the model, pick the outputs" is written
 once: what eval scores is what predict prints, what export serialises and what visualize draws.
-`Predictor` wraps it with a restored checkpoint for batches of images on the host.
+`predict.Predictor` wraps it with a restored checkpoint for batches of images on the host.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib
@@ -100,10 +100,22 @@ class InferenceModel:
   which: str
 
 
+def _with_saved_classes(config, checkpointer, step: int):
+  """`num_classes=0` (from the data): the count the checkpoint was trained with."""
+  if config.num_classes:
+    return config
+  try:
+    saved = checkpointer.read_meta(step).get('num_classes')
+  except Exception:  # pylint: disable=broad-except  (a damaged step: the restore names it)
+    return config
+  resolved = copy.deepcopy(config)
+  resolved.num_classes = int(saved)
+  return resolved
+
+
 def load_for_inference(config, workdir: str, which: str = 'latest') -> InferenceModel:
   """Restores the `latest` or `best` checkpoint of `workdir` for inference (read-only): no
-  optimizer state, no train input, no train step."""
-  config_lib.validate(config)
+  optimizer state, no train input, no train step. `config`: checked (dca_jax/checks.py)."""
   directory = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise ckpt_lib.CheckpointError(f'no checkpoint in {directory}: train into this --workdir first')
@@ -117,6 +129,7 @@ def load_for_inference(config, workdir: str, which: str = 'latest') -> Inference
     if step is None:
       raise ckpt_lib.CheckpointError(f'no {"intact " if checkpointer.all_steps() else ""}{which} '
                                      f'checkpoint in {directory}')
+    config = _with_saved_classes(config, checkpointer, step)
     dtype, precision = distributed.compute_dtype(config.precision)
     model = build_model(config, dtype=dtype)
     mesh = distributed.make_mesh()
@@ -141,49 +154,3 @@ def load_for_inference(config, workdir: str, which: str = 'latest') -> Inference
   finally:
     checkpointer.close()
   return InferenceModel(config, model, variables, sharding, mesh, dtype, int(step), which)
-
-
-# ============================================================================ Predictor
-class Predictor:
-  """A restored checkpoint and ONE jitted forward, reused for every image and batch (the
-  predict and visualize modes)."""
-
-  OUTPUTS = ('probs', 'rollout', 'glca_index')
-
-  def __init__(self, config, workdir: str, which: str = 'latest', outputs=None):
-    from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
-    if jax.process_count() > 1:
-      raise ValueError('visualize / predict run in a single process (no --num_processes)')
-    restored = load_for_inference(config, workdir, which)
-    self.config, self.workdir, self.which = config, workdir, which
-    self.step = restored.step
-    self.variables = restored.variables
-    self.input = data.build_input(config, with_train=False)
-    self.class_names = list(self.input.info.class_names)
-    self.has_glca = int(config.num_glca_layers) > 0
-    self.batch_size = max(1, int(config.eval_batch_size))
-    self._forward = jax.jit(forward_fn(restored.model, config, restored.dtype,
-                                       outputs or self.OUTPUTS))
-
-  @property
-  def label(self) -> str:
-    name = os.path.basename(os.path.normpath(self.workdir)) or self.workdir
-    return f'{name} ({"SA+GLCA" if self.has_glca else "SA only"})'
-
-  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """uint8 [n, S, W, 3] -> numpy {'probs' [n, C], 'rollout' [n, 1+N], 'glca_index'?}.
-
-    Batches of min(n, eval_batch_size), the last one padded: one shape, one compilation.
-    """
-    images = np.asarray(images, np.uint8)
-    n = images.shape[0]
-    b = min(n, self.batch_size)
-    chunks = []
-    for start in range(0, n, b):
-      chunk = images[start:start + b]
-      pad = b - chunk.shape[0]
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      out = jax.device_get(self._forward(self.variables, chunk))
-      chunks.append({k: np.asarray(v)[:b - pad] for k, v in out.items()})
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

@@ -19,11 +19,9 @@ import socket
 import sys
 from typing import Optional
 
+from dca_jax.errors import LockError  # noqa: F401  (lock.LockError)
+
 LOCK_NAME = 'train.lock'
-
-
-class LockError(RuntimeError):
-  pass
 
 
 def _describe(holder: dict) -> str:

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from dca_jax.errors import ConfigError
 from dca_jax.models.dcal import BRANCHES
 
 
@@ -112,6 +113,16 @@ def parse_terms(value) -> tuple[str, ...]:
   if unknown or not names:
     raise ValueError(f'loss terms {list(names)}: each one of {sorted(TERMS)} (losses.TERMS)')
   return names
+
+
+def check(config) -> None:
+  """`config.loss_terms` names known terms (the one validator asks: dca_jax/checks.py)."""
+  if not config.loss_terms:
+    return
+  try:
+    parse_terms(config.loss_terms)
+  except ValueError as e:
+    raise ConfigError(f'config.loss_terms={config.loss_terms!r}: {e}') from None
 
 
 def dcal_loss(outputs, labels, weighting: str = 'uncertainty', *, terms=None,

@@ -1,10 +1,10 @@
 """The memory planner: which physical batch x accumulation x remat fits which device, computed.
 
 The PyTorch DCAL our users come from ships a hand-written table (4 x 4 ~14-15 GB, ...). Here
-the compiler writes it: `plan` compiles the very train step training runs (`train.jit_train_step`:
-DCAL with PWCA and GLCA, the optimizer inside optax.MultiSteps, fp16 loss scaling, the mesh's
-shardings, donated state) for each candidate, and reads XLA's buffer assignment of the compiled
-executable (`memory_analysis()`):
+the compiler writes it: `plan` compiles the very train step training runs
+(`train_step.jit_train_step`: DCAL with PWCA and GLCA, the optimizer inside optax.MultiSteps,
+fp16 loss scaling, the mesh's shardings, donated state) for each candidate, and reads XLA's
+buffer assignment of the compiled executable (`memory_analysis()`):
 
     device memory = arguments + outputs - aliased (the donated state) + temporaries
 
@@ -33,8 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dca_jax import checks
 from dca_jax import config_lib
+from dca_jax import distributed
+from dca_jax import optim
 from dca_jax import tasks
+from dca_jax import train_step
+from dca_jax.errors import PlanError
+from dca_jax.models import build_model
 
 GIB = 2 ** 30
 # Remat levels from cheapest to most memory-frugal: off, save the weight matmuls' outputs, save
@@ -50,10 +56,6 @@ _DENSE_FLOPS_PER_CLOCK_PER_SM = {7: {'fp16': 1024, 'fp32': 128},
                                  9: {'fp16': 4096, 'bf16': 4096, 'fp32': 2048}}
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _TIE = 0.01  # step times within 1 % are a tie: the larger physical batch wins
-
-
-class PlanError(ValueError):
-  """The planner cannot run as asked (a missing CUDA wheel, a bad spec, no candidate)."""
 
 
 # ============================================================================ targets
@@ -204,14 +206,16 @@ def candidate_config(config, candidate: Candidate):
 # ============================================================================ compile + measure
 def _step_and_args(config, mesh, precision: str):
   """The jitted train step exactly as training builds it, and abstract (state, batch)."""
-  from dca_jax import distributed, optim, train  # pylint: disable=g-import-not-at-top
-  from dca_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  if not config.num_classes:
+    raise PlanError('the plan compiles the classifier too: set --config.num_classes (0 takes '
+                    'the count from the data, which only training reads)')
   dtype = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}[precision]
   model = build_model(config, dtype=dtype)
   tx = optim.make_optimizer(config, steps_per_epoch=1000)  # the schedule does not change shapes
-  abstract, shardings = train.abstract_train_state(config, model, tx, mesh, precision=precision)
-  step = train.jit_train_step(model, tx, config, dtype=dtype, rng=jax.random.key(0), mesh=mesh,
-                              shardings=shardings)
+  abstract, shardings = train_step.abstract_train_state(config, model, tx, mesh,
+                                                        precision=precision)
+  step = train_step.jit_train_step(model, tx, config, dtype=dtype, rng=jax.random.key(0),
+                                   mesh=mesh, shardings=shardings)
   batch_sharding = distributed.data_sharding(mesh)
   h, w = config_lib.input_hw(config)
   b = config.batch_size
@@ -424,6 +428,7 @@ def summary(best: Optional[Row], target: Target, config, margin: float) -> str:
 
 def run_plan(config, workdir: str, spec_paths: Sequence[str], topology: str = '1x1x1') -> list:
   """The `plan` mode: a table per target, the recommended configuration, `workdir/plan.jsonl`."""
+  config = checks.checked(config)
   targets = ([gpu_target(p, topology) for p in spec_paths] if spec_paths
              else [attached_target(config.plan_memory_gb)])
   os.makedirs(workdir, exist_ok=True)

@@ -1,5 +1,6 @@
-"""What the user sees: the start banner, metric writers (JSON lines, TensorBoard, wandb) and the
-attention pictures TensorBoard shows at each evaluation."""
+"""What the user sees: the start banner, the progress bar, device memory and the metric writers
+(JSON lines, TensorBoard, wandb; the attention pictures of dca_jax/evaluators/attention.py go
+to TensorBoard through `write_images`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,25 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from dca_jax import config_lib
+from dca_jax import hub
+from dca_jax.data._tf import tensorflow
 
-def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> str:
+
+def run_length(config, steps_per_epoch: int) -> str:
+  """What the run will do, in steps and epochs (max_steps, when set, decides)."""
+  total = config_lib.total_steps(config, steps_per_epoch)
+  epochs = total / steps_per_epoch
+  epochs_text = f'{epochs:g}' if epochs >= 1 and float(epochs).is_integer() else f'{epochs:.2f}'
+  why = f' (max_steps={config.max_steps})' if config.max_steps else ''
+  plural = '' if epochs_text == '1' else 's'
+  return (f'{steps_per_epoch} steps/epoch; this run: {total} steps = {epochs_text} epoch{plural}'
+          f'{why}')
+
+
+def banner(config, *, precision: str, num_params: int, steps_per_epoch: int,
+           protocol: str = '') -> str:
   """The start banner, in the words of the PyTorch memory guide users know."""
-  from dca_jax import hub  # pylint: disable=g-import-not-at-top  (which weights, from where)
   check = lambda on: '✓' if on else '✗'
   half = precision in ('bf16', 'fp16')
   prec_name = {'fp16': 'FP16, dynamic loss scaling', 'bf16': 'BF16', 'fp32': 'FP32'}[precision]
@@ -36,7 +52,8 @@ def banner(config, *, precision: str, num_params: int, steps_per_epoch: int) -> 
       f'Devices: {jax.device_count()} x {jax.devices()[0].device_kind} '
       f'({jax.process_count()} process{"es" if jax.process_count() > 1 else ""})',
       f'Input: {config.dataset} ({config.data_source}), {config.input_size}px, '
-      f'{steps_per_epoch} steps/epoch, {config.num_epochs} epochs',
+      f'{run_length(config, steps_per_epoch)}'
+      + (f'; Re-ID protocol: {protocol}' if protocol else ''),
   ]
   return '\n'.join(lines)
 
@@ -166,6 +183,7 @@ class MetricWriter:
 def _tensorboard_writer(logdir: str):
   """flax's TensorBoard `SummaryWriter` on `logdir`, or None after one line saying why not."""
   try:
+    tensorflow()  # first: flax's writer imports TensorFlow, which must come in quietly
     from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     # The JSON lines still hold every metric: warn once, do not stop a training run for this.
@@ -174,6 +192,3 @@ def _tensorboard_writer(logdir: str):
     return None
   # auto_flush=False: `write` flushes once per log step instead of after every scalar.
   return tensorboard.SummaryWriter(logdir, auto_flush=False)
-
-
-# ============================================================================ attention images

@@ -1,196 +1,60 @@
-"""Training: the train state, the train step, and the loop of the `train` mode.
+"""The `train` mode: a run built from its parts (`Trainer`) and the loop that trains it.
 
-Read top to bottom: `TrainState` and `create_train_state` (born sharded: shapes from
-eval_shape, values from a jitted init), `train_step` (one physical batch: forward, backward,
-optimizer/accumulation update, fp16 overflow handling), `Trainer` (what a run is built from)
-and `train_and_evaluate` (the loop: log, evaluate, save, pre-empt).
+Read top to bottom: `Trainer` (data, model, mesh, state, the jitted step of train_step.py,
+evaluators, checkpoints), the loop's helpers (pre-emption, logging) and `train_and_evaluate`
+(the loop: step, log, evaluate, save, pre-empt).
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import os
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import logging
-from flax.training import dynamic_scale as dynamic_scale_lib
 
 from dca_jax import checkpoint as ckpt_lib
+from dca_jax import checks
 from dca_jax import config_lib
+from dca_jax import data
 from dca_jax import distributed
 from dca_jax import evaluators
+from dca_jax import hub
 from dca_jax import lock as lock_lib
-from dca_jax import losses
 from dca_jax import optim
+from dca_jax import plan
 from dca_jax import reporting
 from dca_jax import tasks
-from dca_jax.data import preprocess
-from dca_jax.models import build_model, dcal
-
-
-# ============================================================================ state
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array               # micro-steps taken (one physical batch each)
-  params: Any
-  batch_stats: Any              # running statistics of the Re-ID BN necks (None without them)
-  opt_state: Any                # MultiSteps state: the accumulated gradient lives here
-  loss_scale: Optional[dynamic_scale_lib.DynamicScale]  # fp16 only
-  skipped: jax.Array            # fp16 steps dropped for non-finite gradients
-
-  @property
-  def variables(self) -> dict:
-    """What `model.apply` needs at inference: the params and the necks' running statistics."""
-    if self.batch_stats is None:
-      return {'params': self.params}
-    return {'params': self.params, 'batch_stats': self.batch_stats}
-
-
-def count_params(params) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
-def load_pretrained_params(config, params):
-  """Pretrained backbone into `params` (host numpy); GLCA from the last SA block if asked.
-
-  `config.pretrained_model` is a path, a Hub id or a known name (dca_jax/hub.py: fetched once,
-  verified, cached) or 'none' (params returned as they are)."""
-  from dca_jax import hub, weights  # pylint: disable=g-import-not-at-top
-  resolved = hub.resolve(config.pretrained_model, backbone=config.backbone)
-  if resolved is None:
-    return params
-  vit_config = dcal.vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
-  grid_hw = tuple(vit_config.grid_size(side) for side in config_lib.input_hw(config))
-  params, report = weights.load_pretrained(
-      resolved.path, params, vit_config,
-      posemb_interpolation=config.posemb_interpolation, grid_hw=grid_hw)
-  logging.info('pretrained weights: %s', report.summary())
-  description = f'{resolved.describe()}; {len(report.loaded)} arrays loaded'
-  glca_loaded = any(name.startswith('glca_block/') for name in report.loaded)  # from a run
-  if config.glca_init_from_sa and 'glca_block' in params and not glca_loaded:
-    params = dcal.glca_from_last_block(params, vit_config.depth)
-    logging.info('GLCA block initialised from block_%d', vit_config.depth - 1)
-    description += f', GLCA from block_{vit_config.depth - 1}'
-  hub.record_loaded(config.pretrained_model, description)
-  return params
-
-
-def _init_fn(config, model, tx, precision: str):
-  """rng -> a fresh TrainState (random init; no pretrained weights)."""
-  shape = (1, *config_lib.input_hw(config), 3)
-
-  def init(rng):
-    variables = model.init({'params': rng}, jnp.zeros(shape, jnp.float32), train=False)
-    params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats'), opt_state=tx.init(params),
-                      loss_scale=dynamic_scale_lib.DynamicScale() if precision == 'fp16' else None,
-                      skipped=jnp.zeros((), jnp.int32))
-  return init
-
-
-def abstract_train_state(config, model, tx, mesh, *, precision: str) -> tuple[Any, Any]:
-  """(shapes, shardings) of the train state on `mesh`, without computing it: what the train
-  step is compiled for (here and by the memory planner, `plan.py`)."""
-  abstract = jax.eval_shape(_init_fn(config, model, tx, precision), jax.random.key(0))
-  shardings = jax.tree.map(
-      lambda x: distributed.state_sharding(mesh, x.shape, config.fsdp), abstract)
-  return abstract, shardings
-
-
-def create_train_state(config, model, tx, mesh, *, precision: str, rng,
-                       load_pretrained: bool = True) -> tuple[TrainState, Any]:
-  """State born on the mesh (replicated, or FSDP-sharded): shapes from eval_shape, values from
-  a jitted init. Returns (state, its shardings)."""
-  _, shardings = abstract_train_state(config, model, tx, mesh, precision=precision)
-  state = jax.jit(_init_fn(config, model, tx, precision), out_shardings=shardings)(rng)
-  if config.pretrained_model and load_pretrained:
-    params = load_pretrained_params(config, jax.device_get(state.params))
-    state = state.replace(params=jax.device_put(params, shardings.params))
-  return state, shardings
-
-
-# ============================================================================ train step
-def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
-               num_devices: int):
-  """(state, batch) -> (state, metrics) for one physical batch over `num_devices`.
-
-  PWCA partners, drop-path masks and random selections come from fold_in(base_rng, step), so
-  a resumed run draws exactly what the uninterrupted one would.
-  """
-  step_rng = jax.random.fold_in(base_rng, state.step)
-  partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
-  images = preprocess.device_normalize(batch['image'], config, dtype)  # uint8 -> dtype
-  task = tasks.get(config.task)
-  partner = None
-  if config.num_pwca_layers > 0:  # within each device's share, or over the global batch
-    groups = num_devices if config.pwca_partners == 'per_device' else 1
-    partner = task.partners(partner_rng, batch['label'], images.shape[0], groups)
-  has_stats = state.batch_stats is not None
-  loss_options = task.loss_options(config)
-
-  def loss_fn(params):
-    variables = {'params': params, **({'batch_stats': state.batch_stats} if has_stats else {})}
-    out, new_variables = model.apply(
-        variables, images, train=True, partner=partner,
-        rngs={'dropout': dropout_rng, 'selection': selection_rng},
-        mutable=['batch_stats'] if has_stats else [])
-    loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
-                                     label_smoothing=config.label_smoothing, **loss_options)
-    return loss, (metrics, new_variables.get('batch_stats'))
-
-  if state.loss_scale is not None:
-    grad_fn = state.loss_scale.value_and_grad(loss_fn, has_aux=True)
-    loss_scale, is_finite, (_, (metrics, batch_stats)), grads = grad_fn(state.params)
-  else:
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    loss_scale, is_finite = None, jnp.array(True)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(jnp.add, state.params, updates)
-  if state.loss_scale is not None:
-    # Overflow: keep params, statistics and optimizer (and accumulation) state; the scale was
-    # lowered.
-    keep = lambda new, old: jax.tree.map(functools.partial(jnp.where, is_finite), new, old)
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-    batch_stats = keep(batch_stats, state.batch_stats)
-    metrics['loss_scale'] = loss_scale.scale
-  skipped = state.skipped + (~is_finite).astype(jnp.int32)
-  metrics.update(grad_norm=optax.tree.norm(grads), skipped_steps=skipped)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, loss_scale=loss_scale, skipped=skipped)
-  return new_state, metrics
-
-
-def make_train_step(model, tx, config, *, dtype, rng, num_devices: int = 1):
-  """`train_step` with its static parts bound: (state, batch) -> (state, metrics)."""
-  return functools.partial(train_step, model=model, tx=tx, config=config, dtype=dtype,
-                           base_rng=rng, num_devices=num_devices)
-
-
-def jit_train_step(model, tx, config, *, dtype, rng, mesh, shardings):
-  """`train_step` jitted for `mesh` as training runs it: state in/out with its shardings and
-  donated, the batch data-sharded, metrics replicated. The memory planner compiles this same
-  function for a GPU target (`plan.py`)."""
-  step = make_train_step(model, tx, config, dtype=dtype, rng=rng, num_devices=mesh.devices.size)
-  return jax.jit(step, in_shardings=(shardings, distributed.data_sharding(mesh)),
-                 out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
+from dca_jax.errors import NonFiniteError  # noqa: F401  (train.NonFiniteError)
+from dca_jax.models import build_model
+from dca_jax.train_step import count_params, create_train_state, jit_train_step
 
 
 # ============================================================================ a run
+def _with_data_classes(config, info):
+  """`config` with `num_classes` as the data has it (0: taken from the data, and then recorded
+  in config.json and the checkpoint); a count that disagrees with the data is one line."""
+  if not config.num_classes:
+    config = copy.deepcopy(config)
+    config.num_classes = info.num_classes
+  elif info.num_classes != config.num_classes:
+    counted = 'train identities' if info.task == 'reid' else 'classes'
+    raise ValueError(f'config.num_classes={config.num_classes} but the {config.dataset} data '
+                     f'has {info.num_classes} {counted}: set --config.num_classes='
+                     f'{info.num_classes}, or 0 to take it from the data')
+  return config
+
+
 class Trainer:
   """What a training run is built from: data, model, mesh, state, jitted step, checkpoints."""
 
   def __init__(self, config, workdir: str):
-    from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
-    config_lib.validate(config)
+    """`config`: checked (dca_jax/checks.py), as train_and_evaluate passes it."""
     self.config, self.workdir = config, workdir
     distributed.check_batch_divisible(config.batch_size)
     distributed.check_batch_divisible(config.eval_batch_size, 'eval_batch_size')
@@ -202,9 +66,7 @@ class Trainer:
     self.dtype, self.precision = distributed.compute_dtype(config.precision)
     self.input = data.build_input(config, process_index=jax.process_index(),
                                   process_count=jax.process_count())
-    if self.input.info.num_classes != config.num_classes:
-      raise ValueError(f'config.num_classes={config.num_classes} but the {config.dataset} data has '
-                       f'{self.input.info.num_classes} classes')
+    config = self.config = _with_data_classes(config, self.input.info)
     self.steps_per_epoch = self.input.steps_per_epoch
     self.total_steps = config_lib.total_steps(config, self.steps_per_epoch)
     self.mesh = distributed.make_mesh()
@@ -219,7 +81,6 @@ class Trainer:
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     # The newest intact checkpoint: damaged ones are named and moved aside (nothing deleted).
     self.resume_step = self.checkpointer.newest_intact_step(set_aside=True)
-    from dca_jax import hub  # pylint: disable=g-import-not-at-top
     if self.resume_step is not None and not hub.is_scratch(config.pretrained_model):
       print(f'Resuming {self.checkpointer.directory}/{self.resume_step}: pretrained_model '
             f'{config.pretrained_model} is not loaded nor fetched (the checkpoint holds the '
@@ -233,7 +94,7 @@ class Trainer:
                                      rng=step_rng, mesh=self.mesh, shardings=self.shardings)
     self.evals = evaluators.Suite(evaluators.Context(
         config, self.model, self.input, self.mesh, self.shardings.variables, self.dtype))
-    self.best_metric = config_lib.best_metric(config)
+    self.best_metric = evaluators.best_metric(config)
 
   def evaluate(self, variables) -> tuple[dict, dict]:
     """(results, pictures) of the run's evaluators (`config.evals`) on `variables`."""
@@ -257,6 +118,20 @@ class Trainer:
               f'no intact checkpoint is left in {self.checkpointer.directory} (the damaged ones '
               f'are in {os.path.join(os.path.abspath(self.workdir), ckpt_lib.DAMAGED_DIR)}); run '
               'the same command again to train from the start') from None
+
+  def due(self, steps_done: int, what: str) -> bool:
+    """Whether the loop should `log`, `eval` or `save` after `steps_done` micro-steps: at the
+    end, and at their frequencies (epochs; saves also every `save_every_steps`)."""
+    config = self.config
+    if steps_done == self.total_steps:
+      return True
+    if what == 'log':
+      return is_time(steps_done, config.log_every_steps)
+    epochs_done, epoch_end = divmod(steps_done, self.steps_per_epoch)
+    if what == 'eval':
+      return epoch_end == 0 and is_time(epochs_done, config.eval_frequency)
+    return ((epoch_end == 0 and is_time(epochs_done, config.save_frequency))
+            or is_time(steps_done, config.save_every_steps))
 
   def save(self, score: Optional[float] = None) -> None:
     step = int(jax.device_get(self.state.step))
@@ -298,10 +173,6 @@ class Trainer:
     finally:
       if self.lock is not None:
         self.lock.release()
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or the weights became NaN/inf (fp16's skipped steps excepted)."""
 
 
 @jax.jit
@@ -378,7 +249,8 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
   if chief:
     print(reporting.banner(config, precision=trainer.precision,
                            num_params=count_params(trainer.state.params),
-                           steps_per_epoch=trainer.steps_per_epoch), flush=True)
+                           steps_per_epoch=trainer.steps_per_epoch,
+                           protocol=trainer.input.info.protocol), flush=True)
     partial = optim.partial_update_warning(config, trainer.steps_per_epoch)
     if partial:
       print(partial, file=sys.stderr, flush=True)
@@ -393,24 +265,23 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
   return int(jax.device_get(trainer.state.step))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """The `train` mode: resumes from the latest checkpoint in `workdir` if there is one."""
-  chief = jax.process_index() == 0
-  # Taken before the data and the model are built: a second writer is refused at once.
-  lock = lock_lib.acquire(workdir, say=print) if chief else None
-  try:
-    trainer = Trainer(config, workdir)
-  except BaseException:
-    if lock is not None:
-      lock.release()
-    raise
-  try:
-    start = _start(trainer, config, workdir, chief)
-  except BaseException:
-    trainer.close()
-    raise
-  writer = reporting.MetricWriter(workdir, config, config.wandb_project)
-  summary_line = tasks.get(config.task).summary_line
+def _evaluate(trainer: Trainer, writer: reporting.MetricWriter, steps_done: int,
+              chief: bool) -> tuple[dict, float]:
+  """The run's evaluators on the current weights: written, printed; (results, best score)."""
+  trainer.check_finite(steps_done, 'before evaluating')
+  result, pictures = trainer.evaluate(trainer.state.variables)
+  writer.write(steps_done, result, prefix='eval/')
+  writer.write_images(steps_done, pictures, prefix='eval/')
+  if chief:
+    summary = tasks.get(trainer.config.task).summary_line(result)
+    print(f'\nstep {steps_done}: test {summary}', flush=True)
+  return result, float(result[trainer.best_metric])
+
+
+def _loop(trainer: Trainer, start: int, chief: bool) -> dict:
+  """Steps from `start` to the end (or a SIGTERM): log, evaluate and save when due."""
+  config = trainer.config
+  writer = reporting.MetricWriter(trainer.workdir, config, config.wandb_project)
   progress = reporting.EpochProgress(config, trainer.steps_per_epoch, enabled=chief)
   logger = _Logger(trainer, writer, start)
   preemption = Preemption()
@@ -422,27 +293,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch = distributed.global_batch(next(batches), trainer.batch_sharding)
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
       steps_done = step + 1
-      is_last = steps_done == trainer.total_steps
-      epoch_end = steps_done % trainer.steps_per_epoch == 0
-      epochs_done = steps_done // trainer.steps_per_epoch
       progress.step(steps_done)
-      # --- log
-      if is_time(steps_done, config.log_every_steps) or is_last:
+      if trainer.due(steps_done, 'log'):
         progress.show(logger(steps_done, metrics))
-      # --- evaluate
       score = None
-      if is_last or (epoch_end and is_time(epochs_done, config.eval_frequency)):
-        trainer.check_finite(steps_done, 'before evaluating')
-        result, pictures = trainer.evaluate(trainer.state.variables)
-        score = float(result[trainer.best_metric])
-        writer.write(steps_done, result, prefix='eval/')
-        writer.write_images(steps_done, pictures, prefix='eval/')
-        if chief:
-          print(f'\nstep {steps_done}: test {summary_line(result)}', flush=True)
-      # --- save, pre-empt
+      if trainer.due(steps_done, 'eval'):
+        result, score = _evaluate(trainer, writer, steps_done, chief)
       stop = preemption.agreed(steps_done, config.log_every_steps)
-      if (is_last or stop or (epoch_end and is_time(epochs_done, config.save_frequency))
-          or is_time(steps_done, config.save_every_steps)):
+      if stop or trainer.due(steps_done, 'save'):
         trainer.save(score)
       if stop:
         if chief:
@@ -461,3 +319,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not failing:
           raise
   return result
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """The `train` mode: resumes from the latest checkpoint in `workdir` if there is one.
+  Returns the last evaluation's results."""
+  config = checks.checked(config)
+  if config.auto_batch:  # the planner picks batch x accumulation and remat (plan.py)
+    config = plan.apply_auto_batch(config)
+  chief = jax.process_index() == 0
+  # Taken before the data and the model are built: a second writer is refused at once.
+  lock = lock_lib.acquire(workdir, say=print) if chief else None
+  try:
+    trainer = Trainer(config, workdir)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  try:
+    start = _start(trainer, trainer.config, workdir, chief)  # num_classes from the data
+  except BaseException:
+    trainer.close()
+    raise
+  return _loop(trainer, start, chief)

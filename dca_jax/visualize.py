@@ -1,33 +1,39 @@
-"""The `visualize` and `predict` modes: attention-rollout maps, GLCA selections, top-k tables.
+"""The `visualize` mode: attention-rollout maps, GLCA selections, Re-ID rankings.
 
   python main.py --config C --workdir W --mode visualize [--num_images 8] [--images a.jpg,b.png]
                  [--compare_workdir W_SA_ONLY] [--checkpoint best]
-  python main.py --config C --workdir W --mode predict --images a.jpg,b.png
 
-visualize writes one PNG per image into W/visualize/: the input crop, the SA attention-rollout
-heat map over it (exactly the CLS row the model uses to choose GLCA's local queries, drawn per
-patch cell), the top-R cells GLCA selected outlined, and the top-3 prediction against the truth.
-With --compare_workdir a second run (e.g. an SA-only baseline) is drawn beside it.
-predict prints the top-5 classes per image and writes W/predictions.jsonl. See docs/VISUALIZE.md.
+What is drawn is the task's `PICTURES`. 'classes' (FGVC): one PNG per image into W/visualize/:
+the input crop, the SA attention-rollout heat map over it (exactly the CLS row the model uses to
+choose GLCA's local queries, drawn per patch cell), the top-R cells GLCA selected outlined, and
+the top-3 prediction against the truth; with --compare_workdir a second run (e.g. an SA-only
+baseline) is drawn beside it. 'rankings' (Re-ID): per query, its rollout and its ranked gallery.
+Images are read and predicted through the predict mode's path (predict.py). See
+docs/VISUALIZE.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
+from dca_jax import checkpoint as ckpt_lib
+from dca_jax import checks
 from dca_jax import config_lib
+from dca_jax import data
+from dca_jax import evaluators
+from dca_jax import inference
 from dca_jax import tasks
-from dca_jax.drawing import (GREEN, RANK_FRAME, RANK_GAP, RANK_PANEL_HEIGHT, RED,  # noqa: F401
-                             attention_picture, cell_boxes, overlay, ranking_picture,
+from dca_jax.drawing import (attention_picture, cell_boxes, overlay, ranking_picture,
                              rollout_heatmap, selected_cells, token_grid)
-from dca_jax.inference import Predictor
+from dca_jax.evaluators import retrieval
+from dca_jax.predict import Predictor, eval_transform, image_paths, load_images, top_k
+from dca_jax.reid import metrics
 
 # Figure geometry in pixels (fixed, so a figure's pixel size is known: `figure_size_px`).
 DPI = 100
@@ -37,102 +43,15 @@ TITLE_PX = 46       # above the panels
 TEXT_PX = 84        # below the panels: top-3 predictions
 
 
-def top_k(probs, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
-  """The k most probable (class name, probability), descending."""
-  p = np.asarray(probs, np.float64)
-  order = np.argsort(-p, kind='stable')[:min(k, p.size)]
-  return [(str(class_names[i]), float(p[i])) for i in order]
-
-
 def figure_size_px(num_panels: int) -> tuple[int, int]:
   """(width, height) in pixels of a figure with `num_panels` square image panels."""
   return (num_panels * PANEL_PX + (num_panels + 1) * MARGIN_PX, TITLE_PX + PANEL_PX + TEXT_PX)
-
-
-def _reason(error: Exception, path: str) -> str:
-  """The loader's message without the file name (the error line names it first)."""
-  msg = str(error)
-  for p in {path, os.fspath(path)}:
-    msg = msg.replace(f' {p}:', ':').replace(f' {p}', '')
-  return msg.strip().rstrip(':') or type(error).__name__
-
-
-def _load_files(paths: Sequence[str], config) -> tuple[list, list]:
-  """[(path, image, display)] of the readable files and [(path, reason)] of the others.
-
-  Each failure is printed at once as `error: <file>: <reason>` on stderr.
-  """
-  from dca_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: heavy import)
-  ok, failed = [], []
-  for path in paths:
-    try:
-      image = data.load_image_for_eval(path, config)
-    except data.ImageLoadError as e:
-      reason = _reason(e, path)
-      print(f'error: {path}: {reason}', file=sys.stderr, flush=True)
-      failed.append((path, reason))
-      continue
-    ok.append((path, image, image))
-  return ok, failed
-
-
-def _clean_paths(images) -> list[str]:
-  paths = [str(p).strip() for p in (images or ()) if str(p).strip()]
-  return paths
-
-
-# ============================================================================ predict
-def format_table(rows: Sequence[dict]) -> str:
-  """Readable top-k table of `predictions.jsonl`-style records."""
-  lines = []
-  width = max([len(c['class']) for r in rows for c in r.get('top5', ())] + [5])
-  for r in rows:
-    lines.append(r['file'])
-    if 'error' in r:
-      lines.append(f'    error: {r["error"]}')
-    for rank, c in enumerate(r.get('top5', ()), 1):
-      lines.append(f'    {rank}. {c["class"]:<{width}}  {100 * c["prob"]:6.2f}%')
-  return '\n'.join(lines)
-
-
-def run_predict(config, workdir: str, images, which: str = 'latest') -> list[dict]:
-  """Top-5 classes per image file: printed as a table and written to workdir/predictions.jsonl.
-
-  Missing/unreadable files give one `error: <file>: <reason>` line each and an `error` record;
-  the others are still predicted. Raises ValueError when no file is given or none is readable.
-  """
-  paths = _clean_paths(images)
-  if not paths:
-    raise ValueError('--mode predict needs image files: --images a.jpg,b.png')
-  predictor = Predictor(config, workdir, which)
-  loaded, failed = _load_files(paths, config)
-  results = {}
-  if loaded:
-    out = predictor(np.stack([im for _, im, _ in loaded]))
-    for (path, _, _), probs in zip(loaded, out['probs']):
-      results[path] = {'file': path, 'top5': [{'class': c, 'prob': p} for c, p in
-                                              top_k(probs, predictor.class_names, 5)]}
-  for path, reason in failed:
-    results[path] = {'file': path, 'error': reason}
-  rows = [results[p] for p in paths]
-  out_path = os.path.join(workdir, 'predictions.jsonl')
-  with open(out_path, 'w') as f:
-    for r in rows:
-      f.write(json.dumps(r) + '\n')
-  print(f'top-5 predictions ({which} checkpoint, step {predictor.step}, '
-        f'{"SA+GLCA" if predictor.has_glca else "SA"}):')
-  print(format_table(rows))
-  print(f'{len(loaded)} of {len(paths)} image(s) predicted -> {out_path}', flush=True)
-  if not loaded:
-    raise ValueError(f'none of the {len(paths)} image file(s) could be read')
-  return rows
 
 
 # ============================================================================ visualize
 def _model_config(config, workdir: str):
   """`config` with the model/preprocessing knobs of the run in `workdir`: its config.json,
   then the model description stored in its latest checkpoint (authoritative for the shapes)."""
-  from dca_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.to_dict())
   saved = {}
   path = os.path.join(workdir, 'config.json')
@@ -213,16 +132,16 @@ def _mixed_test_examples(predictor: Predictor, num_images: int) -> list[dict]:
 
 
 def _file_examples(paths, config) -> tuple[list[dict], list]:
-  loaded, failed = _load_files(paths, config)
+  loaded, failed = load_images(paths, eval_transform(config))
   names, examples = set(), []
-  for path, image, display in loaded:
+  for path, image in loaded:
     stem = os.path.splitext(os.path.basename(path))[0] or 'image'
     name, k = stem, 1
     while name in names:
       name, k = f'{stem}_{k}', k + 1
     names.add(name)
     examples.append({'name': name, 'title': os.path.basename(path), 'path': path,
-                     'image': image, 'display': display, 'truth': None})
+                     'image': image, 'display': image, 'truth': None})
   return examples, failed
 
 
@@ -295,16 +214,13 @@ def _split_images(input_data, config, split: str, wanted) -> dict:
   return found
 
 
-def run_visualize_reid(config, workdir: str, *, num_images: int = 8, top: int = 10,
-                       which: str = 'latest') -> list[str]:
+def _draw_rankings(config, workdir: str, *, num_images: int = 8, top: int = 10,
+                   which: str = 'latest') -> list[str]:
   """Per query: its rollout heat map and the top-`top` gallery images of the retrieval, framed
   green (same identity) or red; same-identity same-camera images are left out as in the
   evaluation. Queries whose rank-1 is right and wrong are both drawn, labelled.
   Writes WORKDIR/visualize/query_NNNNN.png; returns the paths."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  from dca_jax import data, evaluators, inference  # pylint: disable=g-import-not-at-top
-  from dca_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
-  from dca_jax.reid import metrics  # pylint: disable=g-import-not-at-top
   restored = inference.load_for_inference(config, workdir, which)
   input_data = data.build_input(config, with_train=False)
   evaluator = retrieval.Evaluator(evaluators.Context(
@@ -383,15 +299,21 @@ def run_visualize(config, workdir: str, *, images=(), num_images: int = 8,
   run (e.g. the SA-only baseline) drawn beside this one, restored with the model knobs of its
   own config.json.
   """
-  paths = _clean_paths(images)
+  config = checks.checked(config)
+  paths = image_paths(images)
   if not paths and num_images <= 0:
     raise ValueError(f'--num_images={num_images}: draw at least one test image')
-  return tasks.get(config.task).visualize(config, workdir, images=paths, num_images=num_images,
-                                          compare_workdir=compare_workdir, which=which)
+  if tasks.get(config.task).PICTURES == 'rankings':
+    if paths or compare_workdir:
+      raise ValueError('Re-ID visualize draws query rankings: --images and --compare_workdir '
+                       'are for FGVC runs')
+    return _draw_rankings(config, workdir, num_images=num_images, which=which)
+  return _draw_classes(config, workdir, images=paths, num_images=num_images,
+                       compare_workdir=compare_workdir, which=which)
 
 
-def run_visualize_fgvc(config, workdir: str, *, images=(), num_images: int = 8,
-                       compare_workdir: str = '', which: str = 'latest') -> list[str]:
+def _draw_classes(config, workdir: str, *, images=(), num_images: int = 8,
+                  compare_workdir: str = '', which: str = 'latest') -> list[str]:
   """FGVC figures (see `run_visualize`)."""
   paths = list(images)
   compare_workdir = (compare_workdir or '').strip()

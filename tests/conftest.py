@@ -1,6 +1,8 @@
-"""Shared test set-up: tiny configs, quiet TensorFlow, repo root importable."""
+"""Shared test set-up: the tiny configs, the data layouts several files read, running main.py in
+a subprocess, one-line error checks; quiet TensorFlow, repo root importable."""
 
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -17,6 +19,9 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
+
+TINY_CONFIG = os.path.join(ROOT, 'tests', 'tiny_config.py')  # tiny_config() as a config file
+MAIN = os.path.join(ROOT, 'main.py')
 
 
 def tiny_config(**overrides):
@@ -45,7 +50,7 @@ def tiny_config(**overrides):
 
 def tiny_reid_config(**overrides):
   """A tiny Re-ID DCAL on the synthetic Re-ID set: 32 x 16 px (4 x 2 patches of 8), P x K = 2 x 4."""
-  c = tiny_config(task='reid', dataset='synthetic_reid', num_classes=6, input_size=32,
+  c = tiny_config(task='reid', dataset='synthetic_reid', num_classes=6, input_size=32, bnneck=True,
                   input_width=16, resize_size=36)
   c.synthetic_num_train, c.synthetic_num_test, c.synthetic_image_size = 48, 60, 32
   c.batch_size, c.num_instances, c.eval_batch_size = 8, 4, 16
@@ -56,6 +61,102 @@ def tiny_reid_config(**overrides):
   return c
 
 
-@pytest.fixture
-def tiny():
-  return tiny_config
+def load_config(name: str, arg=None):
+  """configs/<name>.py's get_config(arg), as main.py loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def data_config(**overrides):
+  """tiny_config's data knobs for the input tests: 32 px crops of a 40 px resize, batch 4."""
+  return tiny_config(**{'resize_size': 40, 'eval_batch_size': 4, 'num_classes': 3,
+                        'synthetic_num_train': 48, 'synthetic_num_test': 10,
+                        'synthetic_image_size': 48, **overrides})
+
+
+def folder_config(layout, **overrides):
+  """data_config reading a written FGVC layout (tests/layouts.py) from its folder."""
+  return data_config(dataset=layout.dataset, data_source='folder', data_dir=layout.data_dir,
+                     num_classes=layout.num_classes, **overrides)
+
+
+def one_line_error(fn, match, error=ValueError) -> str:
+  """`fn()` raises `error` matching `match`, in one line; returns the line."""
+  with pytest.raises(error, match=match) as e:
+    fn()
+  assert '\n' not in str(e.value), str(e.value)
+  return str(e.value)
+
+
+def subprocess_env(**extra) -> dict:
+  """The environment of a main.py / worker subprocess: CPU, quiet, unbuffered, one device."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1',
+             **extra)
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def main_cmd(workdir, *extra, mode='train', config=TINY_CONFIG) -> list:
+  """`python main.py --config CONFIG --workdir WORKDIR --mode MODE EXTRA...` (config None:
+  no --config)."""
+  return ([sys.executable, MAIN] + (['--config', config] if config else [])
+          + ['--workdir', str(workdir), '--mode', mode, *extra])
+
+
+def run_main(workdir, *extra, mode='train', config=TINY_CONFIG, timeout=300, **env):
+  """main.py run to its end: the CompletedProcess (text stdout, stderr)."""
+  return subprocess.run(main_cmd(workdir, *extra, mode=mode, config=config),
+                        env=subprocess_env(**env), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def train_worker_cmd(tmp_path, name, overrides, **flags):
+  """(command, its params.npz) of tests/train_worker.py: a few train steps of
+  tiny_config(**overrides) on `--devices` simulated devices, params saved as npz."""
+  import json  # pylint: disable=g-import-not-at-top
+  out = tmp_path / name / 'params.npz'
+  out.parent.mkdir(parents=True, exist_ok=True)
+  cmd = [sys.executable, os.path.join(ROOT, 'tests', 'train_worker.py'), str(out),
+         json.dumps(overrides)]
+  for k, v in flags.items():
+    cmd += [f'--{k}', str(v)]
+  return cmd, out
+
+
+def load_npz(path) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def assert_same_params(a, b, atol=1e-6):
+  """Two {name: array} dicts with the same names and values to `atol` (rtol 1e-5)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=1e-5, err_msg=k)
+
+
+def assert_leaves_equal(a, b):
+  """Two pytrees equal leaf for leaf, bit for bit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='session')
+def cub(tmp_path_factory):
+  """A tiny CUB-200-2011 in its official layout (real JPEGs): tests/layouts.py."""
+  import layouts  # pylint: disable=g-import-not-at-top
+  return layouts.write_cub_layout(tmp_path_factory.mktemp('cub'))
+
+
+@pytest.fixture(scope='session')
+def market(tmp_path_factory):
+  """A tiny Market-1501 in its official layout (real JPEGs): tests/reid_layouts.py."""
+  import reid_layouts  # pylint: disable=g-import-not-at-top
+  return reid_layouts.write_market1501(tmp_path_factory.mktemp('market'))

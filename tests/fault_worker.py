@@ -17,8 +17,9 @@ sys.path.insert(0, ROOT)
 point, step = sys.argv[1], sys.argv[2]
 sys.argv = [os.path.join(ROOT, 'main.py')] + sys.argv[3:]
 
-import main  # noqa: E402
 from absl import app  # noqa: E402
+
+import main  # noqa: E402
 
 
 def _kill():
@@ -37,15 +38,15 @@ if point == 'before_commit':
 
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
 elif point == 'before_seal':
-  from dca_jax import checkpoint  # noqa: E402
-  _write = checkpoint.write_integrity
+  from dca_jax.checkpoint import manager  # noqa: E402  (the module that seals a committed step)
+  _write = manager.write_integrity
 
   def write_integrity(step_dir):
     if os.path.basename(step_dir) == step:
       _kill()
     return _write(step_dir)
 
-  checkpoint.write_integrity = write_integrity
+  manager.write_integrity = write_integrity
 else:
   raise SystemExit(f'unknown point {point}')
 

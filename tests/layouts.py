@@ -254,6 +254,22 @@ WRITERS = {'cub': write_cub_layout, 'aircraft': write_aircraft_layout, 'cars': w
            'nabirds': write_nabirds_layout, 'dogs': write_dogs_layout, 'pets': write_pets_layout}
 
 
+def write_imagefolder(root, classes=('cat', 'dog', 'eel'), train=3, test=2):
+  """Your own classes: ROOT/{train,test}/<class>/<i>.jpg (each class its own grey level, so a
+  tiny model can tell them), and a text file a reader must ignore."""
+  rng = np.random.default_rng(0)
+  for which, count in (('train', train), ('test', test)):
+    for label, name in enumerate(classes):
+      os.makedirs(os.path.join(root, which, name), exist_ok=True)
+      for i in range(count):
+        pixels = np.full((40, 48, 3), 60 * label, np.uint8) + rng.integers(0, 20, (40, 48, 3),
+                                                                          dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, which, name, f'{i}.jpg'))
+  with open(os.path.join(root, 'train', 'cat', 'notes.txt'), 'w') as f:
+    f.write('not an image: ignored')
+  return root
+
+
 def write_layout(dataset: str, base: str, **kwargs) -> Layout:
   return WRITERS[dataset](base, **kwargs)
 

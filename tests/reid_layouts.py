@@ -189,3 +189,55 @@ def write_reid_layout(name: str, base: str, **kwargs) -> ReidLayout:
 
 truncate_file = layouts.truncate_file
 write_non_image = layouts.write_non_image
+
+
+@dataclasses.dataclass
+class FolderReidLayout:
+  """An identity-folder Re-ID set (`dataset='reid_folder'`): what the reader must produce."""
+  data_dir: str
+  identities: list          # every identity name, sorted: id i (1-based) = identities[i - 1]
+  splits: dict              # split -> [(path, identity name)] in the reader's order
+  cameras: dict | None      # path -> camera label, or None without cameras.csv
+  duplicate: tuple          # (query path, gallery path): the same file in both splits
+  dataset: str = 'reid_folder'
+
+
+# identity -> images per split (train, query, gallery): names any string; 'zz gallery only' a
+# distractor; 'query only' has no gallery match; 'q-and-g' is never trained on.
+FOLDER_IDS = {'Ada': (3, 1, 2), 'bob_2': (2, 1, 1), 'Cy': (4, 0, 0), 'q-and-g': (0, 1, 2),
+              'query only': (0, 1, 0), 'zz gallery only': (0, 0, 2)}
+
+
+def write_reid_folder(base: str, cameras: bool = False, seed: int = 7) -> FolderReidLayout:
+  """DATA/{train,query,gallery}/<identity>/<i>.jpg (+ a PNG, a text file to skip), the first
+  query of 'Ada' copied byte for byte into the gallery, and with `cameras` a cameras.csv."""
+  rng = np.random.default_rng(seed)
+  root = os.path.join(base, 'mine')
+  names = sorted(FOLDER_IDS)
+  splits = {'train': [], 'query': [], 'gallery': []}
+  for which_index, which in enumerate(splits):
+    for name in names:
+      for i in range(FOLDER_IDS[name][which_index]):
+        ext = 'png' if (which, name, i) == ('train', 'Cy', 3) else 'jpg'
+        path = os.path.join(root, which, name, f'{i}.{ext}')
+        write_jpeg(path, names.index(name) + 1, rng)
+        if ext == 'png':  # a real PNG (the reader takes any image type)
+          Image.open(path).save(path, 'PNG')
+        splits[which].append((path, name))
+  with open(os.path.join(root, 'train', 'Ada', 'notes.txt'), 'w') as f:
+    f.write('not an image')
+  query_copy = splits['query'][0][0]
+  copy = os.path.join(root, 'gallery', 'Ada', 'z_copy_of_query.jpg')
+  with open(query_copy, 'rb') as src, open(copy, 'wb') as dst:
+    dst.write(src.read())
+  splits['gallery'].insert([p for p, _ in splits['gallery']].index(
+      os.path.join(root, 'gallery', 'Ada', '1.jpg')) + 1, (copy, 'Ada'))
+  camera_of = None
+  if cameras:
+    camera_of = {path: f'cam{(k % 3) + 1}' for which in splits
+                 for k, (path, _) in enumerate(splits[which])}
+    with open(os.path.join(root, 'cameras.csv'), 'w') as f:
+      f.write('path,camera\n')
+      for path, camera in camera_of.items():
+        f.write(f'{os.path.relpath(path, root)},{camera}\n')
+  return FolderReidLayout(root, names, splits, camera_of, (query_copy, copy))

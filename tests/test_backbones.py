@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dca_jax import backbones, config_lib, hub
+from dca_jax import backbones, checks, config_lib, hub, tasks
 from dca_jax import weights as W
 from dca_jax.models import dcal, vit
 
@@ -190,7 +190,7 @@ def test_every_registered_variant_builds_and_names_its_preprocessing():
     assert variant.normalization in backbones.MEAN_STD and variant.family in backbones.FAMILIES
     assert cfg.grid_size(variant.pretrained_size) * cfg.stem_stride * cfg.patch_size == \
         variant.pretrained_size
-    c = config_lib.fgvc_config(name)
+    c = tasks.task_config('fgvc', name)
     assert config_lib.resolve_normalization(c) == variant.normalization
     if variant.weights != 'none':   # weights by name: the entry's weights fit the entry
       known = hub.KNOWN[variant.weights]
@@ -322,7 +322,7 @@ def _cub_config(arg):
                                  'clip_base_quickgelu'])
 def test_cub_config_picks_the_backbone_its_weights_and_normalisation(arg):
   config = _cub_config(arg)
-  config_lib.validate(config)
+  checks.checked(config)
   variant = backbones.get(arg)
   assert config.backbone == arg and config.pretrained_model == variant.weights
   assert hub.parse(config.pretrained_model).known.backbone == arg
@@ -337,6 +337,7 @@ def test_dinov2_reg4_config_trains_evaluates_and_visualises(tmp_path, monkeypatc
   evaluation scores them, and the visualize mode restores the checkpoint and draws the rollout
   and GLCA's cells on the 4 x 4 patches (registers dropped)."""
   import json  # pylint: disable=g-import-not-at-top
+
   from dca_jax import train, visualize  # pylint: disable=g-import-not-at-top
   config = _cub_config('dinov2_small_reg4')
   config.dataset = config.data_source = 'synthetic'
@@ -349,7 +350,7 @@ def test_dinov2_reg4_config_trains_evaluates_and_visualises(tmp_path, monkeypatc
   config.num_epochs, config.warmup_epochs = 1, 0.0
   config.use_gradient_checkpointing, config.precision = False, 'fp32'
   config.pretrained_model = fixture_file('bb_dinov2_reg')
-  config_lib.validate(config)
+  checks.checked(config)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   assert hub.banner_line(config.pretrained_model).endswith(

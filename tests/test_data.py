@@ -10,32 +10,16 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import data_config, folder_config
 from PIL import Image
 
-from dca_jax import config_lib
-from dca_jax import data
+from dca_jax import data, predict
 from dca_jax.data import preprocess
 
 try:
   from tests import layouts  # pylint: disable=g-import-not-at-top
 except ImportError:
   import layouts  # pylint: disable=g-import-not-at-top
-
-
-def tiny_config(**overrides):
-  c = config_lib.base_config()
-  c.input_size, c.resize_size = 32, 40
-  c.batch_size, c.eval_batch_size = 4, 4
-  c.synthetic_num_train, c.synthetic_num_test, c.synthetic_image_size = 48, 10, 48
-  c.num_classes = 3
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-def folder_config(lay, **overrides):
-  return tiny_config(dataset=lay.dataset, data_source='folder', data_dir=lay.data_dir,
-                     num_classes=lay.num_classes, **overrides)
 
 
 def eval_records(inp):
@@ -53,11 +37,6 @@ def eval_records(inp):
 def one_epoch_labels(inp):
   it = inp.train_iter()
   return [l for _ in range(inp.steps_per_epoch) for l in next(it)['label'].tolist()]
-
-
-@pytest.fixture(scope='module')
-def cub(tmp_path_factory):
-  return layouts.write_cub_layout(tmp_path_factory.mktemp('cub'))
 
 
 # ------------------------------------------------------------------------------ layouts
@@ -110,10 +89,11 @@ def test_aircraft_banner_is_cropped(tmp_path):
 
 # ------------------------------------------------------------------------------ TFDS
 @pytest.mark.parametrize('dataset,num_classes', [('cub', 200), ('cars', 196)])
-def test_tfds_mock(dataset, num_classes, tmp_path):
+def test_tfds_mock(dataset, num_classes, tmp_path, monkeypatch):
+  monkeypatch.setenv('DCA_JAX_OFFLINE', '0')  # the mock prepares nothing: no look-up
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=9):
-    inp = data.build_input(tiny_config(dataset=dataset, data_source='tfds',
+    inp = data.build_input(data_config(dataset=dataset, data_source='tfds',
                                        data_dir=str(tmp_path), num_classes=num_classes))
     assert inp.info.num_classes == num_classes == len(inp.info.class_names)
     assert (inp.info.num_train, inp.info.num_test) == (9, 9)
@@ -134,14 +114,14 @@ def test_tfds_mock(dataset, num_classes, tmp_path):
 
 def test_tfds_aircraft_is_a_clear_error():
   with pytest.raises(data.DataError, match='aircraft.*folder'):
-    data.build_input(tiny_config(dataset='aircraft', data_source='tfds'))
+    data.build_input(data_config(dataset='aircraft', data_source='tfds'))
 
 
 # ------------------------------------------------------------------------------ synthetic / stream
 @pytest.mark.parametrize('normalization,lo,hi', [('imagenet', -2.1179, 2.6400),
                                                  ('inception', -1.0, 1.0)])
 def test_shapes_dtypes_ranges(normalization, lo, hi):
-  inp = data.build_input(tiny_config(normalization=normalization))
+  inp = data.build_input(data_config(normalization=normalization))
   assert inp.info.class_names == ['class_00', 'class_01', 'class_02']
   b = next(inp.train_iter())
   assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
@@ -155,12 +135,12 @@ def test_shapes_dtypes_ranges(normalization, lo, hi):
 
 
 def test_determinism_epochs_and_resume():
-  inp = data.build_input(tiny_config(batch_size=8))  # 48 train -> 6 steps per epoch.
+  inp = data.build_input(data_config(batch_size=8))  # 48 train -> 6 steps per epoch.
   spe = inp.steps_per_epoch
   assert spe == 6
   it = inp.train_iter()
   stream = [next(it) for _ in range(2 * spe + 3)]
-  again = data.build_input(tiny_config(batch_size=8)).train_iter()
+  again = data.build_input(data_config(batch_size=8)).train_iter()
   for want in stream[:spe + 1]:
     got = next(again)
     np.testing.assert_array_equal(got['image'], want['image'])
@@ -180,13 +160,13 @@ def test_determinism_epochs_and_resume():
       np.testing.assert_array_equal(got['image'], want['image'])
       np.testing.assert_array_equal(got['label'], want['label'])
   # Another seed -> another stream.
-  other = next(data.build_input(tiny_config(batch_size=8, seed=7)).train_iter())
+  other = next(data.build_input(data_config(batch_size=8, seed=7)).train_iter())
   assert not np.array_equal(other['image'], stream[0]['image'])
 
 
 def test_two_hosts_train_shares_union_is_the_global_batch():
-  single = data.build_input(tiny_config(batch_size=8))
-  hosts = [data.build_input(tiny_config(batch_size=8), p, 2) for p in range(2)]
+  single = data.build_input(data_config(batch_size=8))
+  hosts = [data.build_input(data_config(batch_size=8), p, 2) for p in range(2)]
   its = [h.train_iter() for h in hosts]
   s = single.train_iter()
   for _ in range(single.steps_per_epoch + 1):
@@ -201,7 +181,7 @@ def test_two_hosts_train_shares_union_is_the_global_batch():
 @pytest.mark.parametrize('num_test,eval_batch,hosts', [(10, 5, 1), (10, 4, 1), (10, 4, 2),
                                                        (11, 6, 2), (3, 4, 2)])
 def test_eval_padding_counts_every_image_once(num_test, eval_batch, hosts):
-  cfg = tiny_config(synthetic_num_test=num_test, eval_batch_size=eval_batch)
+  cfg = data_config(synthetic_num_test=num_test, eval_batch_size=eval_batch)
   labels = data.build_input(cfg).source.labels['test'].numpy()
   union, counts = [], []
   for p in range(hosts):
@@ -233,14 +213,14 @@ def test_truncated_and_non_image_files_are_skipped_and_named(tmp_path):
 
 def test_missing_data_dir():
   with pytest.raises(data.DataError, match='data_dir'):
-    data.build_input(tiny_config(dataset='cub', data_source='folder', data_dir=''))
+    data.build_input(data_config(dataset='cub', data_source='folder', data_dir=''))
   with pytest.raises(data.DataError, match='/nonexistent/x'):
-    data.build_input(tiny_config(dataset='cub', data_source='folder', data_dir='/nonexistent/x'))
+    data.build_input(data_config(dataset='cub', data_source='folder', data_dir='/nonexistent/x'))
 
 
 def test_missing_layout_names_the_folder(tmp_path):
   with pytest.raises(data.DataError, match='images.txt'):
-    data.build_input(tiny_config(dataset='cub', data_source='folder', data_dir=str(tmp_path)))
+    data.build_input(data_config(dataset='cub', data_source='folder', data_dir=str(tmp_path)))
 
 
 def test_label_file_names_a_missing_image(tmp_path):
@@ -280,7 +260,7 @@ def test_empty_split(tmp_path):
 @pytest.mark.parametrize('key,value', [('dataset', 'imagenet'), ('data_source', 'hdf5')])
 def test_unknown_dataset_or_source(key, value):
   with pytest.raises(ValueError, match=value):  # config_lib.ConfigError
-    data.build_input(tiny_config(**{key: value}))
+    data.build_input(data_config(**{key: value}))
 
 
 # ------------------------------------------------------------------------------ single files
@@ -296,8 +276,8 @@ def test_load_image_for_eval(kind, tmp_path):
     Image.fromarray(rng.integers(0, 256, (33, 33, 3), dtype=np.uint8)).convert('P').save(path)
   else:
     layouts.write_image(path, (77, 41), 1, rng)
-  cfg = tiny_config()
-  img = data.load_image_for_eval(path, cfg)
+  cfg = data_config()
+  img = data.load_image_for_eval(path, predict.eval_transform(cfg))
   assert img.shape == (32, 32, 3) and img.dtype == np.uint8   # what the eval stream yields
   if kind == 'gray_png':
     assert (img == img[..., :1]).all()
@@ -311,23 +291,23 @@ def test_load_image_for_eval_matches_the_eval_pipeline(cub):
     cfg = folder_config(cub, test_crop=test_crop)
     batch = next(data.build_input(cfg).eval_iter())
     for k in range(2):
-      img = data.load_image_for_eval(cub.test[k][0], cfg)
+      img = data.load_image_for_eval(cub.test[k][0], predict.eval_transform(cfg))
       assert batch['image'].dtype == np.uint8
       np.testing.assert_array_equal(img, batch['image'][k])
 
 
 def test_load_image_for_eval_errors(tmp_path):
   with pytest.raises(data.ImageLoadError, match='nope.jpg'):
-    data.load_image_for_eval(str(tmp_path / 'nope.jpg'), tiny_config())
+    data.load_image_for_eval(str(tmp_path / 'nope.jpg'), predict.eval_transform(data_config()))
   bad = str(tmp_path / 'bad.jpg')
   layouts.write_non_image(bad)
   with pytest.raises(data.ImageLoadError, match='bad.jpg'):
-    data.load_image_for_eval(bad, tiny_config())
+    data.load_image_for_eval(bad, predict.eval_transform(data_config()))
   trunc = str(tmp_path / 'trunc.jpg')
   layouts.write_image(trunc, (64, 48), 0, np.random.default_rng(0))
   layouts.truncate_file(trunc, 0.5)
   with pytest.raises(data.ImageLoadError, match='trunc.jpg'):
-    data.load_image_for_eval(trunc, tiny_config())
+    data.load_image_for_eval(trunc, predict.eval_transform(data_config()))
   assert issubclass(data.ImageLoadError, data.DataError)
   assert issubclass(data.DataError, ValueError)
 
@@ -365,3 +345,61 @@ def test_without_prescan_a_bad_file_does_not_crash(tmp_path):
     assert next(it)['image'].shape == (4, 32, 32, 3)
   seen, _ = eval_records(inp)
   assert len(seen) == len(lay.test) - 1
+
+
+RESIZE, CROP = 550, 448
+
+
+SPAN = RESIZE - CROP + 1  # 103 possible offsets per axis
+
+
+@pytest.fixture(scope='module')
+def photo():
+  datasets = pytest.importorskip('sklearn.datasets')
+  image = datasets.load_sample_image('china.jpg')  # 427 x 640 x 3, a photo shipped with sklearn
+  resized = np.asarray(Image.fromarray(image).resize((RESIZE, RESIZE), Image.BILINEAR), np.float32)
+  # every candidate window's pixels on a sparse grid: [8, SPAN (top), 8, SPAN (left), 3]
+  shifted = GRID[:, None] + np.arange(SPAN)[None, :]
+  return image, resized, resized[shifted][:, :, shifted]
+
+
+GRID = np.arange(0, CROP, 56)
+
+
+def locate(crop, reference, windows):
+  """(top, left, mirrored, mean |error|, ...) of the best-matching 448 crop of `reference`:
+  every offset and both orientations scored on a sparse grid of pixels, the best on all."""
+  scores = []
+  for mirrored in (False, True):
+    view = crop[:, ::-1] if mirrored else crop
+    probe = view[np.ix_(GRID, GRID)].astype(np.float32)          # [8, 8, 3]
+    error = np.abs(windows - probe[:, None, :, None]).mean(axis=(0, 2, 4))  # [SPAN, SPAN]
+    top, left = np.unravel_index(np.argmin(error), error.shape)
+    full = np.abs(view.astype(np.float32) - reference[top:top + CROP, left:left + CROP]).mean()
+    runner_up = np.partition(error.ravel(), 1)[1]
+    scores.append((top, left, mirrored, full, error.min(), runner_up))
+  return min(scores, key=lambda s: s[3])
+
+
+def test_fgvc_train_crop_is_448_of_550_mirrored_or_not(photo):
+  tf = pytest.importorskip('tensorflow')
+  image, reference, windows = photo
+  seen = []
+  for seed in range(8):
+    key = tf.constant([seed, 7], tf.int64)
+    crop = preprocess.train_transform(tf.constant(image), key, resize_size=RESIZE,
+                                      input_size=CROP).numpy()
+    assert crop.shape == (CROP, CROP, 3) and crop.dtype == np.uint8
+    top, left, mirrored, full, best, runner_up = locate(crop, reference, windows)
+    # the crop is the resized photo's window, pixel for pixel (PIL vs TF rounding: < 1 level)
+    assert full < 1.0, (seed, top, left, mirrored, full)
+    assert runner_up > best + 2.0  # one offset fits, not a band of them
+    seen.append((top, left, mirrored))
+    again = preprocess.train_transform(tf.constant(image), key, resize_size=RESIZE,
+                                       input_size=CROP).numpy()
+    np.testing.assert_array_equal(again, crop)  # a stateless key: the same crop every epoch
+  mirrored = [m for _, _, m in seen]
+  assert any(mirrored) and not all(mirrored), seen           # flipped half of the time
+  tops, lefts = [top for top, _, _ in seen], [left for _, left, _ in seen]
+  assert len(set(tops)) > 4 and len(set(lefts)) > 4, seen   # offsets over the whole span
+  assert max(tops + lefts) - min(tops + lefts) > SPAN // 2, seen

@@ -13,10 +13,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, subprocess_env, tiny_config, tiny_reid_config
 from PIL import Image
 
-from conftest import ROOT, tiny_config, tiny_reid_config
-from dca_jax import checkpoint, data, export, inference, train
+from dca_jax import checkpoint, data, export, predict, serving, train
 
 pytestmark = pytest.mark.xdist_group('export_runs')  # one module fixture, one worker
 
@@ -62,12 +62,6 @@ def _jpegs(folder, sizes):
   return paths
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)
-  return env
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """Both models checkpointed and exported (FGVC through main.py, Re-ID in process, overlapped),
@@ -82,13 +76,13 @@ def runs(tmp_path_factory):
       [sys.executable, os.path.join(ROOT, 'main.py'), '--config',
        os.path.join(ROOT, 'tests', 'tiny_config.py'), '--config.glca_pool=mean',
        '--workdir', str(root / 'fgvc'), '--mode', 'export'],
-      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   export.run_export(reid, str(root / 'reid'))
   paths = _jpegs(root / 'jpegs', [(40, 52), (64, 48), (33, 70), (90, 90), (36, 36)])
   runs = {}
   for name, config, outputs in (('fgvc', fgvc, FGVC_OUTPUTS), ('reid', reid, ('feature',))):
-    images = np.stack([data.load_image_for_eval(p, config) for p in paths])
-    predictor = inference.Predictor(config, str(root / name), outputs=outputs)
+    images = np.stack([data.load_image_for_eval(p, predict.eval_transform(config)) for p in paths])
+    predictor = predict.Predictor(config, str(root / name), outputs=outputs)
     runs[name] = {'config': config, 'workdir': str(root / name), 'images': images,
                   'want': predictor(images), 'dir': str(root / name / 'export')}
   stdout, stderr = cli.communicate(timeout=600)
@@ -101,7 +95,7 @@ def runs(tmp_path_factory):
 def _runtimes(run):
   """{format: ExportedModel} of a run's export directory (one session each for the module)."""
   if 'runtimes' not in run:
-    run['runtimes'] = {fmt: export.ExportedModel(os.path.join(run['dir'], export.FILES[fmt]))
+    run['runtimes'] = {fmt: serving.ExportedModel(os.path.join(run['dir'], serving.FILES[fmt]))
                        for fmt in export.FORMATS}
   return run['runtimes']
 
@@ -146,9 +140,9 @@ def test_reid_export_averages_the_mirror_image(runs):
 
 
 def test_preprocessing_json_describes_the_program(runs):
-  with open(os.path.join(runs['fgvc']['dir'], export.PREPROCESSING)) as f:
+  with open(os.path.join(runs['fgvc']['dir'], serving.PREPROCESSING)) as f:
     fgvc = json.load(f)
-  with open(os.path.join(runs['reid']['dir'], export.PREPROCESSING)) as f:
+  with open(os.path.join(runs['reid']['dir'], serving.PREPROCESSING)) as f:
     reid = json.load(f)
   assert fgvc['task'] == 'fgvc' and reid['task'] == 'reid'
   assert fgvc['input'] == {'name': 'images', 'shape': ['batch', 32, 32, 3], 'dtype': 'uint8',
@@ -167,7 +161,7 @@ def test_preprocessing_json_describes_the_program(runs):
   for meta, run in ((fgvc, runs['fgvc']), (reid, runs['reid'])):
     for fmt in export.FORMATS:
       assert meta['files'][fmt]['bytes'] == os.path.getsize(
-          os.path.join(run['dir'], export.FILES[fmt]))
+          os.path.join(run['dir'], serving.FILES[fmt]))
       assert meta['check'][fmt]['max_abs_difference'] < ATOL, (meta['task'], fmt)
   assert 'onnx' in runs['fgvc']['cli'] and 'preprocessing ->' in runs['fgvc']['cli']
 
@@ -177,7 +171,7 @@ def test_predict_from_the_exported_files_prints_the_checkpoint_top5(runs, tmp_pa
   want = run['want']['probs']
   paths = runs['paths'][:3] + [str(tmp_path / 'missing.jpg')]
   for fmt in export.FORMATS:
-    rows = export.run_predict_exported(os.path.join(run['dir'], export.FILES[fmt]),
+    rows = predict.run_predict_exported(os.path.join(run['dir'], serving.FILES[fmt]),
                                        str(tmp_path / fmt), paths)
     assert rows[3] == {'file': paths[3], 'error': 'image file not found'}
     for row, probs in zip(rows[:3], want):
@@ -185,7 +179,7 @@ def test_predict_from_the_exported_files_prints_the_checkpoint_top5(runs, tmp_pa
       assert row['top5'][0]['prob'] == pytest.approx(float(probs.max()), abs=ATOL)
     assert os.path.isfile(tmp_path / fmt / 'predictions.jsonl')
   assert 'onnxruntime' in capsys.readouterr().out
-  rows = export.run_predict_exported(os.path.join(runs['reid']['dir'], 'model.stablehlo'),
+  rows = predict.run_predict_exported(os.path.join(runs['reid']['dir'], 'model.stablehlo'),
                                      str(tmp_path / 'reid'), paths[:2])
   np.testing.assert_allclose([r['feature'] for r in rows], runs['reid']['want']['feature'][:2],
                              atol=ATOL)
@@ -198,16 +192,16 @@ def test_bad_input_is_one_line(runs, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="unknown export format 'tflite'; --format takes stablehlo"):
     export.run_export(run['config'], run['workdir'], 'onnx,tflite')
   with pytest.raises(ValueError, match='expected a .onnx or .stablehlo file'):
-    export.ExportedModel(os.path.join(run['dir'], export.PREPROCESSING))
+    serving.ExportedModel(os.path.join(run['dir'], serving.PREPROCESSING))
   with pytest.raises(ValueError, match='no such file'):
-    export.ExportedModel(str(tmp_path / 'model.onnx'))
+    serving.ExportedModel(str(tmp_path / 'model.onnx'))
   monkeypatch.setitem(sys.modules, 'jax2onnx', None)   # import fails as when not installed
   with pytest.raises(ValueError, match='needs the jax2onnx converter .* --no-deps jax2onnx') as e:
     export.run_export(run['config'], run['workdir'], 'onnx')
   assert '\n' not in str(e.value)
   monkeypatch.setitem(sys.modules, 'onnxruntime', None)
   with pytest.raises(ValueError, match='needs onnxruntime'):
-    export.ExportedModel(os.path.join(run['dir'], 'model.onnx'))
+    serving.ExportedModel(os.path.join(run['dir'], 'model.onnx'))
 
 
 def test_the_docs_serving_snippet_runs_on_onnxruntime_alone(runs, tmp_path, monkeypatch, capsys):
@@ -222,7 +216,7 @@ def test_the_docs_serving_snippet_runs_on_onnxruntime_alone(runs, tmp_path, monk
   path = str(tmp_path / 'square.png')
   Image.open(runs['paths'][4]).save(path)
   assert Image.open(path).size == (36, 36)
-  crop = data.load_image_for_eval(path, runs['fgvc']['config'])[None]
+  crop = data.load_image_for_eval(path, predict.eval_transform(runs['fgvc']['config']))[None]
   probs = _runtimes(runs['fgvc'])['onnx'](crop)['probs'][0]  # = the checkpoint's (tests above)
   monkeypatch.setattr(sys, 'argv', [str(script), runs['fgvc']['dir'], path])
   runpy.run_path(str(script), run_name='__main__')

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dca_jax import hub
+from dca_jax import checks, hub
 from dca_jax import weights as W
 from dca_jax.models import vit
 
@@ -290,7 +290,7 @@ def test_configs_name_the_papers_weights_and_their_normalisation(name):
            'vit_base': 'ViT-B/16, ImageNet-21k', 'r50_vit_base': 'R50+ViT-B/16 hybrid, ImageNet-21k'}
   for backbone, words in paper.items():
     config = _load_config(name, backbone)
-    config_lib.validate(config)
+    checks.checked(config)
     spec = hub.parse(config.pretrained_model)
     assert spec.kind == 'hub' and spec.repo_id.startswith('timm/'), config.pretrained_model
     assert spec.known.backbone == backbone and words in spec.known.description
@@ -299,12 +299,11 @@ def test_configs_name_the_papers_weights_and_their_normalisation(name):
 
 
 def test_a_backbone_override_without_its_weights_fails_validation():
-  from dca_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = _load_config('cub')
   config.backbone = 'vit_base'                  # --config.backbone=vit_base: DeiT-T weights left
   with pytest.raises(ValueError, match="holds deit_tiny weights but config.backbone='vit_base'.*"
                      'pretrained_model=timm/vit_base_patch16_224.orig_in21k'):
-    config_lib.validate(config)
+    checks.checked(config)
 
 
 def test_the_demos_train_from_scratch():
@@ -314,8 +313,9 @@ def test_the_demos_train_from_scratch():
 
 def test_training_loads_by_name_says_so_and_a_resumed_run_does_not_fetch(hf_home, tmp_path,
                                                                            capsys, monkeypatch):
-  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+
   from dca_jax import train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(constants, 'HF_HUB_CACHE', os.path.join(hf_home, 'hub'))  # = HF_HOME's
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')

@@ -3,15 +3,15 @@
 import functools
 import types
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
+from dca_jax import config_lib, distributed, optim, train, train_step
 from dca_jax.models import build_model
-from dca_jax import config_lib, distributed, optim, train
 
 
 def _paths(tree, want):
@@ -86,9 +86,9 @@ def _run(config, images, labels, micro):
   model = build_model(config)
   tx = optim.make_optimizer(config, steps_per_epoch=micro)
   mesh = distributed.make_mesh()
-  state, _ = train.create_train_state(config, model, tx, mesh, precision='fp32',
+  state, _ = train_step.create_train_state(config, model, tx, mesh, precision='fp32',
                                       rng=jax.random.key(0))
-  step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float32,
+  step = jax.jit(train_step.make_train_step(model, tx, config, dtype=jnp.float32,
                                        rng=jax.random.key(1)),
                  compiler_options={'xla_backend_optimization_level': 0})  # compiles faster
   history = [jax.device_get(state.params)]
@@ -212,9 +212,9 @@ def test_train_step_applies_and_logger_logs_the_lr_of_each_update_fp16_skips_not
                        warmup_factor=0.01, min_lr_factor=0.002, warmup_prefix=False)
   steps_per_epoch, warmup, total, peak = 8, 4, 8, 0.4  # micro-steps; updates; updates; lr
   model, tx = _Theta(), optim.make_optimizer(config, steps_per_epoch)
-  state, _ = train.create_train_state(config, model, tx, distributed.make_mesh(),
+  state, _ = train_step.create_train_state(config, model, tx, distributed.make_mesh(),
                                       precision='fp16', rng=jax.random.key(0))
-  step = jax.jit(train.make_train_step(model, tx, config, dtype=jnp.float16,
+  step = jax.jit(train_step.make_train_step(model, tx, config, dtype=jnp.float16,
                                        rng=jax.random.key(1)))
   trainer = types.SimpleNamespace(config=config, steps_per_epoch=steps_per_epoch, state=state,
                                   schedule=optim.learning_rate_schedule(config, steps_per_epoch))

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from dca_jax.reid import metrics
+from dca_jax.reid import metrics, rerank
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'reid_metrics.npz')
 TOL = 1e-6
@@ -205,7 +205,7 @@ def test_top_ranks_equal_argsort_with_ties_and_nan():
   rows[::7] = rng.random((8, 40))                                # tie-free rows: partial sort
   rows[3, 5] = np.nan
   for width in (1, 7, 21, 40, 60):
-    np.testing.assert_array_equal(metrics._top_ranks(rows, width),
+    np.testing.assert_array_equal(rerank._top_ranks(rows, width),
                                   np.argsort(rows, axis=1)[:, :width])
 
 
@@ -241,3 +241,31 @@ def test_errors():
                      r'max_bytes=1\.0 GiB'):
     metrics.re_ranking(np.broadcast_to(np.float32(0), (3368, 19732)), None, None,
                        max_bytes=1 << 30)
+
+
+def test_the_no_camera_protocol_by_hand(tmp_path):
+  """Own data without cameras: the reader gives every distinct file its own camera id, so the
+  junk rule (same id AND same camera) leaves out of a query's gallery only the identical file.
+  Query 0 (id 1) has its copy in the gallery (g0, distance 0); query 2 (id 3) has no match.
+    q0: g0 (copy: left out), g2 .2 x, g1 .5 v, g4 .7 v, g3 .9 x  -> AP = (1/2 + 2/3) / 2
+    q1: g3 .1 x, g2 .3 v, g1 .6 x, g0 .8 x, g4 .9 x             -> AP = 1/2
+  mAP = (7/12 + 1/2) / 2 = 13/24; rank-1 0, rank-2 1; query 2 counted as without a match."""
+  from dca_jax.data import reid_sources  # pylint: disable=g-import-not-at-top
+  files = {}
+  for name, content in (('q0', b'a'), ('q1', b'b'), ('q2', b'c'), ('g0', b'a'), ('g1', b'd'),
+                        ('g2', b'e'), ('g3', b'f'), ('g4', b'g')):
+    files[name] = str(tmp_path / name)
+    with open(files[name], 'wb') as f:
+      f.write(content)
+  keys = {}
+  camids = [keys.setdefault(k, len(keys)) for k in reid_sources.content_keys(files.values())]
+  q_cams, g_cams = camids[:3], camids[3:]
+  assert q_cams[0] == g_cams[0] and len(set(camids)) == 7
+  dist = np.array([[0.0, 0.5, 0.2, 0.9, 0.7],
+                   [0.8, 0.6, 0.3, 0.1, 0.9],
+                   [0.4, 0.4, 0.4, 0.4, 0.4]])
+  stats = metrics.summarize(metrics.rank_stats(dist, [1, 2, 3], [1, 1, 2, 4, 1], q_cams, g_cams),
+                            num_gallery=5)
+  assert stats['mAP'] == pytest.approx(13 / 24, abs=1e-6)
+  assert stats['rank1'] == 0.0 and stats['cmc'][1] == 1.0
+  assert stats['num_skipped'] == 1 and stats['num_query'] == 3

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from dca_jax import drawing, reporting
 
 TRAIN_TAGS = ('loss', 'ce_sa', 'ce_glca', 'ce_pwca', 'w_sa', 'w_glca', 'w_pwca', 'lr')

@@ -8,26 +8,20 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, subprocess_env, tiny_config
 from PIL import Image
 
-from conftest import ROOT, tiny_config
-from dca_jax import train, visualize
+from dca_jax import predict, train, visualize
 from dca_jax.models import dcal
 
 pytestmark = pytest.mark.xdist_group('visualize_runs')  # one module fixture, one worker
-
-
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)
-  return env
 
 
 def _predict_cli(workdir, *images):
   cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config',
          os.path.join(ROOT, 'tests', 'tiny_config.py'), '--workdir', str(workdir),
          '--mode', 'predict', '--images=' + ','.join(images)]
-  return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
 
@@ -193,7 +187,7 @@ def test_predict_top5_on_grayscale_rgba_and_odd_jpeg(runs, capsys):
   config = tiny_config()
   files = runs['files']
   paths = [str(files / n) for n in ('gray.png', 'rgba.png', 'odd.jpg', 'not_an_image.png')]
-  rows = visualize.run_predict(config, runs['dcal'], paths)
+  rows = predict.run_predict(config, runs['dcal'], paths)
   captured = capsys.readouterr()
   assert f'error: {paths[3]}: cannot read image' in captured.err
   from dca_jax import data
@@ -209,9 +203,9 @@ def test_predict_top5_on_grayscale_rgba_and_odd_jpeg(runs, capsys):
     assert r['file'] in captured.out and r['top5'][0]['class'] in captured.out
   assert 'error' in lines[3] and 'top5' not in lines[3]
   with pytest.raises(ValueError, match='none of the 1'):
-    visualize.run_predict(config, runs['dcal'], [str(files / 'missing.png')])
+    predict.run_predict(config, runs['dcal'], [str(files / 'missing.png')])
   with pytest.raises(ValueError, match='--images'):
-    visualize.run_predict(config, runs['dcal'], [])
+    predict.run_predict(config, runs['dcal'], [])
 
 
 def test_predict_cli_missing_file_is_one_line_and_others_run(runs):

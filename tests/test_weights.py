@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from dca_jax import train_step
 from dca_jax import weights as W
 from dca_jax.models import vit
 
@@ -404,7 +405,7 @@ def test_resize_posemb_identity_and_errors(expected):
 
 
 # ---------------------------------------------------------------------------------------------
-# GLCA's start from a pretrained load (train.load_pretrained_params)
+# GLCA's start from a pretrained load (train_step.load_pretrained_params)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('from_sa', [True, False])
@@ -414,7 +415,7 @@ def test_glca_block_starts_as_the_loaded_last_block(from_sa):
   GLCA keeps its initialisation. The GLCA norm and head are not in the checkpoint either way."""
   sys.path.insert(0, os.path.dirname(__file__))
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from dca_jax import train  # pylint: disable=g-import-not-at-top
+
   from dca_jax.models import build_model  # pylint: disable=g-import-not-at-top
   config = tiny_config(pretrained_model=os.path.join(FIX, 'vit.safetensors'),
                        glca_init_from_sa=from_sa)
@@ -422,7 +423,7 @@ def test_glca_block_starts_as_the_loaded_last_block(from_sa):
   model = build_model(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
   params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes['params'])
-  loaded = train.load_pretrained_params(config, params)
+  loaded = train_step.load_pretrained_params(config, params)
   timm = _timm_state()
   np.testing.assert_array_equal(loaded['block_1']['attn']['qkv']['kernel'],
                                 timm['blocks.1.attn.qkv.weight'].T)

@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
 from dca_jax import distributed, train  # noqa: E402
 
 distributed.initialize_multihost(args.coordinator, args.num_processes, args.process_id)

@@ -1,13 +1,14 @@
-"""Prints the README's knob table from dca_jax/config_lib.py's declarations (`KNOBS`: each
-knob's default, doc and section; the Re-ID column from `reid_config`).
+"""The knob table of docs/CONFIG.md, made from dca_jax/config_lib.py's declarations (`KNOBS`:
+each knob's default, doc and section; the Re-ID column from the Re-ID recipe, tasks/reid.py).
 
-  python -m tools.knob_table > /tmp/knobs.md   # then paste between the README markers
-  python -m tools.knob_table --check README.md # exits 1 if the README's table is stale
+  python -m tools.knob_table                          # prints it
+  python -m tools.knob_table --write docs/CONFIG.md   # replaces it between the markers
+  python -m tools.knob_table --check docs/CONFIG.md   # exits 1 if the file's table is stale
 """
 
 import sys
 
-from dca_jax import config_lib
+from dca_jax import config_lib, tasks
 
 BEGIN, END = '<!-- knobs:begin -->', '<!-- knobs:end -->'
 SECTION_TITLES = {'data': 'data', 'reid': 'Re-ID input (task=reid)', 'model': 'model',
@@ -22,8 +23,8 @@ def _show(value) -> str:
 
 def table() -> str:
   defaults = config_lib.base_config()
-  reid = config_lib.reid_config()
-  rows = ['| knob | default (= the FGVC recipe) | Re-ID recipe (`reid_config`) | meaning |',
+  reid = tasks.task_config('reid', 'vit_base')
+  rows = ['| knob | default (= the FGVC recipe) | Re-ID recipe (`tasks/reid.py`) | meaning |',
           '|---|---|---|---|']
   section = None
   for name, knob in config_lib.KNOBS.items():
@@ -36,10 +37,22 @@ def table() -> str:
   return '\n'.join(rows)
 
 
-if __name__ == '__main__':
+def main(argv) -> None:
   text = table()
-  if len(sys.argv) == 3 and sys.argv[1] == '--check':
-    readme = open(sys.argv[2]).read()
-    current = readme.split(BEGIN)[1].split(END)[0].strip()
-    sys.exit(0 if current == text else 'README knob table is stale: run python -m tools.knob_table')
+  if len(argv) == 3 and argv[1] in ('--check', '--write'):
+    with open(argv[2]) as f:
+      page = f.read()
+    head, rest = page.split(BEGIN)
+    current, tail = rest.split(END)
+    if argv[1] == '--check':
+      sys.exit(0 if current.strip() == text else
+               f'{argv[2]}: the knob table is stale: run python -m tools.knob_table --write '
+               f'{argv[2]}')
+    with open(argv[2], 'w') as f:
+      f.write(f'{head}{BEGIN}\n{text}\n{END}{tail}')
+    return
   print(text)
+
+
+if __name__ == '__main__':
+  main(sys.argv)

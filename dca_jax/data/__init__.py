@@ -3,7 +3,7 @@
     from dca_jax import data
     inp = data.build_input(config, process_index=0, process_count=1)
     inp.info, inp.steps_per_epoch, inp.train_iter(start_step), inp.eval_iter()
-    img, display = data.load_image_for_eval(path, config)
+    img = data.load_image_for_eval(path, transform)   # uint8 [S, W, 3] as the eval stream
 
 TensorFlow is imported lazily (on the first build/load) with every GPU hidden from it. This
 package never imports the model or training code. See docs/DATA.md.

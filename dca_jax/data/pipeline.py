@@ -29,14 +29,14 @@ import os
 from typing import Iterator
 
 import numpy as np
-from absl import logging
 
 from dca_jax import config_lib
-from dca_jax.data import preprocess, reid_sources, sampler, sources, synthetic
+from dca_jax.data import (fgvc_readers, folders, preprocess, reid_sources, sampler, sources,
+                          synthetic)
 from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError
 
-TFDS_NAMES = sources.TFDS_NAMES
+TFDS_NAMES = fgvc_readers.TFDS_NAMES
 REID_SPLITS = reid_sources.REID_SPLITS
 _NEVER_ENDS = 2**62  # Last epoch number of the "infinite" train stream.
 
@@ -59,6 +59,9 @@ class DataInfo:
   train_pids: list[int] = dataclasses.field(default_factory=list)  # label -> original id
   root: str = ''            # folder read (Re-ID)
   num_val: int = 0          # FGVC: train images held out as the validation split (val_split)
+  protocol: str = ''        # Re-ID: 'camera-aware' | 'no-camera' (reid_sources.ReidDataset)
+  # {split: {'images': n, 'classes' | 'identities': k}}: what a result was measured on
+  splits: dict = dataclasses.field(default_factory=dict)
 
 
 def _num_eval_steps(num_examples: int, process_count: int, host_batch_size: int) -> int:
@@ -215,7 +218,7 @@ class ReidInput(Input):
   'index'} with padding (mask False, label/camid/index -1) as in the FGVC eval.
   """
 
-  def __init__(self, config, source: reid_sources.ReidSource, info: DataInfo,
+  def __init__(self, config, source: sources.ReidSource, info: DataInfo,
                process_index: int, process_count: int):
     super().__init__(config, source, info, process_index, process_count)
     self.num_instances = int(config.get('num_instances', 4))
@@ -293,9 +296,18 @@ class ReidInput(Input):
 
 
 # ============================================================================ build
+SOURCES = config_lib.CHOICES['data_source']
+
+
 def _check_config(config, process_index: int, process_count: int) -> None:
-  """config_lib.validate (the one validator), then what depends on the process count."""
-  config_lib.validate(config)
+  """What the data needs of the config (checked with the rest at the entry: dca_jax/checks.py;
+  repeated here, cheaply, for direct callers) and what depends on the process count."""
+  known = (*fgvc_readers.FGVC_DATASETS, *reid_sources.DATASETS)
+  if config.dataset not in known:
+    raise DataError(f'config.dataset={config.dataset!r} is not a dataset dca_jax reads: one of '
+                    f'{known}')
+  if config.data_source not in SOURCES:
+    raise DataError(f'config.data_source={config.data_source!r} is not one of {SOURCES}')
   if not 0 <= process_index < process_count:
     raise DataError(f'process_index={process_index} not in [0, {process_count})')
   for key in ('batch_size', 'eval_batch_size'):
@@ -306,13 +318,6 @@ def _check_config(config, process_index: int, process_count: int) -> None:
 
 def _skipped_files(skipped: list[tuple[str, str]]) -> list[str]:
   return [f'{path} ({reason})' for path, reason in skipped]
-
-
-def _warn_num_classes(config, info: DataInfo, what: str, counted: str) -> None:
-  """Logs a config.num_classes that disagrees with the data (`info.num_classes` wins)."""
-  if int(config.get('num_classes', info.num_classes)) != info.num_classes:
-    logging.warning('config.num_classes=%s but %s has %d %s (use info.num_classes)',
-                    config.num_classes, what, info.num_classes, counted)
 
 
 def _read_reid(config, with_train: bool) -> reid_sources.ReidDataset:
@@ -339,7 +344,7 @@ def _read_reid(config, with_train: bool) -> reid_sources.ReidDataset:
 
 
 def build_reid(config, process_index: int, process_count: int, with_train: bool) -> ReidInput:
-  """task='reid' (`tasks.reid.build_input`): the P x K train stream and query/gallery."""
+  """A Re-ID dataset: the P x K train stream and query/gallery."""
   dataset = _read_reid(config, with_train)
   info = DataInfo(
       num_classes=dataset.num_train_ids,
@@ -348,9 +353,11 @@ def build_reid(config, process_index: int, process_count: int, with_train: bool)
       skipped_files=_skipped_files(dataset.skipped), task='reid', version=dataset.version,
       num_query=len(dataset.query), num_gallery=len(dataset.gallery),
       num_junk=dataset.num_junk, train_pids=[int(pid) for pid in dataset.train_pids],
-      root=dataset.root)
-  _warn_num_classes(config, info, dataset.version, 'train identities')
-  return ReidInput(config, reid_sources.ReidSource(dataset), info, process_index,
+      root=dataset.root, protocol=dataset.protocol,
+      splits={which: {'images': len(getattr(dataset, which)),
+                      'identities': int(np.unique(getattr(dataset, which).pids).size)}
+              for which in reid_sources.ALL_SPLITS})
+  return ReidInput(config, sources.ReidSource(dataset), info, process_index,
                    process_count)
 
 
@@ -360,7 +367,8 @@ def _synthetic_source(config):
     raise DataError(f'dataset={config.dataset!r} with data_source={config.data_source!r}: the '
                     "synthetic set needs both dataset='synthetic' and data_source='synthetic'")
   generated = synthetic.generate(
-      int(config.num_classes), int(config.synthetic_num_train), int(config.synthetic_num_test),
+      int(config.num_classes) or synthetic.DEFAULT_CLASSES, int(config.synthetic_num_train),
+      int(config.synthetic_num_test),
       int(config.synthetic_image_size), int(config.synthetic_seed),
       int(config.synthetic_distractors), float(config.synthetic_detail_size))
   if not len(generated.train_labels) or not len(generated.test_labels):
@@ -372,9 +380,9 @@ def _synthetic_source(config):
 
 def _folder_source(config, with_train: bool):
   """(source, class names, skipped files) of an official layout, pre-scanned if asked."""
-  dataset = sources.read_folder(config.dataset, config.data_dir)
+  dataset = fgvc_readers.read_folder(config.dataset, config.data_dir)
   if config.get('verify_images', True):
-    dataset = sources.drop_unreadable(  # Its warning points at the caller of build_input.
+    dataset = folders.drop_unreadable(  # Its warning points at the caller of build_input.
         dataset, splits=('train', 'test') if with_train else ('test',), stacklevel=4)
   return (sources.FolderSource(dataset, float(config.get('val_split', 0.0))), dataset.class_names,
           _skipped_files(dataset.skipped))
@@ -397,20 +405,22 @@ def _tfds_source(config, process_index: int, process_count: int):
 
 def build_input(config, process_index: int = 0, process_count: int = 1, *,
                 with_train: bool = True) -> Input:
-  """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib): the
-  task's (`tasks.<task>.build_input`: build_fgvc or build_reid).
+  """Builds this host's input for `config` (an ml_collections ConfigDict from config_lib): a
+  Re-ID dataset's P x K stream and query/gallery splits (`build_reid`), else the
+  classification splits (`build_fgvc`). The dataset belongs to the config's task (checked at
+  the entry, dca_jax/checks.py).
 
   with_train=False (eval, visualize, predict): the train split is listed but never pre-scanned
   or read.
   """
-  from dca_jax import tasks  # pylint: disable=g-import-not-at-top
   _check_config(config, process_index, process_count)
-  return tasks.get(config.task).build_input(config, process_index, process_count, with_train)
+  build = build_reid if config.dataset in reid_sources.DATASETS else build_fgvc
+  return build(config, process_index, process_count, with_train)
 
 
 def build_fgvc(config, process_index: int, process_count: int, with_train: bool) -> Input:
-  """task='fgvc' (`tasks.fgvc.build_input`): TFDS, an official folder layout or the synthetic
-  set; train, test and (config.val_split > 0) val."""
+  """A classification dataset: TFDS, an official folder layout or the synthetic set; train,
+  test and (config.val_split > 0) val."""
   source_name, dataset = config.data_source, config.dataset
   if source_name == 'synthetic' or dataset == 'synthetic':
     source, class_names, skipped_files = _synthetic_source(config)
@@ -421,6 +431,15 @@ def build_fgvc(config, process_index: int, process_count: int, with_train: bool)
   info = DataInfo(num_classes=len(class_names), class_names=list(class_names),
                   num_train=source.num_train, num_test=source.num_test,
                   skipped_files=skipped_files, version=f'{dataset} ({source_name})',
-                  num_val=getattr(source, 'sizes', {}).get('val', 0))
-  _warn_num_classes(config, info, f'{dataset}/{source_name}', 'classes')
+                  num_val=getattr(source, 'sizes', {}).get('val', 0),
+                  splits=_class_splits(source))
   return Input(config, source, info, process_index, process_count)
+
+
+def _class_splits(source) -> dict:
+  """{split: {'images', 'classes'}} of a source with label tables (TFDS: images only)."""
+  if not hasattr(source, 'labels'):
+    return {'train': {'images': source.num_train}, 'test': {'images': source.num_test}}
+  return {split: {'images': int(source.sizes[split]),
+                  'classes': int(np.unique(labels.numpy()).size)}
+          for split, labels in source.labels.items()}

@@ -286,18 +286,16 @@ def _read_rgb_for_eval(path: str) -> np.ndarray:
     raise ImageLoadError(f'cannot decode image {path}: {e}') from None
 
 
-def load_image_for_eval(path: str, config) -> np.ndarray:
+def load_image_for_eval(path: str, transform) -> np.ndarray:
   """One image file -> its uint8 eval crop [S, W, 3], exactly what the eval stream yields.
 
-  S = config.input_size, W = config.input_width or S; the task's eval transform
-  (`tasks.<task>.eval_transform`: FGVC applies `config.test_crop`, Re-ID resizes to (S, W)).
+  `transform`: the eval stream's, uint8 tensor [h, w, 3] -> uint8 tensor [S, W, 3] (the task's
+  `eval_transform` bound to a config: FGVC applies `config.test_crop`, Re-ID resizes to (S, W)).
 
   Accepts any size, RGB / grayscale / palette / RGBA (alpha composited on white), JPEG, PNG
   and whatever else PIL reads. Raises ImageLoadError naming the file when it is missing or
   unreadable.
   """
-  from dca_jax import tasks  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   rgb = _read_rgb_for_eval(path)
-  task = tasks.get(config.get('task', 'fgvc'))
-  return task.eval_transform(tensorflow().convert_to_tensor(rgb), config).numpy()
+  return transform(tensorflow().convert_to_tensor(rgb)).numpy()

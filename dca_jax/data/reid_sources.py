@@ -12,12 +12,14 @@ the sorted original ids, camids), query and gallery (paths, ORIGINAL pids, camid
 
 Bad inputs raise `DataError` with one line naming the folder, list file or file name.
 
-`ReidSource` (end of the file) is what `pipeline.ReidInput` streams from.
+`sources.ReidSource` is what `pipeline.ReidInput` streams from.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import hashlib
 import os
 import re
 import warnings
@@ -26,17 +28,17 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
-from dca_jax.data import preprocess, sources
-from dca_jax.data._tf import tensorflow
+from dca_jax.data import folders
 from dca_jax.data.errors import DataError, DataWarning
 
 REID_SPLITS = ('query', 'gallery')
 ALL_SPLITS = ('train',) + REID_SPLITS
 NOT_JPG = 'not a .jpg file'
+NOT_IMAGE = 'not an image file'
 
 
 @dataclasses.dataclass
-class ReidSplit(sources.ImageSplit):
+class ReidSplit(folders.ImageSplit):
   paths: list[str]
   pids: np.ndarray    # int32: train = relabelled 0..C-1; query/gallery = the original ids
   camids: np.ndarray  # int32, 0-based
@@ -62,6 +64,10 @@ class ReidDataset:
   train_pids: np.ndarray  # original pid of each train label: train_pids[label] = pid
   num_junk: int = 0       # pid -1 images dropped (all splits)
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
+  # 'camera-aware': a query's gallery loses the same id seen by the same camera (Market-1501's
+  # rule); 'no-camera': only the identical image (an identity folder without cameras.csv).
+  protocol: str = 'camera-aware'
+  identity_names: list[str] = dataclasses.field(default_factory=list)  # id i = names[i - 1]
 
   @property
   def num_train_ids(self) -> int:
@@ -142,7 +148,7 @@ def _find_roots(data_dir: str, dataset: str) -> list[str]:
   """Candidate roots under data_dir holding the dataset's marker (data_dir itself last)."""
   layout_ = LAYOUTS[dataset]
   title, marker, candidates = layout_.title, layout_.marker, layout_.roots
-  sources.check_data_dir(data_dir, title)
+  folders.check_data_dir(data_dir, title)
   candidates = candidates + ['.']
   roots = [os.path.normpath(os.path.join(data_dir, candidate)) for candidate in candidates
            if os.path.exists(os.path.join(data_dir, candidate, marker))]
@@ -203,7 +209,7 @@ def _read_list_split(list_file: str, image_dir: str, name_format: _NameFormat, w
       paths.append(path)
       pids.append(pid)
       camids.append(camid)
-  sources.check_files_exist(paths, list_file)
+  folders.check_files_exist(paths, list_file)
   return paths, pids, camids
 
 
@@ -242,22 +248,21 @@ def _check_query_in_gallery(query: ReidSplit, gallery: ReidSplit) -> None:
 
 def _report_skipped(name: str, root: str, skipped: list) -> None:
   """Logs the non-.jpg entries; warns about the other skipped images (distractor ids ...)."""
-  not_jpg = [path for path, reason in skipped if reason == NOT_JPG]
+  not_jpg = [path for path, reason in skipped if reason in (NOT_JPG, NOT_IMAGE)]
   if not_jpg:  # Normal (e.g. Thumbs.db): logged, listed in skipped, no warning.
     logging.info('%s: ignored %d non-.jpg entries under %s (e.g. %s)', name, len(not_jpg),
                  root, not_jpg[0])
-  images = [(path, reason) for path, reason in skipped if reason != NOT_JPG]
+  images = [(path, reason) for path, reason in skipped if reason not in (NOT_JPG, NOT_IMAGE)]
   if images:
     message = (f'{name}: skipped {len(images)} image(s) under {root}: '
                + '; '.join(f'{path} ({reason})' for path, reason in images[:5])
                + (' ...' if len(images) > 5 else ''))
-    logging.warning(message)
     warnings.warn(message, DataWarning, stacklevel=5)
 
 
 def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSplit,
             gallery: ReidSplit, skipped: list, *, distractor_zero: bool,
-            verify_images: bool) -> ReidDataset:
+            verify_images: bool, query_in_gallery: bool = True) -> ReidDataset:
   """Junk/distractor rules, protocol checks, optional pre-scan, train relabelling."""
   num_junk = 0
   splits = {}
@@ -268,13 +273,14 @@ def _finish(name: str, version: str, root: str, train: ReidSplit, query: ReidSpl
       split = _drop_distractors(split, which, skipped)
     _check_nonempty(split, which)
     splits[which] = split
-  _check_query_in_gallery(splits['query'], splits['gallery'])
+  if query_in_gallery:  # the official sets' protocol; own data: such queries are counted
+    _check_query_in_gallery(splits['query'], splits['gallery'])
   _report_skipped(name, root, skipped)
   dataset = ReidDataset(name, version, root, splits['train'], splits['query'],
                         splits['gallery'], np.zeros((0,), np.int32), num_junk, skipped)
   if verify_images:  # True: every split; or a tuple of the split names to scan.
     scanned = ALL_SPLITS if verify_images is True else tuple(verify_images)
-    sources.drop_unreadable(dataset, splits=scanned, stacklevel=4)
+    folders.drop_unreadable(dataset, splits=scanned, stacklevel=4)
   # Relabel after the pre-scan, so that every label has at least one image.
   train_pids, labels = np.unique(dataset.train.pids, return_inverse=True)
   dataset.train = ReidSplit(dataset.train.paths, labels.astype(np.int32).reshape(-1),
@@ -381,7 +387,127 @@ def read_msmt17(data_dir: str, verify_images: bool = True) -> ReidDataset:
                  distractor_zero=False, verify_images=verify_images)
 
 
-READERS = LAYOUTS  # the dataset names (tasks.reid.datasets)
+# ----------------------------------------------------------------------------- your own data
+CAMERAS_FILE = 'cameras.csv'   # optional: '<path relative to the root>,<camera>' per image
+IDENTITY_FOLDERS = ['train', 'query', 'gallery']
+
+
+def _identity_files(split_dir: str, skipped: list) -> list[tuple[str, str]]:
+  """[(identity, path)] of one split: every image file of DIR/<identity>/, sorted; other files
+  skipped (listed), a file outside an identity folder or an empty identity folder one line."""
+  found = []
+  for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+    if not entry.is_dir():
+      raise DataError(f'{entry.path}: images go in identity folders '
+                      f'({split_dir}/<identity>/<image>), not in {split_dir} itself')
+    images = []
+    for root, dirs, names in os.walk(entry.path):
+      dirs.sort()
+      for name in sorted(names):
+        path = os.path.join(root, name)
+        if name.lower().endswith(folders.IMAGE_EXTENSIONS):
+          images.append((entry.name, path))
+        else:
+          skipped.append((path, NOT_IMAGE))
+    if not images:
+      raise DataError(f'identity folder {entry.path} holds no image '
+                      f'({", ".join(folders.IMAGE_EXTENSIONS)})')
+    found += images
+  return found
+
+
+def _read_cameras(root: str) -> dict[str, str] | None:
+  """{absolute path: camera} from ROOT/cameras.csv, or None without it; a row naming a file
+  that does not exist is one line."""
+  path = os.path.join(root, CAMERAS_FILE)
+  if not os.path.isfile(path):
+    return None
+  cameras = {}
+  with open(path, newline='', encoding='utf-8') as f:
+    for number, row in enumerate(csv.reader(f), 1):
+      if not row or (number == 1 and [c.strip().lower() for c in row] == ['path', 'camera']):
+        continue
+      if len(row) != 2:
+        raise DataError(f'{path}:{number}: expected "<relative path>,<camera>", got {row!r}')
+      image = os.path.normpath(os.path.join(root, row[0].strip()))
+      if not os.path.isfile(image):
+        raise DataError(f'{path}:{number}: {row[0].strip()} does not exist under {root}')
+      cameras[image] = row[1].strip()
+  return cameras
+
+
+def content_keys(paths) -> list[str]:
+  """A key per file of its bytes: identical files (the same image twice) share it."""
+  return [hashlib.sha256(open(p, 'rb').read()).hexdigest() for p in paths]
+
+
+def _camids(splits: dict, cameras: dict | None, root: str) -> dict:
+  """0-based camera ids per split: from cameras.csv (every image needs a row), or, without
+  cameras, one id per distinct file content in query and gallery (the protocol then removes
+  from a query's gallery only the identical image: the junk rule is same id AND same camera)."""
+  if cameras is not None:
+    labels = sorted(set(cameras.values()))
+    ids = {}
+    for which, split in splits.items():
+      missing = [p for p in split.paths if os.path.normpath(p) not in cameras]
+      if missing:
+        raise DataError(f'{os.path.join(root, CAMERAS_FILE)} has no row for {missing[0]} '
+                        f'({len(missing)} {which} image(s) without a camera): every image '
+                        'needs its camera, or remove the file (no-camera protocol)')
+      ids[which] = [labels.index(cameras[os.path.normpath(p)]) for p in split.paths]
+    return ids
+  keys = {}
+  ids = {'train': [0] * len(splits['train'])}
+  for which in REID_SPLITS:
+    ids[which] = [keys.setdefault(k, len(keys)) for k in content_keys(splits[which].paths)]
+  return ids
+
+
+def _check_every_identity_readable(listed, splits, train_pids, split_dirs, number) -> None:
+  """An identity folder whose every image the pre-scan dropped is one line (not a silently
+  smaller set)."""
+  for (which, files), split_dir in zip(listed.items(), split_dirs):
+    left = set(train_pids.tolist()) if which == 'train' else set(splits[which].pids.tolist())
+    gone = sorted({identity for identity, _ in files if number[identity] not in left})
+    if gone:
+      raise DataError(f'identity folder {os.path.join(split_dir, gone[0])} holds no readable '
+                      f'image (every one is corrupt or truncated)'
+                      + (f'; {len(gone) - 1} more likewise' if len(gone) > 1 else ''))
+
+
+@layout('reid_folder', 'identity folder', 'gallery', [])
+def read_reid_folder(data_dir: str, verify_images: bool = True) -> ReidDataset:
+  """Your own data: DATA/{train,query,gallery}/<identity>/<image> (any identity names; query
+  and gallery identities need not be train ones), cameras optional (DATA/cameras.csv). See
+  docs/REID_DATA.md, "Your own data"."""
+  root = _find_roots(data_dir, 'reid_folder')[0]
+  split_dirs = _require_dirs(root, IDENTITY_FOLDERS, 'identity-folder')
+  skipped = []
+  listed = {which: _identity_files(d, skipped) for which, d in zip(ALL_SPLITS, split_dirs)}
+  names = sorted({identity for files in listed.values() for identity, _ in files})
+  number = {name: i + 1 for i, name in enumerate(names)}  # ids 1.. (0 and -1 mean nothing here)
+  splits = {which: _split(d, [p for _, p in files], [number[i] for i, _ in files],
+                          [0] * len(files))
+            for (which, files), d in zip(listed.items(), split_dirs)}
+  cameras = _read_cameras(root)
+  dataset = _finish('reid_folder', 'identity folders', root, *splits.values(), skipped,
+                    distractor_zero=False, verify_images=verify_images, query_in_gallery=False)
+  splits = {which: getattr(dataset, which) for which in ALL_SPLITS}
+  _check_every_identity_readable(listed, splits, dataset.train_pids, split_dirs, number)
+  for which, ids in _camids(splits, cameras, root).items():
+    split = splits[which]
+    setattr(dataset, which, ReidSplit(split.paths, split.pids, np.asarray(ids, np.int32),
+                                      split.where))
+  if dataset.num_train_ids < 2:
+    raise DataError(f'the train split {split_dirs[0]} has {dataset.num_train_ids} identity: '
+                    'training needs at least 2')
+  dataset.identity_names = names
+  dataset.protocol = 'camera-aware' if cameras is not None else 'no-camera'
+  return dataset
+
+
+READERS = LAYOUTS
+DATASETS = (*READERS, 'synthetic_reid')  # what the Re-ID input reads (tasks.reid.datasets)
 
 
 def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDataset:
@@ -389,27 +515,3 @@ def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDa
     raise DataError(f'unknown Re-ID dataset {dataset!r} for data_source=folder; expected one '
                     f'of {sorted(LAYOUTS)}')
   return LAYOUTS[dataset].read(data_dir, verify_images)
-
-
-# ----------------------------------------------------------------------------- stream source
-class ReidSource:
-  """The three Re-ID splits as path tables; train labels, eval pids and camids."""
-
-  def __init__(self, dataset: ReidDataset):
-    tf = tensorflow()
-    self.dataset = dataset
-    splits = {name: getattr(dataset, name) for name in ALL_SPLITS}
-    self.paths = {name: tf.constant(split.paths) for name, split in splits.items()}
-    self.pids = {name: tf.constant(split.pids) for name, split in splits.items()}
-    self.camids = {name: tf.constant(split.camids) for name, split in splits.items()}
-    self.sizes = {name: len(split) for name, split in splits.items()}
-
-  def load(self, split: str, index):
-    """Image `index` of `split`, uint8 [h, w, 3]."""
-    tf = tensorflow()
-    return preprocess.decode(tf.io.read_file(tf.gather(self.paths[split], index)))
-
-  def eval_records(self, split: str, process_index: int, process_count: int):
-    """This host's indices (int64) into `split`, in order."""
-    indices = np.arange(process_index, self.sizes[split], process_count, dtype=np.int64)
-    return tensorflow().data.Dataset.from_tensor_slices(indices)

@@ -51,9 +51,11 @@ class PKSampler:
     bounds = np.cumsum(np.bincount(inverse, minlength=len(ids)))[:-1]
     self.members = np.split(order.astype(np.int64), bounds)  # image indices of each identity
     if len(ids) < identities_per_batch:
-      raise DataError(f'the train split has {len(ids)} identities, fewer than the '
+      with_k = sum(len(members) >= instances for members in self.members)
+      raise DataError(f'P x K sampling is impossible: the train split has {len(ids)} identities '
+                      f'({with_k} of them with {instances} or more images), fewer than the '
                       f'{identities_per_batch} per batch (config.batch_size={batch_size} // '
-                      f'config.num_instances={instances})')
+                      f'config.num_instances={instances}); lower batch_size or num_instances')
     chunks = np.maximum(1, np.asarray([len(members) for members in self.members]) // instances)
     steps = int(chunks.sum()) // identities_per_batch
     while steps > 0 and int(np.minimum(chunks, steps).sum()) < steps * identities_per_batch:

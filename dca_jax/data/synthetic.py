@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+DEFAULT_CLASSES = 10  # generated when config.num_classes is 0 ("from the data")
+
 
 @dataclasses.dataclass
 class SyntheticData:

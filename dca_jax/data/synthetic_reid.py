@@ -356,9 +356,13 @@ def ensure(params: Params, base_dir: str = '') -> str:
   return final
 
 
+DEFAULT_TRAIN_IDS = 32  # generated when config.num_classes is 0 ("from the data")
+
+
 def params_from_config(config) -> Params:
   """The set's Params from the config knobs (num_classes train identities, synthetic_*)."""
-  return Params(num_train_ids=int(config.num_classes), num_train=int(config.synthetic_num_train),
+  return Params(num_train_ids=int(config.num_classes) or DEFAULT_TRAIN_IDS,
+                num_train=int(config.synthetic_num_train),
                 num_test=int(config.synthetic_num_test),
                 image_size=int(config.synthetic_image_size),
                 seed=int(config.get('synthetic_seed', 0)))

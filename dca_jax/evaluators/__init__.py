@@ -30,6 +30,8 @@ import jax
 import numpy as np
 
 from dca_jax import distributed
+from dca_jax import tasks
+from dca_jax.errors import ConfigError
 
 # The evaluator types are the modules of this package: a new file is a new type.
 TYPES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_')))
@@ -71,7 +73,6 @@ def evaluator_class(kind: str):
 
 def entries(config) -> dict[str, dict]:
   """{name: entry} of the run's evaluators: `config.evals`, or the task's own when empty."""
-  from dca_jax import tasks  # pylint: disable=g-import-not-at-top
   evals = config.evals.to_dict() if hasattr(config.evals, 'to_dict') else dict(config.evals)
   return evals or tasks.get(config.task).default_evals(config)
 
@@ -87,6 +88,34 @@ def metric_names(config) -> set[str]:
 
 def prefix_of(name: str, entry: dict) -> str:
   return entry['prefix'] if 'prefix' in entry else f'{name}/'
+
+
+def best_metric(config) -> str:
+  """The eval metric the best checkpoint is chosen by (`config.best_metric`, or the task's
+  metric, on the validation split when there is one)."""
+  if config.best_metric:
+    return config.best_metric
+  metric = tasks.get(config.task).METRIC
+  return f'val/{metric}' if f'val/{metric}' in metric_names(config) else metric
+
+
+def check(config) -> None:
+  """Each evaluator entry names a known type; test_flip has an evaluator that scores mirrored
+  images; best_metric is one the evaluators score (the one validator asks: dca_jax/checks.py)."""
+  for name, entry in entries(config).items():
+    if not isinstance(entry, dict) or 'type' not in entry:
+      raise ConfigError(f'config.evals.{name} needs a type: one of {TYPES}')
+    try:
+      evaluator_class(entry['type'])
+    except ValueError as e:
+      raise ConfigError(f'config.evals.{name}: {e}') from None
+  if config.test_flip and not any(entry.get('flip') for entry in entries(config).values()):
+    raise ConfigError('config.test_flip=True but no evaluator of config.evals scores mirrored '
+                      "images: add {'type': 'classification', 'flip': True} to it (Re-ID: "
+                      'reid_flip_test)')
+  if config.best_metric and config.best_metric not in metric_names(config):
+    raise ConfigError(f'config.best_metric={config.best_metric!r} is not scored by config.evals: '
+                      f'one of {sorted(metric_names(config))}')
 
 
 class Suite:

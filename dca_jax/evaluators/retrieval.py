@@ -55,6 +55,7 @@ class Evaluator:
       yield 'pixel_baseline_mAP', self._pixel_baseline(metrics, ids)
     info = self.context.input.info
     yield 'dataset_version', getattr(info, 'version', self.context.config.dataset)
+    yield 'protocol', getattr(info, 'protocol', '') or 'camera-aware'
 
   def _pixel_baseline(self, metrics, ids) -> float:
     """mAP of nearest neighbours on the raw (normalised) eval pixels."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from dca_jax import config_lib
-from dca_jax import tasks
 from dca_jax.models import dcal, vit
 
 
@@ -24,7 +23,7 @@ def build_model(config, *, dtype=jnp.float32) -> dcal.DCAL:
                    glca_pool=config.glca_pool, glca_select=config.glca_select,
                    rollout_layers=config.rollout_layers, rollout_impl=config.rollout_impl,
                    loss_weights_init=config.loss_weights_init,
-                   bnneck=tasks.get(config.task).bnneck(config),
+                   bnneck=bool(config.bnneck),  # resolved by the task: dca_jax/checks.py
                    stochastic_depth_prob=config.stochastic_depth_prob, dtype=dtype,
                    remat_policy=remat, attention_impl=config.attention_impl,
                    pwca_partner_stop_gradient=config.pwca_partner_stop_gradient,

@@ -1,22 +1,27 @@
 """Tasks: what differs between fine-grained classification and re-identification, one module
 each, found by `config.task`. The model, the train step, checkpoints and the loop stay one.
 
+A task sits above the data, the model and the losses, which it composes, and below the train
+step, the evaluators and the modes, which ask it (docs/ARCHITECTURE.md). Nothing below a task
+calls back into it: what the lower layers need of it is resolved into the config once, at the
+entry (`dca_jax/checks.py`: e.g. `bnneck`).
+
 A task module (`dca_jax/tasks/<name>.py`) provides:
 
     METRIC                          the metric its main evaluator scores the best checkpoint by
+    PICTURES                        what --mode visualize draws: 'classes' | 'rankings'
     datasets()                      the dataset names it reads (from the data readers' registries)
-    configure(c)                    its recipe on a base config (`config_lib.task_config`)
-    check(config)                   its consistency checks (raise config_lib.ConfigError)
+    configure(c)                    its recipe on a base config (`task_config`)
+    check(config)                   its consistency checks (raise errors.ConfigError)
     default_evals(config)           {name: evaluator entry} when `config.evals` is empty
-    bnneck(config)                  whether the model carries BN necks
+    bnneck(config)                  whether the model carries BN necks (resolved into the config)
     partners(rng, labels, n, groups)  PWCA partner indices for a batch of n images
     loss_options(config)            `losses.dcal_loss` keywords: its terms (config.loss_terms
                                     or LOSS_TERMS) and their options
     batch_fits(config, batch_size)  whether a physical batch suits its sampler (the planner)
     summary_line(result)            one console line of its eval results
-    build_input(config, process_index, process_count, with_train)   its input (dca_jax.data)
+    protocol(config, info)          how its figures are measured (eval.json's `measured_on`)
     eval_transform(image, config)   a decoded image -> the uint8 crop its eval stream makes
-    visualize(config, workdir, **options)                           the visualize mode
     export_outputs(config)          the `inference.forward_fn` outputs --mode export serialises
     export_transform(config)        the eval stream's host-side resize/crop, for preprocessing.json
 
@@ -29,6 +34,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import ml_collections
+
+from dca_jax import config_lib
+from dca_jax.errors import ConfigError
+
 # The tasks are the modules of this package: a new file is a new task.
 NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_')))
 
@@ -36,5 +46,14 @@ NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.nam
 def get(name: str):
   """The task module `name` ('fgvc' | 'reid')."""
   if name not in NAMES:
-    raise ValueError(f'config.task={name!r} is not one of {NAMES}')
+    raise ConfigError(f'config.task={name!r} is not one of {NAMES}')
   return importlib.import_module(f'dca_jax.tasks.{name}')
+
+
+def task_config(task: str, backbone: str) -> ml_collections.ConfigDict:
+  """The base config with `task`'s recipe (`configure`) and `backbone`: where every experiment
+  file in configs/ starts (`task_config('fgvc', 'vit_base')`)."""
+  c = config_lib.base_config()
+  get(task).configure(c)
+  c.backbone = backbone
+  return c

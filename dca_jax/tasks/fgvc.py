@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dca_jax.errors import ConfigError
+
 METRIC = 'accuracy'
+PICTURES = 'classes'    # --mode visualize: rollout maps with the top-3 classes (visualize.py)
 
 
 def datasets() -> tuple[str, ...]:
-  from dca_jax.data import sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
-  return tuple(sources.FGVC_DATASETS)
+  from dca_jax.data import fgvc_readers  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  return tuple(fgvc_readers.FGVC_DATASETS)
 
 
 def configure(c) -> None:
@@ -16,7 +19,6 @@ def configure(c) -> None:
 
 
 def check(config) -> None:
-  from dca_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
   for key in ('input_size', 'input_width'):
     if config[key] is not None and config[key] > config.resize_size:
       raise ConfigError(f'config.{key}={config[key]} exceeds config.resize_size='
@@ -58,6 +60,13 @@ def batch_fits(config, batch_size: int) -> bool:
   return True
 
 
+def protocol(config, info) -> dict:
+  """How its test figures are measured (eval.json's `measured_on`)."""
+  del info
+  return {'crop': config.test_crop, 'flip_averaged_also': bool(config.test_flip),
+          'val_split': float(config.val_split)}
+
+
 def _top1(result: dict, prefix: str = '') -> str:
   parts = [f'SA+GLCA {result[prefix + "accuracy"]:.4f}', f'SA {result[prefix + "accuracy_sa"]:.4f}']
   if prefix + 'accuracy_glca' in result:
@@ -74,22 +83,12 @@ def summary_line(result: dict) -> str:
   return line
 
 
-def build_input(config, process_index: int, process_count: int, with_train: bool):
-  from dca_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.build_fgvc(config, process_index, process_count, with_train)
-
-
 def eval_transform(image, config):
   """uint8 [h, w, 3] tensor -> the uint8 eval crop the FGVC eval stream makes (test_crop)."""
   from dca_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   return preprocess.eval_transform(image, resize_size=int(config.resize_size),
                                    input_size=int(config.input_size), test_crop=config.test_crop,
                                    input_width=config.input_width)
-
-
-def visualize(config, workdir: str, **options):
-  from dca_jax import visualize as visualize_lib  # pylint: disable=g-import-not-at-top
-  return visualize_lib.run_visualize_fgvc(config, workdir, **options)
 
 
 def export_outputs(config) -> tuple[str, ...]:

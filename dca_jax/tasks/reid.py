@@ -3,18 +3,22 @@ DukeMTMC-reID, MSMT17, VeRi-776). See docs/REID.md."""
 
 from __future__ import annotations
 
+from dca_jax.errors import ConfigError
+
 METRIC = 'mAP'
+PICTURES = 'rankings'   # --mode visualize: each query's rollout and ranked gallery (visualize.py)
 
 
 def datasets() -> tuple[str, ...]:
   from dca_jax.data import reid_sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
-  return tuple(reid_sources.READERS) + ('synthetic_reid',)
+  return reid_sources.DATASETS
 
 
 def configure(c) -> None:
   """The paper's Re-ID recipe (TransReID's ViT-B settings, docs/METHOD.md); datasets set the
   rest (persons 256 x 128, vehicles 256 x 256)."""
   c.task, c.data_source = 'reid', 'folder'
+  c.bnneck = True  # TransReID's BatchNorm neck before each classifier
   c.input_size, c.input_width = 256, 128
   c.top_k_ratio = 0.3
   c.optimizer, c.momentum, c.weight_decay = 'sgd', 0.9, 1e-4
@@ -32,7 +36,6 @@ def configure(c) -> None:
 
 
 def check(config) -> None:
-  from dca_jax.config_lib import ConfigError  # pylint: disable=g-import-not-at-top
   if config.batch_size % config.num_instances:
     raise ConfigError(f'config.batch_size={config.batch_size} is not a multiple of '
                       f'config.num_instances={config.num_instances}: a Re-ID batch is P '
@@ -73,20 +76,26 @@ def batch_fits(config, batch_size: int) -> bool:
   return batch_size % config.num_instances == 0
 
 
+def protocol(config, info) -> dict:
+  """How its retrieval figures are measured (eval.json's `measured_on`): the junk rule
+  (camera-aware: the same id seen by the same camera; no-camera: the identical image only),
+  re-ranking, the mirror image, the feature."""
+  return {'cameras': getattr(info, 'protocol', '') or 'camera-aware',
+          're_ranking': bool(config.reid_rerank), 'flip': bool(config.reid_flip_test),
+          'feature': config.reid_feature, 'normalized': bool(config.reid_normalize),
+          'distance': 'squared euclidean'}
+
+
 def summary_line(result: dict) -> str:
   line = (f'mAP {result["mAP"]:.4f}, rank-1 {result["rank1"]:.4f}, rank-5 {result["rank5"]:.4f}, '
           f'rank-10 {result["rank10"]:.4f}, mINP {result["mINP"]:.4f}'
           + (' (re-ranked)' if result.get('reranked') else '')
           + f' on {result["num_query"]} queries ({result["num_skipped"]} without a match) x '
-          f'{result["num_gallery"]} gallery images')
+          f'{result["num_gallery"]} gallery images'
+          + (f', {result["protocol"]} protocol' if result.get('protocol') else ''))
   if 'pixel_baseline_mAP' in result:
     line += f'; raw-pixel baseline mAP {result["pixel_baseline_mAP"]:.4f}'
   return line
-
-
-def build_input(config, process_index: int, process_count: int, with_train: bool):
-  from dca_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.build_reid(config, process_index, process_count, with_train)
 
 
 def eval_transform(image, config):
@@ -95,14 +104,6 @@ def eval_transform(image, config):
   from dca_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   height, width = config_lib.input_hw(config)
   return preprocess.reid_eval_transform(image, height=height, width=width)
-
-
-def visualize(config, workdir: str, *, images=(), compare_workdir: str = '', **options):
-  if images or compare_workdir:
-    raise ValueError('Re-ID visualize draws query rankings: --images and --compare_workdir '
-                     'are for FGVC runs')
-  from dca_jax import visualize as visualize_lib  # pylint: disable=g-import-not-at-top
-  return visualize_lib.run_visualize_reid(config, workdir, **options)
 
 
 def export_outputs(config) -> tuple[str, ...]:

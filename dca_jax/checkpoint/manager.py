@@ -1,29 +1,14 @@
-"""Orbax checkpoints: async saves, keep the latest N plus the best by eval score, restore.
+"""The checkpoint manager: Orbax saves of the train state, sealed, pruned, verified on restore.
 
-Each checkpoint holds the full train state (params, neck statistics, optimizer and accumulation
-state, loss scale, step) and a JSON `meta` item describing the model, so that restoring into a
-model of another backbone or class count fails with one clear line before anything is touched.
-Inference restores the params and neck statistics alone (`restore_variables`).
-
-Integrity. Orbax writes each step into a temporary directory and renames it when complete, so a
-save cut short (kill -9, full disk) never shows up as a step. Once a step is committed it is
-*sealed*: its files are fsynced and `INTEGRITY_FILE` records every file's size and CRC-32. A
-step is verified against it before it is restored; a damaged one is named with the reason and
-the newest intact one is used instead (training moves the damaged one to
-WORKDIR/damaged_checkpoints/, nothing is deleted). Old steps are deleted by this module, only
-after a newer step is sealed, so a failed save never costs an earlier checkpoint.
+(The package's doc, dca_jax/checkpoint/__init__.py, says what a checkpoint holds and how its
+integrity is kept.)
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import logging as pylogging
 import os
 import shutil
-import sys
 import time
-import zlib
 from typing import Any, Optional
 
 import jax
@@ -33,13 +18,15 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from dca_jax import config_lib
+from dca_jax.checkpoint import orbax_logs
+from dca_jax.checkpoint.integrity import verify_integrity, write_integrity
+from dca_jax.errors import CheckpointError, DamagedCheckpointError, SaveError
 
 # Meta keys that fix the shapes of the saved state must agree to restore; the others change what
 # the model computes, not its shapes, so a difference is only warned about.
 BEHAVIOUR_KEYS = config_lib.MODEL_BEHAVIOUR_KEYS
 
 
-INTEGRITY_FILE = 'dca_integrity.json'   # in each sealed step directory
 DAMAGED_DIR = 'damaged_checkpoints'      # in the workdir: damaged steps are moved here
 
 # How a truncated, emptied or missing data file surfaces from TensorStore/Orbax when a step
@@ -50,22 +37,6 @@ _DATA_ERROR_MARKERS = ('error while reading', 'data_loss', 'out_of_range', 'unex
                        'premature', 'short read')
 
 
-class CheckpointError(RuntimeError):
-  pass
-
-
-class DamagedCheckpointError(CheckpointError):
-  """A step whose files do not match its integrity record, or that cannot be read."""
-
-  def __init__(self, directory: str, step: int, reason: str):
-    super().__init__(f'checkpoint {directory}/{step} is damaged ({reason})')
-    self.step, self.reason = step, reason
-
-
-class SaveError(CheckpointError):
-  """A save that did not complete (full disk, I/O error); earlier steps are untouched."""
-
-
 def model_meta(config, *, loss_scale: bool) -> dict:
   """The model's settings (config_lib.model_settings) + whether the state holds a loss scale."""
   return {**config_lib.model_settings(config), 'precision_loss_scale': bool(loss_scale)}
@@ -73,184 +44,6 @@ def model_meta(config, *, loss_scale: bool) -> dict:
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
-
-
-# --- Orbax's background-save failures: captured for the one-line error, not logged twice -----
-_CAPTURED: list[BaseException] = []
-_ORBAX_FAILURE_LOGS = ('Failed to run', 'Save Finalize thread', 'Checkpointer failed',
-                       'one or more items may not be finalized')
-
-
-class _OrbaxSaveFailureFilter(pylogging.Filter):
-  """Orbax logs a failed async save with its traceback (and again while re-raising it); the
-  exception reaches `Checkpointer`, which turns it into one line, so the records are dropped
-  here and their exception kept for that line."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    if not record.pathname or 'orbax' not in record.pathname:
-      return True
-    with_exception = bool(record.exc_info and record.exc_info[1] is not None)
-    if (any(m in str(record.msg) for m in _ORBAX_FAILURE_LOGS)
-        or (with_exception and record.levelno >= pylogging.ERROR)):
-      if with_exception:  # e.g. a writer thread's 'raised an exception' (full disk)
-        _CAPTURED.append(record.exc_info[1])
-      return False
-    return True
-
-
-class _OrphanedFutureFilter(pylogging.Filter):
-  """asyncio's 'exception was never retrieved' for the sibling writes of a failed Orbax save
-  (each shard's write fails alike on a full disk): the first one makes the line."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    if error is None or 'never retrieved' not in str(record.msg):
-      return True
-    tb, frames = error.__traceback__, []
-    while tb is not None:
-      frames.append(tb.tb_frame.f_code.co_filename)
-      tb = tb.tb_next
-    # A write error set on the future from TensorStore's thread may carry no traceback: then
-    # the path it names (Orbax's temporary step folder) says whose it is.
-    if any('orbax' in f for f in frames) or '.orbax-checkpoint-tmp' in str(error):
-      _CAPTURED.append(error)
-      return False
-    return True
-
-
-_FILTER = _OrbaxSaveFailureFilter()
-if _FILTER not in logging.get_absl_logger().filters:
-  logging.get_absl_logger().addFilter(_FILTER)
-pylogging.getLogger('asyncio').addFilter(_OrphanedFutureFilter())
-
-
-def _is_closed_loop_callback(error) -> bool:
-  """RuntimeError('Event loop is closed') raised in asyncio's call_soon_threadsafe."""
-  if not (isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)):
-    return False
-  tb, names = error.__traceback__, []
-  while tb is not None:
-    names.append(tb.tb_frame.f_code.co_name)
-    tb = tb.tb_next
-  return 'call_soon_threadsafe' in names
-
-
-def _quiet_closed_loop_callbacks() -> None:
-  """When an async save fails (a full disk), TensorStore's write callbacks for the other shards
-  still arrive, on event loops Orbax has closed meanwhile; each raises 'Event loop is closed'
-  in call_soon_threadsafe and Python prints it with its traceback (through sys.excepthook from
-  TensorStore's threads). Those, and only those, are dropped: the failure has its own line."""
-  if getattr(sys.excepthook, '_dca_jax', False):
-    return
-  previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
-
-  def excepthook(kind, value, tb):
-    if not _is_closed_loop_callback(value):
-      previous_excepthook(kind, value, tb)
-
-  def unraisablehook(unraisable):
-    if not _is_closed_loop_callback(unraisable.exc_value):
-      previous_unraisable(unraisable)
-
-  excepthook._dca_jax = unraisablehook._dca_jax = True  # pylint: disable=protected-access
-  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-
-
-_quiet_closed_loop_callbacks()
-
-
-def _io_reason(error: BaseException) -> str:
-  """'no space left on device' / the OS error / the exception's first line."""
-  seen, todo = set(), [error]
-  while todo:
-    e = todo.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno:
-      return os.strerror(e.errno).lower() if e.errno == errno.ENOSPC else (
-          f'{os.strerror(e.errno).lower()} ({e.filename or ""})'.replace(' ()', ''))
-    text = str(e).lower()
-    if ('no space left' in text or 'enospc' in text
-        or ('resource_exhausted' in text and 'space' in text)):
-      return 'no space left on device'
-    if 'quota' in text:
-      return 'disk quota exceeded'
-    todo += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
-  first = (str(error).strip().splitlines() or [''])[0][:200]
-  return f'{type(error).__name__}: {first}'
-
-
-# --- integrity records ------------------------------------------------------------------------
-def _crc_and_size(path: str, buffer: bytearray, sync: bool) -> tuple[int, int]:
-  crc, size, view = 0, 0, memoryview(buffer)
-  with open(path, 'rb', buffering=0) as f:
-    while n := f.readinto(buffer):
-      crc = zlib.crc32(view[:n], crc)
-      size += n
-    if sync:
-      os.fsync(f.fileno())
-  return crc, size
-
-
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def write_integrity(step_dir: str) -> dict:
-  """fsyncs every file of a committed step and records its size and CRC-32 (atomically)."""
-  buffer, files = bytearray(1 << 24), {}
-  for root, dirs, names in os.walk(step_dir):
-    dirs.sort()
-    for name in sorted(names):
-      path = os.path.join(root, name)
-      if root == step_dir and name.startswith(INTEGRITY_FILE):
-        continue
-      crc, size = _crc_and_size(path, buffer, sync=True)
-      files[os.path.relpath(path, step_dir)] = [size, crc]
-    _fsync_dir(root)
-  record = {'format': 1, 'algorithm': 'crc32', 'files': files}
-  tmp = os.path.join(step_dir, INTEGRITY_FILE + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(record, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
-  _fsync_dir(step_dir)
-  return record
-
-
-def verify_integrity(step_dir: str) -> tuple[Optional[bool], str]:
-  """(True, '') intact; (False, reason) damaged; (None, '') no record (unsealed step)."""
-  try:
-    with open(os.path.join(step_dir, INTEGRITY_FILE)) as f:
-      record = json.load(f)
-    files = record['files']
-  except FileNotFoundError:
-    return None, ''
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return False, f'its integrity record {INTEGRITY_FILE} is unreadable: {type(e).__name__}'
-  buffer = bytearray(1 << 24)
-  for rel, (size, _) in sorted(files.items()):
-    path = os.path.join(step_dir, rel)
-    try:
-      actual = os.path.getsize(path)
-    except OSError:
-      return False, f'{rel} is missing'
-    if actual != size:
-      return False, f'{rel} is {actual} bytes, {size} when saved'
-  for rel, (_, crc) in sorted(files.items()):
-    try:
-      actual_crc, _ = _crc_and_size(os.path.join(step_dir, rel), buffer, sync=False)
-    except OSError as e:
-      return False, f'{rel} cannot be read: {os.strerror(e.errno or 0).lower()}'
-    if actual_crc != crc:
-      return False, f'{rel} does not match its CRC-32 recorded when saved'
-  return True, ''
 
 
 def _is_primary() -> bool:
@@ -310,7 +103,7 @@ class Checkpointer:
     metrics = None if score is None else {'score': float(score)}
     if step in self.manager.all_steps():
       return  # this step is already on disk (e.g. end-of-run save right after a periodic one)
-    del _CAPTURED[:]
+    del orbax_logs.CAPTURED[:]
     try:
       self._quiet_save(step, state, meta, metrics, force)
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
@@ -321,7 +114,7 @@ class Checkpointer:
     # Orbax warns on every save between evaluations that no metric was given: they are
     # expected here (BestN ranks only the evaluated steps), so that one warning is not shown.
     logger = logging.get_absl_logger()
-    quiet = _DropMessage('did not provide metrics')
+    quiet = orbax_logs.DropMessage('did not provide metrics')
     logger.addFilter(quiet)
     try:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -343,14 +136,16 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
       if not os.path.isdir(self.step_dir(step)):  # Orbax renames only a complete step
-        raise _CAPTURED[-1] if _CAPTURED else OSError(f'step {step} was not committed')
+        captured = orbax_logs.CAPTURED
+        raise captured[-1] if captured else OSError(f'step {step} was not committed')
       if _is_primary():
         write_integrity(self.step_dir(step))
     except Exception as e:  # pylint: disable=broad-except
       self._fail(step, e)
-    for error in _CAPTURED:  # an Orbax error that did not fail the save: still said, in a line
-      logging.warning('while saving step %d: %s', step, _io_reason(error))
-    del _CAPTURED[:]
+    # an Orbax error that did not fail the save: still said, in a line
+    for error in orbax_logs.CAPTURED:
+      logging.warning('while saving step %d: %s', step, orbax_logs.io_reason(error))
+    del orbax_logs.CAPTURED[:]
     self._prune()
 
   def _prune(self) -> None:
@@ -366,9 +161,10 @@ class Checkpointer:
   def _fail(self, step: Optional[int], error: BaseException) -> None:
     """Turns a failed save into one line: the cause, the step, what is intact on disk."""
     self._failed = True
-    cause = _CAPTURED[-1] if _CAPTURED and not isinstance(error, OSError) else error
-    del _CAPTURED[:]
-    reason = _io_reason(cause)
+    captured = orbax_logs.CAPTURED
+    cause = captured[-1] if captured and not isinstance(error, OSError) else error
+    del orbax_logs.CAPTURED[:]
+    reason = orbax_logs.io_reason(cause)
     if _is_primary() and step is not None:  # the partial step frees its space
       for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
         if name.startswith(f'{step}.') and 'tmp' in name:
@@ -507,15 +303,6 @@ class Checkpointer:
       except Exception:  # pylint: disable=broad-except
         if not self._failed:
           raise
-
-
-class _DropMessage(pylogging.Filter):
-  def __init__(self, text: str):
-    super().__init__()
-    self.text = text
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return self.text not in str(record.msg)
 
 
 def abstract_like(tree, shardings):

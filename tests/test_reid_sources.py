@@ -1,20 +1,23 @@
-"""Tests of the Re-ID input: readers of the official layouts, the synthetic set, the P x K
-sampler, the train/query/gallery streams and their errors. Tiny JPEGs, 32 x 16 px input."""
+"""Tests of the Re-ID input: readers of the official layouts and of identity folders (your own
+data), the synthetic set, the P x K sampler, the train/query/gallery streams and their errors. Tiny JPEGs, 32 x 16 px input."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 
-from dca_jax import config_lib
-from dca_jax import data
+from dca_jax import checks, config_lib, data, predict
 from dca_jax.data import preprocess, reid_sources, sampler, synthetic_reid
 
 try:
-  from tests import reid_layouts  # pylint: disable=g-import-not-at-top
+  from tests import layouts, reid_layouts  # pylint: disable=g-import-not-at-top
 except ImportError:
+  import layouts  # pylint: disable=g-import-not-at-top
   import reid_layouts  # pylint: disable=g-import-not-at-top
 
 H, W = 32, 16
@@ -38,19 +41,6 @@ def folder_config(lay, **overrides):
   return reid_config(**{'dataset': lay.dataset, 'data_source': 'folder',
                         'data_dir': lay.data_dir, 'num_classes': len(lay.train_pids),
                         **overrides})
-
-
-def one_line_error(fn, pattern):
-  """A DataError, or a config_lib.ConfigError for the knobs (both ValueErrors), in one line."""
-  with pytest.raises(ValueError, match=pattern) as e:
-    fn()
-  assert '\n' not in str(e.value), str(e.value)
-  return str(e.value)
-
-
-@pytest.fixture(scope='module')
-def market(tmp_path_factory):
-  return reid_layouts.write_market1501(tmp_path_factory.mktemp('market'))
 
 
 # ------------------------------------------------------------------------------ readers
@@ -189,7 +179,7 @@ def test_sampler_errors():
   one_line_error(lambda: sampler.PKSampler(np.arange(20), 10, 4), 'batch_size=10.*'
                  'num_instances=4')
   one_line_error(lambda: sampler.PKSampler(np.repeat([0, 1, 2], 4), 16, 4),
-                 '3 identities, fewer than the 4 per batch')
+                 r'3 identities \(3 of them with 4 or more images\), fewer than the 4 per batch')
 
 
 # ------------------------------------------------------------------------------ train stream
@@ -320,7 +310,7 @@ def test_eval_images_are_resized_and_normalised(market):
     assert batch['image'][j].shape == (H, W, 3)
     assert batch['image'].dtype == np.uint8      # normalised on the device, not here
     assert np.abs(batch['image'][j] - ref).mean() < 0.06 * 127.5
-    img = data.load_image_for_eval(market.query[j][0], cfg)
+    img = data.load_image_for_eval(market.query[j][0], predict.eval_transform(cfg))
     np.testing.assert_array_equal(img, batch['image'][j])
 
 
@@ -348,7 +338,7 @@ def test_fgvc_input_width_crops_a_rectangle():
   full = next(data.build_input(fgvc_config(input_size=40, test_crop='resize')).eval_iter())
   np.testing.assert_array_equal(centre, full['image'][:, 4:36, 8:32])
   assert next(data.build_input(fgvc_config()).train_iter())['image'].shape == (4, 32, 32, 3)
-  one_line_error(lambda: data.build_input(fgvc_config(input_width=48)),
+  one_line_error(lambda: checks.checked(fgvc_config(input_width=48)),
                  'input_width=48 exceeds config.resize_size=40')
 
 
@@ -492,22 +482,107 @@ def test_msmt17_missing_image_is_named(tmp_path):
                  'list_gallery.txt lists 1 image.*do not exist')
 
 
+def _checked_input(config):
+  """What a mode does: the config checked at the entry, then the input built."""
+  return data.build_input(checks.checked(config))
+
+
 def test_config_errors(market):
-  one_line_error(lambda: data.build_input(folder_config(market, batch_size=6,
+  one_line_error(lambda: _checked_input(folder_config(market, batch_size=6,
                                                         num_instances=4)),
                  'batch_size=6 is not a multiple of config.num_instances=4')
-  one_line_error(lambda: data.build_input(folder_config(market, batch_size=12,
+  one_line_error(lambda: _checked_input(folder_config(market, batch_size=12,
                                                         num_instances=2)),
-                 '5 identities, fewer than the 6 per batch')
-  one_line_error(lambda: data.build_input(reid_config(dataset='cub')),
+                 r'5 identities \(\d+ of them with 2 or more images\), fewer than the 6 per batch')
+  one_line_error(lambda: _checked_input(reid_config(dataset='cub')),
                  "dataset='cub' is not a reid dataset")
-  one_line_error(lambda: data.build_input(reid_config(task='fgvc')),
+  one_line_error(lambda: _checked_input(reid_config(task='fgvc')),
                  "dataset='synthetic_reid' is not a fgvc dataset.*task='reid'")
-  one_line_error(lambda: data.build_input(reid_config(data_source='folder')),
+  one_line_error(lambda: _checked_input(reid_config(data_source='folder')),
                  "synthetic_reid' needs data_source='synthetic'")
-  one_line_error(lambda: data.build_input(folder_config(market, data_source='tfds')),
+  one_line_error(lambda: _checked_input(folder_config(market, data_source='tfds')),
                  "set data_source='folder'")
-  one_line_error(lambda: data.build_input(reid_config(random_erasing=1.5)),
+  one_line_error(lambda: _checked_input(reid_config(random_erasing=1.5)),
                  'random_erasing=1.5')
-  one_line_error(lambda: data.build_input(reid_config(synthetic_num_test=10)),
+  one_line_error(lambda: _checked_input(reid_config(synthetic_num_test=10)),
                  'synthetic_num_test=10 is too small')
+
+
+# ------------------------------------------------------------------------------ your own data
+@pytest.mark.parametrize('cameras', [False, True])
+def test_identity_folders_read_back_with_and_without_cameras(cameras, tmp_path):
+  lay = reid_layouts.write_reid_folder(str(tmp_path), cameras=cameras)
+  dataset = reid_sources.read_reid('reid_folder', lay.data_dir)
+  number = {name: i + 1 for i, name in enumerate(lay.identities)}
+  for which in ('train', 'query', 'gallery'):
+    split = getattr(dataset, which)
+    assert split.paths == [p for p, _ in lay.splits[which]], which
+  assert dataset.identity_names == lay.identities
+  assert dataset.train_pids.tolist() == sorted(number[n] for n in ('Ada', 'bob_2', 'Cy'))
+  assert dataset.query.pids.tolist() == [number[n] for _, n in lay.splits['query']]
+  assert dataset.gallery.pids.tolist() == [number[n] for _, n in lay.splits['gallery']]
+  assert any(reason == reid_sources.NOT_IMAGE for _, reason in dataset.skipped)
+  q, g = (dataset.query.paths.index(lay.duplicate[0]), dataset.gallery.paths.index(lay.duplicate[1]))
+  if cameras:
+    assert dataset.protocol == 'camera-aware'
+    labels = sorted(set(lay.cameras.values()))
+    assert dataset.gallery.camids.tolist() == [labels.index(lay.cameras[p])
+                                               for p, _ in lay.splits['gallery']]
+  else:  # no cameras: one camera id per distinct file, so only the identical file is junk
+    assert dataset.protocol == 'no-camera'
+    camids = np.concatenate([dataset.query.camids, dataset.gallery.camids])
+    assert dataset.query.camids[q] == dataset.gallery.camids[g]
+    assert len(set(camids.tolist())) == len(camids) - 1
+
+
+def test_identity_folders_through_the_pipeline_record_the_protocol(tmp_path):
+  lay = reid_layouts.write_reid_folder(str(tmp_path))
+  inp = data.build_input(reid_config(dataset='reid_folder', data_source='folder',
+                                     data_dir=lay.data_dir, num_classes=3, batch_size=4,
+                                     num_instances=2))
+  assert inp.info.protocol == 'no-camera' and inp.info.num_classes == 3
+  assert inp.info.splits['query'] == {'images': 4, 'identities': 4}
+  assert inp.info.splits['gallery'] == {'images': 8, 'identities': 4}
+
+
+@pytest.mark.parametrize('case,match', [
+    ('empty_split', r'the gallery split is empty'),
+    ('no_image_folder', r'identity folder .*train/Cy holds no image'),
+    ('loose_file', r'train/stray.jpg: images go in identity folders'),
+    ('unreadable_identity', r'identity folder .*train/bob_2 holds no readable image'),
+    ('camera_row_missing_file', r'cameras.csv:2: train/nobody/0.jpg does not exist'),
+    ('camera_missing_row', r'cameras.csv has no row for .*: every image needs its camera'),
+    ('one_identity', r'has 1 identity: training needs at least 2'),
+])
+def test_bad_identity_folders_are_one_line_each(case, match, tmp_path):
+  lay = reid_layouts.write_reid_folder(str(tmp_path), cameras=case.startswith('camera'))
+  root = lay.data_dir
+  if case == 'empty_split':
+    shutil.rmtree(os.path.join(root, 'gallery'))
+    os.makedirs(os.path.join(root, 'gallery'))
+  elif case == 'no_image_folder':
+    for name in os.listdir(os.path.join(root, 'train', 'Cy')):
+      os.remove(os.path.join(root, 'train', 'Cy', name))
+  elif case == 'loose_file':
+    shutil.copy(lay.splits['train'][0][0], os.path.join(root, 'train', 'stray.jpg'))
+  elif case == 'unreadable_identity':
+    for path, name in lay.splits['train']:
+      if name == 'bob_2':
+        layouts.truncate_file(path, 0.3)
+  elif case == 'camera_row_missing_file':
+    with open(os.path.join(root, 'cameras.csv')) as f:
+      rows = f.read().splitlines()
+    rows.insert(1, 'train/nobody/0.jpg,cam1')
+    with open(os.path.join(root, 'cameras.csv'), 'w') as f:
+      f.write('\n'.join(rows) + '\n')
+  elif case == 'camera_missing_row':
+    with open(os.path.join(root, 'cameras.csv')) as f:
+      rows = f.read().splitlines()
+    with open(os.path.join(root, 'cameras.csv'), 'w') as f:
+      f.write('\n'.join(rows[:-1]) + '\n')
+  elif case == 'one_identity':
+    for name in ('bob_2', 'Cy'):
+      shutil.rmtree(os.path.join(root, 'train', name))
+  with pytest.warns() if case == 'unreadable_identity' else contextlib.nullcontext():
+    one_line_error(lambda: reid_sources.read_reid('reid_folder', root), match)
+  assert not os.path.exists(os.path.join(root, 'checkpoints'))  # nothing written

@@ -46,12 +46,3 @@ def test_test_time_table_pairs_each_seed_with_its_own_swapped_evaluation(tmp_pat
   assert '| 80.0 ± 10.0 | 79.0 ± 10.0 (Δ -1.0 ± 0.0) |' in rows['SA+GLCA']
   assert '| 70.0 ± 10.0 | 68.0 ± 10.0 (Δ -2.0 ± 0.0) |' in rows['GLCA']
 
-
-def test_the_tree_is_lint_clean():
-  """ruff with pyproject.toml's rules over the whole repository (the library strictly)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from conftest import ROOT  # pylint: disable=g-import-not-at-top
-  r = subprocess.run([sys.executable, '-m', 'ruff', 'check', '--no-cache', '.'], cwd=ROOT,
-                     capture_output=True, text=True)
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]

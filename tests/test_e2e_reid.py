@@ -10,11 +10,11 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_reid_config
-from dca_jax import data, evaluate, evaluators, inference, train, visualize
-from dca_jax.evaluators import retrieval
+
+from dca_jax import data, drawing, evaluate, evaluators, inference, train, visualize
 from dca_jax.data import preprocess
+from dca_jax.evaluators import retrieval
 from dca_jax.models import dcal
 from dca_jax.reid import metrics
 
@@ -64,6 +64,7 @@ def _state(workdir, step):
   """{path: array} of the whole train state saved at `step` (params, neck statistics, SGD
   momentum, counters)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   from dca_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ck = ckpt_lib.Checkpointer(str(workdir), read_only=True)
   restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -160,9 +161,9 @@ def test_visualize_draws_rankings_with_frames(run):
 def test_ranking_picture_frames_matches_green_and_others_red():
   query = np.full((32, 16, 3), 100, np.uint8)
   picture = visualize.ranking_picture(query, query, [query, query], [True, False])
-  h = visualize.RANK_PANEL_HEIGHT
+  h = drawing.RANK_PANEL_HEIGHT
   assert picture.shape[0] == h
-  first = 2 * (h // 2) + 2 + visualize.RANK_GAP        # x of the first gallery frame
-  assert tuple(picture[0, first]) == visualize.GREEN
-  second = first + (h - 2 * visualize.RANK_FRAME) // 2 + 2 * visualize.RANK_FRAME + 2
-  assert tuple(picture[h // 2, second]) == visualize.RED
+  first = 2 * (h // 2) + 2 + drawing.RANK_GAP        # x of the first gallery frame
+  assert tuple(picture[0, first]) == drawing.GREEN
+  second = first + (h - 2 * drawing.RANK_FRAME) // 2 + 2 * drawing.RANK_FRAME + 2
+  assert tuple(picture[h // 2, second]) == drawing.RED

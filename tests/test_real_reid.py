@@ -9,7 +9,11 @@ import pytest
 
 pytest.importorskip('sklearn')
 
-from dca_jax.data import reid_sources  # noqa: E402
+from dca_jax import checks
+from dca_jax.data import (
+  fgvc_readers,
+  reid_sources,  # noqa: E402
+)
 from tools import real_reid  # noqa: E402
 
 SMALL = real_reid.Params(num_train_ids=20, images_per_train_id=5, num_test_ids=10,
@@ -74,10 +78,9 @@ def test_learning_gate_is_the_mean_over_seeds_against_the_pixel_baseline():
 
 
 def test_pretraining_set_is_an_imagefolder_of_train_half_scans_and_other_cameras(tmp_path):
-  from dca_jax.data import sources  # pylint: disable=g-import-not-at-top
   params = real_reid.PretrainParams(train_per_class=2, test_per_class=1)
   root = real_reid.write_pretrain(str(tmp_path), params)
-  dataset = sources.read_folder('imagefolder', root)
+  dataset = fgvc_readers.read_folder('imagefolder', root)
   assert dataset.class_names == [str(d) for d in range(10)]
   assert len(dataset.train.paths) == 20 and len(dataset.test.paths) == 10
   reid_cameras = real_reid._cameras(0)  # pylint: disable=protected-access
@@ -93,12 +96,12 @@ def test_demo_configs_for_real_images_validate():
   from dca_jax import config_lib, hub  # pylint: disable=g-import-not-at-top
   from dca_jax.models import vit  # pylint: disable=g-import-not-at-top
   pre = reid_demo.get_config('pretrain')
-  config_lib.validate(pre)
+  checks.checked(pre)
   assert (pre.task, pre.dataset, pre.num_classes) == ('fgvc', 'imagefolder', 10)
   real = reid_demo.get_config('real')
   assert config_lib.backbone_overrides(pre) == config_lib.backbone_overrides(real)
   imagenet = reid_demo.get_config('real_imagenet')
-  config_lib.validate(imagenet)
+  checks.checked(imagenet)
   assert hub.parse(imagenet.pretrained_model).known.backbone == 'deit_tiny'
   variant = vit.get_variant(imagenet.backbone, config_lib.backbone_overrides(imagenet))
   assert (variant.depth, variant.grid_size(128), variant.grid_size(64)) == (12, 8, 4)

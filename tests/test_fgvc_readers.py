@@ -9,10 +9,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import data_config, folder_config, one_line_error
 
-from dca_jax import config_lib
-from dca_jax import data
-from dca_jax.data import sources
+from dca_jax import checks, data
+from dca_jax.data import fgvc_readers
 
 try:
   from tests import layouts  # pylint: disable=g-import-not-at-top
@@ -22,30 +22,9 @@ except ImportError:
 NEW_SETS = ('nabirds', 'dogs', 'pets')
 
 
-def tiny_config(**overrides):
-  c = config_lib.base_config()
-  c.input_size, c.resize_size = 32, 40
-  c.batch_size, c.eval_batch_size = 4, 4
-  for key, value in overrides.items():
-    c[key] = value
-  return c
-
-
-def folder_config(lay, **overrides):
-  return tiny_config(dataset=lay.dataset, data_source='folder', data_dir=lay.data_dir,
-                     num_classes=lay.num_classes, **overrides)
-
-
 @pytest.fixture(scope='module')
 def written(tmp_path_factory):
   return {name: layouts.write_layout(name, tmp_path_factory.mktemp(name)) for name in NEW_SETS}
-
-
-def one_line_error(lay, match):
-  with pytest.raises(data.DataError, match=match) as e:
-    data.build_input(folder_config(lay))
-  assert '\n' not in str(e.value)
-  return str(e.value)
 
 
 # ------------------------------------------------------------------------------ read back
@@ -77,7 +56,7 @@ def test_nabirds_class_ids_are_not_contiguous(written):
   with open(os.path.join(lay.root, 'classes.txt')) as f:
     ids = [int(line.split()[0]) for line in f]
   assert len(ids) > lay.num_classes and ids != list(range(len(ids)))
-  read = sources.read_folder('nabirds', lay.data_dir)
+  read = fgvc_readers.read_folder('nabirds', lay.data_dir)
   assert read.class_names == lay.class_names and 'Birds' not in read.class_names
   folders = sorted({os.path.basename(os.path.dirname(p)) for p, _ in lay.train})
   by_folder = {os.path.basename(os.path.dirname(p)): label
@@ -90,7 +69,7 @@ def test_dogs_lists_in_the_root_and_tfds_label_order(tmp_path):
   the wnid order, which is TFDS's order (sorted lower-cased folder names)."""
   lay = layouts.write_dogs_layout(tmp_path, num_classes=4, train_per_class=1, test_per_class=1,
                                   lists_folder='.')
-  read = sources.read_folder('dogs', lay.data_dir)
+  read = fgvc_readers.read_folder('dogs', lay.data_dir)
   assert read.class_names == ['Chihuahua', 'Shih-Tzu', 'black-and-tan_coonhound', 'Great_Dane']
   assert read.train.labels.tolist() == [label for _, label in lay.train]
   folders = [os.path.basename(os.path.dirname(p)).lower() for p in read.test.paths]
@@ -103,7 +82,7 @@ def test_pets_class_names_are_tfds_names(written):
   import tensorflow_datasets as tfds
   lay = written['pets']
   tfds_names = tfds.builder('oxford_iiit_pet').info.features['label'].names
-  read = sources.read_folder('pets', lay.data_dir)
+  read = fgvc_readers.read_folder('pets', lay.data_dir)
   assert len(tfds_names) == 37
   assert set(read.class_names) <= set(tfds_names)
   assert [tfds_names.index(n) for n in read.class_names] == sorted(
@@ -112,11 +91,12 @@ def test_pets_class_names_are_tfds_names(written):
 
 # ------------------------------------------------------------------------------ TFDS
 @pytest.mark.parametrize('dataset,num_classes', [('dogs', 120), ('pets', 37)])
-def test_tfds_mock(dataset, num_classes, tmp_path):
+def test_tfds_mock(dataset, num_classes, tmp_path, monkeypatch):
+  monkeypatch.setenv('DCA_JAX_OFFLINE', '0')  # the mock prepares nothing: no look-up
   import tensorflow_datasets as tfds
-  assert sources.TFDS_NAMES[dataset] in ('stanford_dogs', 'oxford_iiit_pet')
+  assert fgvc_readers.TFDS_NAMES[dataset] in ('stanford_dogs', 'oxford_iiit_pet')
   with tfds.testing.mock_data(num_examples=6):
-    inp = data.build_input(tiny_config(dataset=dataset, data_source='tfds',
+    inp = data.build_input(data_config(dataset=dataset, data_source='tfds',
                                        data_dir=str(tmp_path), num_classes=num_classes))
     assert inp.info.num_classes == num_classes == len(inp.info.class_names)
     assert (inp.info.num_train, inp.info.num_test) == (6, 6)
@@ -139,7 +119,8 @@ def _rewrite(path, edit):
 @pytest.mark.parametrize('case', ['empty', 'labels_short', 'unknown_class', 'flag', 'missing'])
 def test_nabirds_bad_layout_is_one_line(case, tmp_path):
   if case == 'empty':
-    one_line_error(layouts.Layout('nabirds', str(tmp_path), '', ['x'], [], []),
+    empty = layouts.Layout('nabirds', str(tmp_path), '', ['x'], [], [])
+    one_line_error(lambda: data.build_input(folder_config(empty)),
                    r'NABirds.*nabirds/images.txt')
     return
   lay = layouts.write_nabirds_layout(tmp_path, num_classes=2, train_per_class=1,
@@ -148,16 +129,20 @@ def test_nabirds_bad_layout_is_one_line(case, tmp_path):
                                                        'train_test_split.txt'))
   if case == 'labels_short':
     _rewrite(labels, lambda lines: lines[:-1])
-    one_line_error(lay, 'image_class_labels.txt does not match .*images.txt')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'image_class_labels.txt does not match .*images.txt')
   elif case == 'unknown_class':
     _rewrite(labels, lambda lines: [lines[0].split()[0] + ' 5\n'] + lines[1:])
-    one_line_error(lay, 'image_class_labels.txt: image id .* class 5, .*not in .*classes.txt')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'image_class_labels.txt: image id .* class 5, .*not in .*classes.txt')
   elif case == 'flag':
     _rewrite(split, lambda lines: [lines[0].split()[0] + ' 2\n'] + lines[1:])
-    one_line_error(lay, 'train_test_split.txt: .* flag 2')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'train_test_split.txt: .* flag 2')
   else:
     os.remove(lay.test[0][0])
-    one_line_error(lay, 'images.txt lists 1 image.*do not exist')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'images.txt lists 1 image.*do not exist')
 
 
 @pytest.mark.parametrize('case', ['no_lists', 'no_labels', 'two_folders', 'missing'])
@@ -167,18 +152,22 @@ def test_dogs_bad_layout_is_one_line(case, tmp_path):
   test_list = os.path.join(lay.root, 'lists', 'test_list.mat')
   if case == 'no_lists':
     os.remove(test_list)
-    one_line_error(lay, 'missing split file: .*lists/test_list.mat')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'missing split file: .*lists/test_list.mat')
   elif case == 'no_labels':
     scipy.io.savemat(test_list, {'file_list': scipy.io.loadmat(test_list)['file_list']})
-    one_line_error(lay, 'test_list.mat lacks the file_list/labels fields')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'test_list.mat lacks the file_list/labels fields')
   elif case == 'two_folders':
     mat = scipy.io.loadmat(test_list)
     mat['labels'][:] = 1
     scipy.io.savemat(test_list, {k: v for k, v in mat.items() if not k.startswith('__')})
-    one_line_error(lay, 'test_list.mat: .* has label 1, the label of folder .*Chihuahua')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'test_list.mat: .* has label 1, the label of folder .*Chihuahua')
   else:
     os.remove(lay.train[0][0])
-    one_line_error(lay, 'train_list.mat lists 1 image.*do not exist')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'train_list.mat lists 1 image.*do not exist')
 
 
 @pytest.mark.parametrize('case', ['no_layout', 'bad_line', 'two_breeds', 'gap', 'missing'])
@@ -188,27 +177,33 @@ def test_pets_bad_layout_is_one_line(case, tmp_path):
                                                                       'test.txt'))
   if case == 'no_layout':
     os.remove(trainval)
-    one_line_error(lay, 'Oxford-IIIT Pets layout not found.*annotations/trainval.txt')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'Oxford-IIIT Pets layout not found.*annotations/trainval.txt')
   elif case == 'bad_line':
     _rewrite(test, lambda lines: lines + ['Bengal_999 3\n'])
-    one_line_error(lay, r'test.txt:4: expected "<name> <class id> <species> <breed id>"')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   r'test.txt:4: expected "<name> <class id> <species> <breed id>"')
   elif case == 'two_breeds':
     _rewrite(test, lambda lines: lines + ['Bengal_999 1 1 1\n'])
-    one_line_error(lay, 'test.txt:4: Bengal_999 has class 1, the class of .Abyssinian.')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'test.txt:4: Bengal_999 has class 1, the class of .Abyssinian.')
   elif case == 'gap':  # class 2 nowhere: ids must be 1..C
     drop = lambda lines: [line for line in lines if line.split()[1] != '2']
     _rewrite(trainval, drop)
     _rewrite(test, drop)
-    one_line_error(lay, r'trainval.txt: no image of class 2 .*1\.\.3')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   r'trainval.txt: no image of class 2 .*1\.\.3')
   else:
     os.remove(lay.test[1][0])
-    one_line_error(lay, 'test.txt lists 1 image.*do not exist')
+    one_line_error(lambda: data.build_input(folder_config(lay)),
+                   'test.txt lists 1 image.*do not exist')
 
 
 def test_new_sets_are_fgvc_datasets_with_configs():
   """The task's list comes from the registries; each set has a config with its class count."""
-  from dca_jax import tasks
   import importlib.util
+
+  from dca_jax import tasks
   assert {'nabirds', 'dogs', 'pets'} <= set(tasks.get('fgvc').datasets())
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for name, dataset, num_classes, source in (('nabirds', 'nabirds', 555, 'folder'),
@@ -220,34 +215,21 @@ def test_new_sets_are_fgvc_datasets_with_configs():
     spec.loader.exec_module(module)
     c = module.get_config()
     assert (c.dataset, c.num_classes, c.data_source) == (dataset, num_classes, source)
-    config_lib.validate(c)
+    checks.checked(c)
 
 
 # ------------------------------------------------------------------------------ imagefolder
-def _write_imagefolder(root, classes=('cat', 'dog', 'eel'), train=3, test=2):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for which, count in (('train', train), ('test', test)):
-    for label, name in enumerate(classes):
-      os.makedirs(os.path.join(root, which, name), exist_ok=True)
-      for i in range(count):
-        pixels = np.full((40, 48, 3), 60 * label, np.uint8) + rng.integers(0, 20, (40, 48, 3),
-                                                                          dtype=np.uint8)
-        Image.fromarray(pixels).save(os.path.join(root, which, name, f'{i}.jpg'))
-  with open(os.path.join(root, 'train', 'cat', 'notes.txt'), 'w') as f:
-    f.write('not an image: ignored')
-  return root
 
 
 def test_imagefolder_reads_your_own_classes(tmp_path):
-  root = _write_imagefolder(str(tmp_path))
-  dataset = sources.read_folder('imagefolder', root)
+  root = layouts.write_imagefolder(str(tmp_path))
+  dataset = fgvc_readers.read_folder('imagefolder', root)
   assert dataset.class_names == ['cat', 'dog', 'eel']
   assert len(dataset.train.paths) == 9 and len(dataset.test.paths) == 6
   assert list(dataset.train.labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   assert all(f'/train/{dataset.class_names[label]}/' in path
              for path, label in zip(dataset.train.paths, dataset.train.labels))
-  info = data.build_input(tiny_config(dataset='imagefolder', data_source='folder',
+  info = data.build_input(data_config(dataset='imagefolder', data_source='folder',
                                       data_dir=root, num_classes=3))
   labels = collections.Counter()
   for batch in info.eval_iter():
@@ -258,7 +240,7 @@ def test_imagefolder_reads_your_own_classes(tmp_path):
 
 @pytest.mark.parametrize('case', ['no_test', 'unknown_test_class', 'empty_class'])
 def test_imagefolder_bad_layout_is_one_line(case, tmp_path):
-  root = _write_imagefolder(str(tmp_path))
+  root = layouts.write_imagefolder(str(tmp_path))
   if case == 'no_test':
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(os.path.join(root, 'test'))
@@ -271,5 +253,5 @@ def test_imagefolder_bad_layout_is_one_line(case, tmp_path):
       os.remove(os.path.join(root, 'train', 'eel', name))
     match = 'eel: no image of this class'
   with pytest.raises(data.DataError, match=match) as e:
-    sources.read_folder('imagefolder', root)
+    fgvc_readers.read_folder('imagefolder', root)
   assert '\n' not in str(e.value)

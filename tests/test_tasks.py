@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_reid_config
 from PIL import Image
 
-from conftest import tiny_reid_config
-from dca_jax import config_lib, data
+from dca_jax import data, tasks
 from dca_jax.data import preprocess
 from dca_jax.models import build_model, dcal
 
@@ -26,13 +26,13 @@ def test_reid_config_carries_transreids_settings():
   """configs/*/vit_base.yml + config/defaults.py + solver/scheduler_factory.py ('type 2') +
   make_dataloader.py (T.Resize(interpolation=3), timm RandomErasing(mode='pixel')) +
   make_model.py (weights_init_classifier: normal std 0.001)."""
-  c = config_lib.reid_config()
+  c = tasks.task_config('reid', 'vit_base')
   assert (c.warmup_factor, c.min_lr_factor, c.warmup_epochs) == (0.01, 0.002, 5.0)
   assert not c.warmup_prefix  # timm's CosineLRScheduler default, which TransReID keeps
   assert (c.train_interpolation, c.classifier_init_std) == ('bicubic', 0.001)
   assert (c.random_erasing, c.random_erasing_fill, c.crop_padding) == (0.5, 'random', 10)
   assert c.random_erasing_max_area == pytest.approx(1 / 3)
-  f = config_lib.fgvc_config()  # FGVC keeps timm's head init and bilinear resizes
+  f = tasks.task_config('fgvc', 'deit_tiny')  # FGVC keeps timm's head init and bilinear resizes
   assert (f.train_interpolation, f.classifier_init_std) == ('bilinear', 0.02)
 
 

@@ -16,21 +16,18 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, subprocess_env, tiny_config
 
-from conftest import ROOT, tiny_config
 from dca_jax import checkpoint as ckpt_lib
-from dca_jax import evaluate, lock as lock_lib, train
+from dca_jax import evaluate, train
+from dca_jax import lock as lock_lib
+from dca_jax.checkpoint import orbax_logs
 
+pytestmark = pytest.mark.slow  # kill -9, full disk, damaged files: real faults, real processes
 STEPS = dict(max_steps=12, save_every_steps=4, keep_checkpoints=3, num_epochs=2)
 ARGS = [f'--config.{k}={v}' for k, v in STEPS.items()]
 WORKER = os.path.join(ROOT, 'tests', 'fault_worker.py')
 NOISE = ('oneDNN custom operations', 'absl::InitializeLog')
-
-
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)
-  return env
 
 
 def _main_args(workdir, *extra):
@@ -88,13 +85,13 @@ def test_kill9_during_save_and_before_seal_then_resume_is_exact(reference, tmp_p
   ref_dir, ref = reference
   w = tmp_path / 'w'
   # 1. killed while Orbax finishes step 4 (every file written, not yet renamed into place)
-  r = subprocess.run([sys.executable, WORKER, 'before_commit', '4', *_main_args(w)], env=_env(),
+  r = subprocess.run([sys.executable, WORKER, 'before_commit', '4', *_main_args(w)], env=subprocess_env(),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
   assert _steps(w) == [] and glob.glob(str(w / 'checkpoints' / '4.*tmp*'))  # only the partial one
   # 2. restarts from scratch (the partial step is not a step); killed right after step 8 is
   #    committed, before it is sealed: 8 has no integrity record yet
-  r = subprocess.run([sys.executable, WORKER, 'before_seal', '8', *_main_args(w)], env=_env(),
+  r = subprocess.run([sys.executable, WORKER, 'before_seal', '8', *_main_args(w)], env=subprocess_env(),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
   assert 'was stale; taken over' in r.stdout  # the lock the first kill left behind
@@ -159,7 +156,7 @@ def test_nonfinite_weights_are_never_saved_between_logs(tmp_path):
   # main.py as a user runs it; logs every 100 steps: the check before each save stops it
   r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *_main_args(
       tmp_path, '--config.learning_rate=1e25', '--config.max_grad_norm=0',
-      '--config.log_every_steps=100', '--config.save_every_steps=2')], env=_env(),
+      '--config.log_every_steps=100', '--config.save_every_steps=2')], env=subprocess_env(),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 1
   assert 'Traceback' not in r.stderr, r.stderr[-3000:]  # above it only the progress bar
@@ -191,7 +188,7 @@ def test_second_training_in_a_workdir_is_refused_and_a_killed_ones_lock_is_stale
       [sys.executable, os.path.join(ROOT, 'main.py'), '--config',
        os.path.join(ROOT, 'tests', 'tiny_config.py'), '--workdir', str(tmp_path),
        '--config.max_steps=100000', '--config.num_epochs=100000', '--config.log_every_steps=1000'],
-      env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     lock_file = tmp_path / lock_lib.LOCK_NAME
     deadline = time.time() + 120
@@ -202,7 +199,7 @@ def test_second_training_in_a_workdir_is_refused_and_a_killed_ones_lock_is_stale
     with pytest.raises(lock_lib.LockError, match=f'PID {holder.pid}'):  # in this process
       train.train_and_evaluate(tiny_config(), str(tmp_path))
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *_main_args(tmp_path)],
-                       env=_env(), capture_output=True, text=True, timeout=300)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert holder.poll() is None  # still running: the refusal was not a lucky race
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()  # one line, no traceback
@@ -240,7 +237,7 @@ def test_an_orphaned_orbax_write_error_is_kept_for_the_line_even_without_a_trace
   or without a traceback (set from TensorStore's thread) it is dropped and its error kept;
   anyone else's is shown. (The full-disk run below hits this only in some schedules.)"""
   import logging as pylogging  # pylint: disable=g-import-not-at-top
-  orphan = ckpt_lib._OrphanedFutureFilter()  # pylint: disable=protected-access
+  orphan = orbax_logs._OrphanedFutureFilter()  # pylint: disable=protected-access
 
   def record(error):
     return pylogging.LogRecord('asyncio', pylogging.ERROR, 'base_events.py', 1, 'Future '
@@ -248,11 +245,11 @@ def test_an_orphaned_orbax_write_error_is_kept_for_the_line_even_without_a_trace
   ours = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file '
                     '"/w/checkpoints/12.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/": '
                     'No space left on device')
-  del ckpt_lib._CAPTURED[:]  # pylint: disable=protected-access
+  del orbax_logs.CAPTURED[:]  # pylint: disable=protected-access
   assert orphan.filter(record(ours)) is False
-  assert ckpt_lib._CAPTURED == [ours]  # pylint: disable=protected-access
+  assert orbax_logs.CAPTURED == [ours]  # pylint: disable=protected-access
   assert orphan.filter(record(ValueError('a user task failed'))) is True
-  del ckpt_lib._CAPTURED[:]  # pylint: disable=protected-access
+  del orbax_logs.CAPTURED[:]  # pylint: disable=protected-access
 
 
 def test_full_disk_during_a_save_is_one_line_and_resumable(reference, tmp_path):
@@ -266,7 +263,7 @@ def test_full_disk_during_a_save_is_one_line_and_resumable(reference, tmp_path):
   try:
     w = mnt / 'w'
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *_main_args(w)],
-                       env=_env(), capture_output=True, text=True, timeout=300)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert 'Traceback' not in r.stderr, r.stderr[-3000:]  # above the line only the progress bar
     assert not any(n in r.stderr for n in NOISE), r.stderr[:2000]
