@@ -49,10 +49,12 @@ _NUM_IMAGES = flags.DEFINE_integer('num_images', 8,
                                    'visualize: test images to draw without --images.')
 _COMPARE = flags.DEFINE_string('compare_workdir', '', 'visualize: a second run drawn side by side.')
 _TARGETS = flags.DEFINE_list(
-    'target_config', [], 'plan: GPU target spec files (XLA gpu_target_config .txtpb, e.g. from '
-    'xla/backends/gpu/target_config/specs/); none = plan for the attached devices.')
+    'target_config', [], 'plan: targets, comma-separated: GPU target spec files (XLA '
+    'gpu_target_config .txtpb, e.g. from xla/backends/gpu/target_config/specs/) and/or Cloud TPU '
+    'topologies as tpu:<name> (tpu:v5e:2x2; needs jax[tpu]); none = the attached devices.')
 _TOPOLOGY = flags.DEFINE_string('topology', '1x1x1',
-                                'plan: deviceless topology, hosts x 1 x GPUs per host (1x1x8).')
+                                'plan, GPU specs: hosts x 1 x GPUs per host (1x1x8); a TPU '
+                                'target names its own topology.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-host: this process index.')

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dca_jax.errors import ConfigError
+
 DATA_AXIS = 'data'
 
 
@@ -73,8 +75,23 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
           for k, v in local_batch.items()}
 
 
-def compute_dtype(precision: str):
-  """'auto' is fp32 on CPU (no fast half precision there) and bf16 on GPU/TPU."""
+def check_platform(precision: str, attention_impl: str, platform: str) -> None:
+  """One line for a setting the platform cannot run: fp16 on a TPU (its matrix units compute in
+  bf16; fp16 has none) and cuDNN's fused attention anywhere but on an NVIDIA GPU's bf16/fp16
+  (on a CPU in fp32 the XLA attention runs instead, as before)."""
+  if platform == 'tpu' and precision == 'fp16':
+    raise ConfigError("config.precision='fp16' on a TPU: TPUs compute in bf16 and have no fp16 "
+                      "units; use --config.precision=bf16 (or auto, which is bf16 there)")
+  if platform == 'tpu' and attention_impl == 'cudnn':
+    raise ConfigError("config.attention_impl='cudnn' is NVIDIA's fused attention; on a TPU use "
+                      '--config.attention_impl=xla')
+
+
+def compute_dtype(precision: str, attention_impl: str = 'xla'):
+  """'auto' is fp32 on CPU (no fast half precision there) and bf16 on GPU/TPU; settings the
+  attached platform cannot run are one line (`check_platform`)."""
+  platform = jax.default_backend()
+  check_platform(precision, attention_impl, platform)
   if precision == 'auto':
-    precision = 'fp32' if jax.default_backend() == 'cpu' else 'bf16'
+    precision = 'fp32' if platform == 'cpu' else 'bf16'
   return {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}[precision], precision

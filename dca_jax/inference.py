@@ -130,7 +130,7 @@ def load_for_inference(config, workdir: str, which: str = 'latest') -> Inference
       raise ckpt_lib.CheckpointError(f'no {"intact " if checkpointer.all_steps() else ""}{which} '
                                      f'checkpoint in {directory}')
     config = _with_saved_classes(config, checkpointer, step)
-    dtype, precision = distributed.compute_dtype(config.precision)
+    dtype, precision = distributed.compute_dtype(config.precision, config.attention_impl)
     model = build_model(config, dtype=dtype)
     mesh = distributed.make_mesh()
     shape = (1, *config_lib.input_hw(config), 3)

@@ -63,7 +63,8 @@ class Trainer:
       raise ValueError(f'PWCA pairs images within each device: config.batch_size='
                        f'{config.batch_size} over {jax.device_count()} devices leaves fewer than '
                        '2 per device; use a larger batch or --config.pwca_partners=global')
-    self.dtype, self.precision = distributed.compute_dtype(config.precision)
+    self.dtype, self.precision = distributed.compute_dtype(config.precision,
+                                                          config.attention_impl)
     self.input = data.build_input(config, process_index=jax.process_index(),
                                   process_count=jax.process_count())
     config = self.config = _with_data_classes(config, self.input.info)

@@ -1,4 +1,5 @@
-"""The memory planner (dca_jax/plan.py) on the CPU backend, and the cuDNN padding of attention.
+"""The memory planner (dca_jax/plan/) on the CPU backend, its TPU entry, and the cuDNN padding of
+attention.
 
 The planner's GPU use (deviceless compiles for NVIDIA targets) needs the CUDA wheels, which the
 suite does not install; the same code runs here against XLA:CPU's buffer assignment, which is
@@ -197,7 +198,7 @@ def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path, ca
   from dca_jax import train  # pylint: disable=g-import-not-at-top
   config = tiny_config(auto_batch=True, plan_memory_gb=limit / 2**30, plan_memory_margin=0.0,
                        max_steps=2, eval_frequency=100)
-  train.train_and_evaluate(plan.apply_auto_batch(config), str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path))  # the train mode plans itself (auto_batch)
   stdout = capsys.readouterr().out
   line = [s for s in stdout.splitlines() if s.startswith('auto_batch:')]
   assert line, stdout[-2000:]
@@ -229,3 +230,71 @@ def test_bad_spec_is_one_clear_line(tmp_path):
   (tmp_path / 'bad.txtpb').write_text('hello')
   with pytest.raises(plan.PlanError, match='not an XLA GPU target spec'):
     plan.gpu_target(str(tmp_path / 'bad.txtpb'))
+
+
+# --- the TPU entry ---------------------------------------------------------------------------
+@pytest.mark.parametrize('name,gen', [('v5e:2x2', 'v5e'), ('v5litepod-16', 'v5e'),
+                                      ('v4:2x2x1', 'v4'), ('v5p:2x2x1', 'v5p'),
+                                      ('v6e:2x2', 'v6e'), ('TPU v5 lite', 'v5e'),
+                                      ('TPU v6 lite', 'v6e'), ('TPU v4', 'v4'), ('TPU v5p', 'v5p')])
+def test_tpu_generation_from_topologies_and_device_kinds(name, gen):
+  from dca_jax.plan import tpu  # pylint: disable=g-import-not-at-top
+  assert tpu.generation(name) == gen
+  assert tpu.attached_peak(name) == {'bf16': tpu.PEAK_BF16[gen]}
+
+
+def test_tpu_settings_the_platform_cannot_run_are_one_line():
+  config = tiny_config(precision='fp16')
+  target = dataclasses.replace(plan.attached_target(), platform='tpu', name='v5e:2x2')
+  with pytest.raises(plan.PlanError, match=r"v5e:2x2: config.precision='fp16' on a TPU.*bf16"):
+    plan.resolve_precision(config, target)
+  with pytest.raises(plan.PlanError, match=r"attention_impl='cudnn'.*on a TPU use"):
+    plan.resolve_precision(tiny_config(attention_impl='cudnn'), target)
+  assert plan.resolve_precision(tiny_config(precision='auto'), target) == 'bf16'
+
+
+def test_compiled_flops_above_the_model_say_the_compiler_rematerialised():
+  """A target whose executables report FLOPs (TPU): the row keeps them, times with them, and
+  flags the compiler's own remat when they exceed the model's share of the device."""
+  target = dataclasses.replace(plan.attached_target(), platform='tpu', reports_flops=True,
+                               peak_flops={'bf16': 100e12}, devices=jax.devices()[:1] * 4)
+  cand = plan.Candidate(16, 1, 'off')
+  plain = plan.judge(plan.Row(cand, memory_bytes=1, flops=4e12, device_flops=1.0e12), target,
+                     'bf16', 0.1, 0.5)
+  assert not plain.compiler_remat and plain.step_s == pytest.approx(1e12 / 50e12)
+  extra = plan.judge(plan.Row(cand, memory_bytes=1, flops=4e12, device_flops=1.2e12), target,
+                     'bf16', 0.1, 0.5)
+  assert extra.compiler_remat and extra.step_s == pytest.approx(1.2e12 / 50e12)
+  assert 'the compiler rematerialised' in plan.format_row(extra, target)
+
+
+def test_a_cpu_target_through_the_registry_reports_compiled_flops():
+  """The registry's attached entry, marked as reporting its executables' FLOPs (as TPUs do),
+  measures the real train step on this host: the compiled FLOPs are read (XLA:CPU's fusions
+  count some element-wise work twice: within 15 % of the model's) and judged against them."""
+  from dca_jax.plan import registry  # pylint: disable=g-import-not-at-top
+  [target] = registry.targets([])
+  target = dataclasses.replace(target, reports_flops=True, peak_flops={'fp32': 1e12})
+  config = tiny_config(batch_size=2, gradient_accumulation_steps=1)
+  row = plan.judge(plan.measure(config, plan.Candidate(2, 1, 'off'), target, 'fp32'), target,
+                   'fp32', 0.1, 0.4)
+  assert not row.error and row.memory_bytes > 0
+  assert row.device_flops == pytest.approx(row.flops, rel=0.15)
+  from dca_jax.plan import rows  # pylint: disable=g-import-not-at-top
+  assert row.compiler_remat == (row.device_flops > row.flops * rows.COMPILER_REMAT)
+  assert row.step_s == pytest.approx(row.device_flops / (1e12 * 0.4))
+
+
+def test_tpu_target_without_libtpu_is_one_line():
+  """Where libtpu is installed (jax[tpu]) the topology compiles; here, without it, the line
+  says what to install."""
+  pytest.importorskip('jax', minversion='0.4')
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    with pytest.raises(plan.PlanError, match=r'cannot compile for TPU v5e:2x2.*jax\[tpu\]'):
+      plan.tpu_target('v5e:2x2')
+    return
+  target = plan.tpu_target('v5e:2x2')
+  assert target.num_devices == 4 and target.platform == 'tpu' and target.reports_flops
+  assert 15 * 2**30 < target.memory_bytes < 16 * 2**30  # the compiler's available HBM
