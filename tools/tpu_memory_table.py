@@ -1,0 +1,99 @@
+"""The memory table for Cloud TPUs, computed by the TPU compiler without a TPU: the real train step
+(`dca_jax.plan.measure`) compiled for TPU topologies (the planner's TPU entry, plan/tpu.py),
+CUB ViT-B/16 at 448 px, bf16, effective batch 16 per chip; one JSON line per row, resumable.
+
+Needs libtpu (kept out of requirements.txt and the tests) and the host platform:
+
+  python3 -m venv $TPU_VENV && $TPU_VENV/bin/pip install "jax[tpu]==0.10.2" \\
+      && $TPU_VENV/bin/pip install -r requirements.txt -c <(printf 'jax==0.10.2\\njaxlib==0.10.2\\n')
+  JAX_PLATFORMS=cpu $TPU_VENV/bin/python -m tools.tpu_memory_table \\
+      --rows v5e:2x2/4/off,v4:2x2x1/4/off --out benchmarks/results/plan_tpu.jsonl
+  python -m tools.tpu_memory_table --render benchmarks/results/plan_tpu.jsonl   # markdown
+
+A row is TOPOLOGY/BATCH_PER_CHIP/REMAT[/fsdp]; without --rows, `GRID`. Rows already in --out
+(same key) are skipped. One row compiles in 4 to 14 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from tools.gpu_memory_table import build_config
+
+GRID = ('v5e:2x2/4/off', 'v5e:2x2/4/nothing_saveable', 'v5e:2x2/16/off',
+        'v5e:2x2/16/nothing_saveable', 'v5p:2x2x1/4/off', 'v5p:2x2x1/4/nothing_saveable',
+        'v5p:2x2x1/16/off', 'v4:2x2x1/4/off', 'v4:2x2x1/4/nothing_saveable', 'v6e:2x2/4/off',
+        'v6e:2x2/4/nothing_saveable', 'v5e:4x4/4/off', 'v5e:4x4/4/off/fsdp')
+EFFECTIVE_PER_CHIP = 16
+
+
+def parse(row: str) -> tuple[str, int, str, bool]:
+  parts = row.split('/')
+  return parts[0], int(parts[1]), parts[2], len(parts) > 3 and parts[3] == 'fsdp'
+
+
+def run(args) -> None:
+  from dca_jax import plan  # pylint: disable=g-import-not-at-top
+  done = set()
+  try:
+    with open(args.out) as f:
+      done = {json.loads(line).get('key') for line in f if line.strip()}
+  except FileNotFoundError:
+    pass
+  targets = {}
+  for spec in (args.rows.split(',') if args.rows else GRID):
+    if spec in done:
+      continue
+    topology, per_chip, remat, fsdp = parse(spec)
+    if topology not in targets:
+      targets[topology] = plan.tpu_target(topology)
+    target = targets[topology]
+    config = build_config(dict(config='cub', backbone='vit_base', precision='bf16', fsdp=fsdp))
+    batch = per_chip * target.num_devices
+    candidate = plan.Candidate(batch, EFFECTIVE_PER_CHIP // per_chip, remat)
+    with config.unlocked():
+      config.gradient_accumulation_steps = candidate.accumulation
+    row = plan.judge(plan.measure(config, candidate, target, 'bf16'), target, 'bf16',
+                     config.plan_memory_margin, config.plan_mfu)
+    rec = row.record(plan.candidate_config(config, candidate), target, 'bf16')
+    rec.update(key=spec, topology=topology, per_chip_batch=per_chip,
+               host_flops_per_chip=row.flops / target.num_devices)
+    print(plan.format_row(row, target), flush=True)
+    with open(args.out, 'a') as f:
+      f.write(json.dumps(rec, default=float) + '\n')
+
+
+def render(path: str) -> str:
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  lines = ['| topology | chips (hosts) | batch / chip x accumulation | remat | FSDP | GiB / chip '
+           '(of available) | TFLOP / chip: compiled (model) | compiler remat | ms / update at '
+           'MFU 0.4 |', '|---|---|---|---|---|---|---|---|---|']
+  for r in records:
+    device, model = r['device_flops'] / 1e12, r['host_flops_per_chip'] / 1e12
+    update = f'{r["update_s"] * 1e3:.0f}' if math.isfinite(r['update_s']) else ''
+    lines.append(f'| {r["topology"]} | {r["num_devices"]} ({r["hosts"]}) | '
+                 f'{r["per_chip_batch"]} x {r["accumulation"]} | {r["remat"]} | '
+                 f'{"yes" if r["fsdp"] else "no"} | {r["memory_gib"]:.2f} ({r["usable_gib"]:.2f})'
+                 f'{"" if r["fits"] else ", does not fit"} | {device:.2f} ({model:.2f}) | '
+                 f'{"yes" if r["compiler_remat"] else "no"} | {update} |')
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--rows', default='', help='TOPOLOGY/BATCH_PER_CHIP/REMAT[/fsdp],...')
+  parser.add_argument('--out', default='benchmarks/results/plan_tpu.jsonl')
+  parser.add_argument('--render', default='', help='print the markdown table of this file')
+  args = parser.parse_args()
+  if args.render:
+    print(render(args.render))
+  else:
+    run(args)
+
+
+if __name__ == '__main__':
+  main()
