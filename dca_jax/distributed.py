@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 import jax
@@ -18,8 +19,9 @@ def initialize_multihost(coordinator_address: str = '', num_processes: int = 0,
                          process_id: int = -1) -> None:
   """Calls `jax.distributed.initialize` when launched as several processes.
 
-  Explicit flags win; otherwise the cluster environment (SLURM, TPU pods, or the JAX_COORDINATOR_*
-  variables) is auto-detected by jax. A single process without any of these does nothing.
+  Explicit flags win; otherwise the cluster environment (SLURM, a Cloud TPU VM's slice, or the
+  JAX_COORDINATOR_* variables) is auto-detected by jax. A single process without any of these
+  does nothing.
   """
   env = os.environ
   if coordinator_address or 'JAX_COORDINATOR_ADDRESS' in env:
@@ -33,6 +35,28 @@ def initialize_multihost(coordinator_address: str = '', num_processes: int = 0,
     jax.distributed.initialize(**kwargs)
   elif 'SLURM_JOB_ID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
     jax.distributed.initialize()
+  elif on_cloud_tpu_vm() and env.get('JAX_PLATFORMS', '') in ('', 'tpu'):
+    # A TPU VM: jax finds the slice's hosts from the VM's metadata (a pod slice runs the same
+    # command on every host); a host that belongs to no multi-host slice stays single.
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError):
+      pass
+
+
+GOOGLE_PCI_VENDOR = '0x1ae0'  # Cloud TPU chips on a TPU VM's PCI bus
+
+
+def on_cloud_tpu_vm(pci_devices: str = '/sys/bus/pci/devices') -> bool:
+  """Whether this host has Cloud TPU chips (read from sysfs: no jax backend is started)."""
+  for vendor in glob.glob(os.path.join(pci_devices, '*', 'vendor')):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
 
 
 def make_mesh() -> Mesh:

@@ -171,3 +171,16 @@ diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
 trainer.checkpointer.close()
 print(json.dumps(dict(counts, max_param_diff=diff, lr=float(trainer.schedule(0)))))
 """
+
+
+def test_a_cloud_tpu_vm_is_told_by_its_pci_bus(tmp_path):
+  """Google's PCI vendor id on the bus means TPU chips (jax.distributed then finds the slice);
+  this machine's own bus has none."""
+  from dca_jax import distributed  # pylint: disable=g-import-not-at-top
+  for name, vendor in (('0000:00:04.0', '0x1ae0'), ('0000:00:05.0', '0x8086')):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'vendor').write_text(vendor + '\n')
+  assert distributed.on_cloud_tpu_vm(str(tmp_path))
+  (tmp_path / '0000:00:04.0' / 'vendor').write_text('0x10de\n')
+  assert not distributed.on_cloud_tpu_vm(str(tmp_path))
+  assert not distributed.on_cloud_tpu_vm()
