@@ -11,27 +11,17 @@ paper's FGVC recipe at 448 px, fine-tuning that backbone's ImageNet weights (fet
 cached; a GPU is the place for it). The number of classes is taken from the folders
 (num_classes=0) and recorded in the run.
 """
+from configs import demo
 from dca_jax import hub, tasks
 
 
 def get_config(arg=None):
-  c = tasks.task_config('fgvc', arg or 'deit_tiny')
+  if arg:  # the paper's recipe on a pretrained backbone
+    c = tasks.task_config('fgvc', arg)
+    c.pretrained_model = hub.default_weights(c.backbone)
+  else:    # the demo's small DCAL (configs/demo.py), from scratch
+    c = demo.get_config()
+    c.eval_batch_size, c.eval_frequency, c.save_frequency = 32, 1, 1
   c.dataset, c.data_source = 'imagefolder', 'folder'
   c.num_classes = 0                      # as many as DATA/train/ has folders
-  if arg:                                # the paper's recipe on a pretrained backbone
-    c.pretrained_model = hub.default_weights(c.backbone)
-    return c
-  c.resize_size, c.input_size = 64, 56
-  c.backbone_overrides.update(dict(width=64, depth=3, num_heads=4, mlp_dim=128, patch_size=8))
-  c.num_sa_layers, c.num_glca_layers, c.num_pwca_layers = 3, 1, 3
-  c.top_k_ratio = 0.2                    # 10 of 49 patches
-  c.batch_size, c.gradient_accumulation_steps = 32, 1
-  c.learning_rate = 0.048                # x 32/512 -> 3e-3
-  c.max_grad_norm = 1.0
-  c.num_epochs, c.warmup_epochs = 16, 1.0
-  c.stochastic_depth_prob = 0.0
-  c.use_gradient_checkpointing = False
-  c.pretrained_model = 'none'
-  c.eval_batch_size = 32
-  c.log_every_steps = 20
   return c
