@@ -37,6 +37,7 @@ def one_device_run(tmp_path_factory):
   return overrides, load_npz(out)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('one_device_run')  # both share the module fixture's run
 @pytest.mark.parametrize('fsdp', [False, True])
 def test_eight_devices_match_one_device(tmp_path, fsdp, one_device_run):

@@ -18,7 +18,7 @@ try:
 except ImportError:
   import layouts  # pylint: disable=g-import-not-at-top
 
-pytestmark = pytest.mark.xdist_group('first_hour')  # one module fixture, one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('first_hour')]  # one module fixture, one worker
 CLASSES = ('cat', 'dog', 'eel')
 
 

@@ -18,7 +18,7 @@ from dca_jax.evaluators import retrieval
 from dca_jax.models import dcal
 from dca_jax.reid import metrics
 
-pytestmark = pytest.mark.xdist_group('reid_run')  # one module fixture, one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('reid_run')]  # one module fixture, one worker
 
 
 @pytest.fixture(scope='module')

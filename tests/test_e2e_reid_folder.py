@@ -16,7 +16,7 @@ try:
 except ImportError:
   import reid_layouts  # pylint: disable=g-import-not-at-top
 
-pytestmark = pytest.mark.xdist_group('reid_folder')  # one module fixture, one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('reid_folder')]  # one module fixture, one worker
 REID = f'{TINY_CONFIG}:reid'
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dca_jax import checkpoint, data, export, predict, serving, train
 
-pytestmark = pytest.mark.xdist_group('export_runs')  # one module fixture, one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('export_runs')]  # one module fixture, one worker
 
 # Probabilities and unit-norm features: float32 rounding differs between XLA and onnxruntime's
 # kernels (measured up to ~1e-7 here); 1e-5 leaves room and still fails on any real change.

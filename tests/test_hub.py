@@ -311,6 +311,7 @@ def test_the_demos_train_from_scratch():
   assert hub.is_scratch(_load_config('reid_demo').pretrained_model)
 
 
+@pytest.mark.slow
 def test_training_loads_by_name_says_so_and_a_resumed_run_does_not_fetch(hf_home, tmp_path,
                                                                            capsys, monkeypatch):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top

@@ -74,8 +74,10 @@ def test_a_run_that_is_not_whole_updates_warns_once_at_start(tmp_path, capsys):
                                       5) is None
   line = optim.partial_update_warning(config, 5)
   assert 'the last 2 micro-batch(es)' in line and '(2 updates)' in line and 'max_steps=8' in line
-  trainer = types.SimpleNamespace(precision='fp32', steps_per_epoch=5, resume_step=None,
-                                  state=types.SimpleNamespace(params={'w': np.zeros(3)}, step=0))
+  trainer = types.SimpleNamespace(
+      precision='fp32', steps_per_epoch=5, resume_step=None,
+      input=types.SimpleNamespace(info=types.SimpleNamespace(protocol='')),
+      state=types.SimpleNamespace(params={'w': np.zeros(3)}, step=0))
   train._start(trainer, config, str(tmp_path), chief=True)
   err = capsys.readouterr().err
   assert [l for l in err.splitlines() if l.startswith('warning:')] == [line]

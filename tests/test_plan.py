@@ -132,6 +132,7 @@ def _by(records):
   return {(r['batch_size'], r['remat']): r for r in records}
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_plan_compiles_every_candidate_and_bytes_follow_the_batch(cpu_plan):
   _, records = cpu_plan
@@ -164,6 +165,7 @@ def _brute_force(records, limit):
   return max(near, key=lambda r: r['batch_size'])
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_recommendation_is_the_brute_force_optimum_at_every_memory_limit(cpu_plan):
   config, records = cpu_plan
@@ -184,6 +186,7 @@ def test_recommendation_is_the_brute_force_optimum_at_every_memory_limit(cpu_pla
                                                                  want['remat'])
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path, capsys):
   """main.py with auto_batch and a memory budget that the largest batch exceeds: the search
@@ -211,6 +214,7 @@ def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path, ca
   assert f'Physical batch size: {want["batch_size"]} (auto_batch' in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_nothing_fits_is_one_clear_line(cpu_plan):
   """Below the smallest candidate nothing is recommended, and the line says what to change."""

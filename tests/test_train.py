@@ -146,6 +146,7 @@ def two_step_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('two_step_run')
 def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path, two_step_run):
   tmp_path = tmp_path / 'run'
@@ -162,6 +163,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path, two_st
          {k: v for k, v in snapshot.items() if 'metrics' not in k}
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('two_step_run')
 def test_resume_says_the_pretrained_weights_are_not_loaded(tmp_path, capsys, two_step_run):
   tmp_path = tmp_path / 'run'
@@ -221,6 +223,7 @@ def _fresh_params(config):
   return jax.device_get(model.init(jax.random.key(1), jnp.zeros(shape), train=False)['params'])
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group('two_step_run')
 def test_a_run_is_pretrained_weights_for_another_task(tmp_path, two_step_run, caplog):
   """An FGVC run (32 x 32 px, 4 classes) loads into a Re-ID model (32 x 16 px, 6 identities):

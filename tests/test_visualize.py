@@ -14,7 +14,6 @@ from PIL import Image
 from dca_jax import predict, train, visualize
 from dca_jax.models import dcal
 
-pytestmark = pytest.mark.xdist_group('visualize_runs')  # one module fixture, one worker
 
 
 def _predict_cli(workdir, *images):
@@ -86,6 +85,8 @@ def test_rollout_heatmap_blocks_normalised_and_upsampled():
     visualize.rollout_heatmap(np.ones(9), (3, 3), (6, 6))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_heatmap_is_the_rollout_glca_selects_from(runs):
   config = tiny_config()
   predictor = visualize.Predictor(config, runs['dcal'])
@@ -153,6 +154,8 @@ def test_pick_correct_and_wrong_mixes_both(correct, n, want):
 
 
 # --- figures ---------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_visualize_writes_figures_and_side_by_side_comparison(runs):
   config = tiny_config()
   written = visualize.run_visualize(config, runs['dcal'], num_images=2)
@@ -183,6 +186,8 @@ def test_visualize_writes_figures_and_side_by_side_comparison(runs):
 
 
 # --- predict -------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_predict_top5_on_grayscale_rgba_and_odd_jpeg(runs, capsys):
   config = tiny_config()
   files = runs['files']
@@ -208,6 +213,8 @@ def test_predict_top5_on_grayscale_rgba_and_odd_jpeg(runs, capsys):
     predict.run_predict(config, runs['dcal'], [])
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_predict_cli_missing_file_is_one_line_and_others_run(runs):
   missing, good = runs['cli_images']
   out, err = runs['cli'].communicate(timeout=300)
