@@ -30,20 +30,10 @@ import os
 import statistics
 import time
 
-from benchmarks.machine import cpu_model, loadavg
+from benchmarks.machine import cpu_model, isa_flags, loadavg
 
 B, N, D, HEADS, MLP = 4, 785, 192, 3, 768
 PARTS = ('attention', 'dense', 'layernorm', 'gelu', 'block', 'adamw')
-
-
-def isa_flags() -> str:
-  """avx2 / avx512f / amx_tile, as /proc/cpuinfo lists them (what the matmul library can use)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags = next(line for line in f if line.startswith('flags')).split()
-  except (OSError, StopIteration):
-    return 'unknown'
-  return ' '.join(x for x in ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile') if x in flags)
 
 
 def median_ms(run, repeats: int) -> float:

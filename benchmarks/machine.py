@@ -25,3 +25,13 @@ def loadavg() -> float:
     return round(os.getloadavg()[0], 2)
   except OSError:
     return float('nan')
+
+
+def isa_flags() -> str:
+  """avx2 / avx512f / amx_tile, as /proc/cpuinfo lists them (what the matmul library can use)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next(line for line in f if line.startswith('flags')).split()
+  except (OSError, StopIteration):
+    return 'unknown'
+  return ' '.join(x for x in ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile') if x in flags)

@@ -96,12 +96,31 @@ def build_config(recipe):
   return c
 
 
+def done_keys(path: str) -> set:
+  """The row keys already in a results file (the tables are resumable)."""
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    return {json.loads(line).get('key') for line in f if line.strip()}
+
+
+def measure_and_append(config, candidate, target, out: str, **fields):
+  """One row: the real train step compiled for `target`, judged, printed, appended to `out`
+  with `fields`; returns the row."""
+  from dca_jax import plan  # pylint: disable=g-import-not-at-top
+  row = plan.measure(config, candidate, target, config.precision)
+  plan.judge(row, target, config.precision, config.plan_memory_margin, config.plan_mfu)
+  rec = row.record(plan.candidate_config(config, row.candidate), target, config.precision)
+  rec.update({k: v(row) if callable(v) else v for k, v in fields.items()})
+  print(plan.format_row(row, target), flush=True)
+  with open(out, 'a') as f:
+    f.write(json.dumps(rec, default=float) + '\n')
+  return row
+
+
 def run(args):
   from dca_jax import plan  # pylint: disable=g-import-not-at-top
-  done = set()
-  if os.path.exists(args.out):
-    with open(args.out) as f:
-      done = {json.loads(line).get('key') for line in f if line.strip()}
+  done = done_keys(args.out)
   targets = {}
   for spec in grid(args.groups.split(',')):
     k = key(*spec)
@@ -110,15 +129,9 @@ def run(args):
     group, card, recipe, topology, b, a, remat = spec
     if (card, topology) not in targets:
       targets[card, topology] = plan.gpu_target(os.path.join(args.specs, SPECS[card]), topology)
-    target = targets[card, topology]
-    config = build_config(recipe)
-    row = plan.measure(config, plan.Candidate(b, a, remat), target, config.precision)
-    plan.judge(row, target, config.precision, config.plan_memory_margin, config.plan_mfu)
-    rec = row.record(plan.candidate_config(config, row.candidate), target, config.precision)
-    rec.update(key=k, group=group, card=card, topology=topology)
-    print(plan.format_row(row, target), flush=True)
-    with open(args.out, 'a') as f:
-      f.write(json.dumps(rec, default=float) + '\n')
+    measure_and_append(build_config(recipe), plan.Candidate(b, a, remat),
+                       targets[card, topology], args.out, key=k, group=group, card=card,
+                       topology=topology)
 
 
 def _cell(r):

@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 
-from tools.gpu_memory_table import build_config
+from tools.gpu_memory_table import build_config, done_keys, measure_and_append
 
 GRID = ('v5e:2x2/4/off', 'v5e:2x2/4/nothing_saveable', 'v5e:2x2/16/off',
         'v5e:2x2/16/nothing_saveable', 'v5p:2x2x1/4/off', 'v5p:2x2x1/4/nothing_saveable',
@@ -36,12 +36,7 @@ def parse(row: str) -> tuple[str, int, str, bool]:
 
 def run(args) -> None:
   from dca_jax import plan  # pylint: disable=g-import-not-at-top
-  done = set()
-  try:
-    with open(args.out) as f:
-      done = {json.loads(line).get('key') for line in f if line.strip()}
-  except FileNotFoundError:
-    pass
+  done = done_keys(args.out)
   targets = {}
   for spec in (args.rows.split(',') if args.rows else GRID):
     if spec in done:
@@ -51,18 +46,13 @@ def run(args) -> None:
       targets[topology] = plan.tpu_target(topology)
     target = targets[topology]
     config = build_config(dict(config='cub', backbone='vit_base', precision='bf16', fsdp=fsdp))
-    batch = per_chip * target.num_devices
-    candidate = plan.Candidate(batch, EFFECTIVE_PER_CHIP // per_chip, remat)
+    candidate = plan.Candidate(per_chip * target.num_devices, EFFECTIVE_PER_CHIP // per_chip,
+                               remat)
     with config.unlocked():
       config.gradient_accumulation_steps = candidate.accumulation
-    row = plan.judge(plan.measure(config, candidate, target, 'bf16'), target, 'bf16',
-                     config.plan_memory_margin, config.plan_mfu)
-    rec = row.record(plan.candidate_config(config, candidate), target, 'bf16')
-    rec.update(key=spec, topology=topology, per_chip_batch=per_chip,
-               host_flops_per_chip=row.flops / target.num_devices)
-    print(plan.format_row(row, target), flush=True)
-    with open(args.out, 'a') as f:
-      f.write(json.dumps(rec, default=float) + '\n')
+    measure_and_append(config, candidate, target, args.out, key=spec, topology=topology,
+                       per_chip_batch=per_chip,
+                       host_flops_per_chip=lambda row: row.flops / target.num_devices)
 
 
 def render(path: str) -> str:

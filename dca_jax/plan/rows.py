@@ -218,7 +218,7 @@ def measure(config, candidate: Candidate, target: Target, precision: str, *,
       setattr(row, field, value)
     # The TPU's windowed einsums (collective matmuls of FSDP) run their dots in loops that the
     # cost analysis counts once: their FLOPs would read low, so the model's stand instead.
-    row.windowed_einsum = hlo.count('windowed_dot_general') > 0
+    row.windowed_einsum = 'windowed_dot_general' in hlo
     if target.reports_flops and not row.windowed_einsum:
       row.device_flops = _compiled_flops(compiled)
   except Exception as e:  # pylint: disable=broad-except  (a row that cannot compile is a row)
