@@ -18,6 +18,11 @@ import sys
 # TensorFlow (input pipeline only) must not grab GPU memory or print its start-up noise.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# CPU training: glibc keeps the memory XLA frees each step; before any thread allocates.
+from dca_jax import host_malloc  # noqa: E402
+
+host_malloc.retain_freed_memory()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

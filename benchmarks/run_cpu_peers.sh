@@ -24,14 +24,16 @@
 #   jax_dcal_noremat  ours, DCAL, remat off
 #   timm              timm's deit_tiny_patch16_224(img_size=448) step
 #
-# ALLOC=retain runs every peer with glibc malloc told to keep freed memory (one arena, no mmap,
-# no trimming): XLA:CPU allocates each execution's temporary buffer (~1 GiB for the SA step) with
+# ALLOC: XLA:CPU allocates each execution's temporary buffer (~1 GiB for the SA step) with
 # posix_memalign, which glibc serves with a fresh mmap every step, so every page of it faults and
-# is zeroed again (~270k minor faults per step; docs/BENCHMARKS.md). Default: ALLOC=default.
+# is zeroed again (~270k minor faults per step; docs/BENCHMARKS.md). Our processes tell glibc to
+# keep freed memory themselves (dca_jax/host_malloc.py, as main.py does). ALLOC=default runs each
+# peer as it ships; ALLOC=glibc turns ours off (glibc's defaults for all); ALLOC=retain gives every
+# peer, timm too, the same settings by environment (one arena, no mmap, no trimming).
 #
 # Knobs: PEERS ("jax_sa timm"), ROUNDS (5), PARTS (1), BACKBONE/TIMM_MODEL (deit_tiny /
 # deit_tiny_patch16_224), SIZE (448), BATCH (4), THREADS (nproc), CPUS (taskset list, default
-# all), EXTRA (more train_step.py flags for our peers), ALLOC (default | retain), LABEL,
+# all), EXTRA (more train_step.py flags for our peers), ALLOC (default | glibc | retain), LABEL,
 # RESULTS (benchmarks/results/cpu_peers.jsonl, appended), LOG (the peers' stderr), PYTHON (ours).
 # The venv: $TIMM_VENV if set, else .venv-timm (git-ignored), created when missing with
 # torch==2.14.1 torchvision==0.29.1 timm (PIP_ARGS are passed to pip, e.g. a CPU index URL).
@@ -67,9 +69,10 @@ fi
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 PIN="taskset -c $CPUS"
 case $ALLOC in
-  default) ;;
+  default) ;;   # as each ships: ours retains freed memory itself (dca_jax/host_malloc.py), timm not
+  glibc) PIN="env DCA_JAX_MALLOC=default $PIN" ;;   # glibc's defaults for both
   retain) PIN="env MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=268435456 $PIN" ;;
-  *) echo "unknown ALLOC $ALLOC (default | retain)" >&2; exit 2 ;;
+  *) echo "unknown ALLOC $ALLOC (default | glibc | retain)" >&2; exit 2 ;;
 esac
 COMMON="--size $SIZE --batch $BATCH --num_classes 200 --drop_path 0.1"
 OURS="$PIN $PY -m benchmarks.train_step --serve --backbone $BACKBONE $COMMON --precision fp32 --accum 1"

@@ -47,13 +47,15 @@ import sys
 import threading
 import time
 
+from dca_jax import host_malloc  # first: before any thread allocates (as main.py does)
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.machine import cpu_model, loadavg
-from dca_jax import checks
-from dca_jax import train_step
+MALLOC_RETAINED = host_malloc.retain_freed_memory()
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.machine import cpu_model, loadavg  # noqa: E402
+from dca_jax import checks, train_step  # noqa: E402
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
 
@@ -65,7 +67,7 @@ def machine_info() -> dict:
   dev = jax.local_devices()[0]
   return {'backend': jax.default_backend(), 'device': getattr(dev, 'device_kind', str(dev)),
           'num_devices': jax.device_count(), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
-          'jax': jax.__version__, 'hostname': platform.node()}
+          'jax': jax.__version__, 'hostname': platform.node(), 'malloc_retained': MALLOC_RETAINED}
 
 
 

@@ -14,10 +14,11 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'dca_jax_test_jit_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
-# The tests' programs are tiny: LLVM's optimisation of each costs more than it saves (the
-# README's command on 2 Zen 1 cores: cold 9 min 47 s -> 7 min 25 s, warm 4 min 38 s -> 4 min 10 s).
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_backend_optimization_level=0').strip()
+# The tests' programs are tiny: compiling them is most of the suite's time. LLVM's optimisation
+# costs more than it saves, and XLA:CPU's older element-wise emitter compiles the same fusions in
+# about half the time of the newer fusion emitters (docs/BENCHMARKS.md, "Test-suite time").
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+                           ' --xla_cpu_use_fusion_emitters=false').strip()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)

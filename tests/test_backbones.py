@@ -331,6 +331,7 @@ def test_cub_config_picks_the_backbone_its_weights_and_normalisation(arg):
   assert cfg.grid_size(config.input_size) == config.input_size // cfg.patch_size  # 448 fits
 
 
+@pytest.mark.slow  # train, evaluate and visualise end to end
 def test_dinov2_reg4_config_trains_evaluates_and_visualises(tmp_path, monkeypatch):
   """configs/cub.py:dinov2_small_reg4 shrunk (the fixture's sizes, synthetic data, 56 px): the
   timm fixture loads as its pretrained weights, 2 steps train (SA + GLCA + PWCA), the epoch's

@@ -604,18 +604,23 @@ def test_pwca_with_t_less_than_l_starts_at_block_l_minus_t(t):
     assert close == match, (start, match)
 
 
+def _seeds(n):
+  return jax.vmap(jax.random.PRNGKey)(jnp.arange(n))
+
+
 @pytest.mark.parametrize('batch', [2, 3, 4, 5, 8, 16])
 def test_derangement_is_a_permutation_without_fixed_points(batch):
-  for seed in range(200):
-    p = np.asarray(dcal.derangement(jax.random.PRNGKey(seed), batch))
+  draws = np.asarray(jax.jit(jax.vmap(lambda key: dcal.derangement(key, batch)))(_seeds(200)))
+  for p in draws:   # one compiled draw per seed, the same as calling it seed by seed
     assert sorted(p) == list(range(batch))
     assert (p != np.arange(batch)).all()
 
 
 @pytest.mark.parametrize('batch,groups', [(8, 4), (16, 8), (6, 3), (8, 1)])
 def test_per_group_partners_stay_in_their_group(batch, groups):
-  for seed in range(50):
-    partner = np.asarray(dcal.derangement_per_group(jax.random.PRNGKey(seed), batch, groups))
+  draws = np.asarray(jax.jit(jax.vmap(
+      lambda key: dcal.derangement_per_group(key, batch, groups)))(_seeds(50)))
+  for partner in draws:
     size = batch // groups
     rows = partner.reshape(groups, size) if groups > 1 else partner.reshape(1, batch)
     for row in rows:                      # a derangement of the group's own positions
@@ -787,26 +792,34 @@ def test_inference_output_independent_of_num_pwca_layers():
   np.testing.assert_array_equal(o['glca_logits'], outs[0]['glca_logits'])
 
 
-def test_remat_policies_give_the_same_gradients():
+def _remat_grads(policy):
   cfg = vit.ViTConfig(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
   x, labels = images(), jnp.array([0, 1, 2, 3])
   params = init_params(make_model(cfg))
-  key = jax.random.PRNGKey(11)
+  model = make_model(cfg, remat_policy=policy, stochastic_depth_prob=0.2)
 
-  def grads(policy):
-    model = make_model(cfg, remat_policy=policy, stochastic_depth_prob=0.2)
+  def loss(p):
+    partner = dcal.derangement(jax.random.PRNGKey(5), B)
+    out = model.apply({'params': p}, x, train=True, partner=partner,
+                      rngs={'dropout': jax.random.PRNGKey(11)})
+    return losses.dcal_loss(out, labels)[0]
+  return jax.jit(jax.value_and_grad(loss), **FAST)(params)
 
-    def loss(p):
-      partner = dcal.derangement(jax.random.PRNGKey(5), B)
-      out = model.apply({'params': p}, x, train=True, partner=partner, rngs={'dropout': key})
-      return losses.dcal_loss(out, labels)[0]
-    return jax.jit(jax.value_and_grad(loss), **FAST)(params)
 
-  ref_loss, ref = grads(None)
-  for policy in ('full', 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable'):
-    l, g = grads(policy)
-    np.testing.assert_allclose(l, ref_loss, rtol=1e-6)
-    chex.assert_trees_all_close(g, ref, rtol=1e-4, atol=1e-6)
+_no_remat_grads = functools.cache(lambda: _remat_grads(None))
+
+
+# The config's default policy in the quick set; the other names take the same code path
+# (jax.checkpoint with the named policy) and run with `slow`.
+@pytest.mark.parametrize('policy', [
+    'nothing_saveable',
+    *(pytest.param(p, marks=pytest.mark.slow)
+      for p in ('full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'))])
+def test_remat_policies_give_the_same_gradients(policy):
+  ref_loss, ref = _no_remat_grads()
+  l, g = _remat_grads(policy)
+  np.testing.assert_allclose(l, ref_loss, rtol=1e-6)
+  chex.assert_trees_all_close(g, ref, rtol=1e-4, atol=1e-6)
   assert _norm(ref['glca_block']) > 0
 
 
@@ -984,7 +997,8 @@ def test_partner_stop_gradient_cuts_the_gradient_into_the_partner(stop):
   config = tiny_config(pwca_partner_stop_gradient=stop)
   model = build_model(config)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-  variables = model.init({'params': jax.random.key(0)}, images, train=False)
+  variables = jax.jit(lambda x: model.init({'params': jax.random.key(0)}, x, train=False),
+                      **FAST)(images)  # one compile, not one per primitive
   partner = jnp.array([1, 0], jnp.int32)
 
   def pwca_of_image0(images):
@@ -992,6 +1006,6 @@ def test_partner_stop_gradient_cuts_the_gradient_into_the_partner(stop):
                       rngs={'dropout': jax.random.key(1), 'selection': jax.random.key(2)})
     return out['pwca_logits'][0].sum()
 
-  grad = np.asarray(jax.grad(pwca_of_image0)(images))
+  grad = np.asarray(jax.jit(jax.grad(pwca_of_image0), **FAST)(images))
   assert np.abs(grad[0]).max() > 0
   assert (np.abs(grad[1]).max() == 0) == stop

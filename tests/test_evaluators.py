@@ -153,7 +153,8 @@ def setup():
   image) and the synthetic test split: 20 images in batches of 8 (4 padded)."""
   config = tiny_config(test_flip=True, synthetic_num_test=20)
   model = build_model(config)
-  variables = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)), train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.key(3), x, train=False))(
+      jnp.zeros((1, 32, 32, 3)))
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x * 10.0 if 'kernel' in jax.tree_util.keystr(path) else x,
       variables['params'])
@@ -187,6 +188,7 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
+@pytest.fixture(scope='module')
 def numpy_probs(setup):
   """({flip: {metric: probabilities [n, C]}}, labels [n]) of the real test images, from
   model.apply on host-normalised images and their numpy mirrors; softmax and averages in
@@ -211,12 +213,12 @@ def top1(probs, labels):
 
 
 @pytest.mark.parametrize('labels_from', ['data', 'mirrored_prediction'])
-def test_flip_accuracy_equals_an_independent_computation(setup, labels_from):
+def test_flip_accuracy_equals_an_independent_computation(setup, numpy_probs, labels_from):
   """Scored against the data's labels, and against labels = the numpy flip-averaged SA+GLCA
   prediction (flip accuracy 1 exactly; the single crop's < 1: the mirror changes some
   predictions of this model, so an evaluator that does not flip fails)."""
   config, model, variables, inp, context = setup
-  probs, labels = numpy_probs(setup)
+  probs, labels = numpy_probs
   if labels_from == 'mirrored_prediction':
     labels = probs[True]['accuracy'].argmax(-1)
     context = evaluators.Context(config, model, Relabelled(inp, labels), context.mesh,
@@ -229,14 +231,14 @@ def test_flip_accuracy_equals_an_independent_computation(setup, labels_from):
       assert got[metric] == pytest.approx(value, abs=1e-6), (flip, metric)
 
 
-def test_test_flip_adds_a_flip_entry_beside_the_single_crop(setup):
+def test_test_flip_adds_a_flip_entry_beside_the_single_crop(setup, numpy_probs):
   config, _, variables, _, context = setup
   entries = tasks.get('fgvc').default_evals(config)
   assert entries['test'] == {'type': 'classification', 'split': 'test', 'prefix': ''}
   assert entries['flip']['flip'] and entries['flip']['prefix'] == 'flip/'
   assert 'flip' not in tasks.get('fgvc').default_evals(tiny_config())   # default: off
   results, _ = evaluators.Suite(context, eval_mode=True).run(variables)
-  probs, labels = numpy_probs(setup)
+  probs, labels = numpy_probs
   want = {flip: top1(probs[flip], labels) for flip in (False, True)}
   for metric in ('accuracy', 'accuracy_sa', 'accuracy_glca'):
     assert results[metric] == pytest.approx(want[False][metric], abs=1e-6)

@@ -111,11 +111,13 @@ def test_four_microbatches_of_four_equal_one_batch_of_sixteen():
   # e.g. the key biases', whose gradient is 0 in exact arithmetic).
   common = dict(num_pwca_layers=0, stochastic_depth_prob=0.0, max_steps=0, num_epochs=1,
                 optimizer='sgd', momentum=0.0, weight_decay=0.0)
-  accum = _run(tiny_config(batch_size=4, gradient_accumulation_steps=4, **common), images, labels, 4)
+  accumulating = tiny_config(batch_size=4, gradient_accumulation_steps=4, **common)
+  accum = _run(accumulating, images, labels, 4)
   init, big = _run(tiny_config(batch_size=16, gradient_accumulation_steps=1, **common),
                    images, labels, 1)
-  _, last_only = _run(tiny_config(batch_size=4, gradient_accumulation_steps=1, **common),
-                      images[12:], labels[12:], 1)
+  # the last micro-batch four times: the update of that batch alone (the same compiled step)
+  last_only = _run(accumulating, np.concatenate([images[12:]] * 4),
+                   np.concatenate([labels[12:]] * 4), 4)[4]
   diff = lambda x, y: max(float(jnp.abs(a - b).max()) for a, b in
                           zip(jax.tree.leaves(x), jax.tree.leaves(y)))
   for partial in accum[1:4]:  # MultiSteps holds the params until the 4th micro-batch

@@ -39,9 +39,9 @@ def test_padded_fused_attention_equals_unpadded(num_q, num_kv):
     return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
 
   fused = lambda q, k, v: vit.fused_attention(q, k, v, implementation='xla')
-  np.testing.assert_allclose(fused(q, k, v), reference(q, k, v), atol=1e-5)
-  for got, want in zip(jax.grad(loss(fused), (0, 1, 2))(q, k, v),
-                       jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
+  np.testing.assert_allclose(jax.jit(fused)(q, k, v), jax.jit(reference)(q, k, v), atol=1e-5)
+  for got, want in zip(jax.jit(jax.grad(loss(fused), (0, 1, 2)))(q, k, v),   # one compile each,
+                       jax.jit(jax.grad(loss(reference), (0, 1, 2)))(q, k, v)):  # not per op
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -56,10 +56,12 @@ def test_padded_fused_attention_pads_only_odd_lengths():
 
   q = jnp.zeros((1, 785, 1, 8)); kv = jnp.zeros((1, 1570, 1, 8))
   jax.nn.dot_product_attention = spy
+  attend = lambda q, k, v: jax.eval_shape(  # traced, not run: the shapes are what is checked
+      lambda q, k, v: vit.fused_attention(q, k, v, implementation='xla'), q, k, v)
   try:
-    vit.fused_attention(q, kv, kv, implementation='xla')          # PWCA: 785 x (785 + 785)
-    vit.fused_attention(q, q, q, implementation='xla')            # SA: 785 x 785
-    vit.fused_attention(kv[:, :784], kv[:, :784], kv[:, :784], implementation='xla')
+    attend(q, kv, kv)                                       # PWCA: 785 x (785 + 785)
+    attend(q, q, q)                                         # SA: 785 x 785
+    attend(kv[:, :784], kv[:, :784], kv[:, :784])
   finally:
     jax.nn.dot_product_attention = original
   assert seen == [(786, 1570, True), (786, 786, True), (784, 784, False)]

@@ -33,6 +33,7 @@ def _jsonl(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # a training run end to end
 def test_tiny_training_writes_losses_and_accuracies_to_tensorboard(tmp_path):
   from dca_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')

@@ -16,7 +16,9 @@ FAST = {'compiler_options': {'xla_backend_optimization_level': 0}}  # tiny fp16 
 
 
 def _scale(state, scale):
-  return state.replace(loss_scale=dynamic_scale_lib.DynamicScale(scale=jnp.asarray(scale)))
+  # float32, not weak: the step's own output type, so the step compiles once
+  return state.replace(loss_scale=dynamic_scale_lib.DynamicScale(
+      scale=jnp.asarray(scale, jnp.float32)))
 
 
 def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps():
@@ -37,8 +39,10 @@ def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps(
   batches = [{'image': rng.integers(0, 256, (8, 32, 16, 3), dtype=np.uint8), 'label': labels}
              for _ in range(2)]
   before = jax.device_get(state)
+  on_mesh = jax.tree.map(lambda a: a.sharding, state)
+  placed = lambda s: jax.device_put(s, on_mesh)  # the shardings the step compiled for
   # A scale this large makes the fp16 backward pass overflow.
-  after, metrics = step(_scale(state, 6e4 ** 3), batches[0])
+  after, metrics = step(placed(_scale(state, 6e4 ** 3)), batches[0])
   after = jax.device_get(after)
   assert_leaves_equal((before.params, before.opt_state, before.batch_stats),
                 (after.params, after.opt_state, after.batch_stats))
@@ -47,7 +51,7 @@ def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps(
 
   # after the skip: two micro-steps from the kept state (bitwise the state before the overflow:
   # the skip can leave no trace there); the first only accumulates, the second updates
-  s1, _ = step(jax.device_put(_scale(after, 2.0 ** 10)), batches[0])
+  s1, _ = step(placed(_scale(after, 2.0 ** 10)), batches[0])
   s2, m2 = step(s1, batches[1])
   s1, s2 = jax.device_get((s1, s2))
   assert int(m2['skipped_steps']) == 1
@@ -56,7 +60,7 @@ def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps(
                                                          jax.tree.leaves(before.params)))
   assert moved > 1e-4
   # the accumulated gradient is unscaled: the same micro-step under scale 2^4 accumulates it too
-  other, _ = step(jax.device_put(_scale(after, 2.0 ** 4)), batches[0])
+  other, _ = step(placed(_scale(after, 2.0 ** 4)), batches[0])
   accumulated = [np.asarray(g) for g in jax.tree.leaves(s1.opt_state.acc_grads)]
   largest = max(np.abs(g).max() for g in accumulated)
   assert largest > 1e-3
@@ -96,9 +100,11 @@ def test_loss_weighting_sum_and_label_smoothing_reach_the_train_step():
   before = jax.device_get(state)
   new, metrics = step(state, batch)
   partner_rng, dropout_rng, selection_rng = jax.random.split(jax.random.fold_in(base, 0), 3)
-  out = model.apply({'params': before.params}, preprocess.device_normalize(batch['image'], config),
-                    train=True, partner=dcal.derangement(partner_rng, 4),
-                    rngs={'dropout': dropout_rng, 'selection': selection_rng})
+  out = jax.jit(lambda p, x: model.apply(  # one compile, not one per primitive
+      {'params': p}, preprocess.device_normalize(x, config), train=True,
+      partner=dcal.derangement(partner_rng, 4),
+      rngs={'dropout': dropout_rng, 'selection': selection_rng}), **FAST)(before.params,
+                                                                         batch['image'])
   target = 0.8 * np.eye(4)[batch['label']] + 0.2 / 4
   ce = {}
   for branch in ('sa', 'glca', 'pwca'):
