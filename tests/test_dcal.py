@@ -683,6 +683,7 @@ def _tools_module(name):
   return importlib.import_module(f'tools.{name}')
 
 
+@pytest.mark.slow  # compiles seven full-size DeiT-T programs
 def test_inference_flops_glca_adds_about_2_percent():
   """XLA cost analysis, DeiT-Tiny 448 px batch 1: SA+GLCA vs SA (paper +2%), with the vector
   rollout (under 0.1 GFLOP) and with the running product ((L-3)·785^3 multiply-adds). What GLCA

@@ -278,6 +278,7 @@ def test_compiled_flops_above_the_model_say_the_compiler_rematerialised():
   assert not padded.compiler_remat
 
 
+@pytest.mark.slow  # compiles the real train step for the plan, as the cpu_plan group does
 def test_a_cpu_target_through_the_registry_reports_compiled_flops():
   """The registry's attached entry, marked as reporting its executables' FLOPs (as TPUs do),
   measures the real train step on this host: the compiled FLOPs are read (XLA:CPU's fusions
