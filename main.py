@@ -18,11 +18,6 @@ import sys
 # TensorFlow (input pipeline only) must not grab GPU memory or print its start-up noise.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-# CPU training: glibc keeps the memory XLA frees each step; before any thread allocates.
-from dca_jax import host_malloc  # noqa: E402
-
-host_malloc.retain_freed_memory()
-
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -164,11 +159,23 @@ def _one_line_warnings() -> None:
   warnings.showwarning = show
 
 
+def _keep_freed_memory(config):
+  """CPU hosts: glibc keeps the memory XLA frees each step; one arena for large steps."""
+  from dca_jax import config_lib, host_malloc  # pylint: disable=g-import-not-at-top
+  try:
+    large = config is not None and host_malloc.one_arena_pays(
+        config_lib.activation_elements(config))
+  except (KeyError, AttributeError, TypeError):   # a config the checks will reject
+    large = False
+  host_malloc.retain_freed_memory(one_arena=large)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TF log every step at INFO; -v 0 shows it
+  _keep_freed_memory(_CONFIG.value)   # before jax loads: see dca_jax/host_malloc.py
   from dca_jax import distributed, errors  # pylint: disable=g-import-not-at-top
   _one_line_warnings()
   if _EXPORTED.value and _MODE.value not in SERVES_EXPORTED:

@@ -47,9 +47,26 @@ import sys
 import threading
 import time
 
-from dca_jax import host_malloc  # first: before any thread allocates (as main.py does)
+from dca_jax import config_lib, host_malloc  # noqa: I001  (before jax: see host_malloc)
 
-MALLOC_RETAINED = host_malloc.retain_freed_memory()
+
+def _keep_freed_memory(argv) -> tuple:
+  """main.py's malloc settings for this run's model, read from the flags before jax loads."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument('--backbone', default='deit_tiny')
+  pre.add_argument('--size', type=int, default=448)
+  pre.add_argument('--batch', type=int, default=4)
+  pre.add_argument('--override', action='append', default=[])
+  a, _ = pre.parse_known_args(argv)
+  overrides = dict(kv.split('=', 1) for kv in a.override)
+  run = argparse.Namespace(backbone=a.backbone, input_size=a.size, batch_size=a.batch,
+                           backbone_overrides={k: int(v) for k, v in overrides.items()
+                                               if k in ('width', 'depth', 'patch_size')})
+  return host_malloc.retain_freed_memory(
+      one_arena=host_malloc.one_arena_pays(config_lib.activation_elements(run)))
+
+
+MALLOC_SETTINGS = _keep_freed_memory(sys.argv[1:])
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -67,7 +84,7 @@ def machine_info() -> dict:
   dev = jax.local_devices()[0]
   return {'backend': jax.default_backend(), 'device': getattr(dev, 'device_kind', str(dev)),
           'num_devices': jax.device_count(), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
-          'jax': jax.__version__, 'hostname': platform.node(), 'malloc_retained': MALLOC_RETAINED}
+          'jax': jax.__version__, 'hostname': platform.node(), 'malloc_settings': list(MALLOC_SETTINGS)}
 
 
 

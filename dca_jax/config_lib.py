@@ -325,6 +325,17 @@ def model_settings(config) -> dict:
   return settings
 
 
+def activation_elements(config) -> int:
+  """batch x tokens x width x depth of one physical batch: the size of a train step's
+  activations, roughly (host_malloc reads it before jax loads, so no model is built)."""
+  arch = {**backbones.get(config.backbone).arch,
+          **{k: v for k, v in config.backbone_overrides.items() if v is not None}}
+  patch = arch.get('patch_size', 16)
+  patch = 16 if patch == 1 else patch   # the hybrid's patches are its ResNet stem's 16 px cells
+  tokens = (config.input_size // patch) ** 2 + 1
+  return config.batch_size * tokens * arch['width'] * arch['depth']
+
+
 def resolve_normalization(config) -> str:
   """'auto': the backbone's (its registry entry, dca_jax/backbones/): [-1, 1] for the
   Google-trained backbones (ViT-B/16 in21k / AugReg and R50+ViT-B/16), ImageNet mean/std for

@@ -1,6 +1,7 @@
-"""glibc malloc keeping freed memory (dca_jax.host_malloc): a thread that mallocs, writes and
-frees 256 MiB four times faults its pages in once, not at every round; opted out, or on an
-accelerator host, it faults every round as glibc does by default."""
+"""glibc malloc keeping freed memory (dca_jax.host_malloc): 256 MiB malloc'd, written and freed
+four times faults its pages in once, not at every round (in the main thread with the `keep`
+settings; in a pool thread only with one arena as well); opted out, or on an accelerator host,
+it faults every round as glibc does by default. Which configs get one arena."""
 
 import json
 import os
@@ -11,9 +12,9 @@ import pytest
 from conftest import ROOT
 
 PROBE = r"""
-import ctypes, json, resource, threading
+import ctypes, json, os, resource, threading
 from dca_jax import host_malloc
-applied = host_malloc.retain_freed_memory()
+applied = host_malloc.retain_freed_memory(one_arena=os.environ['ONE_ARENA'] == '1')
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -27,17 +28,21 @@ def rounds():   # in a thread: its own arena unless the arena limit holds
     libc.free(p)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
-t = threading.Thread(target=rounds)
-t.start(); t.join()
+if os.environ['IN_THREAD'] == '1':
+  t = threading.Thread(target=rounds)
+  t.start(); t.join()
+else:
+  rounds()
 print(json.dumps({'applied': applied, 'faults': faults}))
 """
 
 PAGES = (256 << 20) // 4096
 
 
-def _probe(**env):
+def _probe(one_arena=True, in_thread=True, **env):
   clean = {k: v for k, v in os.environ.items() if not k.startswith(('MALLOC_', 'DCA_JAX_MALLOC'))}
   clean.pop('JAX_PLATFORMS', None)
+  env.update(ONE_ARENA=str(int(one_arena)), IN_THREAD=str(int(in_thread)))
   out = subprocess.run([sys.executable, '-c', PROBE], cwd=ROOT, env={**clean, **env},
                        capture_output=True, text=True, check=True, timeout=120)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -46,16 +51,33 @@ def _probe(**env):
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
 
 
-def test_freed_memory_stays_mapped_on_a_cpu_host():
-  got = _probe(JAX_PLATFORMS='cpu')
-  assert got['applied']
+@pytest.mark.parametrize('one_arena,in_thread,settings', [
+    (True, True, ['keep', 'one_arena']), (False, False, ['keep'])])
+def test_freed_memory_stays_mapped_on_a_cpu_host(one_arena, in_thread, settings):
+  got = _probe(one_arena, in_thread, JAX_PLATFORMS='cpu')
+  assert got['applied'] == settings
   assert got['faults'][0] > 0.9 * PAGES        # the first round maps the pages
   assert max(got['faults'][1:]) < 0.01 * PAGES  # later rounds reuse them
+
+
+def test_a_pool_thread_without_one_arena_maps_large_blocks_afresh():
+  got = _probe(one_arena=False, in_thread=True, JAX_PLATFORMS='cpu')
+  assert got['applied'] == ['keep']
+  assert min(got['faults']) > 0.9 * PAGES       # its own arena mmaps a 256 MiB block each time
 
 
 @pytest.mark.parametrize('env', [{'DCA_JAX_MALLOC': 'default'}, {'JAX_PLATFORMS': 'cuda'},
                                  {'MALLOC_ARENA_MAX': '4'}])
 def test_left_alone_when_opted_out_on_accelerators_or_set_by_the_user(env):
   got = _probe(**env)
-  assert not got['applied']
+  assert got['applied'] == []
   assert min(got['faults']) > 0.9 * PAGES       # glibc's default: a fresh mmap each round
+
+
+def test_one_arena_for_large_steps_only():
+  from dca_jax import config_lib, host_malloc  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  cub = config_lib.base_config()   # DeiT-T, 448 px, batch 4: 4 x 785 x 192 x 12
+  assert config_lib.activation_elements(cub) == 4 * 785 * 192 * 12
+  assert host_malloc.one_arena_pays(config_lib.activation_elements(cub))
+  assert not host_malloc.one_arena_pays(config_lib.activation_elements(tiny_config()))
