@@ -50,6 +50,17 @@ import time
 from dca_jax import config_lib, host_malloc  # noqa: I001  (before jax: see host_malloc)
 
 
+def parse_overrides(items) -> dict:
+  out = {}
+  for item in items or ():
+    key, _, value = item.partition('=')
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
 def _keep_freed_memory(argv) -> tuple:
   """main.py's malloc settings for this run's model, read from the flags before jax loads."""
   pre = argparse.ArgumentParser(add_help=False)
@@ -58,10 +69,8 @@ def _keep_freed_memory(argv) -> tuple:
   pre.add_argument('--batch', type=int, default=4)
   pre.add_argument('--override', action='append', default=[])
   a, _ = pre.parse_known_args(argv)
-  overrides = dict(kv.split('=', 1) for kv in a.override)
   run = argparse.Namespace(backbone=a.backbone, input_size=a.size, batch_size=a.batch,
-                           backbone_overrides={k: int(v) for k, v in overrides.items()
-                                               if k in ('width', 'depth', 'patch_size')})
+                           backbone_overrides=parse_overrides(a.override))
   return host_malloc.retain_freed_memory(
       one_arena=host_malloc.one_arena_pays(config_lib.activation_elements(run)))
 
@@ -164,17 +173,6 @@ def emit(record: dict, out_path: str | None) -> None:
 
 
 # --- config and model ----------------------------------------------------------------------------
-def parse_overrides(items) -> dict:
-  out = {}
-  for item in items or ():
-    key, _, value = item.partition('=')
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
-
-
 def build_config(args):
   """A config_lib config for this run (the FGVC recipe's knobs, synthetic data)."""
   import ml_collections  # pylint: disable=g-import-not-at-top

@@ -181,14 +181,12 @@ def init_params(model, seed=0, batch=B, size=SIZE):
   return randomize(params['params'], seed)
 
 
-# XLA:CPU at -O0 compiles these tiny graphs ~2x faster; the numerics are checked against numpy.
-FAST = dict(compiler_options={'xla_backend_optimization_level': 0})
 
 
 def japply(model, params, x, partner=None, with_selection=False, rngs=None):
   """model.apply (inference, or PWCA when partner is given), jitted."""
   fn = jax.jit(lambda p, x, partner, rngs: model.apply(
-      {'params': p}, x, partner=partner, with_selection=with_selection, rngs=rngs), **FAST)
+      {'params': p}, x, partner=partner, with_selection=with_selection, rngs=rngs))
   return fn(params, x, partner, rngs)
 
 
@@ -196,7 +194,7 @@ def jblock(*static):
   """EncoderBlock.apply with its positional flags bound, jitted (run eagerly, every op of the
   block compiles on its own: seconds per call on CPU)."""
   blk = vit.EncoderBlock(TINY.width, TINY.num_heads, TINY.mlp_dim)
-  return jax.jit(lambda p, x, *arrays: blk.apply(p, x, *static, *arrays), **FAST)
+  return jax.jit(lambda p, x, *arrays: blk.apply(p, x, *static, *arrays))
 
 
 def images(seed=1, batch=B, size=SIZE):
@@ -504,7 +502,7 @@ def test_no_dead_compute_when_the_selection_cannot_reach_the_outputs():
 
 def test_loss_weights_start_at_their_configured_value():
   model = make_model(loss_weights_init=0.5)
-  v = jax.jit(model.init, **FAST)(jax.random.PRNGKey(0), images())
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), images())
   np.testing.assert_array_equal(v['params']['loss_weights'], [0.5, 0.5, 0.5])
 
 
@@ -535,12 +533,12 @@ def test_bnneck_is_pytorch_batchnorm1d_without_bias():
 def test_reid_model_has_necks_and_bias_free_classifiers():
   model = make_model(bnneck=True)
   partner = jnp.array([1, 2, 3, 0])
-  v = jax.jit(model.init, **FAST)(jax.random.PRNGKey(0), images(), partner=partner)
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), images(), partner=partner)
   for head in ('head', 'glca_head'):
     assert set(v['params'][head]) == {'kernel', 'bnneck'}
     assert set(v['batch_stats'][head]['bnneck']) == {'mean', 'var'}
   out, upd = jax.jit(lambda v, x, partner: model.apply(v, x, train=True, partner=partner,
-                                                       mutable=['batch_stats']), **FAST)(
+                                                       mutable=['batch_stats']))(
       v, images(), partner)
   for k in ('sa_feature', 'sa_bn_feature', 'glca_feature', 'glca_bn_feature', 'pwca_feature'):
     assert out[k].shape == (B, TINY.width), k
@@ -723,7 +721,7 @@ def _branch_grads(params, model, x, labels, partner):
   def ces(p):
     out = model.apply({'params': p}, x, partner=partner)
     return jnp.stack([losses.cross_entropy(out[f'{b}_logits'], labels) for b in dcal.BRANCHES])
-  jac = jax.jit(jax.jacrev(ces), **FAST)(params)
+  jac = jax.jit(jax.jacrev(ces))(params)
   return {b: jax.tree_util.tree_map(lambda a, i=i: a[i], jac) for i, b in enumerate(dcal.BRANCHES)}
 
 
@@ -764,7 +762,7 @@ def test_uncertainty_weight_gradients_are_analytic():
   def loss(p):
     return losses.dcal_loss(model.apply({'params': p}, x, partner=partner), labels)
 
-  (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True), **FAST)(params)
+  (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   ce = np.array([metrics[f'ce_{b}'] for b in dcal.BRANCHES], np.float64)
   w64 = np.asarray(w, np.float64)
   np.testing.assert_allclose(grads['loss_weights'], 0.5 * (1 - np.exp(-w64) * ce), rtol=1e-5)
@@ -804,7 +802,7 @@ def _remat_grads(policy):
     out = model.apply({'params': p}, x, train=True, partner=partner,
                       rngs={'dropout': jax.random.PRNGKey(11)})
     return losses.dcal_loss(out, labels)[0]
-  return jax.jit(jax.value_and_grad(loss), **FAST)(params)
+  return jax.jit(jax.value_and_grad(loss))(params)
 
 
 _no_remat_grads = functools.cache(lambda: _remat_grads(None))
@@ -829,7 +827,7 @@ def test_train_loss_traces_once():
   params = init_params(model)
   chex.clear_trace_counter()
 
-  @functools.partial(jax.jit, **FAST)
+  @jax.jit
   @chex.assert_max_traces(n=1)
   def step(params, x, labels, key):
     k1, k2 = jax.random.split(key)
@@ -998,8 +996,8 @@ def test_partner_stop_gradient_cuts_the_gradient_into_the_partner(stop):
   config = tiny_config(pwca_partner_stop_gradient=stop)
   model = build_model(config)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-  variables = jax.jit(lambda x: model.init({'params': jax.random.key(0)}, x, train=False),
-                      **FAST)(images)  # one compile, not one per primitive
+  # jitted: one compile, not one per primitive
+  variables = jax.jit(lambda x: model.init({'params': jax.random.key(0)}, x, train=False))(images)
   partner = jnp.array([1, 0], jnp.int32)
 
   def pwca_of_image0(images):
@@ -1007,6 +1005,6 @@ def test_partner_stop_gradient_cuts_the_gradient_into_the_partner(stop):
                       rngs={'dropout': jax.random.key(1), 'selection': jax.random.key(2)})
     return out['pwca_logits'][0].sum()
 
-  grad = np.asarray(jax.jit(jax.grad(pwca_of_image0), **FAST)(images))
+  grad = np.asarray(jax.jit(jax.grad(pwca_of_image0))(images))
   assert np.abs(grad[0]).max() > 0
   assert (np.abs(grad[1]).max() == 0) == stop

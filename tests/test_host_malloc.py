@@ -4,12 +4,11 @@ settings; in a pool thread only with one arena as well); opted out, or on an acc
 it faults every round as glibc does by default. Which configs get one arena."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 PROBE = r"""
 import ctypes, json, os, resource, threading
@@ -40,10 +39,10 @@ PAGES = (256 << 20) // 4096
 
 
 def _probe(one_arena=True, in_thread=True, **env):
-  clean = {k: v for k, v in os.environ.items() if not k.startswith(('MALLOC_', 'DCA_JAX_MALLOC'))}
-  clean.pop('JAX_PLATFORMS', None)
-  env.update(ONE_ARENA=str(int(one_arena)), IN_THREAD=str(int(in_thread)))
-  out = subprocess.run([sys.executable, '-c', PROBE], cwd=ROOT, env={**clean, **env},
+  run_env = {k: v for k, v in subprocess_env().items()
+             if not k.startswith(('MALLOC_', 'DCA_JAX_MALLOC'))}   # only what the test sets
+  run_env.update(env, ONE_ARENA=str(int(one_arena)), IN_THREAD=str(int(in_thread)))
+  out = subprocess.run([sys.executable, '-c', PROBE], cwd=ROOT, env=run_env,
                        capture_output=True, text=True, check=True, timeout=120)
   return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -91,8 +91,7 @@ def _run(config, images, labels, micro):
   state, _ = train_step.create_train_state(config, model, tx, mesh, precision='fp32',
                                       rng=jax.random.key(0))
   step = jax.jit(train_step.make_train_step(model, tx, config, dtype=jnp.float32,
-                                       rng=jax.random.key(1)),
-                 compiler_options={'xla_backend_optimization_level': 0})  # compiles faster
+                                       rng=jax.random.key(1)))
   history = [jax.device_get(state.params)]
   n = len(images) // micro
   for i in range(micro):

@@ -12,7 +12,6 @@ from dca_jax import distributed, optim, train_step
 from dca_jax.data import preprocess
 from dca_jax.models import build_model, dcal
 
-FAST = {'compiler_options': {'xla_backend_optimization_level': 0}}  # tiny fp16 steps compile faster
 
 
 def _scale(state, scale):
@@ -33,7 +32,7 @@ def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps(
   state, _ = train_step.create_train_state(config, model, tx, distributed.make_mesh(),
                                       precision='fp16', rng=jax.random.key(0))
   step = jax.jit(train_step.make_train_step(model, tx, config, dtype=jnp.float16,
-                                       rng=jax.random.key(1)), **FAST)
+                                       rng=jax.random.key(1)))
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(2, dtype=np.int32), 4)  # P x K = 2 x 4
   batches = [{'image': rng.integers(0, 256, (8, 32, 16, 3), dtype=np.uint8), 'label': labels}
@@ -69,8 +68,7 @@ def test_fp16_overflow_skip_leaves_no_trace_and_bn_necks_follow_the_micro_steps(
   # the necks: running mean/var after each micro-step, from the branch features (fp16 forward
   # with the params of that micro-step) and BatchNorm1d's update rule
   normalize = lambda x: preprocess.device_normalize(x, config, jnp.float16)
-  forward = jax.jit(lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, normalize(x)),
-                    **FAST)
+  forward = jax.jit(lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, normalize(x)))
   expected = jax.tree.map(np.asarray, before.batch_stats)
   for batch, got in zip(batches, (s1, s2)):
     out = forward(before.params, before.batch_stats, batch['image'])
@@ -93,7 +91,7 @@ def test_loss_weighting_sum_and_label_smoothing_reach_the_train_step():
   state, _ = train_step.create_train_state(config, model, tx, distributed.make_mesh(),
                                       precision='fp32', rng=jax.random.key(0))
   base = jax.random.key(1)
-  step = jax.jit(train_step.make_train_step(model, tx, config, dtype=jnp.float32, rng=base), **FAST)
+  step = jax.jit(train_step.make_train_step(model, tx, config, dtype=jnp.float32, rng=base))
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
            'label': np.array([0, 1, 2, 3], np.int32)}
@@ -103,7 +101,7 @@ def test_loss_weighting_sum_and_label_smoothing_reach_the_train_step():
   out = jax.jit(lambda p, x: model.apply(  # one compile, not one per primitive
       {'params': p}, preprocess.device_normalize(x, config), train=True,
       partner=dcal.derangement(partner_rng, 4),
-      rngs={'dropout': dropout_rng, 'selection': selection_rng}), **FAST)(before.params,
+      rngs={'dropout': dropout_rng, 'selection': selection_rng}))(before.params,
                                                                          batch['image'])
   target = 0.8 * np.eye(4)[batch['label']] + 0.2 / 4
   ce = {}
