@@ -60,7 +60,10 @@ def jax_parts(repeats: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from dca_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   from dca_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  jit = lambda fn, **kw: jax.jit(fn, compiler_options=xla_cpu.compiler_options(), **kw)
 
   rng = np.random.default_rng(0)
   arr = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.02)
@@ -88,9 +91,9 @@ def jax_parts(repeats: int) -> dict:
   }
   out = {}
   for part, (fn, args) in forwards.items():
-    fwd = jax.jit(fn)
+    fwd = jit(fn)
     nondiff = args[0] is None
-    grad = jax.jit(jax.grad(lambda *a, fn=fn: fn(*a).sum(),
+    grad = jit(jax.grad(lambda *a, fn=fn: fn(*a).sum(),
                             argnums=tuple(range(1 if nondiff else 0, len(args)))))
     out[part, 'fwd'] = median_ms(lambda: jax.block_until_ready(fwd(*args)), repeats)
     out[part, 'fwdbwd'] = median_ms(lambda: jax.block_until_ready(grad(*args)), repeats)
@@ -103,7 +106,7 @@ def jax_parts(repeats: int) -> dict:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  update = jax.jit(apply, donate_argnums=(0, 1))  # in place, as PyTorch's optimizer
+  update = jit(apply, donate_argnums=(0, 1))  # in place, as PyTorch's optimizer
 
   def step():
     state[0], state[1] = update(state[0], state[1], grads)
@@ -155,26 +158,44 @@ def torch_parts(repeats: int) -> dict:
   return out
 
 
+def side_of(rec: dict) -> str:
+  """'torch', or our side named by its dots library ('ours, eigen dots'; rows of older runs,
+  before the choice existed, ran YNNPACK's)."""
+  return 'torch' if rec['side'] == 'torch' else f'ours, {rec.get("dots", "ynnpack")} dots'
+
+
 def render(path: str) -> str:
-  """Median over rounds per (cpu, side, part, pass); ours / PyTorch's."""
+  """Median over rounds per (cpu, side, part, pass); ours / PyTorch's, one column pair per
+  library XLA:CPU ran our dots with (`dots` of the jax rows, dca_jax/xla_cpu.py)."""
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   lines = []
   for cpu in dict.fromkeys((r['cpu'], r['isa']) for r in records):
     rows = [r for r in records if (r['cpu'], r['isa']) == cpu]
     def ms(side, key, rows=rows):
-      values = [r['ms'][key] for r in rows if r['side'] == side and key in r['ms']]
+      values = [r['ms'][key] for r in rows if side_of(r) == side and key in r['ms']]
       return statistics.median(values) if values else float('nan')
-    rounds = sum(r['side'] == 'jax' for r in rows)
+    ours = [x for x in dict.fromkeys(map(side_of, rows)) if x != 'torch']
+    rounds = sum(r['side'] == 'torch' for r in rows)
+    head = ''.join(f' {x} ms |' for x in ours) + ' PyTorch ms |' + ''.join(
+        f' {x} / PyTorch |' for x in ours)
     lines += [f'{cpu[0]} ({cpu[1]}), {rows[0]["threads"]} threads, {rounds} round(s):', '',
-              '| part | pass | ours (JAX) ms | PyTorch ms | ours / PyTorch |', '|---|---|---|---|---|']
+              '| part | pass |' + head, '|---|---|' + '---|' * (2 * len(ours) + 1)]
     for part in PARTS:
       for pas in ('fwd', 'fwdbwd') if part != 'adamw' else ('update',):
         key = f'{part}/{"fwd" if pas == "update" else pas}'
-        a, b = ms('jax', key), ms('torch', key)
-        lines.append(f'| {part} | {pas} | {a:.1f} | {b:.1f} | {a / b:.2f}x |')
+        a, b = [ms(x, key) for x in ours], ms('torch', key)
+        lines.append(f'| {part} | {pas} |' + ''.join(f' {t:.1f} |' for t in a) + f' {b:.1f} |'
+                     + ''.join(f' {t / b:.2f}x |' for t in a))
     lines.append('')
   return '\n'.join(lines)
+
+
+def dots_of(side: str) -> dict:
+  if side != 'jax':
+    return {}
+  from dca_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  return {'dots': xla_cpu.dots_library()}
 
 
 def main() -> None:
@@ -191,7 +212,7 @@ def main() -> None:
   load = loadavg()
   timed = (jax_parts if args.side == 'jax' else torch_parts)(args.repeats)
   rec = dict(side=args.side, cpu=cpu_model(), isa=isa_flags(), threads=os.cpu_count(),
-             load_before=load, repeats=args.repeats,
+             load_before=load, repeats=args.repeats, **dots_of(args.side),
              ms={f'{part}/{pas}': round(t, 3) for (part, pas), t in timed.items()})
   print(json.dumps(rec), flush=True)
   with open(args.out, 'a') as f:

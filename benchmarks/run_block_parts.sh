@@ -5,6 +5,7 @@
 # $RESULTS, then the table (medians over the rounds, per CPU model and ISA) is printed.
 #
 #   bash benchmarks/run_block_parts.sh                 # 3 rounds, all cores
+#   DOTS=eigen bash benchmarks/run_block_parts.sh      # ours with Eigen's dots only (default: both)
 #   ROUNDS=5 TIMM_VENV=~/venvs/timm bash benchmarks/run_block_parts.sh
 #
 # The venv: $TIMM_VENV if set, else .venv-timm (git-ignored), created when missing with
@@ -24,12 +25,18 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import torch, timm'
 fi
 export OMP_NUM_THREADS=${THREADS:-$(nproc)} MKL_NUM_THREADS=${THREADS:-$(nproc)}
 tmp=$(mktemp)
+# ours once per library XLA:CPU can run the dots with (DOTS; dca_jax/xla_cpu.py), then PyTorch
+read -r -a sides <<< "$(for d in ${DOTS:-eigen ynnpack}; do printf 'jax:%s ' "$d"; done)torch"
 for ((round = 0; round < ROUNDS; round++)); do
-  sides=(jax torch)
-  (( round % 2 )) && sides=(torch jax)
-  for side in "${sides[@]}"; do
-    if [[ $side == jax ]]; then py=$PY; else py=$VENV/bin/python; fi
-    "$py" -m benchmarks.block_parts --side "$side" --repeats "$REPEATS" --out "$tmp" >/dev/null
+  order=("${sides[@]}")
+  (( round % 2 )) && order=($(printf '%s\n' "${sides[@]}" | tac))
+  for side in "${order[@]}"; do
+    if [[ $side == torch ]]; then
+      "$VENV/bin/python" -m benchmarks.block_parts --side torch --repeats "$REPEATS" --out "$tmp" >/dev/null
+    else
+      DCA_JAX_CPU_DOTS=${side#jax:} "$PY" -m benchmarks.block_parts --side jax --repeats "$REPEATS" \
+        --out "$tmp" >/dev/null
+    fi
   done
 done
 cat "$tmp" >> "$RESULTS"

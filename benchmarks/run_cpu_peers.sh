@@ -20,6 +20,8 @@
 # Peers (the first is the reference of the ratios):
 #   jax_sa            ours, SA only, remat off   (timm's step: the same model and work)
 #   jax_sa_remat      ours, SA only, remat on
+#   jax_sa_eigen      ours, SA only, remat off, dots on Eigen (DCA_JAX_CPU_DOTS=eigen)
+#   jax_sa_ynnpack    the same with YNNPACK's dots (XLA's default; jax_sa is one of the two)
 #   jax_dcal          ours, DCAL (GLCA M=1, PWCA T=12), remat on
 #   jax_dcal_noremat  ours, DCAL, remat off
 #   timm              timm's deit_tiny_patch16_224(img_size=448) step
@@ -83,10 +85,12 @@ for peer in $PEERS; do
   case $peer in
     jax_sa) cmd="$OURS --sa_only --remat off ${EXTRA:-}"; first_jax_sa=${first_jax_sa:-$peer} ;;
     jax_sa_remat) cmd="$OURS --sa_only --remat on ${EXTRA:-}" ;;
+    jax_sa_eigen|jax_sa_ynnpack)   # ours SA-only with the dots on one library (dca_jax/xla_cpu.py)
+      cmd="env DCA_JAX_CPU_DOTS=${peer#jax_sa_} $OURS --sa_only --remat off ${EXTRA:-}" ;;
     jax_dcal) cmd="$OURS --remat on ${EXTRA:-}" ;;
     jax_dcal_noremat) cmd="$OURS --remat off ${EXTRA:-}" ;;
     timm) cmd="$PIN $VENV/bin/python -m benchmarks.peer_timm --serve --model $TIMM_MODEL $COMMON --threads $THREADS" ;;
-    *) echo "unknown peer $peer (jax_sa | jax_sa_remat | jax_dcal | jax_dcal_noremat | timm)" >&2; exit 2 ;;
+    *) echo "unknown peer $peer (jax_sa | jax_sa_remat | jax_sa_eigen | jax_sa_ynnpack | jax_dcal | jax_dcal_noremat | timm)" >&2; exit 2 ;;
   esac
   args+=(--peer "$peer=$cmd")
 done

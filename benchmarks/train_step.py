@@ -81,7 +81,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-posit
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.machine import cpu_model, loadavg  # noqa: E402
-from dca_jax import checks, train_step  # noqa: E402
+from dca_jax import checks, train_step, xla_cpu  # noqa: E402
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
 
@@ -93,9 +93,14 @@ def machine_info() -> dict:
   dev = jax.local_devices()[0]
   return {'backend': jax.default_backend(), 'device': getattr(dev, 'device_kind', str(dev)),
           'num_devices': jax.device_count(), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
-          'jax': jax.__version__, 'hostname': platform.node(), 'malloc_settings': list(MALLOC_SETTINGS)}
+          'jax': jax.__version__, 'hostname': platform.node(), 'malloc_settings': list(MALLOC_SETTINGS),
+          'cpu_dots': xla_cpu.dots_library() if jax.default_backend() == 'cpu' else None}
 
 
+def jit(fn):
+  """`jax.jit` with the compile options training uses (dca_jax/xla_cpu.py), so the timed
+  pieces are the programs main.py runs."""
+  return jax.jit(fn, compiler_options=xla_cpu.compiler_options())
 
 
 def stats(times) -> dict:
@@ -373,7 +378,7 @@ def run_breakdown(args) -> dict:
          'remat': config.use_gradient_checkpointing, 'precision': precision,
          'glca_M': config.num_glca_layers, 'pwca_T': config.num_pwca_layers}
   rec.update(machine_info())
-  parts = {'forward': jax.jit(loss), 'fwd_bwd': jax.jit(jax.grad(loss))}
+  parts = {'forward': jit(loss), 'fwd_bwd': jit(jax.grad(loss))}
   for name, fn in parts.items():
     c = fn.lower(state.params).compile()
     t, _ = time_fn(c, state.params, reps=args.steps)
@@ -389,7 +394,7 @@ def run_breakdown(args) -> dict:
       acc = dcal.rollout_update(acc, maps[i])
     return dcal.rollout_cls_row(acc, maps[-1])
 
-  c = jax.jit(rollout).lower(maps).compile()
+  c = jit(rollout).lower(maps).compile()
   t, _ = time_fn(c, maps, reps=args.steps)
   rec.update(rollout_s=round(t, 4), rollout_flops=cost_of(c)['flops'])
   c = step.lower(state, batch).compile()
@@ -427,12 +432,12 @@ def run_serve(args) -> dict:
   loss = loss_of(model, config, batch, dtype)
   compiled = step.lower(state, batch).compile()
   parts = {'step': compiled}
-  parts['fwd'] = jax.jit(loss).lower(state.params).compile()
-  parts['fwdbwd'] = jax.jit(jax.grad(loss)).lower(state.params).compile()
+  parts['fwd'] = jit(loss).lower(state.params).compile()
+  parts['fwdbwd'] = jit(jax.grad(loss)).lower(state.params).compile()
   mm_dtype = DTYPES[args.dtype]
   k1, k2 = jax.random.split(jax.random.key(0))
   mats = [jax.random.normal(k, (args.n, args.n), jnp.float32).astype(mm_dtype) for k in (k1, k2)]
-  parts['matmul'] = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=mm_dtype)).lower(
+  parts['matmul'] = jit(lambda a, b: jnp.dot(a, b, preferred_element_type=mm_dtype)).lower(
       *mats).compile()
   compile_s = time.perf_counter() - t0
   costs = {name: cost_of(c) for name, c in parts.items()}
@@ -546,7 +551,7 @@ def run_matmul_peak(args) -> dict:
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (args.n, args.n), jnp.float32).astype(dtype)
   b = jax.random.normal(k2, (args.n, args.n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
+  f = jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
   load0 = loadavg()
   t, times = time_fn(f, a, b, reps=args.reps)
   flops = 2.0 * args.n ** 3

@@ -28,6 +28,7 @@ from dca_jax import data
 from dca_jax import inference
 from dca_jax import serving
 from dca_jax import tasks
+from dca_jax import xla_cpu
 
 
 # ============================================================================ image files
@@ -120,7 +121,8 @@ class Predictor:
     self.has_glca = int(config.num_glca_layers) > 0
     self.batch_size = max(1, int(config.eval_batch_size))
     self._forward = jax.jit(inference.forward_fn(restored.model, config, restored.dtype,
-                                                 outputs or self.OUTPUTS))
+                                                 outputs or self.OUTPUTS),
+                            compiler_options=xla_cpu.compiler_options())
 
   @functools.cached_property
   def input(self):

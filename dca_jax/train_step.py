@@ -26,6 +26,7 @@ from dca_jax import hub
 from dca_jax import losses
 from dca_jax import tasks
 from dca_jax import weights
+from dca_jax import xla_cpu
 from dca_jax.data import preprocess
 from dca_jax.models import dcal
 
@@ -173,4 +174,5 @@ def jit_train_step(model, tx, config, *, dtype, rng, mesh, shardings):
   function for a GPU target (`plan.py`)."""
   step = make_train_step(model, tx, config, dtype=dtype, rng=rng, num_devices=mesh.devices.size)
   return jax.jit(step, in_shardings=(shardings, distributed.data_sharding(mesh)),
-                 out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
+                 out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,),
+                 compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform))

@@ -48,6 +48,8 @@ def test_eight_devices_match_one_device(tmp_path, fsdp, one_device_run):
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads(r.stdout.strip().splitlines()[-1])
   assert report['devices'] == 8
+  # the trainer's step is compiled with the CPU's dots library (dca_jax/xla_cpu.py)
+  assert (report['ynn_fusions'] == 0) == (report['dots'] == 'eigen'), report
   # fsdp: the kernels really are split over the 8 devices (else everything is replicated)
   assert (report['sharded_param_leaves'] > 5) if fsdp else report['sharded_param_leaves'] == 0
   if not fsdp:  # replicated params: the only all-gather is of the partners' keys/values

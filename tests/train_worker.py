@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from dca_jax import distributed, train  # noqa: E402
+from dca_jax import distributed, train, xla_cpu  # noqa: E402
 
 distributed.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
 config = tiny_config(**json.loads(args.overrides))
@@ -56,4 +56,5 @@ sharded = sum(not leaf.sharding.is_fully_replicated
 hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()  # the cached executable
 print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count(),
                   'sharded_param_leaves': sharded, 'all_gathers': hlo.count('all-gather('),
+                  'dots': xla_cpu.dots_library(), 'ynn_fusions': hlo.count('__ynn_fusion'),
                   'loss': float(metrics['loss'])}))

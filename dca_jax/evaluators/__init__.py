@@ -31,6 +31,7 @@ import numpy as np
 
 from dca_jax import distributed
 from dca_jax import tasks
+from dca_jax import xla_cpu
 from dca_jax.errors import ConfigError
 
 # The evaluator types are the modules of this package: a new file is a new type.
@@ -55,7 +56,8 @@ class Context:
     """`fn(variables, batch)` jitted for the mesh: variables as trained, the batch
     data-sharded, the result replicated (every host reads it)."""
     return jax.jit(fn, in_shardings=(self.variables_sharding, self.batch_sharding),
-                   out_shardings=distributed.replicated(self.mesh))
+                   out_shardings=distributed.replicated(self.mesh),
+                   compiler_options=xla_cpu.compiler_options(self.mesh.devices.flat[0].platform))
 
   def batches(self, **split) -> Iterator[dict]:
     """The global eval batches of a split (padded; `mask` marks the real images)."""

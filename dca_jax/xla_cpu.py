@@ -1,0 +1,70 @@
+"""Which library XLA:CPU runs the matrix products with, for the programs dca_jax compiles.
+
+jaxlib 0.10 hands every dot (and some reductions) to YNNPACK by default. On the AVX2 machine
+the CPU work is measured on (2-core AMD EPYC, Zen 1), XLA's own Eigen contraction is faster on
+this model's shapes, most on attention's batched N x N products: the DeiT-T 448 px SA-only
+train step 0.88x and 0.93x the time with YNNPACK (paired runs, docs/BENCHMARKS.md), attention
+forward+backward 0.90x. So on such CPUs (no AVX-512) the jitted train, evaluation and
+prediction programs are compiled with YNNPACK's fusions off. AVX-512 / AMX CPUs keep XLA's
+default until a run there says otherwise (`benchmarks/run_block_parts.sh` times both).
+
+DCA_JAX_CPU_DOTS = auto (the rule above) | eigen | ynnpack (XLA's default). Accelerators are
+never touched. A jaxlib that no longer knows the option compiles with its defaults (a warning
+says so) instead of failing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import jax
+import numpy as np
+
+from dca_jax import errors
+
+ENV = 'DCA_JAX_CPU_DOTS'
+CHOICES = ('auto', 'eigen', 'ynnpack')
+# an empty list of library fusion kinds: no YNNPACK fusion, dots go to Eigen
+EIGEN_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+def _has_avx512() -> bool:
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next((line for line in f if line.startswith('flags')), '').split()
+  except OSError:
+    return False
+  return 'avx512f' in flags
+
+
+def dots_library(choice: str | None = None) -> str:
+  """'eigen' or 'ynnpack': the env's choice, `auto` resolved for this CPU."""
+  choice = os.environ.get(ENV, 'auto') if choice is None else choice
+  if choice not in CHOICES:
+    raise errors.ConfigError(f'{ENV}={choice!r}: expected one of {", ".join(CHOICES)}')
+  if choice == 'auto':
+    return 'ynnpack' if _has_avx512() else 'eigen'
+  return choice
+
+
+@functools.cache
+def _accepted(options: tuple) -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(f'{ENV}: this jaxlib does not take {dict(options)} ({type(e).__name__}); '
+                  'its CPU defaults are used', RuntimeWarning, stacklevel=3)
+    return False
+  return True
+
+
+def compiler_options(platform: str | None = None) -> dict | None:
+  """`jax.jit(..., compiler_options=...)` for a program on `platform` (default: JAX's
+  backend): Eigen's dots on the CPU where they pay (module docstring), else None."""
+  platform = platform or jax.default_backend()
+  if platform != 'cpu' or dots_library() != 'eigen':
+    return None
+  options = tuple(sorted(EIGEN_OPTIONS.items()))
+  return dict(options) if _accepted(options) else None
