@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from benchmarks.machine import cpu_model
+from benchmarks.machine import cpu_model, isa_flags
 
 PREFIX = '@@ '
 PARTS = ('step', 'fwd', 'fwdbwd', 'matmul')
@@ -162,7 +162,7 @@ def main(argv=None):
     flops[n] = own
   rec = {'kind': 'peers', 'label': args.label, 'peers': names, 'reference': ref,
          'rounds': args.rounds, 'commands': commands, 'same_flops': same,
-         'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
+         'cpu': cpu_model(), 'isa': isa_flags(), 'cpu_count': os.cpu_count(),
          'ready': {n: peers[n].ready for n in names}, 'flops': flops, 'times': times,
          'minflt': faults, 'cpu_s': cpu, 'peak_rss_mb': rss, 'load_start': load0, 'load_end': loadavg(),
          'load_per_round': loads, 'wall_s': round(time.time() - t0, 1),
@@ -212,7 +212,7 @@ def render(recs) -> str:
     names, ref = r['peers'], r['reference']
     r0 = r['ready'][ref]
     out.append(f'**{r.get("label") or "peers"}**: {r0.get("size")} px, batch {r0.get("batch")}, '
-               f'fp32, on {r["cpu"]} ({r["cpu_count"]} cores), {r["time"]}, {r["rounds"]} '
+               f'fp32, on {r["cpu"]} ({r.get("isa") or "ISA not recorded"}; {r["cpu_count"]} cores), {r["time"]}, {r["rounds"]} '
                f'rounds, load {r["load_start"][:1]} -> {r["load_end"][:1]}')
     out.append('')
     share = 'matmul' in r['parts']
