@@ -146,7 +146,7 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tests')]
 import jax
 from conftest import tiny_config
-from dca_jax import distributed, train, train_step
+from dca_jax import distributed, train, train_step, xla_cpu
 import numpy as np
 config = tiny_config(batch_size=16, pwca_partners='per_device')
 trainer = train.Trainer(config, sys.argv[2])
@@ -163,7 +163,8 @@ reference = jax.device_put(jax.device_get(trainer.state), one)
 ref_step = jax.jit(train_step.make_train_step(trainer.model, trainer.tx, config, dtype=trainer.dtype,
                                          rng=jax.random.split(jax.random.key(config.seed))[1],
                                          num_devices=8),
-                   compiler_options={'xla_backend_optimization_level': 0})  # 2 steps: compile less
+                   compiler_options={'xla_backend_optimization_level': 0,  # 2 steps: compile less
+                                     **(xla_cpu.compiler_options() or {})})  # the trainer's dots
 state = trainer.state
 for host_batch in batches:
   state, _ = trainer.train_step(state, distributed.global_batch(host_batch, trainer.batch_sharding))
