@@ -3,7 +3,7 @@
 Two settings, both set with `mallopt` before jax or TensorFlow is imported (main.py, once the
 config is read; `benchmarks/train_step.py`):
 
-- No mmap, no trimming below 2 GiB, a 256 MiB top pad (always, on CPU hosts): blocks freed
+- No mmap, no trimming, a 256 MiB top pad (always, on CPU hosts): blocks freed
   after a step stay in the heap for the next one. The demo (56 px, batch 32), 186 steps on 2
   Zen 1 cores: 75 s wall, 104 s user, 0.3 M page faults, against 91-102 s, 125-142 s and 3.1 M
   with glibc's defaults.
@@ -28,7 +28,9 @@ import os
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
-KEEP = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 * 2**20))
+# trim threshold -1: never trim (mallopt(3)); a finite one is at most 2 GiB (an int), below the
+# DCAL step's 2.4 GiB buffer, which was then handed back and faulted in again every step
+KEEP = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_TOP_PAD, 256 * 2**20))
 ONE_ARENA = ((M_ARENA_MAX, 1),)
 # batch x tokens x width x depth of one physical batch: DeiT-T 448 px batch 4 is 7.2 M (its
 # temporary buffer 1 GiB), the demo 0.3 M (a few MiB)

@@ -2,11 +2,11 @@
 
 jaxlib 0.10 hands every dot (and some reductions) to YNNPACK by default. On the AVX2 machine
 the CPU work is measured on (2-core AMD EPYC, Zen 1), XLA's own Eigen contraction is faster on
-this model's shapes, most on attention's batched N x N products: the DeiT-T 448 px SA-only
-train step 0.88x and 0.93x the time with YNNPACK (paired runs, docs/BENCHMARKS.md), attention
-forward+backward 0.90x. So on such CPUs (no AVX-512) the jitted train, evaluation and
-prediction programs are compiled with YNNPACK's fusions off. AVX-512 / AMX CPUs keep XLA's
-default until a run there says otherwise (`benchmarks/run_block_parts.sh` times both).
+this model's shapes: the DeiT-T 448 px SA-only train step 0.77-0.93x the time with YNNPACK in
+three paired runs, 0.92-0.93x timm's as shipped (docs/BENCHMARKS.md). So on x86 CPUs with AVX2
+and without AVX-512 the jitted train, evaluation and prediction programs are compiled with
+YNNPACK's fusions off. Other CPUs (AVX-512 / AMX, ARM) keep XLA's default until a run there
+says otherwise (`benchmarks/run_block_parts.sh` times both).
 
 DCA_JAX_CPU_DOTS = auto (the rule above) | eigen | ynnpack (XLA's default). Accelerators are
 never touched. A jaxlib that no longer knows the option compiles with its defaults (a warning
@@ -30,22 +30,23 @@ CHOICES = ('auto', 'eigen', 'ynnpack')
 EIGEN_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set:
+  """The ISA flags /proc/cpuinfo lists for x86 CPUs (empty elsewhere)."""
   try:
     with open('/proc/cpuinfo') as f:
-      flags = next((line for line in f if line.startswith('flags')), '').split()
+      return set(next((line for line in f if line.startswith('flags')), '').split())
   except OSError:
-    return False
-  return 'avx512f' in flags
+    return set()
 
 
-def dots_library(choice: str | None = None) -> str:
-  """'eigen' or 'ynnpack': the env's choice, `auto` resolved for this CPU."""
-  choice = os.environ.get(ENV, 'auto') if choice is None else choice
+def dots_library() -> str:
+  """'eigen' or 'ynnpack': DCA_JAX_CPU_DOTS, `auto` resolved for this CPU."""
+  choice = os.environ.get(ENV, 'auto')
   if choice not in CHOICES:
     raise errors.ConfigError(f'{ENV}={choice!r}: expected one of {", ".join(CHOICES)}')
   if choice == 'auto':
-    return 'ynnpack' if _has_avx512() else 'eigen'
+    flags = _cpu_flags()
+    return 'eigen' if 'avx2' in flags and 'avx512f' not in flags else 'ynnpack'
   return choice
 
 

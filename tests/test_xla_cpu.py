@@ -11,17 +11,18 @@ from dca_jax.errors import ConfigError
 from dca_jax.models import vit
 
 
-@pytest.mark.parametrize('avx512, want', [(False, 'eigen'), (True, 'ynnpack')])
-def test_auto_follows_the_cpu(monkeypatch, avx512, want):
+@pytest.mark.parametrize('flags, want', [
+    ({'fma', 'avx2'}, 'eigen'), ({'avx2', 'avx512f', 'amx_tile'}, 'ynnpack'), (set(), 'ynnpack')])
+def test_auto_picks_eigen_on_avx2_without_avx512_only(monkeypatch, flags, want):
   monkeypatch.delenv(xla_cpu.ENV, raising=False)
-  monkeypatch.setattr(xla_cpu, '_has_avx512', lambda: avx512)
+  monkeypatch.setattr(xla_cpu, '_cpu_flags', lambda: flags)
   assert xla_cpu.dots_library() == want
 
 
 @pytest.mark.parametrize('choice', ['eigen', 'ynnpack'])
 def test_the_env_overrides_auto(monkeypatch, choice):
   monkeypatch.setenv(xla_cpu.ENV, choice)
-  monkeypatch.setattr(xla_cpu, '_has_avx512', lambda: choice == 'eigen')
+  monkeypatch.setattr(xla_cpu, '_cpu_flags', lambda: {'avx2', 'avx512f'} if choice == 'eigen' else {'avx2'})
   assert xla_cpu.dots_library() == choice
 
 
