@@ -3,7 +3,7 @@
 jaxlib 0.10 hands every dot (and some reductions) to YNNPACK by default. On the AVX2 machine
 the CPU work is measured on (2-core AMD EPYC, Zen 1), XLA's own Eigen contraction is faster on
 this model's shapes: the DeiT-T 448 px SA-only train step 0.77-0.93x the time with YNNPACK in
-three paired runs, 0.92-0.93x timm's as shipped (docs/BENCHMARKS.md). So on x86 CPUs with AVX2
+three paired runs, 0.92-1.00x timm's as shipped (docs/BENCHMARKS.md). So on x86 CPUs with AVX2
 and without AVX-512 the jitted train, evaluation and prediction programs are compiled with
 YNNPACK's fusions off. Other CPUs (AVX-512 / AMX, ARM) keep XLA's default until a run there
 says otherwise (`benchmarks/run_block_parts.sh` times both).
