@@ -62,8 +62,7 @@ def jax_parts(repeats: int) -> dict:
   import optax  # pylint: disable=g-import-not-at-top
   from dca_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   from dca_jax.models import vit  # pylint: disable=g-import-not-at-top
-
-  jit = lambda fn, **kw: jax.jit(fn, compiler_options=xla_cpu.compiler_options(), **kw)
+  jit = xla_cpu.jit   # the compile options training uses on this CPU
 
   rng = np.random.default_rng(0)
   arr = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.02)

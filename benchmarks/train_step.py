@@ -97,12 +97,6 @@ def machine_info() -> dict:
           'cpu_dots': xla_cpu.dots_library() if jax.default_backend() == 'cpu' else None}
 
 
-def jit(fn):
-  """`jax.jit` with the compile options training uses (dca_jax/xla_cpu.py), so the timed
-  pieces are the programs main.py runs."""
-  return jax.jit(fn, compiler_options=xla_cpu.compiler_options())
-
-
 def stats(times) -> dict:
   t = np.asarray(times, np.float64)
   return {'step_s_median': float(np.median(t)), 'step_s_min': float(t.min()),
@@ -378,7 +372,7 @@ def run_breakdown(args) -> dict:
          'remat': config.use_gradient_checkpointing, 'precision': precision,
          'glca_M': config.num_glca_layers, 'pwca_T': config.num_pwca_layers}
   rec.update(machine_info())
-  parts = {'forward': jit(loss), 'fwd_bwd': jit(jax.grad(loss))}
+  parts = {'forward': xla_cpu.jit(loss), 'fwd_bwd': xla_cpu.jit(jax.grad(loss))}
   for name, fn in parts.items():
     c = fn.lower(state.params).compile()
     t, _ = time_fn(c, state.params, reps=args.steps)
@@ -394,7 +388,7 @@ def run_breakdown(args) -> dict:
       acc = dcal.rollout_update(acc, maps[i])
     return dcal.rollout_cls_row(acc, maps[-1])
 
-  c = jit(rollout).lower(maps).compile()
+  c = xla_cpu.jit(rollout).lower(maps).compile()
   t, _ = time_fn(c, maps, reps=args.steps)
   rec.update(rollout_s=round(t, 4), rollout_flops=cost_of(c)['flops'])
   c = step.lower(state, batch).compile()
@@ -432,13 +426,13 @@ def run_serve(args) -> dict:
   loss = loss_of(model, config, batch, dtype)
   compiled = step.lower(state, batch).compile()
   parts = {'step': compiled}
-  parts['fwd'] = jit(loss).lower(state.params).compile()
-  parts['fwdbwd'] = jit(jax.grad(loss)).lower(state.params).compile()
+  parts['fwd'] = xla_cpu.jit(loss).lower(state.params).compile()
+  parts['fwdbwd'] = xla_cpu.jit(jax.grad(loss)).lower(state.params).compile()
   mm_dtype = DTYPES[args.dtype]
   k1, k2 = jax.random.split(jax.random.key(0))
   mats = [jax.random.normal(k, (args.n, args.n), jnp.float32).astype(mm_dtype) for k in (k1, k2)]
-  parts['matmul'] = jit(lambda a, b: jnp.dot(a, b, preferred_element_type=mm_dtype)).lower(
-      *mats).compile()
+  matmul = lambda a, b: jnp.dot(a, b, preferred_element_type=mm_dtype)
+  parts['matmul'] = xla_cpu.jit(matmul).lower(*mats).compile()
   compile_s = time.perf_counter() - t0
   costs = {name: cost_of(c) for name, c in parts.items()}
   costs['matmul']['flops'] = 2.0 * args.n ** 3
@@ -551,7 +545,7 @@ def run_matmul_peak(args) -> dict:
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (args.n, args.n), jnp.float32).astype(dtype)
   b = jax.random.normal(k2, (args.n, args.n), jnp.float32).astype(dtype)
-  f = jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
+  f = xla_cpu.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
   load0 = loadavg()
   t, times = time_fn(f, a, b, reps=args.reps)
   flops = 2.0 * args.n ** 3

@@ -120,9 +120,8 @@ class Predictor:
     self.variables = restored.variables
     self.has_glca = int(config.num_glca_layers) > 0
     self.batch_size = max(1, int(config.eval_batch_size))
-    self._forward = jax.jit(inference.forward_fn(restored.model, config, restored.dtype,
-                                                 outputs or self.OUTPUTS),
-                            compiler_options=xla_cpu.compiler_options())
+    self._forward = xla_cpu.jit(inference.forward_fn(restored.model, config, restored.dtype,
+                                                     outputs or self.OUTPUTS))
 
   @functools.cached_property
   def input(self):

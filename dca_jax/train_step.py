@@ -173,6 +173,6 @@ def jit_train_step(model, tx, config, *, dtype, rng, mesh, shardings):
   donated, the batch data-sharded, metrics replicated. The memory planner compiles this same
   function for a GPU target (`plan.py`)."""
   step = make_train_step(model, tx, config, dtype=dtype, rng=rng, num_devices=mesh.devices.size)
-  return jax.jit(step, in_shardings=(shardings, distributed.data_sharding(mesh)),
-                 out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,),
-                 compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform))
+  return xla_cpu.jit(step, platform=mesh.devices.flat[0].platform,
+                     in_shardings=(shardings, distributed.data_sharding(mesh)),
+                     out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))

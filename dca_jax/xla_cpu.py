@@ -61,6 +61,11 @@ def _accepted(options: tuple) -> bool:
   return True
 
 
+def jit(fn, *, platform: str | None = None, **kwargs):
+  """`jax.jit(fn, **kwargs)` compiled with this module's options for `platform`."""
+  return jax.jit(fn, compiler_options=compiler_options(platform), **kwargs)
+
+
 def compiler_options(platform: str | None = None) -> dict | None:
   """`jax.jit(..., compiler_options=...)` for a program on `platform` (default: JAX's
   backend): Eigen's dots on the CPU where they pay (module docstring), else None."""

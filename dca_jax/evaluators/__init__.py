@@ -26,7 +26,6 @@ import importlib
 import pkgutil
 from typing import Any, Iterator
 
-import jax
 import numpy as np
 
 from dca_jax import distributed
@@ -55,9 +54,9 @@ class Context:
   def jit(self, fn):
     """`fn(variables, batch)` jitted for the mesh: variables as trained, the batch
     data-sharded, the result replicated (every host reads it)."""
-    return jax.jit(fn, in_shardings=(self.variables_sharding, self.batch_sharding),
-                   out_shardings=distributed.replicated(self.mesh),
-                   compiler_options=xla_cpu.compiler_options(self.mesh.devices.flat[0].platform))
+    return xla_cpu.jit(fn, platform=self.mesh.devices.flat[0].platform,
+                       in_shardings=(self.variables_sharding, self.batch_sharding),
+                       out_shardings=distributed.replicated(self.mesh))
 
   def batches(self, **split) -> Iterator[dict]:
     """The global eval batches of a split (padded; `mask` marks the real images)."""
