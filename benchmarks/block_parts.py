@@ -93,7 +93,7 @@ def jax_parts(repeats: int) -> dict:
     fwd = jit(fn)
     nondiff = args[0] is None
     grad = jit(jax.grad(lambda *a, fn=fn: fn(*a).sum(),
-                            argnums=tuple(range(1 if nondiff else 0, len(args)))))
+                        argnums=tuple(range(1 if nondiff else 0, len(args)))))
     out[part, 'fwd'] = median_ms(lambda: jax.block_until_ready(fwd(*args)), repeats)
     out[part, 'fwdbwd'] = median_ms(lambda: jax.block_until_ready(grad(*args)), repeats)
   params = [arr(*s) for s in deit_tiny_shapes()]
