@@ -30,13 +30,14 @@ CHOICES = ('auto', 'eigen', 'ynnpack')
 EIGEN_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
-def _cpu_flags() -> set:
+@functools.cache
+def _cpu_flags() -> frozenset:
   """The ISA flags /proc/cpuinfo lists for x86 CPUs (empty elsewhere)."""
   try:
     with open('/proc/cpuinfo') as f:
-      return set(next((line for line in f if line.startswith('flags')), '').split())
+      return frozenset(next((line for line in f if line.startswith('flags')), '').split())
   except OSError:
-    return set()
+    return frozenset()
 
 
 def dots_library() -> str:
