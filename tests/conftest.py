@@ -1,6 +1,8 @@
 """Shared test set-up: the tiny configs, the data layouts several files read, running main.py in
-a subprocess, one-line error checks; quiet TensorFlow, repo root importable."""
+a subprocess, one-line error checks; quiet TensorFlow, repo root importable; the suite's own
+rules (`--reverse` order, each trained module fixture built once per run)."""
 
+import collections
 import os
 import subprocess
 import sys
@@ -165,3 +167,61 @@ def market(tmp_path_factory):
   """A tiny Market-1501 in its official layout (real JPEGs): tests/reid_layouts.py."""
   import reid_layouts  # pylint: disable=g-import-not-at-top
   return reid_layouts.write_market1501(tmp_path_factory.mktemp('market'))
+
+
+# --- The suite's own rules -------------------------------------------------------------------
+# Each test builds what it reads (a module fixture may build shared artefacts; a test never reads
+# what only a sibling test wrote): `--reverse` runs every file's tests in the opposite order to
+# check it. A module fixture that trains a run calls `count_build(name)`; pytest.ini's
+# `--dist loadfile` keeps a file's tests on one worker, so each is built once per run, and the
+# run fails if one is built twice (a scheduler that splits a file would double the suite's time
+# silently otherwise).
+
+BUILDS_ENV = 'DCA_JAX_TEST_BUILDS'  # the file the fixtures' builds are counted in, one run's
+
+
+def pytest_addoption(parser):
+  parser.addoption('--reverse', action='store_true',
+                   help='run the tests in reverse order (each test must build what it reads)')
+
+
+def pytest_configure(config):
+  # The controller (or the only process) names the count file; xdist's workers inherit it.
+  if not hasattr(config, 'workerinput'):
+    fd, path = tempfile.mkstemp(prefix='dca_jax_test_builds_', suffix='.txt')
+    os.close(fd)
+    os.environ[BUILDS_ENV] = path
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('--reverse'):
+    items.reverse()
+
+
+def count_build(name: str) -> None:
+  """Records one build of the module fixture `name` for the run's check (pytest_sessionfinish)."""
+  path = os.environ.get(BUILDS_ENV)
+  if path:
+    with open(path, 'a') as f:  # one short append per build: atomic between workers
+      f.write(name + '\n')
+
+
+def builds_twice(path) -> dict:
+  """{fixture name: builds} for the fixtures built more than once in a run's count file."""
+  with open(path) as f:
+    counts = collections.Counter(line.strip() for line in f if line.strip())
+  return {name: n for name, n in counts.items() if n > 1}
+
+
+def pytest_sessionfinish(session, exitstatus):
+  path = os.environ.get(BUILDS_ENV)
+  if hasattr(session.config, 'workerinput') or not path or not os.path.exists(path):
+    return
+  twice = builds_twice(path)
+  os.remove(path)
+  if twice:
+    listed = ', '.join(f'{name} x{n}' for name, n in sorted(twice.items()))
+    session.config.get_terminal_writer().line(
+        f'error: module fixtures built more than once in this run ({listed}): their tests were '
+        'split between workers (pytest.ini sets --dist loadfile)', red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -14,6 +14,7 @@ import pytest
 from conftest import (
   ROOT,
   assert_same_params,
+  count_build,
   load_npz,
   main_cmd,
   subprocess_env,
@@ -28,6 +29,7 @@ from dca_jax import config_lib
 def one_device_run(tmp_path_factory):
   """3 steps on 1 device: the reference the 8-device runs and the 2-process run are compared
   with. Its batches are put in the order 2 hosts assemble them (`--as_hosts 2`)."""
+  count_build('test_distributed.one_device_run')
   overrides = dict(batch_size=8, num_pwca_layers=2, stochastic_depth_prob=0.1,
                    pwca_partners='global')
   cmd, out = train_worker_cmd(tmp_path_factory.mktemp('one'), 'd1', overrides, devices=1, steps=3,
@@ -38,7 +40,6 @@ def one_device_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('one_device_run')  # both share the module fixture's run
 @pytest.mark.parametrize('fsdp', [False, True])
 def test_eight_devices_match_one_device(tmp_path, fsdp, one_device_run):
   # the same pairing on 8 devices as on 1: partners drawn over the global batch
@@ -94,7 +95,6 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('one_device_run')
 def test_two_processes_on_localhost_train_as_one_process(tmp_path, one_device_run):
   """2 processes of 1 device, each feeding its own host's share, against one process fed the
   same global batches (the fixture): both hosts feeding one shard, or a shard fed twice, fails."""

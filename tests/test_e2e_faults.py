@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env, tiny_config
+from conftest import ROOT, count_build, subprocess_env, tiny_config
 
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import evaluate, train
@@ -60,6 +60,7 @@ def _steps(workdir):
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   """The uninterrupted run: checkpoints 4, 8, 12 (all sealed) and their params."""
+  count_build('test_e2e_faults.reference')
   workdir = tmp_path_factory.mktemp('reference')
   train.train_and_evaluate(tiny_config(**STEPS), str(workdir))
   assert _steps(workdir) == [4, 8, 12]

@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest
-from conftest import ROOT, run_main, tiny_config
+from conftest import ROOT, count_build, run_main, tiny_config
 
 from dca_jax import train
 
@@ -18,7 +18,7 @@ try:
 except ImportError:
   import layouts  # pylint: disable=g-import-not-at-top
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('first_hour')]  # one module fixture, one worker
+pytestmark = pytest.mark.slow
 CLASSES = ('cat', 'dog', 'eel')
 
 
@@ -26,6 +26,7 @@ CLASSES = ('cat', 'dog', 'eel')
 def run(tmp_path_factory):
   """Two steps on a folder of 3 classes (4 train images each, one of them truncated, 2 test)
   with num_classes=0, and what main.py printed."""
+  count_build('test_e2e_first_hour.run')
   root = tmp_path_factory.mktemp('first_hour')
   data_dir = layouts.write_imagefolder(str(root / 'data'), CLASSES, train=4, test=2)
   truncated = os.path.join(data_dir, 'train', 'dog', '1.jpg')

@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_reid_config
+from conftest import count_build, tiny_reid_config
 
 from dca_jax import data, drawing, evaluate, evaluators, inference, train, visualize
 from dca_jax.data import preprocess
@@ -18,11 +18,12 @@ from dca_jax.evaluators import retrieval
 from dca_jax.models import dcal
 from dca_jax.reid import metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('reid_run')]  # one module fixture, one worker
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
+  count_build('test_e2e_reid.run')
   root = tmp_path_factory.mktemp('reid')
   # SGD with momentum and coupled L2 decay; a save at step 3 for the resume test
   config = tiny_reid_config(max_steps=6, save_every_steps=3, optimizer='sgd',

@@ -9,19 +9,20 @@ import os
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, run_main
+from conftest import TINY_CONFIG, count_build, run_main
 
 try:
   from tests import reid_layouts  # pylint: disable=g-import-not-at-top
 except ImportError:
   import reid_layouts  # pylint: disable=g-import-not-at-top
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('reid_folder')]  # one module fixture, one worker
+pytestmark = pytest.mark.slow
 REID = f'{TINY_CONFIG}:reid'
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
+  count_build('test_e2e_reid_folder.run')
   root = tmp_path_factory.mktemp('reid_folder')
   lay = reid_layouts.write_reid_folder(str(root / 'data'))
   workdir = root / 'run'
@@ -88,13 +89,21 @@ def _search(run, workdir, *extra, config=None):
                   mode='search', config=config)
 
 
-def test_search_ranks_the_gallery_and_caches_it(run):
-  lay = run['lay']
+@pytest.fixture(scope='module')
+def searched(run):
+  """The gallery searched once from the run's checkpoint: main.py's output and the records of
+  search.jsonl (read here, so no test reads a file another test wrote)."""
+  count_build('test_e2e_reid_folder.searched')
   first = _search(run, run['workdir'])
   assert first.returncode == 0, first.stderr[-3000:]
-  assert 'embedded' in first.stdout and '-> cache' in first.stdout
   with open(os.path.join(run['workdir'], 'search.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+    return first, [json.loads(line) for line in f]
+
+
+def test_search_ranks_the_gallery_and_caches_it(run, searched):
+  lay = run['lay']
+  first, records = searched
+  assert 'embedded' in first.stdout and '-> cache' in first.stdout
   assert [r['query'] for r in records] == [p for p, _ in lay.splits['query']]
   gallery = dict(lay.splits['gallery'])
   for record in records:
@@ -114,7 +123,7 @@ def test_search_ranks_the_gallery_and_caches_it(run):
     assert [json.loads(line) for line in f] == records
 
 
-def test_search_from_an_exported_file(run, tmp_path):
+def test_search_from_an_exported_file(run, searched, tmp_path):
   export = run_main(run['workdir'], '--format=stablehlo', mode='export', config=None)
   assert export.returncode == 0, export.stderr[-3000:]
   exported = os.path.join(run['workdir'], 'export', 'model.stablehlo')
@@ -122,8 +131,8 @@ def test_search_from_an_exported_file(run, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with open(tmp_path / 'served' / 'search.jsonl') as f:
     served = [json.loads(line) for line in f]
-  with open(os.path.join(run['workdir'], 'search.jsonl')) as f:
-    restored = [json.loads(line) for line in f]
+  restored = searched[1]
+  assert len(served) == len(restored) == 4
   for a, b in zip(served, restored):
     assert [x['path'] for x in a['results']] == [x['path'] for x in b['results']]
     np.testing.assert_allclose([x['distance'] for x in a['results']],

@@ -81,7 +81,6 @@ def test_bad_evals_are_one_line(evals, best, match):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('val_run')
 def test_best_checkpoint_is_chosen_on_the_validation_split(tmp_path):
   """Three evaluations; `best` is the step with the highest val/accuracy, whatever the test
   accuracy says, and eval.json carries both splits."""

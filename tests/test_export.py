@@ -13,12 +13,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env, tiny_config, tiny_reid_config
+from conftest import ROOT, count_build, subprocess_env, tiny_config, tiny_reid_config
 from PIL import Image
 
 from dca_jax import checkpoint, data, export, predict, serving, train
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('export_runs')]  # one module fixture, one worker
+pytestmark = pytest.mark.slow
 
 # Probabilities and unit-norm features: float32 rounding differs between XLA and onnxruntime's
 # kernels (measured up to ~1e-7 here); 1e-5 leaves room and still fails on any real change.
@@ -66,6 +66,7 @@ def _jpegs(folder, sizes):
 def runs(tmp_path_factory):
   """Both models checkpointed and exported (FGVC through main.py, Re-ID in process, overlapped),
   the JPEG crops, and each model's jitted predict outputs on them."""
+  count_build('test_export.runs')
   root = tmp_path_factory.mktemp('export')
   fgvc = tiny_config(glca_pool='mean')
   reid = tiny_reid_config(data_dir=str(root / 'reid_data'), reid_feature='after_bn',

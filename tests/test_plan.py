@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import count_build, tiny_config
 
 from dca_jax import plan
 from dca_jax.models import vit
@@ -122,6 +122,7 @@ def test_candidates_respect_devices_pwca_and_reid_groups():
 @pytest.fixture(scope='module')
 def cpu_plan(tmp_path_factory):
   """`--mode plan`'s function on the attached CPU for the tiny DCAL, effective batch 4."""
+  count_build('test_plan.cpu_plan')
   workdir = tmp_path_factory.mktemp('plan')
   config = tiny_config(batch_size=4, gradient_accumulation_steps=1)
   records = plan.run_plan(config, str(workdir), [])
@@ -135,7 +136,6 @@ def _by(records):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_plan_compiles_every_candidate_and_bytes_follow_the_batch(cpu_plan):
   _, records = cpu_plan
   rows = _by(records)
@@ -168,7 +168,6 @@ def _brute_force(records, limit):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_recommendation_is_the_brute_force_optimum_at_every_memory_limit(cpu_plan):
   config, records = cpu_plan
   target = plan.attached_target()
@@ -189,7 +188,6 @@ def test_recommendation_is_the_brute_force_optimum_at_every_memory_limit(cpu_pla
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path, capsys):
   """main.py with auto_batch and a memory budget that the largest batch exceeds: the search
   (ranked by FLOPs, compiling until one fits) must land on the brute-force choice, say so,
@@ -217,7 +215,6 @@ def test_auto_batch_trains_with_the_planned_configuration(cpu_plan, tmp_path, ca
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('cpu_plan')  # one module fixture, one worker
 def test_nothing_fits_is_one_clear_line(cpu_plan):
   """Below the smallest candidate nothing is recommended, and the line says what to change."""
   config, records = cpu_plan

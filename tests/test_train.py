@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import (
   assert_leaves_equal,
+  count_build,
   assert_same_params,
   main_cmd,
   run_main,
@@ -141,13 +142,13 @@ def test_eval_of_empty_workdir_is_one_clear_error(tmp_path):
 @pytest.fixture(scope='module')
 def two_step_run(tmp_path_factory):
   """A finished 2-step run; each test resumes a copy of it."""
+  count_build('test_train.two_step_run')
   workdir = tmp_path_factory.mktemp('two_steps') / 'run'
   train.train_and_evaluate(tiny_config(max_steps=2, save_every_steps=2), str(workdir))
   return workdir
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('two_step_run')
 def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path, two_step_run):
   tmp_path = tmp_path / 'run'
   shutil.copytree(two_step_run, tmp_path)
@@ -164,7 +165,6 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path, two_st
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('two_step_run')
 def test_resume_says_the_pretrained_weights_are_not_loaded(tmp_path, capsys, two_step_run):
   tmp_path = tmp_path / 'run'
   shutil.copytree(two_step_run, tmp_path)
@@ -224,7 +224,6 @@ def _fresh_params(config):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('two_step_run')
 def test_a_run_is_pretrained_weights_for_another_task(tmp_path, two_step_run, caplog):
   """An FGVC run (32 x 32 px, 4 classes) loads into a Re-ID model (32 x 16 px, 6 identities):
   backbone and GLCA block from the run's newest checkpoint, positions resized 4x4 -> 4x2, the

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env, tiny_config
+from conftest import ROOT, count_build, subprocess_env, tiny_config
 from PIL import Image
 
 from dca_jax import predict, train, visualize
@@ -28,6 +28,7 @@ def _predict_cli(workdir, *images):
 def runs(tmp_path_factory):
   """A trained tiny DCAL (2 steps), an SA-only baseline checkpoint, a few odd image files, and
   one `main.py --mode predict` subprocess (on a copy of the run) started early to overlap."""
+  count_build('test_visualize.runs')
   root = tmp_path_factory.mktemp('vis')
   dcal_dir, sa_dir, files = root / 'dcal', root / 'sa_only', root / 'files'
   files.mkdir()
@@ -86,7 +87,6 @@ def test_rollout_heatmap_blocks_normalised_and_upsampled():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_heatmap_is_the_rollout_glca_selects_from(runs):
   config = tiny_config()
   predictor = visualize.Predictor(config, runs['dcal'])
@@ -155,7 +155,6 @@ def test_pick_correct_and_wrong_mixes_both(correct, n, want):
 
 # --- figures ---------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_visualize_writes_figures_and_side_by_side_comparison(runs):
   config = tiny_config()
   written = visualize.run_visualize(config, runs['dcal'], num_images=2)
@@ -187,7 +186,6 @@ def test_visualize_writes_figures_and_side_by_side_comparison(runs):
 
 # --- predict -------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_predict_top5_on_grayscale_rgba_and_odd_jpeg(runs, capsys):
   config = tiny_config()
   files = runs['files']
@@ -214,7 +212,6 @@ def test_predict_top5_on_grayscale_rgba_and_odd_jpeg(runs, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('visualize_runs')  # the module fixture's runs, one worker
 def test_predict_cli_missing_file_is_one_line_and_others_run(runs):
   missing, good = runs['cli_images']
   out, err = runs['cli'].communicate(timeout=300)
