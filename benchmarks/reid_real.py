@@ -52,6 +52,7 @@ def demo_recipe(data_dir: str):
   from configs import reid_demo  # pylint: disable=g-import-not-at-top
   c = reid_demo.get_config()
   c.dataset, c.data_source, c.data_dir, c.num_classes = 'market1501', 'folder', data_dir, 300
+  c.triplet_feature = 'raw'  # the recipe its rows measured (the demo's triplet then)
   return c
 
 

@@ -7,9 +7,12 @@
       --config.data_dir=/data/mine           # the Re-ID demo's small DCAL from scratch (CPU)
   python main.py --workdir runs/mine --mode search --images new/ --gallery /data/mine/gallery
 
-The number of train identities is taken from the folders (num_classes=0); persons at
-256 x 128 (set --config.input_width=256 for vehicles).
+The number of train identities is taken from the folders (num_classes=0). With a backbone:
+persons at 256 x 128 (set --config.input_width=256 for vehicles); without: 64 x 32 and the
+demo's from-scratch settings (configs/reid_demo.py `from_scratch`: AdamW, the triplet on
+batch-standardised distances).
 """
+from configs import reid_demo
 from dca_jax import hub, tasks
 
 
@@ -20,17 +23,10 @@ def get_config(arg=None):
   if arg:                                   # the paper's recipe on a pretrained backbone
     c.pretrained_model = hub.default_weights(c.backbone)
     return c
-  # the Re-ID demo's model and optimiser (configs/reid_demo.py), from scratch
-  c.input_size, c.input_width = 64, 32
-  c.backbone_overrides.update(dict(width=64, depth=3, num_heads=4, mlp_dim=128, patch_size=8))
-  c.num_sa_layers, c.num_glca_layers, c.num_pwca_layers = 3, 1, 3
-  c.crop_padding = 4
-  c.batch_size, c.num_instances = 32, 4
-  c.optimizer, c.learning_rate, c.weight_decay = 'adamw', 3e-3, 0.05
-  c.max_grad_norm = 1.0
-  c.num_epochs, c.warmup_epochs = 24, 1.0
-  c.stochastic_depth_prob = 0.0
+  reid_demo.from_scratch(c)                 # the demo's model, optimiser and triplet
   c.pretrained_model = 'none'
+  c.batch_size, c.num_instances = 32, 4
+  c.num_epochs = 24
   c.eval_batch_size, c.eval_frequency, c.save_frequency = 64, 8, 8
   c.log_every_steps = 10
   return c

@@ -14,7 +14,9 @@ import os
 import jax
 
 from dca_jax import checks
+from dca_jax import config_lib
 from dca_jax import data
+from dca_jax import errors
 from dca_jax import evaluators
 from dca_jax import inference
 from dca_jax import tasks
@@ -28,15 +30,29 @@ def evaluate_restored(restored: inference.InferenceModel, input_data) -> dict:
   return results
 
 
-def measured_on(config, info, restored: inference.InferenceModel, workdir: str) -> dict:
+def measured_on(config, info, restored: inference.InferenceModel, workdir: str,
+                selected_on: str = 'none') -> dict:
   """What a result was measured on: the data (name, layout version, split sizes), the task's
-  protocol, the checkpoint and the config's hash (the checked config, keys sorted)."""
+  protocol, the checkpoint (and the split it was chosen on) and the config's hash (the checked
+  config, keys sorted)."""
   text = config.to_json_best_effort(sort_keys=True)
   return {'dataset': config.dataset, 'layout': info.version, 'data_dir': config.data_dir,
           'splits': info.splits, 'protocol': tasks.get(config.task).protocol(config, info),
           'checkpoint': {'workdir': os.path.abspath(workdir), 'which': restored.which,
-                         'step': restored.step},
+                         'step': restored.step, 'selected_on': selected_on},
           'config_sha256': hashlib.sha256(text.encode()).hexdigest()}
+
+
+def training_config(config, workdir: str):
+  """The config the run trained with (WORKDIR/config.json), which chose its `best`; `config`
+  when there is none or it no longer loads."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return config
+  try:
+    return config_lib.load_json(path)
+  except errors.ConfigError:  # a config.json of an older version: the eval's config decides
+    return config
 
 
 def run_eval(config, workdir: str, which: str = 'latest', output: str = 'eval.json') -> dict:
@@ -46,9 +62,15 @@ def run_eval(config, workdir: str, which: str = 'latest', output: str = 'eval.js
   input_data = data.build_input(config, process_index=jax.process_index(),
                                 process_count=jax.process_count(), with_train=False)
   result = evaluate_restored(restored, input_data)
-  result.update(step=restored.step, checkpoint=which,
-                measured_on=measured_on(restored.config, input_data.info, restored, workdir))
+  # The split the checkpoint was chosen on ('none': the latest is no choice), by the run's config.
+  trained = training_config(config, workdir)
+  chosen_on = evaluators.selected_on(trained) if which == 'best' else 'none'
+  result.update(step=restored.step, checkpoint=which, selected_on=chosen_on,
+                measured_on=measured_on(restored.config, input_data.info, restored, workdir,
+                                        chosen_on))
   if jax.process_index() == 0:
+    if chosen_on == 'test':
+      print(evaluators.selection_warning(trained), flush=True)
     path = os.path.join(workdir, output)
     with open(path, 'w') as f:
       json.dump(result, f, indent=2)

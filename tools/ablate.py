@@ -1,6 +1,8 @@
 """Ablation grids: config variants x seeds, each trained and evaluated by the normal main.py.
 
   python -m tools.ablate --grid paper --seeds 0,1,2                  # the paper's ablations, demo
+  python -m tools.ablate --grid demo --seeds 0,1,2 --threads 1,2 --jobs 2 --tolerance 3 \
+      --out runs/demo_spread                  # the README's demo figure, and its check
   python -m tools.ablate --grid paper --variants dcal_local_rollout,dcal_local_random --seeds 0,1,2
   python -m tools.ablate --config configs/cub.py --grid selection --seeds 0,1,2 \
       --set data_dir=/data --set pretrained_model=/w/deit_tiny.safetensors --out runs/ablate_cub
@@ -9,13 +11,18 @@
       --test_time random:glca_select=random --test_time last_layer:glca_select=last_layer
 
 Each run is `main.py --mode train` then `main.py --mode eval` (the restored checkpoint) into
-OUT/<variant>/seed_<s>, with `--config.seed=<s>` and the variant's `--config.KEY=VALUE`
-overrides after the common `--set` ones. A finished run appends one JSON line to
-OUT/results.jsonl; a rerun skips finished runs and resumes an interrupted one from its
+OUT/<variant>/seed_<s>_threads_<t>, with `--config.seed=<s>` and the variant's
+`--config.KEY=VALUE` overrides after the common `--set` ones. A finished run appends one JSON
+line to OUT/results.jsonl; a rerun skips finished runs and resumes an interrupted one from its
 checkpoint, so a grid can be stopped and continued. OUT/table.md holds mean ± std over the
-seeds of the SA+GLCA, SA and GLCA top-1 and the wall time (train + eval) per variant.
-`--jobs 2` runs two at a time, one CPU thread each (on 2 cores it finishes a grid sooner than
-one two-thread run at a time; wall times are then per single-thread run).
+seeds (and thread counts) of the SA+GLCA, SA and GLCA top-1 and the wall time (train + eval)
+per variant; OUT/runs.md one row per run (seed, threads, CPU, top-1, train seconds).
+`--threads 1` pins each run to one processor, as `taskset -c 0` does; `--jobs 2` then runs two
+side by side, each on its own core (on 2 cores it finishes a grid sooner; wall times are then
+per single-thread run). `--threads 1,2` runs every variant and seed on one core and on two
+(those one at a time): float rounding differs with the thread count, and a figure that holds
+on either is one a user can reproduce; `--tolerance 3` exits 1 naming each run more than 3
+points from its variant's mean.
 
 `--test_time NAME:KEY=VALUE[,KEY=VALUE]` evaluates every finished run of the chosen variants
 once more with those knobs changed at test time only (the checkpoint is the one trained as the
@@ -29,11 +36,14 @@ import argparse
 import concurrent.futures
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from benchmarks import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,6 +78,9 @@ GRIDS = {
     # Loss-weight learning rate (the uncertainty weights barely move at the paper's lr).
     'loss_weights': {f'dcal_lw_lr_x{m:g}': {'loss_weights_lr_multiplier': m}
                      for m in (1.0, 10.0, 100.0)},
+    # The README's demo figures: DCAL and its SA-only baseline at the same budget (with
+    # --config configs/reid_demo.py: the Re-ID demo's mAP).
+    'demo': {'dcal': {}, 'sa_only': {**_NO_GLCA, **_NO_PWCA}},
 }
 
 
@@ -93,35 +106,41 @@ def _config_flags(common, seed, overrides) -> list:
           + [_flag(k, v) for k, v in overrides])
 
 
-def _main_py(config, workdir, mode, flags, env=None):
-  """Runs `main.py --mode MODE` on `workdir`, its output appended to workdir/ablate.log."""
+def _main_py(config, workdir, mode, flags, cpus=None):
+  """Runs `main.py --mode MODE` on `workdir` (pinned to `cpus` if given, as `taskset -c`: jax
+  and TensorFlow size their thread pools by the processors a process may use), its output
+  appended to workdir/ablate.log."""
   cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
          f'--workdir={workdir}', f'--mode={mode}'] + flags
   with open(os.path.join(workdir, 'ablate.log'), 'a') as log:
     log.write(' '.join(cmd) + '\n')
     log.flush()
-    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                          preexec_fn=pin).returncode
   if code:
     raise RuntimeError(f'{workdir}: main.py --mode {mode} {" ".join(flags)} exited {code} '
                        f'(see {log.name})')
 
 
-def run_one(config, workdir, seed, overrides, common, *, threads: int):
-  """Train + eval one variant/seed with main.py; returns the result record (raises on failure)."""
+def run_one(config, workdir, seed, overrides, common, *, cpus=None):
+  """Train + eval one variant/seed with main.py, on the processors `cpus` (as `taskset -c`
+  pins; None: all); returns the result record (raises on failure)."""
   flags = _config_flags(common, seed, overrides.items())
-  env = dict(os.environ)
-  if threads == 1:
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false').strip()
-    env['TF_NUM_INTRAOP_THREADS'] = env['TF_NUM_INTEROP_THREADS'] = '1'
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  for mode in ('train', 'eval'):
-    _main_py(config, workdir, mode, flags, env)
+  _main_py(config, workdir, 'train', flags, cpus=cpus)
+  train_s = time.time() - start
+  _main_py(config, workdir, 'eval', flags, cpus=cpus)
   with open(os.path.join(workdir, 'eval.json')) as f:
     result = json.load(f)
-  return {'accuracy': result['accuracy'], 'accuracy_sa': result['accuracy_sa'],
-          'accuracy_glca': result.get('accuracy_glca'), 'num_images': result['num_images'],
-          'wall_s': time.time() - start, 'threads': threads, **_loss_weights(workdir)}
+  metric = 'accuracy' if 'accuracy' in result else 'mAP'   # the task's metric (Re-ID: mAP)
+  return {'accuracy': result[metric], 'metric': metric, 'accuracy_sa': result.get('accuracy_sa'),
+          'accuracy_glca': result.get('accuracy_glca'),
+          'num_images': result.get('num_images', result.get('num_query')),
+          'wall_s': time.time() - start, 'train_s': train_s,
+          'threads': len(cpus) if cpus else len(os.sched_getaffinity(0)),
+          'cpu': machine.cpu_model(), **_loss_weights(workdir)}
 
 
 def parse_test_time(items):
@@ -163,7 +182,7 @@ def write_test_time_table(path, variants, results, tests, header) -> str:
                        for name, swaps in tests) + ' |',
           '|---|---|---|---|' + '---|' * len(tests)]
   for variant in variants:
-    recs = [r for (v, _), r in sorted(results.items()) if v == variant and 'test_time' in r]
+    recs = [r for (v, *_), r in sorted(results.items()) if v == variant and 'test_time' in r]
     if not recs:
       continue
     seeds = ','.join(str(r['seed']) for r in recs)
@@ -188,12 +207,41 @@ def _loss_weights(workdir) -> dict:
 
 
 def load_results(path):
+  """{(variant, seed, threads): record} of the finished runs in results.jsonl."""
   done = {}
   if os.path.exists(path):
     for line in open(path):
       rec = json.loads(line)
-      done[(rec['variant'], rec['seed'])] = rec
+      done[(rec['variant'], rec['seed'], rec.get('threads', 1))] = rec
   return done
+
+
+def out_of_tolerance(variants, results, points: float) -> list:
+  """One line per run whose SA+GLCA top-1 is more than `points` from its variant's mean over
+  every seed and thread count (the demo must not depend on the machine's rounding)."""
+  lines = []
+  for name in variants:
+    recs = [r for (v, *_), r in sorted(results.items()) if v == name]
+    mean = 100 * np.mean([r['accuracy'] for r in recs]) if recs else 0.0
+    lines += [f'{name} seed {r["seed"]} on {r.get("threads", 1)} thread(s): '
+              f'{100 * r["accuracy"]:.1f} % is {abs(100 * r["accuracy"] - mean):.1f} points '
+              f'from the mean {mean:.1f} % (tolerance {points:g})'
+              for r in recs if abs(100 * r['accuracy'] - mean) > points]
+  return lines
+
+
+def write_runs(path, variants, results) -> str:
+  """One row per run: variant, seed, threads, CPU, top-1, train seconds (the README's table)."""
+  rows = ['| variant | seed | threads | CPU | top-1 (Re-ID: mAP) % | train s |',
+          '|---|---|---|---|---|---|']
+  for (name, seed, threads), r in sorted(results.items()):
+    if name in variants:
+      rows.append(f'| {name} | {seed} | {threads} | {r.get("cpu", "?")} '
+                  f'| {100 * r["accuracy"]:.1f} | {r.get("train_s", r["wall_s"]):.0f} |')
+  text = '\n'.join(rows) + '\n'
+  with open(path, 'w') as f:
+    f.write(text)
+  return text
 
 
 def _pct(values):
@@ -210,7 +258,7 @@ def write_table(path, variants, results, header: str) -> str:
           'wall s (train+eval) |',
           '|---|---|---|---|---|---|---|---|']
   for name, overrides in variants.items():
-    recs = [r for (v, _), r in sorted(results.items()) if v == name]
+    recs = [r for (v, *_), r in sorted(results.items()) if v == name]
     if not recs:
       continue
     ws = ' / '.join(f'{np.mean([r[k] for r in recs]):.2f}' if all(k in r for r in recs) else '–'
@@ -226,52 +274,43 @@ def write_table(path, variants, results, header: str) -> str:
   return text
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--config', default=os.path.join(ROOT, 'configs', 'demo.py'))
-  p.add_argument('--grid', default='paper', choices=sorted(GRIDS))
-  p.add_argument('--variants', default='', help='comma-separated subset of the grid (default all)')
-  p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='override for every run (repeatable), e.g. --set num_epochs=24')
-  p.add_argument('--out', default=os.path.join(ROOT, 'runs', 'ablate'))
-  p.add_argument('--jobs', type=int, default=1, help='runs at a time (1 thread each if > 1)')
-  p.add_argument('--threads', type=int, default=0,
-                 help='1 = one compute thread per run (default when --jobs > 1, or when another '
-                      'grid shares the machine); 0 = all cores')
-  p.add_argument('--table_only', action='store_true')
-  p.add_argument('--test_time', action='append', default=[], metavar='NAME:KEY=VALUE[,...]',
-                 help='evaluate finished runs again with these knobs changed (repeatable)')
-  a = p.parse_args()
+def _cpu_slots(jobs: int, threads: int) -> list:
+  """The processor sets `jobs` runs of `threads` threads each can run on side by side
+  (threads 0: every processor, one run at a time)."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if not threads or threads >= len(cpus):
+    return [None]
+  return [set(cpus[k * threads:(k + 1) * threads])
+          for k in range(max(1, min(jobs, len(cpus) // threads)))]
 
-  grid = GRIDS[a.grid]
-  names = [v.strip() for v in a.variants.split(',') if v.strip()] or list(grid)
-  unknown = [n for n in names if n not in grid]
-  if unknown:
-    raise SystemExit(f'error: unknown variant(s) {unknown} in grid {a.grid}: {", ".join(grid)}')
-  variants = {n: grid[n] for n in names}
-  seeds = [int(s) for s in a.seeds.split(',') if s.strip()]
-  common = parse_set(a.set)
-  os.makedirs(a.out, exist_ok=True)
-  results_path = os.path.join(a.out, 'results.jsonl')
-  results = load_results(results_path)
-  header = (f'Config `{os.path.relpath(a.config, ROOT)}`'
-            + (' with ' + ', '.join(f'`{k}={v}`' for k, v in common) if common else '')
-            + f'; seeds {a.seeds}; mean ± std (sample) over seeds.')
 
-  todo = [(n, s) for n in variants for s in seeds if (n, s) not in results]
-  if not a.table_only and todo:
-    threads = a.threads or (1 if a.jobs > 1 else 0)
-    print(f'{len(todo)} run(s) to do, {len(results)} already in {results_path}', flush=True)
+def run_grid(a, variants, common, seeds, results, results_path) -> None:
+  """Every (variant, seed, thread count) not in `results` yet: runs of one thread side by side
+  (up to --jobs, each pinned to its own processor), wider runs one at a time."""
+  all_cpus = len(os.sched_getaffinity(0))
+  for threads in a.thread_counts:
+    count = threads or all_cpus
+    todo = [(n, s) for n in variants for s in seeds if (n, s, count) not in results]
+    if not todo:
+      continue
+    print(f'{len(todo)} run(s) on {count} thread(s) to do, {len(results)} already in '
+          f'{results_path}', flush=True)
+    slots = queue.Queue()
+    for cpus in _cpu_slots(a.jobs, threads):
+      slots.put(cpus)
 
-    def job(item):
+    def job(item, count=count, slots=slots):
       name, seed = item
-      rec = run_one(a.config, os.path.join(a.out, name, f'seed_{seed}'), seed, variants[name],
-                    common, threads=threads)
+      cpus = slots.get()
+      try:
+        rec = run_one(a.config, os.path.join(a.out, name, f'seed_{seed}_threads_{count}'), seed,
+                      variants[name], common, cpus=cpus)
+      finally:
+        slots.put(cpus)
       return {'variant': name, 'seed': seed, 'overrides': variants[name],
               'common': dict(common), **rec}
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(slots.qsize()) as pool:
       futures = {pool.submit(job, item): item for item in todo}
       for fut in concurrent.futures.as_completed(futures):
         name, seed = futures[fut]
@@ -282,19 +321,69 @@ def main():
           continue
         with open(results_path, 'a') as f:
           f.write(json.dumps(rec) + '\n')
-        results[(name, seed)] = rec
-        print(f'{name} seed {seed}: SA+GLCA {rec["accuracy"]:.3f} SA {rec["accuracy_sa"]:.3f} '
-              f'GLCA {rec["accuracy_glca"]} ({rec["wall_s"]:.0f} s)', flush=True)
+        results[(name, seed, rec['threads'])] = rec
+        print(f'{name} seed {seed} on {rec["threads"]} thread(s): {rec["metric"]} '
+              f'{rec["accuracy"]:.3f} (SA {rec["accuracy_sa"]}, GLCA {rec["accuracy_glca"]}; '
+              f'train {rec["train_s"]:.0f} s)', flush=True)
+
+
+def _parser():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', default=os.path.join(ROOT, 'configs', 'demo.py'))
+  p.add_argument('--grid', default='paper', choices=sorted(GRIDS))
+  p.add_argument('--variants', default='', help='comma-separated subset of the grid (default all)')
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='override for every run (repeatable), e.g. --set num_epochs=24')
+  p.add_argument('--out', default=os.path.join(ROOT, 'runs', 'ablate'))
+  p.add_argument('--jobs', type=int, default=1, help='one-thread runs at a time')
+  p.add_argument('--threads', default='',
+                 help='processors per run, pinned as taskset -c pins (1 = one core); a list '
+                      '(1,2) runs every variant and seed at each; 0 = all cores; default 1 with '
+                      '--jobs > 1, else 0')
+  p.add_argument('--tolerance', type=float, default=0.0,
+                 help='points: exit 1 if a run\'s SA+GLCA top-1 is further than this from its '
+                      'variant\'s mean over seeds and thread counts (0: no check)')
+  p.add_argument('--table_only', action='store_true')
+  p.add_argument('--test_time', action='append', default=[], metavar='NAME:KEY=VALUE[,...]',
+                 help='evaluate finished runs again with these knobs changed (repeatable)')
+  return p
+
+
+def main():
+  a = _parser().parse_args()
+  grid = GRIDS[a.grid]
+  names = [v.strip() for v in a.variants.split(',') if v.strip()] or list(grid)
+  unknown = [n for n in names if n not in grid]
+  if unknown:
+    raise SystemExit(f'error: unknown variant(s) {unknown} in grid {a.grid}: {", ".join(grid)}')
+  variants = {n: grid[n] for n in names}
+  seeds = [int(s) for s in a.seeds.split(',') if s.strip()]
+  a.thread_counts = ([int(t) for t in a.threads.split(',') if t.strip()]
+                     or [1 if a.jobs > 1 else 0])
+  common = parse_set(a.set)
+  os.makedirs(a.out, exist_ok=True)
+  results_path = os.path.join(a.out, 'results.jsonl')
+  results = load_results(results_path)
+  header = (f'Config `{os.path.relpath(a.config, ROOT)}`'
+            + (' with ' + ', '.join(f'`{k}={v}`' for k, v in common) if common else '')
+            + f'; seeds {a.seeds}; mean ± std (sample) over seeds and thread counts.')
+  if not a.table_only:
+    run_grid(a, variants, common, seeds, results, results_path)
   print(write_table(os.path.join(a.out, 'table.md'), variants, results, header))
+  print(write_runs(os.path.join(a.out, 'runs.md'), variants, results))
   tests = parse_test_time(a.test_time)
   if tests:
-    for (name, seed), rec in sorted(results.items()):
+    for (name, seed, threads), rec in sorted(results.items()):
       if name in variants:
-        workdir = os.path.join(a.out, name, f'seed_{seed}')
+        workdir = os.path.join(a.out, name, f'seed_{seed}_threads_{threads}')
         rec['test_time'] = {test: eval_again(a.config, workdir, seed, variants[name], common, test,
                                              swaps) for test, swaps in tests}
     print(write_test_time_table(os.path.join(a.out, 'test_time.md'), variants, results, tests,
                                 header))
+  far = out_of_tolerance(variants, results, a.tolerance) if a.tolerance else []
+  if far:
+    raise SystemExit('error: ' + '; '.join(far))
 
 
 if __name__ == '__main__':

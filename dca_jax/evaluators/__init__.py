@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 from typing import Any, Iterator
 
@@ -98,6 +99,42 @@ def best_metric(config) -> str:
     return config.best_metric
   metric = tasks.get(config.task).METRIC
   return f'val/{metric}' if f'val/{metric}' in metric_names(config) else metric
+
+
+def _scoring_entry(config):
+  """(evaluator class, entry) of the evaluator that scores best_metric; None if none does."""
+  metric = best_metric(config)
+  for name, entry in entries(config).items():
+    cls = evaluator_class(entry.get('type', ''))
+    if metric in {prefix_of(name, entry) + m for m in getattr(cls, 'METRICS', ())}:
+      return cls, entry
+  return None
+
+
+def selected_on(config) -> str:
+  """The split `best` is chosen on: 'val' when best_metric's evaluator reads the held-out part
+  of train, else 'test' (classification's default split; retrieval reads query and gallery)."""
+  found = _scoring_entry(config)
+  return 'val' if found and found[1].get('split') == 'val' else 'test'
+
+
+def selection_warning(config) -> str:
+  """One line when `best` is chosen on the test split (its test figures are then optimistic)
+  and how to choose on a validation split instead; '' when it is chosen on one."""
+  if selected_on(config) != 'test':
+    return ''
+  found = _scoring_entry(config)
+  takes_split = found and 'split' in inspect.signature(found[0]).parameters
+  if not takes_split:  # retrieval: Re-ID has no validation split of train identities
+    fix = ('this task has no validation split: report --checkpoint latest '
+           '(docs/TRAINING.md#choosing-the-best-checkpoint)')
+  elif config.val_split > 0:
+    fix = (f'val_split holds out a validation split: train with --config.best_metric='
+           f'val/{tasks.get(config.task).METRIC} to choose on it')
+  else:
+    fix = 'train with --config.val_split=0.1 to hold out a validation split'
+  return (f'Best checkpoint: chosen by {best_metric(config)} on the test split, so its test '
+          f'figures are optimistic; {fix}')
 
 
 def check(config) -> None:
