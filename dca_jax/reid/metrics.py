@@ -2,8 +2,9 @@
 
 The protocol is the Market-1501 one of torchreid's `evaluate_rank` (non-cuhk03 path), with
 mINP as fast-reid computes it (the AGW paper's inverse negative penalty); k-reciprocal
-re-ranking (torchreid's `re_ranking`, Zhong et al., CVPR 2017) is in rerank.py. Both are
-vectorised and checked against the libraries themselves (tests/test_reid_metrics.py,
+re-ranking (torchreid's `re_ranking`, Zhong et al., CVPR 2017) is in rerank.py (from distance
+matrices) and rerank_knn.py (from features, without the (Q+G)^2 matrix). All are vectorised and
+checked against the libraries themselves (tests/test_reid_metrics.py, tests/test_reid_rerank.py,
 docs/REID.md).
 
 Distances follow torchreid's `compute_distance_matrix`: 'euclidean' is the SQUARED euclidean
@@ -17,9 +18,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dca_jax.reid.arrays import int_at_least, query_gallery_matrix, run_starts
+from dca_jax.reid.distances import METRICS, distance_matrix, feature_pair, gallery_distance
 from dca_jax.reid.rerank import re_ranking
+from dca_jax.reid.rerank_knn import re_ranking_features, reranked_blocks
 
-METRICS = ('euclidean', 'cosine')
+__all__ = ['METRICS', 'RESULT_KEYS', 'distance_matrix', 'evaluate_features', 'evaluate_rank',
+           'evaluate_reranked', 'rank_stats', 'ranked_gallery', 're_ranking', 're_ranking_features',
+           'retrieval', 'summarize']
 # Elements of a (queries x gallery) block ranked at once: ~40 bytes of temporaries each.
 _BLOCK_ELEMENTS = 1 << 23
 
@@ -183,48 +188,6 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
   return result['cmc'], result['mAP'], result['mINP']
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-  # torch.nn.functional.normalize: x / max(||x||, 1e-12).
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
-
-
-def _features(name: str, values) -> np.ndarray:
-  values = np.asarray(values, np.float32)
-  if values.ndim != 2:
-    raise ValueError(f'{name} must be a 2-D (items, dims) array, got shape {values.shape}')
-  return values
-
-
-def _feature_pair(qf, gf) -> tuple[np.ndarray, np.ndarray]:
-  qf, gf = _features('qf', qf), _features('gf', gf)
-  if qf.shape[1] != gf.shape[1]:
-    raise ValueError(f'qf and gf must have the same feature size, got {qf.shape} and {gf.shape}')
-  return qf, gf
-
-
-def _gallery_distance(gf: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
-  """q_block -> (B, G) float32 distances, with the gallery's part computed once."""
-  if metric == 'euclidean':
-    g_squared_norm = np.einsum('ij,ij->i', gf, gf)
-    return lambda q: ((np.einsum('ij,ij->i', q, q)[:, None] + g_squared_norm[None, :])
-                      - 2 * (q @ gf.T))
-  if metric == 'cosine':
-    g_unit = _normalize(gf)
-    return lambda q: 1 - _normalize(q) @ g_unit.T
-  raise ValueError(f'unknown metric {metric!r}: choose one of {METRICS}')
-
-
-def distance_matrix(qf, gf, metric: str = 'euclidean') -> np.ndarray:
-  """torchreid's `compute_distance_matrix` in float32 numpy.
-
-  'euclidean': the SQUARED euclidean distance ||q||^2 + ||g||^2 - 2 q.g (not clamped: it can be
-  slightly negative from rounding, as in torchreid); 'cosine': 1 - cos(q, g) with torch's
-  `F.normalize` (norms floored at 1e-12).
-  """
-  qf, gf = _feature_pair(qf, gf)
-  return _gallery_distance(gf, metric)(qf)
-
-
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str = 'euclidean',
                       max_rank: int = 50, block_size: int | None = None,
                       distance_fn: Callable | None = None) -> dict:
@@ -250,7 +213,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str
   Raises:
     ValueError: for bad shapes, an unknown metric, or when no query has a true match.
   """
-  qf, gf = _feature_pair(qf, gf)
+  qf, gf = feature_pair(qf, gf)
   num_query, num_gallery = qf.shape[0], gf.shape[0]
   if num_query == 0 or num_gallery == 0:
     raise ValueError(f'need at least one query and one gallery item, got {num_query} and '
@@ -259,7 +222,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str
   q_pids, g_pids, q_camids, g_camids = _all_ids((num_query, num_gallery), q_pids, g_pids,
                                                 q_camids, g_camids)
   if distance_fn is None:
-    gallery_fn = _gallery_distance(gf, metric)
+    gallery_fn = gallery_distance(gf, metric)
     distance_fn = lambda q, _: gallery_fn(q)  # noqa: E731
   block = _queries_per_block(block_size, num_gallery)
   stats = []
@@ -273,6 +236,29 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str
   return summarize(stats, num_gallery, max_rank)
 
 
+def evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, *, k1: int = 20, k2: int = 6,
+                      lambda_value: float = 0.3, metric: str = 'euclidean',
+                      max_rank: int = 50) -> dict:
+  """`evaluate_features` on k-reciprocal re-ranked distances (`rerank_knn.reranked_blocks`:
+  memory O((Q+G) k1) plus one block of queries; the (Q, G) matrix is never formed).
+
+  Returns:
+    the dict of `evaluate_features`.
+  """
+  qf, gf = feature_pair(qf, gf)
+  max_rank = int_at_least('max_rank', max_rank)
+  q_pids, g_pids, q_camids, g_camids = _all_ids((len(qf), len(gf)), q_pids, g_pids, q_camids,
+                                                g_camids)
+  per_block = _queries_per_block(None, len(gf))  # the ranking's temporaries, as unranked
+  stats = []
+  for start, stop, dist in reranked_blocks(qf, gf, k1, k2, lambda_value, metric=metric):
+    for first in range(start, stop, per_block):
+      last = min(first + per_block, stop)
+      stats.append(rank_stats(dist[first - start:last - start], q_pids[first:last], g_pids,
+                              q_camids[first:last], g_camids))
+  return summarize(stats, len(gf), max_rank)
+
+
 RESULT_KEYS = ('mAP', 'rank1', 'rank5', 'rank10', 'mINP', 'num_query', 'num_gallery',
                'num_skipped')
 
@@ -281,8 +267,7 @@ def retrieval(qf, gf, q_pids, g_pids, q_camids, g_camids, *, rerank: bool = Fals
   """mAP, rank-1/5/10, mINP and the counts (RESULT_KEYS) of query vs gallery features: squared
   Euclidean distances computed in blocks, or k-reciprocal re-ranked (k1 20, k2 6, λ 0.3)."""
   if rerank:
-    q_g = re_ranking(distance_matrix(qf, gf), distance_matrix(qf, qf), distance_matrix(gf, gf))
-    stats = summarize(rank_stats(q_g, q_pids, g_pids, q_camids, g_camids), len(gf))
+    stats = evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids)
   else:
     stats = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids)
   return {k: stats[k] for k in RESULT_KEYS}

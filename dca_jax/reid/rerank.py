@@ -1,6 +1,6 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017) as torchreid's `re_ranking`, vectorised
 in plain numpy and bounded in memory: the same distances, checked against torchreid itself
-(tests/test_reid_metrics.py)."""
+(tests/test_reid_metrics.py). The same from features, without the dense matrix: rerank_knn.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dca_jax.reid.arrays import (GiB, int_at_least, query_gallery_matrix, run_po
 _SLICE_ELEMENTS = 1 << 24  # elements of the dense matrix (or of the output) handled at once
 _RECIPROCAL_BLOCK = 4096  # items whose neighbour lists are cross-checked at once
 _EXPANSION_BLOCK = 2048  # items whose neighbours' half-size sets are compared at once
+_EXPANSION_ROWS = 8192  # rows of the query expansion built at once
 _JACCARD_TERMS = 1 << 22  # (query, column, gallery item) terms of the Jaccard sums at once
 
 
@@ -115,10 +116,16 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
   original = _normalized_distance(q_g, q_q, g_g)
   num_items = original.shape[0]
   nearest = _nearest(original, min(max(k1 + 1, k2), num_items))
-  encoding = _neighbour_weights(original, _k_reciprocal_sets(nearest, k1))
+  keys = _k_reciprocal_sets(nearest, k1)
+  encoding = _neighbour_weights(keys, original[keys // num_items, keys % num_items], num_items)
   if k2 != 1:
     encoding = _query_expansion(encoding, nearest[:, :min(k2, num_items)])
-  return _mix_with_jaccard(encoding, original, q_g.shape[0], lambda_value)
+  num_query = q_g.shape[0]
+  final = np.empty((num_query, num_items - num_query), np.float32)
+  for start, stop, block in reranked_blocks(encoding, num_query, num_items, lambda_value,
+                                            lambda s, e: original[s:e, num_query:]):
+    final[start:stop] = block
+  return final
 
 
 def _rerank_inputs(q_g_dist, q_q_dist, g_g_dist, k1, k2, max_bytes):
@@ -199,14 +206,14 @@ def _k_reciprocal_sets(nearest: np.ndarray, k1: int) -> np.ndarray:
   return np.unique(np.concatenate(items).astype(np.int64) * num_items + np.concatenate(members))
 
 
-def _neighbour_weights(original: np.ndarray, keys: np.ndarray) -> _Sparse:
+def _neighbour_weights(keys: np.ndarray, distances: np.ndarray, num_items: int) -> _Sparse:
   """V, the paper's k-reciprocal encoding of each item's expanded set (sorted unique keys).
 
-  V[i, j] = exp(-original[i, j]) for j in i's set, normalised to sum 1 per row.
+  V[i, j] = exp(-original[i, j]) for j in i's set, normalised to sum 1 per row; `distances`
+  holds original[i, j] of each key.
   """
-  num_items = original.shape[0]
   row, col = keys // num_items, keys % num_items
-  weight = np.exp(-original[row, col])
+  weight = np.exp(-distances)
   lengths = np.bincount(row, minlength=num_items)
   return _Sparse(row, col, 1. * weight / np.repeat(_rowwise_sum(weight, lengths), lengths))
 
@@ -215,15 +222,28 @@ def _query_expansion(encoding: _Sparse, nearest_rows: np.ndarray) -> _Sparse:
   """V_qe[i] = mean of V's rows nearest_rows[i] (the k2 nearest items); zeros are dropped.
 
   Each entry sums its terms t = 0, 1, ..., k2-1 in that order, in float32, as the reference's
-  np.mean(V[nearest_rows[i]], axis=0).
+  np.mean(V[nearest_rows[i]], axis=0). Blocks of rows bound the temporaries.
   """
-  num_items, k2 = nearest_rows.shape
+  num_items = nearest_rows.shape[0]
   row_length = np.bincount(encoding.row, minlength=num_items)
-  terms = row_length[nearest_rows].ravel()  # entries that row nearest_rows[i, t] brings to V_qe[i]
-  target_row = np.repeat(np.repeat(np.arange(num_items), k2), terms)
-  term_index = np.repeat(np.tile(np.arange(k2), num_items), terms)
-  entry = run_positions(run_starts(row_length)[nearest_rows].ravel(), terms)
+  row_start = run_starts(row_length)
+  parts = [_expanded_rows(encoding, nearest_rows, row_length, row_start, start,
+                          min(start + _EXPANSION_ROWS, num_items))
+           for start in range(0, num_items, _EXPANSION_ROWS)]
+  return _Sparse(*(np.concatenate([part[i] for part in parts]) for i in range(3)))
+
+
+def _expanded_rows(encoding: _Sparse, nearest_rows: np.ndarray, row_length: np.ndarray,
+                   row_start: np.ndarray, start: int, stop: int) -> _Sparse:
+  """`_query_expansion`'s rows start..stop-1."""
+  num_items, k2 = nearest_rows.shape
+  block = nearest_rows[start:stop]
+  terms = row_length[block].ravel()  # entries that row block[i, t] brings to V_qe[start + i]
+  target_row = np.repeat(np.repeat(np.arange(start, stop), k2), terms)
+  term_index = np.repeat(np.tile(np.arange(k2), stop - start), terms)
+  entry = run_positions(row_start[block].ravel(), terms)
   keys, slot = np.unique(target_row * num_items + encoding.col[entry], return_inverse=True)
+  del target_row
   sums = np.zeros(keys.size, np.float32)
   for t in range(k2):
     chosen = term_index == t  # one term per key, so the buffered += is exact
@@ -279,20 +299,18 @@ def _min_sums(block: _Sparse, columns: _Columns, num_rows: int, num_gallery: int
   return sums.reshape(num_rows, num_gallery)
 
 
-def _mix_with_jaccard(encoding: _Sparse, original: np.ndarray, num_query: int,
-                      lambda_value: float) -> np.ndarray:
-  """(Q, G): (1 - lambda) * Jaccard distance of V's query and gallery rows + lambda * original.
+def reranked_blocks(encoding: _Sparse, num_query: int, num_items: int, lambda_value: float,
+                    original_rows):
+  """Yields (start, stop, (stop - start, G) float32 re-ranked distances) for blocks of queries:
+  (1 - lambda) * Jaccard distance of V's query and gallery rows + lambda * original, where
+  `original_rows(start, stop)` gives those queries' (normalised) distances to the gallery.
 
   With rows of V summing to 1, Jaccard = 1 - sum(min) / sum(max) = 1 - m / (2 - m), m = sum(min).
   """
-  num_items = original.shape[0]
   num_gallery = num_items - num_query
   columns = _gallery_columns(encoding, num_query, num_items)
-  final = np.empty((num_query, num_gallery), np.float32)
   for start, stop, entries in _query_blocks(encoding, columns.length, num_query, num_gallery):
     block = _Sparse(encoding.row[entries] - start, encoding.col[entries], encoding.value[entries])
     min_sum = _min_sums(block, columns, stop - start, num_gallery)
     jaccard = 1 - min_sum / (2. - min_sum)
-    final[start:stop] = (jaccard * (1 - lambda_value)
-                         + original[start:stop, num_query:] * lambda_value)
-  return final
+    yield start, stop, jaccard * (1 - lambda_value) + original_rows(start, stop) * lambda_value
