@@ -1,14 +1,24 @@
-"""dca_jax entry point: flags -> mode. Nothing else lives here.
+"""dca_jax: DCAL (fine-grained classification and Re-ID) in JAX.
 
-  python main.py --config configs/cub.py --workdir DIR                 # train (resumes)
-  python main.py --config configs/cub.py --workdir DIR --mode eval     # evaluate a checkpoint
-  python main.py --config configs/cub.py --workdir DIR --mode export   # -> DIR/export/model.onnx
-  python main.py --config configs/demo.py --workdir DIR --config.batch_size=8
-  python main.py --config configs/cub.py --workdir DIR --mode plan \
-      --target_config .../h100_sxm.txtpb                              # memory plan for a GPU
+  python main.py --config configs/demo.py --workdir runs/demo              # train (resumes)
+  python main.py --workdir runs/demo --mode eval                           # -> eval.json
+  python main.py --workdir runs/demo --mode predict --images a.jpg,photos/
+  python main.py --workdir runs/demo --mode export                         # -> export/
+  python main.py --config configs/cub.py --workdir runs/plan --mode plan --target_config h100.txtpb
 
-Each mode checks the config first (dca_jax/checks.py); any error a user can act on is one
-`error:` line (dca_jax/errors.py) and exit status 1.
+Modes (--mode):
+  train      train --config into --workdir; run again, it resumes from the last checkpoint
+  eval       score a checkpoint on the test split -> WORKDIR/eval.json (--eval_out)
+  visualize  attention pictures (FGVC) or ranked galleries (Re-ID) -> WORKDIR/visualize/
+  predict    top-5 classes (FGVC) or features (Re-ID) of --images -> predictions.jsonl (--out)
+  embed      Re-ID features of --images -> WORKDIR/embeddings.npz (--out)
+  search     rank --gallery for each of --images (Re-ID) -> search.jsonl + pictures (--out);
+             either may be an .npz of features (both: no model, no --config); --index
+  plan       which batch x accumulation x remat fits a GPU or TPU (--target_config)
+  export     the checkpoint as StableHLO and ONNX -> WORKDIR/export/ (--format)
+
+The modes after train read the run in --workdir (its config.json when --config is not given).
+A mistake in the command or the data is one `error:` line and exit status 1.
 """
 
 import errno
@@ -22,27 +32,40 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config: configs/*.py[:arg], or a JSON config (a run\'s '
-    'config.json). Not needed by the modes that read a workdir (its config.json is used) nor by '
-    'predict --exported.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and outputs go here.')
+    'config', None, 'All modes: the experiment, configs/*.py[:arg] or a JSON config (a run\'s '
+    'config.json); override any knob with --config.KNOB=VALUE. Modes that read a trained '
+    '--workdir take its config.json without it; predict, embed, search --exported need none.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'All modes: the run\'s folder (checkpoints, '
+                               'metrics and what each mode writes).')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'eval', 'visualize', 'predict', 'embed', 'search', 'plan',
                            'export'],
-                          'What to run.')
+                          'What to run (one line each above).')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
-                                'Which checkpoint eval/visualize/predict/export restore.')
+                                'eval, visualize, predict, embed, search, export: the checkpoint '
+                                'to restore.')
 _FORMAT = flags.DEFINE_string('format', 'stablehlo,onnx',
                               'export: the files to write into WORKDIR/export/ (comma-separated).')
 _EXPORTED = flags.DEFINE_string(
     'exported', '', 'predict, embed, search: serve this exported model.onnx / model.stablehlo '
     'instead of the checkpoint (no model is built, no config needed).')
 _GALLERY = flags.DEFINE_string('gallery', '', 'search: the folder of images to rank (identity '
-                               'folders DIR/<identity>/... name each image\'s identity).')
+                               'folders DIR/<identity>/... name each image\'s identity), or an '
+                               '.npz of their features (features [N, D], optionally paths, ids: '
+                               'what --mode embed writes).')
+_INDEX = flags.DEFINE_enum('index', 'auto', ['auto', 'flat', 'ivf', 'hnsw'],
+                           'search: the gallery\'s index, saved in WORKDIR/search_index/ and '
+                           'reused: flat (exact), ivf or hnsw (approximate, tuned for recall@10 '
+                           '0.99); auto: flat up to 200,000 gallery items, ivf above.')
 _TOP_K = flags.DEFINE_integer('top_k', 10, 'search: gallery images kept per query.')
 _IMAGES = flags.DEFINE_list(
-    'images', [], 'predict/visualize: image files, folders (read recursively) or globs, '
-    'comma-separated.')
+    'images', [], 'predict, embed, search (the queries), visualize: image files, folders (read '
+    'recursively) or globs, comma-separated; search: or one .npz of features, as --gallery.')
+_OUT = flags.DEFINE_string(
+    'out', '', 'predict, embed, search: the file written, in --workdir unless absolute '
+    '(default predictions.jsonl, embeddings.npz, search.jsonl; search draws its pictures into '
+    'the folder of that name without .jsonl). A run that fails leaves the old file as it was.')
 _EVAL_OUT = flags.DEFINE_string('eval_out', 'eval.json',
                                 'eval: the file in --workdir the results are written to.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8,
@@ -55,9 +78,12 @@ _TARGETS = flags.DEFINE_list(
 _TOPOLOGY = flags.DEFINE_string('topology', '1x1x1',
                                 'plan, GPU specs: hosts x 1 x GPUs per host (1x1x8); a TPU '
                                 'target names its own topology.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-host: this process index.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '',
+                                   'train, eval on several hosts: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0,
+                                      'train, eval on several hosts: the number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1,
+                                   'train, eval on several hosts: this process\'s index.')
 flags.mark_flags_as_required(['workdir'])
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -65,6 +91,13 @@ JSON_CONFIG = os.path.join(ROOT, 'configs', 'from_json.py')
 # The modes that read a trained run: without --config they take WORKDIR/config.json.
 READS_A_RUN = ('eval', 'visualize', 'predict', 'embed', 'search', 'export')
 SERVES_EXPORTED = ('predict', 'embed', 'search')
+
+
+def features_only(mode: str, images, gallery) -> bool:
+  """A search of stored features: --images and --gallery each one .npz (no model is loaded)."""
+  images = [e.strip() for e in (images or []) if e.strip()]
+  return (mode == 'search' and len(images) == 1 and images[0].lower().endswith('.npz')
+          and (gallery or '').strip().lower().endswith('.npz'))
 
 
 def _flag_value(argv, name: str):
@@ -99,7 +132,9 @@ def config_argv(argv) -> tuple[list, str]:
     mode = _flag_value(argv, 'mode')[0] or 'train'
     workdir = _flag_value(argv, 'workdir')[0]
     exported = _flag_value(argv, 'exported')[0]
-    if mode not in READS_A_RUN or not workdir or exported:
+    images = (_flag_value(argv, 'images')[0] or '').split(',')
+    if (mode not in READS_A_RUN or not workdir or exported
+        or features_only(mode, images, _flag_value(argv, 'gallery')[0])):
       return argv, ''
     config = os.path.join(workdir, 'config.json')
     if not os.path.isfile(config):
@@ -123,15 +158,18 @@ def run_mode(mode: str, config, workdir: str):
     return evaluate.run_eval(config, workdir, which, output=_EVAL_OUT.value)
   if mode == 'predict':
     from dca_jax import predict
+    out = _OUT.value or 'predictions.jsonl'
     if _EXPORTED.value:
-      return predict.run_predict_exported(_EXPORTED.value, workdir, _IMAGES.value)
-    return predict.run_predict(config, workdir, _IMAGES.value, which)
+      return predict.run_predict_exported(_EXPORTED.value, workdir, _IMAGES.value, out=out)
+    return predict.run_predict(config, workdir, _IMAGES.value, which, out=out)
   if mode in ('embed', 'search'):
     from dca_jax import search
     if mode == 'embed':
-      return search.run_embed(config, workdir, _IMAGES.value, which, exported=_EXPORTED.value)
+      return search.run_embed(config, workdir, _IMAGES.value, which, exported=_EXPORTED.value,
+                              out=_OUT.value or 'embeddings.npz')
     return search.run_search(config, workdir, _IMAGES.value, _GALLERY.value, which,
-                             exported=_EXPORTED.value, top=_TOP_K.value)
+                             exported=_EXPORTED.value, top=_TOP_K.value,
+                             out=_OUT.value or 'search.jsonl', index=_INDEX.value)
   if mode == 'visualize':
     from dca_jax import visualize
     return visualize.run_visualize(config, workdir, images=_IMAGES.value,
@@ -142,6 +180,32 @@ def run_mode(mode: str, config, workdir: str):
     return export.run_export(config, workdir, _FORMAT.value, which)
   from dca_jax import plan
   return plan.run_plan(config, workdir, _TARGETS.value, topology=_TOPOLOGY.value)
+
+
+def _missing_dirs(path: str) -> list:
+  """`path` and those of its parents that do not exist yet, deepest first."""
+  missing, path = [], os.path.abspath(path)
+  while path and not os.path.exists(path):
+    missing.append(path)
+    parent = os.path.dirname(path)
+    path = '' if parent == path else parent
+  return missing
+
+
+def _remove_if_empty(created: list) -> None:
+  """After a failed mode: the folders it created (`_missing_dirs` before it ran) removed when
+  they hold no file, so a mistake in the command or the data leaves nothing behind. A folder
+  holding any file is kept as it is."""
+  if not created or not os.path.isdir(created[0]):
+    return
+  walk = list(os.walk(created[0], topdown=False))   # deepest folders first
+  if any(files for _, _, files in walk):
+    return
+  try:
+    for folder in [root for root, _, _ in walk] + created[1:]:
+      os.rmdir(folder)  # only an empty folder: anything written meanwhile stops it
+  except OSError:
+    pass
 
 
 def _one_line_warnings() -> None:
@@ -181,13 +245,16 @@ def main(argv):
   if _EXPORTED.value and _MODE.value not in SERVES_EXPORTED:
     sys.exit(f'error: --exported serves a file in --mode {" / ".join(SERVES_EXPORTED)}, not '
              f'--mode {_MODE.value}')
-  if _CONFIG.value is None and not _EXPORTED.value:
+  if (_CONFIG.value is None and not _EXPORTED.value
+      and not features_only(_MODE.value, _IMAGES.value, _GALLERY.value)):
     sys.exit(f'error: --mode {_MODE.value} needs --config (an experiment file, e.g. '
              'configs/cub.py)')
+  created = _missing_dirs(_WORKDIR.value)
   try:
     distributed.initialize_multihost(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except errors.ONE_LINE as e:
+    _remove_if_empty(created)
     sys.exit(f'error: {e}')
   except OSError as e:  # a full disk outside a checkpoint save (metrics, config.json)
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -203,7 +270,6 @@ def parse_flags(argv):
   try:
     parsed = flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'error: {e}\nPass --help for usage.')
     sys.exit(f'error: {e}\nPass --help for usage.')
   except (AttributeError, KeyError) as e:  # ml_collections: a key the config does not have
     raw = str(e.args[0] if e.args else e).replace('\\n', '\n')

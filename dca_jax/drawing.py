@@ -1,7 +1,8 @@
 """Attention pictures in numpy: rollout heat maps, GLCA cells, Re-ID ranking rows.
 
-Pure functions of arrays (matplotlib only for its 'jet' colour map): the visualize mode's
-figures, the attention evaluator's TensorBoard images and the Re-ID rankings all draw with them.
+Pure functions of arrays (matplotlib only for its 'jet' colour map, PIL only to write captions):
+the visualize mode's figures, the attention evaluator's TensorBoard images and the Re-ID
+rankings all draw with them.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ RANK_PANEL_HEIGHT = 192  # px: every image of a ranking row is scaled to this he
 RANK_FRAME = 4           # px: the green (same identity) / red frame around a gallery image
 RANK_GAP = 12            # px between the query part and the gallery images
 GREEN, RED, GREY = (40, 170, 60), (210, 40, 40), (150, 150, 150)
+CAPTION_LINE = 12        # px per caption line (PIL's default font is about 11 px high)
 
 
 def _scaled(image: np.ndarray, height: int) -> np.ndarray:
@@ -109,22 +111,46 @@ def _scaled(image: np.ndarray, height: int) -> np.ndarray:
   return np.asarray(image, np.uint8)[rows[:, None], cols[None, :]]
 
 
-def ranking_picture(query, query_map, gallery, matches) -> np.ndarray:
+def ranking_picture(query, query_map, gallery, matches, *, query_caption: str = '',
+                    captions=None) -> np.ndarray:
   """One ranking row, uint8 [H, W, 3]: the query, its attention map, then the ranked gallery
   images, each framed green if it shows the query's identity, red if not (grey for all when
-  `matches` is None: identities unknown)."""
+  `matches` is None: identities unknown). `query_caption` (under the query and its map) and
+  `captions` (lines under each gallery image) add a white band of text below the row."""
   if matches is None:
     matches = [None] * len(gallery)
   height = RANK_PANEL_HEIGHT
   parts = [_scaled(query, height), np.full((height, 2, 3), 255, np.uint8),
            _scaled(query_map, height), np.full((height, RANK_GAP, 3), 255, np.uint8)]
+  spans = [(0, sum(p.shape[1] for p in parts[:3]))]   # (x, width) of what each caption is under
   for image, same in zip(gallery, matches):
     framed = _scaled(image, height - 2 * RANK_FRAME)
     framed = np.pad(framed, ((RANK_FRAME, RANK_FRAME), (RANK_FRAME, RANK_FRAME), (0, 0)))
     colour = GREY if same is None else GREEN if same else RED
     framed[:RANK_FRAME], framed[-RANK_FRAME:] = colour, colour
     framed[:, :RANK_FRAME], framed[:, -RANK_FRAME:] = colour, colour
+    spans.append((sum(p.shape[1] for p in parts), framed.shape[1]))
     parts += [framed, np.full((height, 2, 3), 255, np.uint8)]
-  return np.concatenate(parts, axis=1)
+  row = np.concatenate(parts, axis=1)
+  if not query_caption and not captions:
+    return row
+  texts = [[query_caption]] + [list(lines) for lines in (captions or [])]
+  return captioned(row, list(zip(spans, texts)))
 
 
+def captioned(picture: np.ndarray, texts) -> np.ndarray:
+  """`picture` with a white band below it holding each ((x, width), lines) of `texts`: the
+  lines written from x, each cut to the width (ending '..') so that captions never overlap."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  lines_most = max((len(lines) for _, lines in texts), default=0)
+  height, width = picture.shape[:2]
+  canvas = Image.new('RGB', (width, height + lines_most * CAPTION_LINE + 6), 'white')
+  canvas.paste(Image.fromarray(np.asarray(picture, np.uint8)), (0, 0))
+  draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+  for (x, span), lines in texts:
+    for i, line in enumerate(lines):
+      text = str(line)
+      while len(text) > 2 and draw.textlength(text, font=font) > span - 4:
+        text = text[:-3] + '..'
+      draw.text((x + 2, height + 3 + i * CAPTION_LINE), text, fill=(0, 0, 0), font=font)
+  return np.asarray(canvas)

@@ -7,7 +7,9 @@ Shared by predict, visualize and serving an exported file: the files are read as
 stream reads its images (`load_images`: the task's eval transform; a file that cannot be read is
 one `error: <file>: <reason>` line and is skipped), then batched through a model — a restored
 checkpoint (`Predictor`) or an exported file (`serving.ExportedModel`), both callables
-`uint8 [n, H, W, 3] -> {output: numpy}` — and written to W/predictions.jsonl.
+`uint8 [n, H, W, 3] -> {output: numpy}` — and written to W/predictions.jsonl (`--out`). The
+file is replaced only by a run that predicted something (`write_atomically`): a failed run
+leaves the previous one's file as it was.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def image_paths(images, say=print) -> list[str]:
   """The image files named by `--images`: files as given (a missing one keeps its place: its
   error line comes when it is read), folders read recursively and globs expanded, each in
   sorted order; `say` gets one line per folder or glob with how many files were taken and
-  skipped (not an image name)."""
+  skipped (not an image name). A glob that matches nothing is a ValueError (one line)."""
   paths = []
   for entry in (str(p).strip() for p in (images or ())):
     if not entry:
@@ -64,14 +66,43 @@ def image_paths(images, say=print) -> list[str]:
       paths += taken
     elif any(c in entry for c in '*?[') and not os.path.exists(entry):
       matches = sorted(glob.glob(entry, recursive=True))
+      if not matches:
+        raise ValueError(f'--images {entry}: no file matches this pattern')
       taken = [m for m in matches if os.path.isfile(m) and m.lower().endswith(IMAGE_SUFFIXES)]
       say(f'images: {len(taken)} file(s) match {entry}' +
           (f' ({len(matches) - len(taken)} skipped: not an image file)'
            if len(matches) > len(taken) else ''))
-      paths += taken if matches else [entry]
+      paths += taken
     else:
       paths.append(entry)
   return paths
+
+
+def output_path(workdir: str, out: str) -> str:
+  """Where a mode's `--out` file goes: in `workdir` unless `out` is an absolute path."""
+  return os.path.join(workdir, out)
+
+
+def write_atomically(path: str, write, suffix: str = '') -> None:
+  """`write(temporary path)` then the file renamed to `path`, so that a run that fails half way
+  leaves the previous file whole (`suffix`: one the writer needs on the name, e.g. '.npz')."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  temporary = f'{path}.tmp{os.getpid()}{suffix}'
+  try:
+    write(temporary)
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def write_jsonl(path: str, records) -> None:
+  """One JSON object a line, replacing `path` only once all are written."""
+  def write(temporary):
+    with open(temporary, 'w') as f:
+      for record in records:
+        f.write(json.dumps(record) + '\n')
+  write_atomically(path, write)
 
 
 def eval_transform(config):
@@ -186,25 +217,23 @@ def _record(path: str, out: dict, i: int, class_names) -> dict:
   return {'file': path, 'feature': [float(v) for v in out['feature'][i]]}
 
 
-def predict_files(model, paths: Sequence[str], transform, class_names, workdir: str,
+def predict_files(model, paths: Sequence[str], transform, class_names, out_path: str,
                   heading: str) -> list[dict]:
   """`model` (images -> outputs) on the image files: the table printed, the records written to
-  WORKDIR/predictions.jsonl (unreadable files: an `error` record). Raises ValueError when no
-  file is given or none is readable."""
+  `out_path` (unreadable files: an `error` record). Raises ValueError when no file is given or
+  none is readable; then nothing is written (each unreadable file's line was said)."""
   if not paths:
     raise ValueError('--mode predict needs image files: --images a.jpg,b.png')
   loaded, failed = load_images(paths, transform)
+  if not loaded:
+    raise ValueError(f'none of the {len(paths)} image file(s) could be read: nothing written '
+                     f'to {out_path}')
   results = {path: {'file': path, 'error': reason} for path, reason in failed}
-  if loaded:
-    out = model(np.stack([image for _, image in loaded]))
-    for i, (path, _) in enumerate(loaded):
-      results[path] = _record(path, out, i, class_names)
+  out = model(np.stack([image for _, image in loaded]))
+  for i, (path, _) in enumerate(loaded):
+    results[path] = _record(path, out, i, class_names)
   rows = [results[p] for p in paths]
-  os.makedirs(workdir, exist_ok=True)
-  out_path = os.path.join(workdir, 'predictions.jsonl')
-  with open(out_path, 'w') as f:
-    for r in rows:
-      f.write(json.dumps(r) + '\n')
+  write_jsonl(out_path, rows)
   print(heading)
   if not any('feature' in r for r in rows):
     print(format_table(rows))
@@ -213,15 +242,14 @@ def predict_files(model, paths: Sequence[str], transform, class_names, workdir: 
       print(f'{r["file"]}: ' + (f'error: {r["error"]}' if 'error' in r else
                                 f'feature of dimension {len(r["feature"])}'))
   print(f'{len(loaded)} of {len(paths)} image(s) predicted -> {out_path}', flush=True)
-  if not loaded:
-    raise ValueError(f'none of the {len(paths)} image file(s) could be read')
   return rows
 
 
 # ============================================================================ the mode
-def run_predict(config, workdir: str, images, which: str = 'latest') -> list[dict]:
+def run_predict(config, workdir: str, images, which: str = 'latest',
+                out: str = 'predictions.jsonl') -> list[dict]:
   """Top-5 classes per image file of the restored checkpoint: printed as a table and written
-  to workdir/predictions.jsonl."""
+  to WORKDIR/`out` (`output_path`)."""
   config = checks.checked(config)
   paths = image_paths(images)
   if not paths:
@@ -230,7 +258,7 @@ def run_predict(config, workdir: str, images, which: str = 'latest') -> list[dic
   heading = (f'top-5 predictions ({which} checkpoint, step {predictor.step}, '
              f'{"SA+GLCA" if predictor.has_glca else "SA"}):')
   return predict_files(predictor, paths, eval_transform(config), predictor.class_names,
-                       workdir, heading)
+                       output_path(workdir, out), heading)
 
 
 def exported_transform(meta: dict):
@@ -239,12 +267,13 @@ def exported_transform(meta: dict):
   return eval_transform(config)
 
 
-def run_predict_exported(exported: str, workdir: str, images) -> list[dict]:
+def run_predict_exported(exported: str, workdir: str, images,
+                         out: str = 'predictions.jsonl') -> list[dict]:
   """`--mode predict --exported FILE`: the exported file serves the images (no dca_jax model is
   built); decoding and resizing follow preprocessing.json, as the eval stream does.
 
   FGVC: top-5 classes per image; Re-ID: the retrieval feature. Printed and written to
-  WORKDIR/predictions.jsonl (unreadable files: one error line each, as --mode predict)."""
+  WORKDIR/`out` (unreadable files: one error line each, as --mode predict)."""
   paths = image_paths(images)
   if not paths:
     raise ValueError('--mode predict needs image files: --images a.jpg,b.png')
@@ -252,4 +281,4 @@ def run_predict_exported(exported: str, workdir: str, images) -> list[dict]:
   model = serving.ExportedModel(exported)
   heading = f'{model.runtime} on {exported} (step {meta.get("step")}):'
   return predict_files(model, paths, exported_transform(meta), meta.get('class_names'),
-                       workdir, heading)
+                       output_path(workdir, out), heading)

@@ -251,10 +251,13 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
     print(reporting.banner(config, precision=trainer.precision,
                            num_params=count_params(trainer.state.params),
                            steps_per_epoch=trainer.steps_per_epoch,
-                           protocol=trainer.input.info.protocol), flush=True)
+                           protocol=trainer.input.info.protocol,
+                           selection=evaluators.selection_warning(config)), flush=True)
+    # no memory plan at start (auto_batch's plan chose remat itself): the precision rule only
+    warnings = reporting.hardware_warnings(config, trainer.precision)
     partial = optim.partial_update_warning(config, trainer.steps_per_epoch)
-    if partial:
-      print(partial, file=sys.stderr, flush=True)
+    for line in warnings + ([partial] if partial else []):
+      print(line, file=sys.stderr, flush=True)
   if trainer.resume_step is not None:
     trainer.resume_step = trainer.restore(trainer.resume_step)
     if chief:
@@ -267,27 +270,27 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
 
 
 def _evaluate(trainer: Trainer, writer: reporting.MetricWriter, steps_done: int,
-              chief: bool) -> tuple[dict, float]:
-  """The run's evaluators on the current weights: written, printed; (results, best score)."""
+              say) -> tuple[dict, float]:
+  """The run's evaluators on the current weights: written, said (`say`: on its own line,
+  between progress bars); (results, best score)."""
   trainer.check_finite(steps_done, 'before evaluating')
   result, pictures = trainer.evaluate(trainer.state.variables)
   writer.write(steps_done, result, prefix='eval/')
   writer.write_images(steps_done, pictures, prefix='eval/')
-  if chief:
-    summary = tasks.get(trainer.config.task).summary_line(result)
-    print(f'\nstep {steps_done}: test {summary}', flush=True)
+  say(f'step {steps_done}: test {tasks.get(trainer.config.task).summary_line(result)}')
   return result, float(result[trainer.best_metric])
 
 
-def _loop(trainer: Trainer, start: int, chief: bool) -> dict:
-  """Steps from `start` to the end (or a SIGTERM): log, evaluate and save when due."""
+def _loop(trainer: Trainer, start: int, chief: bool, began: float) -> dict:
+  """Steps from `start` to the end (or a SIGTERM): log, evaluate and save when due; then the
+  closing summary (`began`: when the run started, time.monotonic())."""
   config = trainer.config
   writer = reporting.MetricWriter(trainer.workdir, config, config.wandb_project)
   progress = reporting.EpochProgress(config, trainer.steps_per_epoch, enabled=chief)
   logger = _Logger(trainer, writer, start)
   preemption = Preemption()
   batches = trainer.input.train_iter(start_step=start)
-  result = {}
+  result, last_eval, stop, steps_done = {}, 0, False, start
   try:
     for step in range(start, trainer.total_steps):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -299,13 +302,14 @@ def _loop(trainer: Trainer, start: int, chief: bool) -> dict:
         progress.show(logger(steps_done, metrics))
       score = None
       if trainer.due(steps_done, 'eval'):
-        result, score = _evaluate(trainer, writer, steps_done, chief)
+        result, score = _evaluate(trainer, writer, steps_done, progress.write)
+        last_eval = steps_done
       stop = preemption.agreed(steps_done, config.log_every_steps)
       if stop or trainer.due(steps_done, 'save'):
         trainer.save(score)
       if stop:
-        if chief:
-          print(f'\nSIGTERM: saved step {steps_done}, exiting; run the same command to resume.')
+        progress.write(f'SIGTERM: saved step {steps_done}, exiting; run the same command to '
+                       'resume.')
         break
   finally:
     failing = sys.exc_info()[1] is not None  # then that error is the one line shown
@@ -319,7 +323,30 @@ def _loop(trainer: Trainer, start: int, chief: bool) -> dict:
       except OSError:  # e.g. a full disk: the error already on its way says so
         if not failing:
           raise
+  if chief:
+    print(_summary(trainer, writer, result, last_eval, steps_done, stop, began), flush=True)
   return result
+
+
+def _summary(trainer: Trainer, writer: reporting.MetricWriter, result: dict, last_eval: int,
+             steps_done: int, stopped: bool, began: float) -> str:
+  """The closing summary: steps, time, the last and the best evaluation, where the files are."""
+  task = tasks.get(trainer.config.task)
+  last = f'last eval, step {last_eval}: {task.summary_line(result)}' if result else ''
+  best_step = trainer.checkpointer.best_step()
+  metrics_path = os.path.join(os.path.abspath(trainer.workdir), 'metrics.jsonl')
+  score = reporting.best_evaluation(metrics_path, trainer.best_metric, best_step)
+  best = (f'best {trainer.best_metric}: {score:.4f} at step {best_step} (--checkpoint best)'
+          if score is not None else '')
+  latest = trainer.checkpointer.latest_step()
+  paths = {'checkpoints': f'{trainer.checkpointer.directory}'
+                          + (f' (latest step {latest})' if latest is not None else ''),
+           'metrics': metrics_path,
+           'TensorBoard': (os.path.abspath(writer.tensorboard_dir) if writer.tensorboard
+                           else 'off (not installed)')}
+  return reporting.closing_summary(steps_done=steps_done, total_steps=trainer.total_steps,
+                                   seconds=time.monotonic() - began, last=last, best=best,
+                                   paths=paths, stopped=stopped)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -328,6 +355,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config = checks.checked(config)
   if config.auto_batch:  # the planner picks batch x accumulation and remat (plan.py)
     config = plan.apply_auto_batch(config)
+  began = time.monotonic()
   chief = jax.process_index() == 0
   # Taken before the data and the model are built: a second writer is refused at once.
   lock = lock_lib.acquire(workdir, say=print) if chief else None
@@ -342,4 +370,4 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except BaseException:
     trainer.close()
     raise
-  return _loop(trainer, start, chief)
+  return _loop(trainer, start, chief, began)

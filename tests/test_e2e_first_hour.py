@@ -2,10 +2,13 @@
 taken from the data, a truncated JPEG reported once, the banner saying what runs), then eval,
 predict and export with the run's own config.json (no --config), a JSON config with overrides
 on top, folders and globs as --images, export without the ONNX converter, serving the exported
-file without a config, and TFDS without data or network failing in seconds."""
+file without a config, and TFDS without data or network failing in seconds. What the console
+shows (issue #47): the banner, lines of at most 100 columns, the closing summary; predict's
+--out, a failed predict or a data error leaving nothing behind."""
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -46,6 +49,72 @@ def test_training_takes_the_classes_from_the_data_and_says_what_runs(run):
   assert '100 epochs' not in out
   with open(os.path.join(run['workdir'], 'config.json')) as f:
     assert json.load(f)['num_classes'] == len(CLASSES)   # recorded for eval, predict, export
+
+
+def test_the_banner_states_the_settings_without_marking_cpu_choices_as_failures(run):
+  out, err = run['train'].stdout, run['train'].stderr
+  lines = out.splitlines()
+  assert 'Mixed precision training: off (FP32)' in lines and 'Gradient checkpointing: off' in lines
+  for line in ('Physical batch size: 4', 'Gradient accumulation steps: 1',
+               'Effective batch size: 4', 'Devices: 1 x cpu (1 process)'):
+    assert line in lines, line
+  assert '✗' not in out + err and 'disabled' not in out
+  assert 'warning: fp32' not in err   # FP32 is the right choice on a CPU
+
+
+def _columns(text: str, root) -> list:
+  """The console's lines, each tqdm update (\r) on its own, with the test's folder written as
+  a short path: the width of what main.py writes, not of pytest's temporary folders."""
+  text = text.replace(str(root), '/data/run')
+  return [segment for line in text.split('\n') for segment in line.split('\r') if segment]
+
+
+def test_every_console_line_of_a_training_fits_100_columns(run):
+  """Apart from the one-line warning that names a skipped file (a warning is one line, kept
+  whole to be grepped), every line and every bar update."""
+  segments = _columns(run['train'].stdout + run['train'].stderr, run['root'])
+  wide = [s for s in segments if len(s) > 100]
+  assert all(s.startswith('warning: ') and '/data/run/data/' in s for s in wide), wide
+  assert len(wide) <= 1
+  bars = [s for s in segments if s.startswith('epoch 1/')]
+  assert bars and 'loss=' in bars[-1] and 'img/s' in bars[-1] and 'eta=' in bars[-1]
+  assert not any('ce_sa' in s or 'w_glca' in s for s in segments)   # metrics.jsonl has them
+  with open(os.path.join(run['workdir'], 'metrics.jsonl')) as f:
+    assert any('train/ce_sa' in json.loads(line) for line in f)
+  evals = [s for s in segments if s.startswith('step 2: test top-1 ')]
+  assert len(evals) == 1   # a line of its own, not inside a bar
+
+
+def test_the_closing_summary_says_what_was_reached_and_where_the_files_are(run):
+  lines = run['train'].stdout.splitlines()
+  start = lines.index(next(l for l in lines if l.startswith('Training done: ')))
+  summary = lines[start:]
+  assert summary[0].startswith('Training done: step 2 of 2, ')
+  assert summary[1].startswith('  last eval, step 2: top-1 SA+GLCA ')
+  assert summary[2].startswith('  best accuracy: ') and 'at step 2 (--checkpoint best)' in summary[2]
+  paths = dict(re.match(r'  (\w+): +(\S+)', line).groups() for line in summary[3:6])
+  workdir = os.path.abspath(run['workdir'])
+  assert paths == {'checkpoints': os.path.join(workdir, 'checkpoints'),
+                   'metrics': os.path.join(workdir, 'metrics.jsonl'),
+                   'TensorBoard': os.path.join(workdir, 'tensorboard')}
+  assert all(os.path.exists(p) for p in paths.values())
+  assert os.path.isdir(os.path.join(paths['checkpoints'], '2'))
+
+
+def test_a_data_error_leaves_no_workdir_behind(run, tmp_path):
+  data_dir = layouts.write_imagefolder(str(tmp_path / 'data'), CLASSES, train=2, test=1)
+  for name in os.listdir(os.path.join(data_dir, 'train', 'eel')):   # a class with no image
+    os.remove(os.path.join(data_dir, 'train', 'eel', name))
+  workdir = tmp_path / 'new' / 'run'
+  r = run_main(workdir, '--config.dataset=imagefolder', '--config.data_source=folder',
+               f'--config.data_dir={data_dir}', '--config.num_classes=0')
+  assert r.returncode == 1
+  errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'eel' in errors[0], r.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'new')   # nor the folders above it this run made
+  missing = run_main(tmp_path / 'other', '--config.dataset=imagefolder',
+                     '--config.data_source=folder', f'--config.data_dir={tmp_path / "none"}')
+  assert missing.returncode == 1 and not os.path.exists(tmp_path / 'other')
 
 
 def test_a_truncated_jpeg_is_one_warning_line_naming_it(run):
@@ -91,6 +160,30 @@ def test_a_json_config_with_overrides_predicts_a_folder_and_a_glob(run):
   want += sorted(os.path.join(test_dir, c, '1.jpg') for c in CLASSES)
   assert [row['file'] for row in rows] == want
   assert all(row['top5'][0]['class'] in CLASSES for row in rows)
+
+
+def test_predict_writes_out_and_a_failed_predict_leaves_it_whole(run, tmp_path):
+  test_dir = os.path.join(run['data'], 'test')
+  out = tmp_path / 'mine' / 'predictions.jsonl'   # absolute: taken as it is
+  good = run_main(run['workdir'], f'--images={test_dir}', f'--out={out}', mode='predict',
+                  config=None)
+  assert good.returncode == 0, good.stderr[-3000:]
+  assert f'-> {out}' in good.stdout
+  kept = out.read_text()
+  assert len(kept.splitlines()) == 2 * len(CLASSES)
+  failed = run_main(run['workdir'], f'--images={tmp_path / "missing.jpg"}', f'--out={out}',
+                    mode='predict', config=None)
+  assert failed.returncode == 1 and 'nothing written' in failed.stderr
+  assert 'image(s) predicted' not in failed.stdout
+  assert out.read_text() == kept and os.listdir(out.parent) == ['predictions.jsonl']
+  pattern = str(tmp_path / 'none' / '*.jpg')
+  nothing = run_main(run['workdir'], f'--images={pattern}', '--out=never.jsonl', mode='predict',
+                     config=None)
+  errors = [line for line in nothing.stderr.splitlines() if line.startswith('error:')]
+  assert nothing.returncode == 1 and errors == [
+      f'error: --images {pattern}: no file matches this pattern'], nothing.stderr[-3000:]
+  assert '0 of' not in nothing.stdout
+  assert not os.path.exists(os.path.join(run['workdir'], 'never.jsonl'))
 
 
 def test_export_without_the_converter_writes_stablehlo_and_serves_without_a_config(run, tmp_path):

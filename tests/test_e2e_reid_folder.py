@@ -1,7 +1,8 @@
 """Re-ID on your own data, through main.py: an identity-folder set without cameras trains,
 evaluates under the no-camera protocol (recorded in eval.json with the data and the
 checkpoint), embeds images to embeddings.npz exactly as eval computes features, and searches a
-gallery (search.jsonl, ranking pictures, the gallery cache) from the checkpoint and from an
+gallery (search.jsonl, ranking pictures, the gallery cache and index, a gallery that grows, .npz
+features on either side) from the checkpoint and from an
 exported file."""
 
 import json
@@ -104,6 +105,7 @@ def test_search_ranks_the_gallery_and_caches_it(run, searched):
   lay = run['lay']
   first, records = searched
   assert 'embedded' in first.stdout and '-> cache' in first.stdout
+  assert 'index: flat (exact) of 8 vector(s) built' in first.stdout
   assert [r['query'] for r in records] == [p for p, _ in lay.splits['query']]
   gallery = dict(lay.splits['gallery'])
   for record in records:
@@ -115,12 +117,48 @@ def test_search_ranks_the_gallery_and_caches_it(run, searched):
   copy_of = {lay.duplicate[0]: lay.duplicate[1]}
   for record in records:  # the identical file is never a query's own result
     assert copy_of.get(record['query']) not in [x['path'] for x in record['results']]
-  pictures = sorted(os.listdir(os.path.join(run['workdir'], 'search')))
-  assert len(pictures) == 4 and all(p.endswith('.png') for p in pictures)
+  _assert_pictures(records, os.path.join(run['workdir'], 'search'))
   second = _search(run, run['workdir'])
   assert second.returncode == 0 and 'embedding(s) from the cache' in second.stdout
+  assert 'image(s) embedded' not in second.stdout and 'of 8 vector(s), reused' in second.stdout
   with open(os.path.join(run['workdir'], 'search.jsonl')) as f:
     assert [json.loads(line) for line in f] == records
+
+
+def _assert_pictures(records, folder):
+  """One picture per query, named after it (every query of the layout is <identity>/0.jpg:
+  0.png, 0_2.png, ...), named in its record, with a caption band under the ranking row."""
+  names = ['0.png', '0_2.png', '0_3.png', '0_4.png']
+  assert [os.path.basename(r['query']) for r in records] == ['0.jpg'] * 4
+  assert [r['picture'] for r in records] == [os.path.join(folder, n) for n in names]
+  assert sorted(os.listdir(folder)) == names
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from dca_jax import drawing  # pylint: disable=g-import-not-at-top
+  for record in records:
+    with Image.open(record['picture']) as picture:
+      assert picture.size[1] > drawing.RANK_PANEL_HEIGHT   # the query's name, ranks, distances
+
+
+def test_search_writes_out_and_a_failed_search_writes_nothing(run, searched, tmp_path):
+  lay = run['lay']
+  out = tmp_path / 'found' / 'mine.jsonl'
+  r = _search(run, run['workdir'], f'--out={out}')   # the gallery from the cache
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f'-> {out}' in r.stdout and f'-> {tmp_path / "found" / "mine"}' in r.stdout
+  with open(out) as f:
+    records = [json.loads(line) for line in f]
+  _assert_pictures(records, str(tmp_path / 'found' / 'mine'))
+  assert [x['results'] for x in records] == [x['results'] for x in searched[1]]
+  bad = tmp_path / 'bad.jpg'
+  bad.write_bytes(b'not a jpeg')
+  failed = run_main(run['workdir'], f'--images={bad}', '--out=never.jsonl',
+                    f'--gallery={os.path.join(lay.data_dir, "gallery")}', mode='search',
+                    config=None)
+  assert failed.returncode == 1 and f'error: {bad}:' in failed.stderr
+  assert 'none of the 1 query image(s) could be read' in failed.stderr
+  for name in ('never.jsonl', 'never'):
+    assert not os.path.exists(os.path.join(run['workdir'], name))
 
 
 def test_search_from_an_exported_file(run, searched, tmp_path):
@@ -137,3 +175,55 @@ def test_search_from_an_exported_file(run, searched, tmp_path):
     assert [x['path'] for x in a['results']] == [x['path'] for x in b['results']]
     np.testing.assert_allclose([x['distance'] for x in a['results']],
                                [x['distance'] for x in b['results']], atol=1e-4)
+
+
+def test_search_adds_new_gallery_images_without_embedding_the_old(run, tmp_path):
+  """A gallery that grew: only the new file is embedded and added to the index; the old
+  results stand, each distance as it was (the flat index's exact distances)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  gallery = tmp_path / 'gallery'
+  shutil.copytree(os.path.join(run['lay'].data_dir, 'gallery'), gallery)
+  query = os.path.join(run['lay'].data_dir, 'query')
+  common = (f'--images={query}', f'--gallery={gallery}', '--top_k=20')
+  first = run_main(run['workdir'], *common, f'--out={tmp_path / "a.jsonl"}', mode='search',
+                   config=None)
+  assert first.returncode == 0 and '8 image(s) embedded' in first.stdout, first.stderr[-3000:]
+  reid_layouts.write_jpeg(str(gallery / 'bob_2' / 'new.jpg'), 2, np.random.default_rng(5))
+  grown = run_main(run['workdir'], *common, f'--out={tmp_path / "b.jsonl"}', mode='search',
+                   config=None)
+  assert grown.returncode == 0, grown.stderr[-3000:]
+  assert '8 embedding(s) from the cache, 1 image(s) embedded' in grown.stdout
+  assert '1 new vector(s) added to the 8 it held' in grown.stdout
+  with open(tmp_path / 'a.jsonl') as f, open(tmp_path / 'b.jsonl') as g:
+    before, after = [json.loads(x) for x in f], [json.loads(x) for x in g]
+  new = str(gallery / 'bob_2' / 'new.jpg')
+  for a, b in zip(before, after):
+    assert [x for x in b['results'] if x['path'] != new] == a['results']
+    assert new in [x['path'] for x in b['results']]
+
+
+def test_search_with_npz_features_on_either_side(run, searched, tmp_path):
+  """`--mode embed` files as the gallery (results named by their paths, drawn from them) or
+  as the queries (no pictures): the image search's results and distances."""
+  lay = run['lay']
+  for split in ('query', 'gallery'):
+    r = run_main(run['workdir'], f'--images={os.path.join(lay.data_dir, split)}',
+                 f'--out={tmp_path / split}.npz', mode='embed', config=None)
+    assert r.returncode == 0, r.stderr[-3000:]
+  restored = {x['query']: x for x in searched[1]}
+  for images, gallery, name in ((os.path.join(lay.data_dir, 'query'), tmp_path / 'gallery.npz',
+                                 'g'), (tmp_path / 'query.npz', os.path.join(lay.data_dir,
+                                                                             'gallery'), 'q')):
+    r = run_main(run['workdir'], f'--images={images}', f'--gallery={gallery}', '--top_k=3',
+                 f'--out={tmp_path / name}.jsonl', mode='search', config=None)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / f'{name}.jsonl') as f:
+      records = [json.loads(line) for line in f]
+    assert [x['query'] for x in records] == list(restored)
+    for record in records:
+      same = restored[record['query']]['results']
+      assert [x['path'] for x in record['results']] == [x['path'] for x in same]
+      np.testing.assert_allclose([x['distance'] for x in record['results']],
+                                 [x['distance'] for x in same], atol=1e-5)
+    drawn = [os.path.exists(x.get('picture', '')) for x in records]
+    assert drawn == [name == 'g'] * len(records), r.stdout
