@@ -57,7 +57,7 @@ _GALLERY = flags.DEFINE_string('gallery', '', 'search: the folder of images to r
 _INDEX = flags.DEFINE_enum('index', 'auto', ['auto', 'flat', 'ivf', 'hnsw'],
                            'search: the gallery\'s index, saved in WORKDIR/search_index/ and '
                            'reused: flat (exact), ivf or hnsw (approximate, tuned for recall@10 '
-                           '0.99); auto: flat up to 200,000 gallery items, ivf above.')
+                           '0.99); auto: flat up to 1,000,000 gallery items, ivf above.')
 _TOP_K = flags.DEFINE_integer('top_k', 10, 'search: gallery images kept per query.')
 _IMAGES = flags.DEFINE_list(
     'images', [], 'predict, embed, search (the queries), visualize: image files, folders (read '

@@ -47,7 +47,7 @@ from dca_jax import drawing
 from dca_jax import predict
 from dca_jax import serving
 from dca_jax import tasks
-from dca_jax.data import reid_sources
+from dca_jax.data import reid_labels, reid_sources
 from dca_jax.reid import index as gallery_index
 from dca_jax.reid import metrics
 
@@ -115,7 +115,8 @@ def _need_images(paths, flag: str = '--images'):
 def run_embed(config, workdir: str, images, which: str = 'latest', exported: str = '',
               out: str = 'embeddings.npz') -> dict:
   """`--mode embed`: WORKDIR/`out` (npz) with `features` float32 [n, D] and `paths` [n] of the
-  readable images (the others: one line each, and a count)."""
+  readable images (the others: one line each, and a count), and their `ids` and `cameras` [n]
+  where a known layout gives them for every one (data/reid_labels.py; a line says which)."""
   paths = predict.image_paths(images)
   _need_images(paths)
   embedder = Embedder(config, workdir, which, exported)
@@ -124,12 +125,15 @@ def run_embed(config, workdir: str, images, which: str = 'latest', exported: str
     raise ValueError(f'none of the {len(paths)} image file(s) could be read')
   path = predict.output_path(workdir, out)
   features = outputs['feature'].astype(np.float32)
+  labels, said = reid_labels.image_labels(images, kept)
   predict.write_atomically(  # np.savez adds .npz to a name without it
-      path, lambda tmp: np.savez(tmp, features=features, paths=np.asarray(kept)), '.npz')
+      path, lambda tmp: np.savez(tmp, features=features, paths=np.asarray(kept), **labels),
+      '.npz')
   skipped = f'; {len(failed)} skipped (unreadable)' if failed else ''
+  print(said, flush=True)
   print(f'embed ({embedder.describe}): {len(kept)} image(s), features {features.shape[1]}-d'
         f'{skipped} -> {path}', flush=True)
-  return {'features': features, 'paths': kept, 'failed': failed}
+  return {'features': features, 'paths': kept, 'failed': failed, **labels}
 
 
 # ============================================================================ search: the sides

@@ -10,12 +10,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import count_build, tiny_reid_config
+from conftest import count_build, run_main, tiny_reid_config
 
 from dca_jax import data, drawing, evaluate, evaluators, inference, train, visualize
 from dca_jax.data import preprocess
 from dca_jax.evaluators import retrieval
 from dca_jax.models import dcal
+from dca_jax.reid import evaluate as reid_evaluate
 from dca_jax.reid import metrics
 
 pytestmark = pytest.mark.slow
@@ -59,6 +60,33 @@ def test_train_then_eval_reports_the_protocol_on_every_image(run):
   root = data.build_input(config, with_train=False).info.root
   assert result['num_query'] == len(_files(os.path.join(root, 'query')))
   assert result['num_gallery'] == len(_files(os.path.join(root, 'bounding_box_test')))
+
+
+def test_embedded_query_and_gallery_evaluate_as_eval(run, tmp_path):
+  """`--mode embed` of the query folder and of the gallery folder (ids and cameras from the
+  Market-1501 names; the gallery's junk written with id -1, its distractors with id 0), then
+  reid.evaluate on the two files: eval.json's figures (its junk left out as the reader does)."""
+  config, workdir, _ = run
+  evaluate.run_eval(config, workdir)
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    saved = json.load(f)
+  root = data.build_input(config, with_train=False).info.root
+  splits = {}
+  for split, folder in (('query', 'query'), ('gallery', 'bounding_box_test')):
+    out = str(tmp_path / f'{split}.npz')
+    r = run_main(workdir, f'--images={os.path.join(root, folder)}', f'--out={out}',
+                 mode='embed', config=None)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'ids and cameras from Market-1501 file names' in r.stdout
+    splits[split] = reid_evaluate.load_split(out)
+  gallery_ids = splits['gallery']['ids']
+  assert (gallery_ids == -1).sum() > 0 and (gallery_ids == 0).sum() > 0   # junk, distractors
+  record = reid_evaluate.evaluate(splits['query'], splits['gallery'])
+  assert record['protocol'] == 'camera-aware'
+  for key in ('num_query', 'num_gallery', 'num_skipped'):
+    assert record[key] == saved[key], key
+  for key in ('mAP', 'rank1'):
+    assert record[key] == pytest.approx(saved[key], abs=1e-4), key
 
 
 def _state(workdir, step):

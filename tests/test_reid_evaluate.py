@@ -73,6 +73,46 @@ def test_no_camera_protocol_drops_only_identical_copies(tmp_path, capsys):
   assert q_cam[0] == g_cam[0] and q_cam[1] == g_cam[2] and len({*q_cam, *g_cam}) == 3
 
 
+def test_junk_id_minus_1_is_left_out_of_both_files(tmp_path, capsys):
+  """Rows of id -1 (Market-1501's junk, which the readers drop before --mode eval) count for
+  nothing: the record is that of the files without them, counts included."""
+  query, gallery = _splits(seed=3)
+  junk_q = {'features': query['features'][:4] + 0.01, 'ids': np.full(4, -1),
+            'cameras': query['cameras'][:4]}
+  junk_g = {'features': np.repeat(query['features'][:6], 3, axis=0), 'ids': np.full(18, -1),
+            'cameras': np.repeat(query['cameras'][:6], 3)}   # the nearest to 6 queries
+  both = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in ((query, junk_q),
+                                                                      (gallery, junk_g))]
+  clean = _run(capsys, _save(tmp_path, 'q.npz', **query), _save(tmp_path, 'g.npz', **gallery))
+  record = _run(capsys, _save(tmp_path, 'qj.npz', **both[0]), _save(tmp_path, 'gj.npz', **both[1]))
+  assert {k: record[k] for k in metrics.RESULT_KEYS} == {k: clean[k] for k in metrics.RESULT_KEYS}
+  assert (record['num_query'], record['num_gallery']) == (30, 120)
+  as_names = {k: v.astype(str) if k == 'ids' else v for k, v in both[1].items()}  # not integers
+  assert evaluate.without_junk(as_names) is as_names
+  kept = dict(both[1], ids=np.where(both[1]['ids'] == -1, 999, both[1]['ids']))
+  counted = evaluate.evaluate(both[0], kept)   # the same rows under another id: they count
+  assert counted['num_gallery'] == 138 and counted['mAP'] < clean['mAP'] - 0.01
+
+
+def test_no_camera_protocol_tells_copies_by_content_where_both_files_have_it(tmp_path, capsys):
+  """q0's copy g0, embedded in another batch, 3 off (to see it ranked); q1 and g2 bit-identical
+  features of two different files. By features g0 is another view (q0: hits at ranks 1 and 3,
+  AP 5/6) and g2 q1's copy (skipped); by the files' `content` keys g0 is q0's copy (left out:
+  AP 1) and g2 q1's other view (AP 1)."""
+  q = np.array([[0, 0], [2, 0]], np.float32)
+  g = np.array([[3, 0], [1, 0], [2, 0]], np.float32)
+  by_features = _run(capsys, _save(tmp_path, 'q.npz', features=q, ids=[1, 2]),
+                     _save(tmp_path, 'g.npz', features=g, ids=[1, 1, 2]))
+  assert by_features['mAP'] == pytest.approx(5 / 6) and by_features['num_skipped'] == 1
+  by_content = _run(capsys, _save(tmp_path, 'qc.npz', features=q, ids=[1, 2], content=['a', 'b']),
+                    _save(tmp_path, 'gc.npz', features=g, ids=[1, 1, 2], content=['a', 'c', 'd']))
+  assert by_content['protocol'] == 'no-camera'
+  assert (by_content['mAP'], by_content['num_skipped']) == (1.0, 0)
+  one_side = _run(capsys, _save(tmp_path, 'qc.npz', features=q, ids=[1, 2], content=['a', 'b']),
+                  _save(tmp_path, 'g.npz', features=g, ids=[1, 1, 2]))
+  assert one_side == {**by_features, 'seconds': one_side['seconds']}   # one file: by features
+
+
 @pytest.mark.parametrize('case, match', [
     ('no_features', r'q\.npz has no `features` array \(it holds: ids\)'),
     ('widths', 'features of different widths: .*q.npz has 8, .*g.npz 5'),

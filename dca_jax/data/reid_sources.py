@@ -93,7 +93,7 @@ MSMT17_NAMES = _NameFormat(re.compile(r'^(?P<pid>\d+)_\d+_(?P<cam>\d+)_\w+\.jpg$
                            '0000_000_01_0303morning_0015_0.jpg')
 
 
-def _parse_name(path: str, name_format: _NameFormat, what: str) -> tuple[int, int]:
+def parse_name(path: str, name_format: _NameFormat, what: str) -> tuple[int, int]:
   """File name -> (pid, 0-based camid); DataError naming the file when it does not parse."""
   match = name_format.regex.match(os.path.basename(path))
   if not match:
@@ -179,7 +179,7 @@ def _read_folder_split(folder: str, name_format: _NameFormat, what: str, skipped
     if not (entry.name.lower().endswith('.jpg') and entry.is_file()):
       skipped.append((entry.path, NOT_JPG))
       continue
-    pid, camid = _parse_name(entry.path, name_format, what)
+    pid, camid = parse_name(entry.path, name_format, what)
     paths.append(entry.path)
     pids.append(pid)
     camids.append(camid)
@@ -205,7 +205,7 @@ def _read_list_split(list_file: str, image_dir: str, name_format: _NameFormat, w
         raise DataError(f'{list_file}:{line_number}: pid {parts[1]!r} is not an integer'
                         ) from None
       path = os.path.join(image_dir, parts[0])
-      _, camid = _parse_name(path, name_format, what)
+      _, camid = parse_name(path, name_format, what)
       paths.append(path)
       pids.append(pid)
       camids.append(camid)
@@ -416,7 +416,7 @@ def _identity_files(split_dir: str, skipped: list) -> list[tuple[str, str]]:
   return found
 
 
-def _read_cameras(root: str) -> dict[str, str] | None:
+def read_cameras(root: str) -> dict[str, str] | None:
   """{absolute path: camera} from ROOT/cameras.csv, or None without it; a row naming a file
   that does not exist is one line."""
   path = os.path.join(root, CAMERAS_FILE)
@@ -489,7 +489,7 @@ def read_reid_folder(data_dir: str, verify_images: bool = True) -> ReidDataset:
   splits = {which: _split(d, [p for _, p in files], [number[i] for i, _ in files],
                           [0] * len(files))
             for (which, files), d in zip(listed.items(), split_dirs)}
-  cameras = _read_cameras(root)
+  cameras = read_cameras(root)
   dataset = _finish('reid_folder', 'identity folders', root, *splits.values(), skipped,
                     distractor_zero=False, verify_images=verify_images, query_in_gallery=False)
   splits = {which: getattr(dataset, which) for which in ALL_SPLITS}

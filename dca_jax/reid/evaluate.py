@@ -6,11 +6,16 @@ Each .npz holds `features` [N, D], `ids` [N] and optionally `cameras` [N] (both 
 neither). Prints one JSON line: mAP, rank1, rank5, rank10, mINP, num_query, num_gallery,
 num_skipped (queries without a true match, left out of the means), protocol, rerank (with k1,
 k2, lambda when on), metric and seconds (the evaluation, not the loading). Distances are
-squared Euclidean (`--metric cosine`: 1 - cosine), the protocol Market-1501's (metrics.py).
+squared Euclidean (`--metric cosine`: 1 - cosine), the protocol Market-1501's (metrics.py):
+rows of (integer) id -1 are its junk, left out of both files before anything is counted, as the
+dataset readers leave them out of `--mode eval` (`--mode embed` writes them with that id).
 
 Without cameras the protocol is 'no-camera', as for an identity folder without cameras.csv:
-every distinct feature vector counts as one image seen by its own camera, so a query's gallery
-loses only its identical copies (same id and bit-identical features), not its other views.
+every distinct image counts as seen by its own camera, so a query's gallery loses only its
+identical copies (same id and the same image), not its other views. The same image: the same
+`content` key where both files hold one ([N] strings, e.g. the hex SHA-256 of each image file,
+as `--mode embed` writes them for identity folders without cameras.csv), else bit-identical
+features (an image embedded in another batch may differ in the last bits: its copy then counts).
 
 Bad input is one `error:` line on stderr, nothing on stdout, exit status 1 (as main.py).
 """
@@ -55,7 +60,8 @@ def checked_features(path: str, features: np.ndarray) -> np.ndarray:
 
 
 def load_split(path: str) -> dict:
-  """{'features' float32 [N, D], 'ids' [N], 'cameras' [N] or None} of one .npz file, checked."""
+  """{'features' float32 [N, D], 'ids' [N], 'cameras' [N] or None, 'content' [N] or None} of
+  one .npz file, checked."""
   if not os.path.isfile(path):
     raise errors.DataError(f'{path}: no such file')
   try:
@@ -69,9 +75,10 @@ def load_split(path: str) -> dict:
   with data:
     split = {'features': checked_features(path, npz_array(path, data, 'features')),
              'ids': npz_array(path, data, 'ids'),
-             'cameras': npz_array(path, data, 'cameras') if 'cameras' in data.files else None}
+             **{key: npz_array(path, data, key) if key in data.files else None
+                for key in ('cameras', 'content')}}
   rows = len(split['features'])
-  for key in ('ids', 'cameras'):
+  for key in ('ids', 'cameras', 'content'):
     values = split[key]
     if values is not None and (values.ndim != 1 or len(values) != rows):
       raise errors.DataError(f'{path}: `{key}` must be a 1-D array of one entry per feature row '
@@ -79,14 +86,33 @@ def load_split(path: str) -> dict:
   return split
 
 
-def no_camera_ids(query_features: np.ndarray, gallery_features: np.ndarray):
-  """(query cameras, gallery cameras): one id per distinct feature vector of both splits, so
-  that the junk rule (same id and camera) removes only identical copies."""
-  both = np.ascontiguousarray(np.concatenate([query_features, gallery_features]))
-  rows = both.view(np.dtype((np.void, both.dtype.itemsize * both.shape[1]))).ravel()
+def no_camera_ids(query_features: np.ndarray, gallery_features: np.ndarray, content=None):
+  """(query cameras, gallery cameras): one id per distinct image of both splits, so that the
+  junk rule (same id and camera) removes only identical copies: per distinct (query, gallery)
+  `content` key (the files' bytes: `--mode embed` writes them) when given, else per distinct
+  feature vector."""
+  if content is not None:
+    rows = np.concatenate([np.asarray(keys).astype(str) for keys in content])
+  else:
+    both = np.ascontiguousarray(np.concatenate([query_features, gallery_features]))
+    rows = both.view(np.dtype((np.void, both.dtype.itemsize * both.shape[1]))).ravel()
   _, camera = np.unique(rows, return_inverse=True)
   camera = camera.ravel()
   return camera[:len(query_features)], camera[len(query_features):]
+
+
+JUNK_ID = -1  # Market-1501's junk images (and its kind's): left out of both splits
+
+
+def without_junk(split: dict) -> dict:
+  """The split less its rows of integer id -1 (junk: the Market-1501 protocol ignores them, and
+  the readers drop them before `--mode eval`); the split itself when it has none."""
+  ids = np.asarray(split['ids'])
+  if not np.issubdtype(ids.dtype, np.integer) or not (ids == JUNK_ID).any():
+    return split
+  keep = ids != JUNK_ID
+  return {key: None if value is None else np.asarray(value)[keep]
+          for key, value in split.items()}
 
 
 def _protocol(query: dict, gallery: dict, query_path: str, gallery_path: str):
@@ -103,13 +129,17 @@ def _protocol(query: dict, gallery: dict, query_path: str, gallery_path: str):
                            '(camera-aware protocol) or neither (no-camera)')
   if has[0]:
     return 'camera-aware', query['cameras'], gallery['cameras']
-  return ('no-camera',) + no_camera_ids(query['features'], gallery['features'])
+  content = [split.get('content') for split in (query, gallery)]
+  return ('no-camera',) + no_camera_ids(query['features'], gallery['features'],
+                                        None if any(c is None for c in content) else content)
 
 
 def evaluate(query: dict, gallery: dict, *, rerank: bool = False, k1: int = 20, k2: int = 6,
              lambda_value: float = 0.3, metric: str = 'euclidean',
              paths: tuple[str, str] = ('query', 'gallery')) -> dict:
-  """The JSON record of query vs gallery splits (`load_split`'s dicts); what the CLI prints."""
+  """The JSON record of query vs gallery splits (`load_split`'s dicts) less their junk (id -1);
+  what the CLI prints."""
+  query, gallery = without_junk(query), without_junk(gallery)
   protocol, q_cameras, g_cameras = _protocol(query, gallery, *paths)
   ids = (query['ids'], gallery['ids'], q_cameras, g_cameras)
   start = time.perf_counter()
