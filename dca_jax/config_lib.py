@@ -46,7 +46,7 @@ def _data_knobs(k) -> None:
   """Data."""
   k('task', 'fgvc', 'fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md): a module of dca_jax/tasks/')
   k('dataset', 'synthetic', 'fgvc: cub | cars | aircraft | nabirds | dogs | pets | imagefolder (your own train/<class>/, test/<class>/) | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid')
-  k('val_split', 0.0, "FGVC: fraction of each class's train images held out as a validation split (fixed draw, whatever the seed); `best` is then chosen on it", within=(0.0, 0.9, True))
+  k('val_split', 0.0, "fraction held out of train as a validation split (fixed draw, whatever the seed); `best` is then chosen on it. FGVC: of each class's train images; Re-ID: of the train identities (their images: a val query/gallery; num_classes = the rest)", within=(0.0, 0.9, True))
   k('data_source', 'synthetic', 'tfds | folder | synthetic', choices=('tfds', 'folder', 'synthetic'))
   k('data_dir', '', 'TFDS data_dir, or the folder holding the official layout')
   k('num_classes', 10, 'classes of the dataset (200 CUB, 196 Cars, 100 Aircraft, 555 NABirds, 120 Dogs, 37 Pets; Re-ID: train identities); 0 = as many as the data has (a run records the count; the synthetic sets generate this many, 0: 10)', within=(0, INF, True))

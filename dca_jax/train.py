@@ -44,6 +44,8 @@ def _with_data_classes(config, info):
     config.num_classes = info.num_classes
   elif info.num_classes != config.num_classes:
     counted = 'train identities' if info.task == 'reid' else 'classes'
+    if getattr(info, 'num_val_ids', 0):
+      counted += f' ({info.num_val_ids} more held out by config.val_split)'
     raise ValueError(f'config.num_classes={config.num_classes} but the {config.dataset} data '
                      f'has {info.num_classes} {counted}: set --config.num_classes='
                      f'{info.num_classes}, or 0 to take it from the data')

@@ -49,8 +49,7 @@ def test_val_split_is_disjoint_from_train_and_the_same_for_every_seed():
 
 
 def test_val_split_is_refused_where_it_has_no_meaning():
-  with pytest.raises(config_lib.ConfigError, match='held-out identities'):
-    checks.checked(tiny_reid_config(val_split=0.2))
+  checks.checked(tiny_reid_config(val_split=0.2))  # Re-ID: held-out identities (reid_val.py)
   with pytest.raises(data.DataError, match='val_split needs data_source=folder or synthetic'):
     data.build_input(tiny_config(dataset='cub', data_source='tfds', val_split=0.2,
                                  data_dir='/nonexistent', num_classes=200))

@@ -18,7 +18,8 @@ LINE = 'Best checkpoint: chosen by'
     (tiny_config(val_split=0.2), 'val', None),
     (tiny_config(val_split=0.2, best_metric='accuracy'), 'test', 'best_metric=val/accuracy'),
     (tiny_config(val_split=0.2, best_metric='val/accuracy_sa'), 'val', None),
-    (tiny_reid_config(), 'test', 'no validation split'),
+    (tiny_reid_config(), 'test', '--config.val_split=0.1'),
+    (tiny_reid_config(val_split=0.3), 'val', None),
 ])
 def test_the_split_best_is_chosen_on_follows_the_best_metric(config, split, fix):
   assert evaluators.selected_on(config) == split

@@ -16,7 +16,9 @@ batches (the eval is a collective).
 
 task='reid' (`ReidInput`): the train stream is identity-balanced (sampler.PKSampler: every
 batch holds P identities x K images); each host takes a contiguous slice of each global batch.
-`eval_iter(split='query' | 'gallery')` streams the two retrieval sets. See docs/REID_DATA.md.
+`eval_iter(split='query' | 'gallery')` streams the two retrieval sets (and 'val_query' |
+'val_gallery', held-out train identities, with config.val_split > 0: reid_val.py).
+See docs/REID_DATA.md.
 
 The stream sources (what the streams read) live in sources.py (FGVC) and reid_sources.py.
 """
@@ -31,7 +33,8 @@ from typing import Iterator
 import numpy as np
 
 from dca_jax import config_lib
-from dca_jax.data import (fgvc_readers, folders, preprocess, reid_sources, sampler, sources,
+from dca_jax.data import (fgvc_readers, folders, preprocess, reid_sources, reid_val, sampler,
+                          sources,
                           synthetic)
 from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError
@@ -58,7 +61,8 @@ class DataInfo:
   num_junk: int = 0         # pid -1 images dropped by the reader
   train_pids: list[int] = dataclasses.field(default_factory=list)  # label -> original id
   root: str = ''            # folder read (Re-ID)
-  num_val: int = 0          # FGVC: train images held out as the validation split (val_split)
+  num_val: int = 0          # train images held out as the validation split (val_split)
+  num_val_ids: int = 0      # Re-ID: train identities held out (val_split; not in num_classes)
   protocol: str = ''        # Re-ID: 'camera-aware' | 'no-camera' (reid_sources.ReidDataset)
   # {split: {'images': n, 'classes' | 'identities': k}}: what a result was measured on
   splits: dict = dataclasses.field(default_factory=dict)
@@ -214,8 +218,9 @@ class ReidInput(Input):
   'label': int32 [host batch]} (relabelled train id); every global batch is
   P = batch_size // num_instances identities x K images, identity by identity; host
   `process_index` gets the contiguous slice starting at process_index * host batch of it.
-  eval_iter(split='query' | 'gallery') -> {'image', 'label' (original pid), 'camid', 'mask',
-  'index'} with padding (mask False, label/camid/index -1) as in the FGVC eval.
+  eval_iter(split='query' | 'gallery' | 'val_query' | 'val_gallery') -> {'image', 'label'
+  (original pid), 'camid', 'mask', 'index'} with padding (mask False, label/camid/index -1)
+  as in the FGVC eval.
   """
 
   def __init__(self, config, source: sources.ReidSource, info: DataInfo,
@@ -230,9 +235,9 @@ class ReidInput(Input):
                                      self.num_instances, self.seed)
     self.steps_per_epoch = self.sampler.steps_per_epoch
     self.eval_steps_per_split = {
-        split: _num_eval_steps(source.sizes[split], process_count, self.host_eval_batch_size)
-        for split in REID_SPLITS}
-    self.eval_steps = sum(self.eval_steps_per_split.values())
+        split: _num_eval_steps(size, process_count, self.host_eval_batch_size)
+        for split, size in source.sizes.items() if split != 'train'}
+    self.eval_steps = sum(self.eval_steps_per_split[split] for split in REID_SPLITS)
 
   # ---------------------------------------------------------------- train
   def train_dataset(self, start_step: int = 0):
@@ -269,11 +274,14 @@ class ReidInput(Input):
 
   # ---------------------------------------------------------------- eval
   def eval_dataset(self, with_index: bool = True, split: str | None = None):
-    """Finite per-host stream of one retrieval split ('query' | 'gallery'), padded."""
+    """Finite per-host stream of one retrieval split ('query' | 'gallery'; 'val_query' |
+    'val_gallery' with config.val_split > 0), padded."""
     del with_index  # Re-ID eval batches always carry 'index'.
     tf = tensorflow()
-    if split not in REID_SPLITS:
-      raise DataError(f"task='reid' eval needs split='query' or split='gallery', got {split!r}")
+    if split not in self.eval_steps_per_split:
+      raise DataError(f"task='reid' eval needs split='query' or split='gallery' (or "
+                      f"{' / '.join(map(repr, reid_val.VAL_SPLITS))} with config.val_split > 0)"
+                      f', got {split!r}')
     source, height, width = self.source, self.input_size, self.input_width
 
     def process(index):
@@ -344,8 +352,12 @@ def _read_reid(config, with_train: bool) -> reid_sources.ReidDataset:
 
 
 def build_reid(config, process_index: int, process_count: int, with_train: bool) -> ReidInput:
-  """A Re-ID dataset: the P x K train stream and query/gallery."""
-  dataset = _read_reid(config, with_train)
+  """A Re-ID dataset: the P x K train stream and query/gallery (and, with config.val_split > 0,
+  val_query/val_gallery of held-out train identities: reid_val.py)."""
+  dataset = reid_val.hold_out(_read_reid(config, with_train),
+                             float(config.get('val_split', 0.0)))
+  splits = {**{which: getattr(dataset, which) for which in reid_sources.ALL_SPLITS},
+            **dataset.val}
   info = DataInfo(
       num_classes=dataset.num_train_ids,
       class_names=[str(int(pid)) for pid in dataset.train_pids],
@@ -354,9 +366,10 @@ def build_reid(config, process_index: int, process_count: int, with_train: bool)
       num_query=len(dataset.query), num_gallery=len(dataset.gallery),
       num_junk=dataset.num_junk, train_pids=[int(pid) for pid in dataset.train_pids],
       root=dataset.root, protocol=dataset.protocol,
-      splits={which: {'images': len(getattr(dataset, which)),
-                      'identities': int(np.unique(getattr(dataset, which).pids).size)}
-              for which in reid_sources.ALL_SPLITS})
+      num_val=sum(len(split) for split in dataset.val.values()),
+      num_val_ids=len(set().union(*(split.pids.tolist() for split in dataset.val.values()))),
+      splits={which: {'images': len(split), 'identities': int(np.unique(split.pids).size)}
+              for which, split in splits.items()})
   return ReidInput(config, sources.ReidSource(dataset), info, process_index,
                    process_count)
 

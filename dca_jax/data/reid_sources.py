@@ -68,6 +68,8 @@ class ReidDataset:
   # rule); 'no-camera': only the identical image (an identity folder without cameras.csv).
   protocol: str = 'camera-aware'
   identity_names: list[str] = dataclasses.field(default_factory=list)  # id i = names[i - 1]
+  # config.val_split > 0: {'val_query', 'val_gallery'} of held-out train ids (reid_val.py)
+  val: dict = dataclasses.field(default_factory=dict)
 
   @property
   def num_train_ids(self) -> int:

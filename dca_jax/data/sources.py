@@ -234,12 +234,14 @@ class TfdsSource:
 
 
 class ReidSource:
-  """The three Re-ID splits as path tables; train labels, eval pids and camids."""
+  """The Re-ID splits (train, query, gallery; val_query, val_gallery with config.val_split)
+  as path tables; train labels, eval pids and camids."""
 
   def __init__(self, dataset: reid_sources.ReidDataset):
     tf = tensorflow()
     self.dataset = dataset
-    splits = {name: getattr(dataset, name) for name in reid_sources.ALL_SPLITS}
+    splits = {**{name: getattr(dataset, name) for name in reid_sources.ALL_SPLITS},
+              **dataset.val}
     self.paths = {name: tf.constant(split.paths) for name, split in splits.items()}
     self.pids = {name: tf.constant(split.pids) for name, split in splits.items()}
     self.camids = {name: tf.constant(split.camids) for name, split in splits.items()}

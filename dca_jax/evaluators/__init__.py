@@ -125,7 +125,7 @@ def selection_warning(config) -> str:
     return ''
   found = _scoring_entry(config)
   takes_split = found and 'split' in inspect.signature(found[0]).parameters
-  if not takes_split:  # retrieval: Re-ID has no validation split of train identities
+  if not takes_split:  # an evaluator without a split option
     fix = ('this task has no validation split: report --checkpoint latest '
            '(docs/TRAINING.md#choosing-the-best-checkpoint)')
   elif config.val_split > 0:

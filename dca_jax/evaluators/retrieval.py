@@ -18,6 +18,7 @@ KEYS = ('mAP', 'rank1', 'rank5', 'rank10', 'mINP', 'num_query', 'num_gallery', '
 # A raw-triplet collapse from scratch measured 5e-7 to 2e-4 between all pairs (docs/REID.md);
 # features that separate identities sit orders of magnitude above.
 COLLAPSED_SPREAD = 1e-3
+SPLITS = {'test': ('query', 'gallery'), 'val': ('val_query', 'val_gallery')}  # (query, gallery)
 SPREAD_SAMPLE = 1024  # features the median is taken over: 0.5 M pairs, a few ms
 
 
@@ -52,13 +53,19 @@ class Evaluator:
   (no true match), 'embedding_spread' (collapse monitor: one warning line the first time it
   is under COLLAPSED_SPREAD), 'reranked', the dataset version; with `pixel_baseline`, the
   raw-pixel nearest neighbour's mAP (what a model must beat). Features: `inference.forward_fn`'s
-  'feature' (the config's reid_feature / reid_flip_test / reid_normalize)."""
+  'feature' (the config's reid_feature / reid_flip_test / reid_normalize).
+
+  split: 'test' (query vs gallery), or 'val' (val_query vs val_gallery: held-out train
+  identities, `config.val_split`, dca_jax/data/reid_val.py)."""
 
   in_eval_mode = True
   METRICS = ('mAP', 'rank1', 'mINP')
 
-  def __init__(self, context, pixel_baseline: bool = False, rerank=None):
+  def __init__(self, context, pixel_baseline: bool = False, rerank=None, split: str = 'test'):
+    if split not in SPLITS:
+      raise ValueError(f"retrieval split={split!r}: expected one of {sorted(SPLITS)}")
     self.context = context
+    self.query_split, self.gallery_split = SPLITS[split]
     self.warned = False  # the collapse warning: once a run, the metric at every evaluation
     self.pixel_baseline = bool(pixel_baseline)
     self.rerank = bool(context.config.reid_rerank if rerank is None else rerank)
@@ -82,7 +89,8 @@ class Evaluator:
 
   def run(self, variables):
     from dca_jax.reid import metrics  # pylint: disable=g-import-not-at-top
-    query, gallery = self.features(variables, 'query'), self.features(variables, 'gallery')
+    query = self.features(variables, self.query_split)
+    gallery = self.features(variables, self.gallery_split)
     ids = (query['pid'], gallery['pid'], query['camid'], gallery['camid'])
     stats = metrics.retrieval(query['feature'], gallery['feature'], *ids, rerank=self.rerank)
     for key in KEYS:
@@ -107,10 +115,10 @@ class Evaluator:
 
   def _pixel_baseline(self, metrics, ids) -> float:
     """mAP of nearest neighbours on the raw (normalised) eval pixels."""
-    pixels = {}
-    for split in ('query', 'gallery'):
+    pixels = []
+    for split in (self.query_split, self.gallery_split):
       rows = [b['image'][np.asarray(b['mask'], bool)]
               for b in self.context.input.eval_iter(split=split)]
       images = preprocess.normalize(np.concatenate(rows), self.context.config)
-      pixels[split] = images.reshape(len(images), -1)
-    return metrics.evaluate_features(pixels['query'], pixels['gallery'], *ids)['mAP']
+      pixels.append(images.reshape(len(images), -1))
+    return metrics.evaluate_features(*pixels, *ids)['mAP']

@@ -40,15 +40,17 @@ def check(config) -> None:
     raise ConfigError(f'config.batch_size={config.batch_size} is not a multiple of '
                       f'config.num_instances={config.num_instances}: a Re-ID batch is P '
                       'identities x K images')
-  if config.val_split > 0:
-    raise ConfigError('config.val_split holds out train images per class (FGVC); a Re-ID '
-                      'validation set needs held-out identities: not supported, leave it 0')
 
 
 def default_evals(config) -> dict:
-  return {'test': {'type': 'retrieval', 'prefix': '',
-                   'pixel_baseline': config.dataset == 'synthetic_reid'},
-          'attention': {'type': 'attention', 'num_images': 4, 'split': 'query'}}
+  """Retrieval on query/gallery; with val_split > 0 also on the held-out train identities
+  ('val/mAP', what `best` is then chosen by); the attention pictures."""
+  evals = {'test': {'type': 'retrieval', 'prefix': '',
+                    'pixel_baseline': config.dataset == 'synthetic_reid'}}
+  if config.val_split > 0:
+    evals['val'] = {'type': 'retrieval', 'split': 'val', 'prefix': 'val/'}
+  evals['attention'] = {'type': 'attention', 'num_images': 4, 'split': 'query'}
+  return evals
 
 
 def bnneck(config) -> bool:
