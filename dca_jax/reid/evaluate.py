@@ -59,31 +59,42 @@ def checked_features(path: str, features: np.ndarray) -> np.ndarray:
   return features
 
 
+def read_npz(path: str, label: str, required: tuple, optional: tuple, expected: str) -> dict:
+  """{key: array, or None for an absent optional one} of the .npz `path` ('features' checked
+  and float32, the others one entry per feature row); a file that cannot be used is one line
+  naming `label` (the path, or the flag and the path). Both readers of feature files use it:
+  `load_split` here and `reid/index.py`'s `load_features`."""
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise errors.DataError(f'{label}: not a readable .npz file '
+                           f'({" ".join(str(e).split())})') from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise errors.DataError(f'{label} holds one array, not an .npz archive (np.savez) of '
+                           f'{expected}')
+  with data:
+    if 'features' not in data.files:
+      raise errors.DataError(f'{label} has no `features` array (it holds: '
+                             f'{", ".join(data.files) or "nothing"}); expected {expected}')
+    found = {key: npz_array(label, data, key) for key in required}
+    found.update({key: npz_array(label, data, key) if key in data.files else None
+                  for key in optional})
+  found['features'] = checked_features(label, found['features'])
+  rows = len(found['features'])
+  for key, values in found.items():
+    if key != 'features' and values is not None and (values.ndim != 1 or len(values) != rows):
+      raise errors.DataError(f'{label}: `{key}` must be a 1-D array of one entry per feature '
+                             f'row ({rows}), got shape {values.shape}')
+  return found
+
+
 def load_split(path: str) -> dict:
   """{'features' float32 [N, D], 'ids' [N], 'cameras' [N] or None, 'content' [N] or None} of
   one .npz file, checked."""
   if not os.path.isfile(path):
     raise errors.DataError(f'{path}: no such file')
-  try:
-    data = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise errors.DataError(f'{path}: not a readable .npz file '
-                           f'({" ".join(str(e).split())})') from e
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise errors.DataError(f'{path} holds one array, not an .npz archive of features, ids and '
-                           'optionally cameras (np.savez)')
-  with data:
-    split = {'features': checked_features(path, npz_array(path, data, 'features')),
-             'ids': npz_array(path, data, 'ids'),
-             **{key: npz_array(path, data, key) if key in data.files else None
-                for key in ('cameras', 'content')}}
-  rows = len(split['features'])
-  for key in ('ids', 'cameras', 'content'):
-    values = split[key]
-    if values is not None and (values.ndim != 1 or len(values) != rows):
-      raise errors.DataError(f'{path}: `{key}` must be a 1-D array of one entry per feature row '
-                             f'({rows}), got shape {values.shape}')
-  return split
+  return read_npz(path, path, ('features', 'ids'), ('cameras', 'content'),
+                  'features [N, D], ids [N] and optionally cameras [N]')
 
 
 def no_camera_ids(query_features: np.ndarray, gallery_features: np.ndarray, content=None):

@@ -51,32 +51,13 @@ def load_features(path: str, flag: str) -> dict:
   a file that cannot be used is one line (errors.DataError)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{flag} {path}: no such file')
-  try:
-    data = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise errors.DataError(f'{flag} {path}: not a readable .npz file '
-                           f'({" ".join(str(e).split())})') from e
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise errors.DataError(f'{flag} {path} holds one array, not an .npz archive (np.savez) of '
-                           '`features` and optionally `paths`, `ids`')
-  with data:
-    if 'features' not in data.files:
-      raise errors.DataError(f'{flag} {path} has no `features` array (it holds: '
-                             f'{", ".join(data.files) or "nothing"}); expected features [N, D] '
-                             'and optionally paths [N], ids [N] (--mode embed writes one)')
-    features = evaluate.npz_array(path, data, 'features')
-    found = {'features': evaluate.checked_features(path, features)}
-    for key in ('paths', 'ids'):
-      found[key] = evaluate.npz_array(path, data, key) if key in data.files else None
-  rows = len(found['features'])
-  for key in ('paths', 'ids'):
-    values = found[key]
-    if values is None:
-      continue
-    if values.ndim != 1 or len(values) != rows:
-      raise errors.DataError(f'{flag} {path}: `{key}` must be a 1-D array of one entry per '
-                             f'feature row ({rows}), got shape {values.shape}')
-    found[key] = [str(v) for v in values.tolist()] if key == 'paths' else values.tolist()
+  found = evaluate.read_npz(path, f'{flag} {path}', ('features',), ('paths', 'ids'),
+                            'features [N, D] and optionally paths [N], ids [N] (--mode embed '
+                            'writes one)')
+  if found['paths'] is not None:
+    found['paths'] = [str(v) for v in found['paths'].tolist()]
+  if found['ids'] is not None:
+    found['ids'] = found['ids'].tolist()
   return found
 
 
