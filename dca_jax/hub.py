@@ -431,25 +431,11 @@ def resolve(value, *, backbone: Optional[str] = None, cache_dir: Optional[str] =
   return _resolve_hub(spec, cache_dir, offline, endpoint)
 
 
-# --------------------------------------------------------------------------------------------
-# What was loaded in this process (for the start banner)
-# --------------------------------------------------------------------------------------------
-
-_LOADED: Dict[str, str] = {}
-
-
-def record_loaded(value: str, description: Optional[str]) -> None:
-  """What `value` loaded in this process (None: not loaded, a checkpoint was resumed)."""
-  if description is None:
-    _LOADED.pop(str(value), None)
-  else:
-    _LOADED[str(value)] = description
-
-
-def banner_line(value) -> str:
-  """'Pretrained weights: ...' for the start banner."""
+def banner_line(value, loaded: Optional[str]) -> str:
+  """'Pretrained weights: ...' for the start banner; `loaded`: what the train state's init
+  loaded in words (train_step.Built.pretrained), None when nothing was (a resumed run)."""
   if is_scratch(value):
     return 'Pretrained weights: none (random initialisation: pretrained_model=none)'
-  if str(value) in _LOADED:
-    return f'Pretrained weights: {_LOADED[str(value)]}'
+  if loaded is not None:
+    return f'Pretrained weights: {loaded}'
   return f'Pretrained weights: {value} not loaded (the resumed checkpoint holds the weights)'

@@ -57,10 +57,11 @@ PRECISION_NAMES = {'fp16': 'FP16, dynamic loss scaling', 'bf16': 'BF16', 'fp32':
 
 
 def banner(config, *, precision: str, num_params: int, steps_per_epoch: int,
-           protocol: str = '', selection: str = '') -> str:
+           protocol: str = '', selection: str = '', pretrained: Optional[str] = None) -> str:
   """The start banner: the run's settings, stated neutrally, in the words of the PyTorch memory
   guide users know (what is wrong for the hardware: `hardware_warnings`); `selection`: the line
-  saying `best` is chosen on the test split (evaluators.selection_warning), if it is."""
+  saying `best` is chosen on the test split (evaluators.selection_warning), if it is;
+  `pretrained`: what the init loaded, in words (None: nothing, e.g. a resumed run)."""
   remat = config.use_gradient_checkpointing
   lines = [
       f'Mixed precision training: {PRECISION_NAMES[precision]}',
@@ -70,7 +71,7 @@ def banner(config, *, precision: str, num_params: int, steps_per_epoch: int,
       f'DCAL L={config.num_sa_layers} M={config.num_glca_layers} T={config.num_pwca_layers}, '
       f'R={config.top_k_ratio:g})',
       # one line whatever its length: the weights' provenance (file, revision, sha256)
-      hub.banner_line(config.pretrained_model),
+      hub.banner_line(config.pretrained_model, pretrained),
       f'Physical batch size: {config.batch_size}'
       + (' (auto_batch: the memory plan\'s choice)' if config.auto_batch else ''),
       f'Gradient accumulation steps: {config.gradient_accumulation_steps}',

@@ -31,8 +31,7 @@ from dca_jax import plan
 from dca_jax import reporting
 from dca_jax import tasks
 from dca_jax.errors import NonFiniteError  # noqa: F401  (train.NonFiniteError)
-from dca_jax.models import build_model
-from dca_jax.train_step import count_params, create_train_state, jit_train_step
+from dca_jax import train_step
 
 
 # ============================================================================ a run
@@ -60,13 +59,6 @@ class Trainer:
     self.config, self.workdir = config, workdir
     distributed.check_batch_divisible(config.batch_size)
     distributed.check_batch_divisible(config.eval_batch_size, 'eval_batch_size')
-    if (config.num_pwca_layers and config.pwca_partners == 'per_device'
-        and config.batch_size // jax.device_count() < 2):
-      raise ValueError(f'PWCA pairs images within each device: config.batch_size='
-                       f'{config.batch_size} over {jax.device_count()} devices leaves fewer than '
-                       '2 per device; use a larger batch or --config.pwca_partners=global')
-    self.dtype, self.precision = distributed.compute_dtype(config.precision,
-                                                          config.attention_impl)
     self.input = data.build_input(config, process_index=jax.process_index(),
                                   process_count=jax.process_count())
     config = self.config = _with_data_classes(config, self.input.info)
@@ -74,10 +66,11 @@ class Trainer:
     self.total_steps = config_lib.total_steps(config, self.steps_per_epoch)
     self.mesh = distributed.make_mesh()
     self.batch_sharding = distributed.data_sharding(self.mesh)
-    self.model = build_model(config, dtype=self.dtype)
-    self.tx = optim.make_optimizer(config, self.steps_per_epoch)
+    # The one factory of the step (train_step.build): the planner and benchmarks use it too.
+    self.built = train_step.build(config, self.mesh, steps_per_epoch=self.steps_per_epoch)
+    self.model, self.tx = self.built.model, self.built.tx
+    self.dtype, self.precision = self.built.dtype, self.built.precision
     self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
-    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # One writer per workdir (process 0 holds the lock for all hosts), taken before the
     # checkpoint manager, which cleans up unfinished saves: those of a live run are not ours.
     self.lock = lock_lib.acquire(workdir, say=print) if jax.process_index() == 0 else None
@@ -88,13 +81,10 @@ class Trainer:
       print(f'Resuming {self.checkpointer.directory}/{self.resume_step}: pretrained_model '
             f'{config.pretrained_model} is not loaded nor fetched (the checkpoint holds the '
             'trained weights)', flush=True)
-      hub.record_loaded(config.pretrained_model, None)  # the banner says so too
-    self.state, self.shardings = create_train_state(
-        config, self.model, self.tx, self.mesh, precision=self.precision, rng=init_rng,
-        load_pretrained=self.resume_step is None)
+    self.state = self.built.init(load_pretrained=self.resume_step is None)
+    self.shardings = self.built.shardings
     self.meta = ckpt_lib.model_meta(config, loss_scale=self.precision == 'fp16')
-    self.train_step = jit_train_step(self.model, self.tx, config, dtype=self.dtype,
-                                     rng=step_rng, mesh=self.mesh, shardings=self.shardings)
+    self.train_step = self.built.step
     self.evals = evaluators.Suite(evaluators.Context(
         config, self.model, self.input, self.mesh, self.shardings.variables, self.dtype))
     self.best_metric = evaluators.best_metric(config)
@@ -251,7 +241,8 @@ def _start(trainer: Trainer, config, workdir: str, chief: bool) -> int:
   written), then config.json. Returns the micro-step to start from."""
   if chief:
     print(reporting.banner(config, precision=trainer.precision,
-                           num_params=count_params(trainer.state.params),
+                           num_params=train_step.count_params(trainer.state.params),
+                           pretrained=trainer.built.pretrained,
                            steps_per_epoch=trainer.steps_per_epoch,
                            protocol=trainer.input.info.protocol,
                            selection=evaluators.selection_warning(config)), flush=True)

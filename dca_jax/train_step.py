@@ -1,16 +1,23 @@
 """The train state and the train step: what one physical batch does to the weights.
 
-`TrainState` and `create_train_state` (born sharded: shapes from eval_shape, values from a
-jitted init, pretrained weights merged on the host), `train_step` (forward, backward,
-optimizer/accumulation update, fp16 overflow handling) and `jit_train_step` (jitted for a mesh
-with donated state). The train mode (train.py) runs it in its loop; the memory planner
-(plan.py) compiles this same function for a target it does not have.
+`build(config, mesh)` is the one way to put a step together: the model, the optimizer, the
+abstract state and its shardings, the loss the step differentiates and the jitted step. The
+train mode (train.py) runs `Built.step` in its loop, the memory planner (dca_jax/plan/) and the
+program compiler compile it for targets they do not have, and the benchmarks time it and read
+the residuals of `Built.loss` — so every figure describes the function that trains.
+
+Underneath: `TrainState` (born sharded: shapes from eval_shape, values from a jitted init,
+pretrained weights merged on the host), `loss_fn` (preprocessing, PWCA partners, forward and
+`losses.dcal_loss` with the task's options), `train_step` (forward, backward,
+optimizer/accumulation update, fp16 overflow handling) and `jit_train_step` (jitted for a mesh,
+the state donated).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -24,11 +31,15 @@ from dca_jax import config_lib
 from dca_jax import distributed
 from dca_jax import hub
 from dca_jax import losses
+from dca_jax import optim
 from dca_jax import tasks
 from dca_jax import weights
 from dca_jax import xla_cpu
 from dca_jax.data import preprocess
-from dca_jax.models import dcal
+from dca_jax.errors import ConfigError
+from dca_jax.models import build_model, dcal
+
+DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
 
 
 @flax.struct.dataclass
@@ -53,13 +64,19 @@ def count_params(params) -> int:
 
 
 def load_pretrained_params(config, params):
+  """`load_pretrained`'s params only."""
+  return load_pretrained(config, params)[0]
+
+
+def load_pretrained(config, params) -> tuple[Any, Optional[str]]:
   """Pretrained backbone into `params` (host numpy); GLCA from the last SA block if asked.
+  Returns (params, what was loaded in words for the banner; None when nothing was).
 
   `config.pretrained_model` is a path, a Hub id or a known name (dca_jax/hub.py: fetched once,
   verified, cached) or 'none' (params returned as they are)."""
   resolved = hub.resolve(config.pretrained_model, backbone=config.backbone)
   if resolved is None:
-    return params
+    return params, None
   vit_config = dcal.vit.get_variant(config.backbone, config_lib.backbone_overrides(config))
   grid_hw = tuple(vit_config.grid_size(side) for side in config_lib.input_hw(config))
   params, report = weights.load_pretrained(
@@ -72,8 +89,7 @@ def load_pretrained_params(config, params):
     params = dcal.glca_from_last_block(params, vit_config.depth)
     logging.info('GLCA block initialised from block_%d', vit_config.depth - 1)
     description += f', GLCA from block_{vit_config.depth - 1}'
-  hub.record_loaded(config.pretrained_model, description)
-  return params
+  return params, description
 
 
 def _init_fn(config, model, tx, precision: str):
@@ -104,14 +120,49 @@ def create_train_state(config, model, tx, mesh, *, precision: str, rng,
   """State born on the mesh (replicated, or FSDP-sharded): shapes from eval_shape, values from
   a jitted init. Returns (state, its shardings)."""
   _, shardings = abstract_train_state(config, model, tx, mesh, precision=precision)
-  state = jax.jit(_init_fn(config, model, tx, precision), out_shardings=shardings)(rng)
-  if config.pretrained_model and load_pretrained:
-    params = load_pretrained_params(config, jax.device_get(state.params))
-    state = state.replace(params=jax.device_put(params, shardings.params))
+  state, _ = _born(config, model, tx, precision, shardings, rng, load_pretrained)
   return state, shardings
 
 
+def _born(config, model, tx, precision, shardings, rng, load_pretrained: bool):
+  """(state on its shardings, what pretrained weights were loaded in words or None)."""
+  state = jax.jit(_init_fn(config, model, tx, precision), out_shardings=shardings)(rng)
+  description = None
+  if config.pretrained_model and load_pretrained:
+    params, description = load_pretrained(config, jax.device_get(state.params))
+    state = state.replace(params=jax.device_put(params, shardings.params))
+  return state, description
+
+
 # ============================================================================ train step
+def loss_fn(params, batch_stats, batch, rng, *, model, config, dtype, num_devices: int):
+  """The loss the train step differentiates: (params, neck statistics or None, a uint8 batch,
+  the step's rng) -> (loss, (metrics, updated neck statistics)).
+
+  Preprocessing on the device, the task's PWCA partners (within each device's share, or over the
+  global batch), the forward with drop-path and selection rngs, `losses.dcal_loss` with the
+  task's terms and options. The one place the loss is written: the benchmarks' residual and
+  breakdown figures read this same function.
+  """
+  partner_rng, dropout_rng, selection_rng = jax.random.split(rng, 3)
+  images = preprocess.device_normalize(batch['image'], config, dtype)  # uint8 -> dtype
+  task = tasks.get(config.task)
+  partner = None
+  if config.num_pwca_layers > 0:
+    groups = num_devices if config.pwca_partners == 'per_device' else 1
+    partner = task.partners(partner_rng, batch['label'], images.shape[0], groups)
+  has_stats = batch_stats is not None
+  variables = {'params': params, **({'batch_stats': batch_stats} if has_stats else {})}
+  out, new_variables = model.apply(
+      variables, images, train=True, partner=partner,
+      rngs={'dropout': dropout_rng, 'selection': selection_rng},
+      mutable=['batch_stats'] if has_stats else [])
+  loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
+                                   label_smoothing=config.label_smoothing,
+                                   **task.loss_options(config))
+  return loss, (metrics, new_variables.get('batch_stats'))
+
+
 def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
                num_devices: int):
   """(state, batch) -> (state, metrics) for one physical batch over `num_devices`.
@@ -120,31 +171,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, dtype, base_rng,
   a resumed run draws exactly what the uninterrupted one would.
   """
   step_rng = jax.random.fold_in(base_rng, state.step)
-  partner_rng, dropout_rng, selection_rng = jax.random.split(step_rng, 3)
-  images = preprocess.device_normalize(batch['image'], config, dtype)  # uint8 -> dtype
-  task = tasks.get(config.task)
-  partner = None
-  if config.num_pwca_layers > 0:  # within each device's share, or over the global batch
-    groups = num_devices if config.pwca_partners == 'per_device' else 1
-    partner = task.partners(partner_rng, batch['label'], images.shape[0], groups)
-  has_stats = state.batch_stats is not None
-  loss_options = task.loss_options(config)
-
-  def loss_fn(params):
-    variables = {'params': params, **({'batch_stats': state.batch_stats} if has_stats else {})}
-    out, new_variables = model.apply(
-        variables, images, train=True, partner=partner,
-        rngs={'dropout': dropout_rng, 'selection': selection_rng},
-        mutable=['batch_stats'] if has_stats else [])
-    loss, metrics = losses.dcal_loss(out, batch['label'], config.loss_weighting,
-                                     label_smoothing=config.label_smoothing, **loss_options)
-    return loss, (metrics, new_variables.get('batch_stats'))
-
+  loss = functools.partial(loss_fn, batch_stats=state.batch_stats, batch=batch, rng=step_rng,
+                           model=model, config=config, dtype=dtype, num_devices=num_devices)
   if state.loss_scale is not None:
-    grad_fn = state.loss_scale.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = state.loss_scale.value_and_grad(loss, has_aux=True)
     loss_scale, is_finite, (_, (metrics, batch_stats)), grads = grad_fn(state.params)
   else:
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     loss_scale, is_finite = None, jnp.array(True)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(jnp.add, state.params, updates)
@@ -176,3 +209,85 @@ def jit_train_step(model, tx, config, *, dtype, rng, mesh, shardings):
   return xla_cpu.jit(step, platform=mesh.devices.flat[0].platform,
                      in_shardings=(shardings, distributed.data_sharding(mesh)),
                      out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
+
+
+# ============================================================================ the factory
+def pwca_batch_fits(config, batch_size: int, num_devices: int) -> bool:
+  """Whether PWCA can pair images in a physical batch: per-device partners need >= 2 images on
+  each device (the trainer refuses, the planner skips such a batch)."""
+  return not (config.num_pwca_layers and config.pwca_partners == 'per_device'
+              and batch_size // num_devices < 2)
+
+
+@dataclasses.dataclass
+class Built:
+  """A train step put together for a config and a mesh (`build`)."""
+  config: Any
+  model: Any
+  tx: optax.GradientTransformation
+  mesh: Any
+  dtype: Any
+  precision: str                  # 'fp32' | 'bf16' | 'fp16' (the resolved one)
+  abstract_state: TrainState      # ShapeDtypeStructs carrying their shardings
+  shardings: TrainState
+  init_rng: jax.Array
+  step_rng: jax.Array
+  step: Callable                  # jitted (state, batch) -> (state, metrics), the state donated
+  pretrained: Optional[str] = None  # what `init` loaded, in words (None: nothing)
+
+  def loss(self, params, batch_stats, batch, rng):
+    """`loss_fn` of this step: (loss, (metrics, neck statistics))."""
+    return loss_fn(params, batch_stats, batch, rng, model=self.model, config=self.config,
+                   dtype=self.dtype, num_devices=self.mesh.devices.size)
+
+  def init(self, *, load_pretrained: bool = True) -> TrainState:
+    """The concrete state on the mesh; pretrained weights merged unless told not to (a resume)."""
+    state, self.pretrained = _born(self.config, self.model, self.tx, self.precision,
+                                   self.shardings, self.init_rng, load_pretrained)
+    return state
+
+  def abstract_batch(self, batch_size: Optional[int] = None) -> dict:
+    """{'image': uint8, 'label': int32} ShapeDtypeStructs of a global batch, data-sharded."""
+    b = batch_size or int(self.config.batch_size)
+    h, w = config_lib.input_hw(self.config)
+    sharding = distributed.data_sharding(self.mesh)
+    return {'image': jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=sharding),
+            'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding)}
+
+  def lower(self):
+    """The step lowered for the abstract state and batch (compile it for the mesh's devices)."""
+    return self.step.lower(self.abstract_state, self.abstract_batch())
+
+
+def build(config, mesh, *, precision: Optional[str] = None, steps_per_epoch: int = 1000,
+          rng=None) -> Built:
+  """The train step of `config` on `mesh`, as training runs it.
+
+  precision: None resolves config.precision for the mesh's platform ('auto': bf16 on GPU/TPU,
+  fp32 on CPU); the planner passes the one it resolved for its target. steps_per_epoch sets the
+  schedule (it changes no shape). rng: the init and step keys come from it (default
+  key(config.seed), split in two as training does).
+  """
+  if not config.num_classes:
+    raise ConfigError('the train step holds the classifier: config.num_classes must be set (0 '
+                      'takes the count from the data, which only training reads)')
+  num_devices = mesh.devices.size
+  if not pwca_batch_fits(config, int(config.batch_size), num_devices):
+    raise ConfigError(f'PWCA pairs images within each device: config.batch_size='
+                      f'{config.batch_size} over {num_devices} devices leaves fewer than 2 per '
+                      'device; use a larger batch or --config.pwca_partners=global')
+  if precision is None:
+    dtype, precision = distributed.compute_dtype(config.precision, config.attention_impl)
+  else:
+    dtype = DTYPES[precision]
+  model = build_model(config, dtype=dtype)
+  tx = optim.make_optimizer(config, steps_per_epoch)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed) if rng is None else rng)
+  abstract, shardings = abstract_train_state(config, model, tx, mesh, precision=precision)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  step = jit_train_step(model, tx, config, dtype=dtype, rng=step_rng, mesh=mesh,
+                        shardings=shardings)
+  return Built(config=config, model=model, tx=tx, mesh=mesh, dtype=dtype, precision=precision,
+               abstract_state=abstract, shardings=shardings, init_rng=init_rng,
+               step_rng=step_rng, step=step)

@@ -332,7 +332,7 @@ def test_cub_config_picks_the_backbone_its_weights_and_normalisation(arg):
 
 
 @pytest.mark.slow  # train, evaluate and visualise end to end
-def test_dinov2_reg4_config_trains_evaluates_and_visualises(tmp_path, monkeypatch):
+def test_dinov2_reg4_config_trains_evaluates_and_visualises(tmp_path, monkeypatch, capsys):
   """configs/cub.py:dinov2_small_reg4 shrunk (the fixture's sizes, synthetic data, 56 px): the
   timm fixture loads as its pretrained weights, 2 steps train (SA + GLCA + PWCA), the epoch's
   evaluation scores them, and the visualize mode restores the checkpoint and draws the rollout
@@ -354,8 +354,12 @@ def test_dinov2_reg4_config_trains_evaluates_and_visualises(tmp_path, monkeypatc
   checks.checked(config)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
-  assert hub.banner_line(config.pretrained_model).endswith(
-      '35 arrays loaded, GLCA from block_1')   # every backbone leaf, registers and gammas too
+  banner = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith('Pretrained weights:')]
+  assert banner and banner[0].endswith(
+      '35 arrays loaded, GLCA from block_1'), banner   # every backbone leaf, registers and gammas
+  assert hub.banner_line(config.pretrained_model, None).endswith('not loaded (the resumed '
+                                                                 'checkpoint holds the weights)')
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
   assert any('eval/accuracy' in r for r in records), records[-1]

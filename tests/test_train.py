@@ -252,7 +252,8 @@ def test_a_run_is_pretrained_weights_for_another_task(tmp_path, two_step_run, ca
   np.testing.assert_allclose(new[:, 1:], weights.resize_posemb(old, (4, 2))[:, 1:], atol=0)
   heads = [k for k in loaded if k not in backbone and k != 'embed/pos_embed']
   assert heads and all(np.array_equal(loaded[k], fresh[k]) for k in heads)  # not loaded
-  assert 'dca_jax run' in hub.banner_line(str(two_step_run))
+  assert 'dca_jax run' in hub.banner_line(str(two_step_run),
+                                          train_step.load_pretrained(config, fresh)[1])
   # a step folder works the same; a damaged or foreign directory is one line
   step_dir = max((d for d in (two_step_run / 'checkpoints').iterdir() if d.name.isdigit()),
                  key=lambda d: int(d.name))

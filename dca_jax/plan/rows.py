@@ -19,16 +19,14 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dca_jax import config_lib
 from dca_jax import distributed
-from dca_jax import optim
 from dca_jax import tasks
 from dca_jax import train_step
+from dca_jax import xla_costs
 from dca_jax.errors import ConfigError, PlanError
-from dca_jax.models import build_model
 from dca_jax.plan.targets import GIB, Target, first_line
 
 # Remat levels from cheapest to most memory-frugal: off, save the weight matmuls' outputs, save
@@ -62,8 +60,7 @@ def candidates(config, num_devices: int,
       continue
     if not task.batch_fits(config, b):  # Re-ID: P x K
       continue
-    if (config.num_pwca_layers and config.pwca_partners == 'per_device'
-        and b // num_devices < 2):
+    if not train_step.pwca_batch_fits(config, b, num_devices):
       continue
     sizes.append(b)
   if not sizes:
@@ -86,25 +83,13 @@ def candidate_config(config, candidate: Candidate):
 
 # ============================================================================ compile + measure
 def _step_and_args(config, mesh, precision: str):
-  """The jitted train step exactly as training builds it, and abstract (state, batch)."""
+  """The jitted train step exactly as training builds it (train_step.build), and abstract
+  (state, batch)."""
   if not config.num_classes:
     raise PlanError('the plan compiles the classifier too: set --config.num_classes (0 takes '
                     'the count from the data, which only training reads)')
-  dtype = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}[precision]
-  model = build_model(config, dtype=dtype)
-  tx = optim.make_optimizer(config, steps_per_epoch=1000)  # the schedule does not change shapes
-  abstract, shardings = train_step.abstract_train_state(config, model, tx, mesh,
-                                                        precision=precision)
-  step = train_step.jit_train_step(model, tx, config, dtype=dtype, rng=jax.random.key(0),
-                                   mesh=mesh, shardings=shardings)
-  batch_sharding = distributed.data_sharding(mesh)
-  h, w = config_lib.input_hw(config)
-  b = config.batch_size
-  batch = {'image': jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=batch_sharding),
-           'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       abstract, shardings)
-  return step, state, batch
+  built = train_step.build(config, mesh, precision=precision, rng=jax.random.key(0))
+  return built.step, built.abstract_state, built.abstract_batch()
 
 
 def host_flops(config, precision: str) -> float:
@@ -117,10 +102,7 @@ def host_flops(config, precision: str) -> float:
     c.attention_impl, c.fsdp = 'xla', False
   cpu = jax.devices('cpu')[:1]
   step, state, batch = _step_and_args(c, Mesh(np.asarray(cpu), ('data',)), precision)
-  cost = step.lower(state, batch).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost.get('flops', 0.0)) if cost else float('nan')
+  return xla_costs.flops(step.lower(state, batch), default=0.0)
 
 
 def device_bytes(arguments: int, outputs: int, aliases: int, temporaries: int) -> int:
@@ -220,20 +202,13 @@ def measure(config, candidate: Candidate, target: Target, precision: str, *,
     # cost analysis counts once: their FLOPs would read low, so the model's stand instead.
     row.windowed_einsum = 'windowed_dot_general' in hlo
     if target.reports_flops and not row.windowed_einsum:
-      row.device_flops = _compiled_flops(compiled)
+      row.device_flops = xla_costs.flops(compiled)
   except Exception as e:  # pylint: disable=broad-except  (a row that cannot compile is a row)
     row.error = first_line(e)
   row.compile_s = round(time.time() - start, 1)
   if flops and not row.error:
     row.flops = host_flops(c, precision)
   return row
-
-
-def _compiled_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
 def judge(row: Row, target: Target, precision: str, margin: float, mfu: float) -> Row:
