@@ -41,7 +41,7 @@ from dca_jax.serving import FILES, INPUT_NAME, PREPROCESSING, ExportedModel
 
 FORMATS = ('stablehlo', 'onnx')
 # jax.export lowers once per platform into one artifact; the caller's device picks its lowering.
-PLATFORMS = ('cpu', 'cuda')
+PLATFORMS = ('cpu', 'cuda', 'tpu')
 # Opset 17: the lowest that holds every operator jax2onnx emits for DCAL (Einsum, TopK,
 # GatherND, Erf, ...) and that TensorRT 8.6+, OpenVINO and onnxruntime >= 1.13 all read.
 ONNX_OPSET = 17

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from dca_jax import checkpoint as ckpt_lib
 from dca_jax import config_lib
 from dca_jax import distributed
+from dca_jax import xla_cpu
 from dca_jax.data import preprocess
 from dca_jax.models import build_model, dcal
 
@@ -73,6 +74,12 @@ def forward_fn(model, config, dtype, outputs: Sequence[str]):
     return res
 
   return forward
+
+
+def jit_forward(model, config, dtype, outputs: Sequence[str], *, platform: str | None = None):
+  """`forward_fn` jitted as the predict, embed and visualize modes run it (one device, the
+  variables and images as given); the program compiler (dca_jax/programs.py) compiles the same."""
+  return xla_cpu.jit(forward_fn(model, config, dtype, outputs), platform=platform)
 
 
 def _retrieval_feature(apply, variables, pixels, out, config, after_bn: bool):

@@ -30,7 +30,6 @@ from dca_jax import data
 from dca_jax import inference
 from dca_jax import serving
 from dca_jax import tasks
-from dca_jax import xla_cpu
 
 
 # ============================================================================ image files
@@ -105,6 +104,22 @@ def write_jsonl(path: str, records) -> None:
   write_atomically(path, write)
 
 
+EMBED_OUTPUTS = ('feature', 'rollout', 'glca_index')   # embed and search (their pictures)
+RANKING_OUTPUTS = ('rollout', 'glca_index')           # visualize's Re-ID query maps
+
+
+def mode_outputs(config, mode: str) -> tuple[str, ...]:
+  """The `inference.forward_fn` outputs `mode` (predict | embed | visualize) asks of `config`'s
+  model; () where the mode refuses the task (embed of a classifier). The modes and the program
+  compiler (dca_jax/programs.py) read this one table."""
+  task = tasks.get(config.task)
+  if mode == 'embed':
+    return EMBED_OUTPUTS if 'feature' in task.export_outputs(config) else ()
+  if mode == 'visualize' and task.PICTURES == 'rankings':
+    return RANKING_OUTPUTS
+  return Predictor.OUTPUTS
+
+
 def eval_transform(config):
   """The task's eval transform bound to `config`: uint8 tensor [h, w, 3] -> the eval crop."""
   task = tasks.get(config.task)
@@ -140,7 +155,7 @@ class Predictor:
   """A restored checkpoint and ONE jitted forward, reused for every image and batch (the
   predict and visualize modes). `config`: checked (dca_jax/checks.py)."""
 
-  OUTPUTS = ('probs', 'rollout', 'glca_index')
+  OUTPUTS = ('probs', 'rollout', 'glca_index')   # predict, and visualize's class pictures
 
   def __init__(self, config, workdir: str, which: str = 'latest', outputs=None):
     if jax.process_count() > 1:
@@ -151,8 +166,8 @@ class Predictor:
     self.variables = restored.variables
     self.has_glca = int(config.num_glca_layers) > 0
     self.batch_size = max(1, int(config.eval_batch_size))
-    self._forward = xla_cpu.jit(inference.forward_fn(restored.model, config, restored.dtype,
-                                                     outputs or self.OUTPUTS))
+    self._forward = inference.jit_forward(restored.model, config, restored.dtype,
+                                          outputs or self.OUTPUTS)
 
   @functools.cached_property
   def input(self):

@@ -46,7 +46,6 @@ from dca_jax import checks
 from dca_jax import drawing
 from dca_jax import predict
 from dca_jax import serving
-from dca_jax import tasks
 from dca_jax.data import reid_labels, reid_sources
 from dca_jax.reid import index as gallery_index
 from dca_jax.reid import metrics
@@ -75,11 +74,11 @@ class Embedder:
       self.describe = f'{self._model.runtime} on {exported}'
       return
     config = checks.checked(config)
-    if 'feature' not in tasks.get(config.task).export_outputs(config):
+    outputs = predict.mode_outputs(config, 'embed')
+    if not outputs:
       raise ValueError(f'--mode embed and search rank Re-ID features; this is a task={config.task} '
                        'run (its images are classified: --mode predict)')
-    self._model = predict.Predictor(config, workdir, which,
-                                    outputs=('feature', 'rollout', 'glca_index'))
+    self._model = predict.Predictor(config, workdir, which, outputs=outputs)
     self.transform = predict.eval_transform(config)
     self.rerank = bool(config.reid_rerank)
     self.key = (f'checkpoint {os.path.abspath(workdir)} {which} {self._model.step} '

@@ -29,10 +29,10 @@ from dca_jax import data
 from dca_jax import evaluators
 from dca_jax import inference
 from dca_jax import tasks
-from dca_jax import xla_cpu
 from dca_jax.drawing import (attention_picture, cell_boxes, overlay, ranking_picture,
                              rollout_heatmap, selected_cells, token_grid)
 from dca_jax.evaluators import retrieval
+from dca_jax import predict
 from dca_jax.predict import Predictor, eval_transform, image_paths, load_images, top_k
 from dca_jax.reid import metrics
 
@@ -236,8 +236,8 @@ def _draw_rankings(config, workdir: str, *, num_images: int = 8, top: int = 10,
   queries = _split_images(input_data, config, 'query', query['index'][chosen])
   galleries = _split_images(input_data, config, 'gallery', gallery['index'][order[chosen]].ravel())
   images = np.stack([queries[int(query['index'][q])] for q in chosen])
-  forward = xla_cpu.jit(inference.forward_fn(restored.model, config, restored.dtype,
-                                             ('rollout', 'glca_index')))
+  forward = inference.jit_forward(restored.model, config, restored.dtype,
+                                  predict.mode_outputs(config, 'visualize'))
   out = jax.device_get(forward(restored.variables, images))
   out_dir = os.path.join(workdir, 'visualize')
   os.makedirs(out_dir, exist_ok=True)
