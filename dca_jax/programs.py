@@ -226,10 +226,7 @@ def compile_all(config, target: Target, kinds: Sequence[str] = KINDS, *,
   to skip (a resumed table)."""
   seen = set()
   for program in programs(config, target, kinds):
-    if done and (program.name, program.variant) in done:
-      continue
-    lowered = None
-    try:
+    try:  # lowered even when done: a later twin of a done program is known by its text
       lowered = program.lower()
       text = hashlib.sha256(lowered.as_text().encode()).hexdigest()
       if text in seen:
@@ -237,6 +234,8 @@ def compile_all(config, target: Target, kinds: Sequence[str] = KINDS, *,
       seen.add(text)
     except Exception:  # pylint: disable=broad-except  (compile_row reports it as the row's error)
       lowered = None
+    if done and (program.name, program.variant) in done:
+      continue
     row = compile_row(program, target, config, lowered)
     log(format_row(row))
     yield row

@@ -72,13 +72,12 @@ def compile_target(config, label: str, target, kinds, out: str) -> list[dict]:
   print(f'{label} on {target.name}:', flush=True)
   rows = list(programs.compile_all(config, target, [k for k in kinds if k != 'export'],
                                    done=done))
-  if 'export' in kinds:
+  if 'export' in kinds and not any(name == 'exported' for name, _ in done):
     with tempfile.TemporaryDirectory() as folder:
       path = _EXPORTED.value or exported_file(config, folder)
       program = programs.exported_program(path, target, int(config.eval_batch_size))
-      if (program.name, program.variant) not in done:
-        rows.append(programs.compile_row(program, target, config))
-        print(programs.format_row(rows[-1]), flush=True)
+      rows.append(programs.compile_row(program, target, config))
+      print(programs.format_row(rows[-1]), flush=True)
   for row in rows:
     row['config'] = label
     if out:
