@@ -101,6 +101,16 @@ def render(path: str) -> str:
   return '\n'.join(lines)
 
 
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
@@ -114,6 +124,8 @@ def main(argv):
   from dca_jax.plan import registry  # pylint: disable=g-import-not-at-top
   label = config_flags.get_config_filename(flags.FLAGS['config'])
   label = os.path.relpath(label) if os.path.isabs(label) else label
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
+  label = ' '.join([label] + [f'--config.{k}={v}' for k, v in sorted(_flat(overrides).items())])
   try:
     config = checks.checked(_CONFIG.value)
     for target in registry.targets(_TARGETS.value, _TOPOLOGY.value):
