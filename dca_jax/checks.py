@@ -6,7 +6,7 @@ below receive.
 Each part of dca_jax declares what it checks, and this module asks each once:
 
     config_lib.check_knobs   every key known, choices, ranges (from the knobs' declarations)
-    tasks                    the task exists, the dataset is one of its datasets, task.check
+    tasks, data.registry     the task exists, the dataset is one of its datasets, task.check
     hub.check                the pretrained_model's form and its backbone (no network)
     losses.check             the loss terms exist
     evaluators.check         the evaluator entries, test_flip, best_metric
@@ -27,14 +27,16 @@ from dca_jax import evaluators
 from dca_jax import hub
 from dca_jax import losses
 from dca_jax import tasks
+from dca_jax.data import registry
 from dca_jax.errors import ConfigError
 
 
 def _check_dataset(config, task) -> None:
+  """The dataset is one of the task's (the data registry knows which task reads which)."""
   if config.dataset in task.datasets():
     return
-  owner = [name for name in tasks.NAMES if config.dataset in tasks.get(name).datasets()]
-  hint = f" (or set task='{owner[0]}')" if owner else ''
+  known = config.dataset in registry.names()
+  hint = f" (or set task='{registry.get(config.dataset).task}')" if known else ''
   raise ConfigError(f'config.dataset={config.dataset!r} is not a {config.task} dataset: one of '
                     f'{task.datasets()}{hint}')
 

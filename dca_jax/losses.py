@@ -79,12 +79,16 @@ def batch_hard_triplet(features, labels, margin: float = 0.0, feature: str = 'ra
 # ---------------------------------------------------------------------------- loss terms
 # A branch's loss L_b is the sum of the run's terms (`config.loss_terms`, or its task's). A term
 # is (outputs, branch, labels, options) -> (loss, metrics); a new one is a function registered
-# here, then named in `--config.loss_terms`.
+# with `@term(name)` (here, or from any module: a task's own), then named in
+# `--config.loss_terms` or its task's LOSS_TERMS.
 TERMS: dict[str, Callable] = {}
 
 
 def term(name: str):
+  """Registers the decorated function as loss term `name` (a name is taken once)."""
   def register(fn):
+    if name in TERMS:
+      raise ConfigError(f'loss term {name!r} exists already: one of {sorted(TERMS)}')
     TERMS[name] = fn
     return fn
   return register

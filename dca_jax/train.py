@@ -42,7 +42,7 @@ def _with_data_classes(config, info):
     config = copy.deepcopy(config)
     config.num_classes = info.num_classes
   elif info.num_classes != config.num_classes:
-    counted = 'train identities' if info.task == 'reid' else 'classes'
+    counted = info.counted  # 'classes', 'train identities', ...: the data says what it counts
     if getattr(info, 'num_val_ids', 0):
       counted += f' ({info.num_val_ids} more held out by config.val_split)'
     raise ValueError(f'config.num_classes={config.num_classes} but the {config.dataset} data '

@@ -12,7 +12,7 @@ import pytest
 from conftest import data_config, folder_config, one_line_error
 
 from dca_jax import checks, data
-from dca_jax.data import fgvc_readers
+from dca_jax.data import fgvc_readers, registry
 
 try:
   from tests import layouts  # pylint: disable=g-import-not-at-top
@@ -94,7 +94,7 @@ def test_pets_class_names_are_tfds_names(written):
 def test_tfds_mock(dataset, num_classes, tmp_path, monkeypatch):
   monkeypatch.setenv('DCA_JAX_OFFLINE', '0')  # the mock prepares nothing: no look-up
   import tensorflow_datasets as tfds
-  assert fgvc_readers.TFDS_NAMES[dataset] in ('stanford_dogs', 'oxford_iiit_pet')
+  assert registry.get(dataset).tfds_name in ('stanford_dogs', 'oxford_iiit_pet')
   with tfds.testing.mock_data(num_examples=6):
     inp = data.build_input(data_config(dataset=dataset, data_source='tfds',
                                        data_dir=str(tmp_path), num_classes=num_classes))
@@ -200,7 +200,7 @@ def test_pets_bad_layout_is_one_line(case, tmp_path):
 
 
 def test_new_sets_are_fgvc_datasets_with_configs():
-  """The task's list comes from the registries; each set has a config with its class count."""
+  """The task's list comes from the registry; each set has a config with its class count."""
   import importlib.util
 
   from dca_jax import tasks

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dca_jax import predict
-from dca_jax.data import reid_labels, reid_sources
+from dca_jax.data import registry, reid_labels, reid_sources
 
 try:
   from tests import reid_layouts  # pylint: disable=g-import-not-at-top
@@ -34,7 +34,7 @@ def test_official_names_give_the_readers_ids_and_cameras(tmp_path, name, test_fo
               else split.paths)
     paths = predict.image_paths(images, say=lambda _: None)
     labels, said = reid_labels.image_labels(images, paths)
-    assert said == f'ids and cameras from {reid_sources.LAYOUTS[lay.dataset].title} file names'
+    assert said == f'ids and cameras from {registry.get(lay.dataset).layout.title} file names'
     assert labels['ids'].dtype == labels['cameras'].dtype == np.int32
     read = dict(zip(split.paths, zip(split.pids.tolist(), (split.camids + 1).tolist())))
     got = dict(zip(paths, zip(labels['ids'].tolist(), labels['cameras'].tolist())))

@@ -66,7 +66,7 @@ def test_reader_matches_the_written_layout(name, tmp_path):
 def test_market_junk_dropped_distractors_kept_relabelled(market):
   inp = data.build_input(folder_config(market))
   info = inp.info
-  assert (info.task, info.version) == ('reid', 'Market-1501')
+  assert (info.counted, info.version) == ('train identities', 'Market-1501')
   # Facts of the written layout (reid_layouts.TRAIN_IDS / TEST_IDS, 4 junk, 3 distractors).
   assert info.train_pids == [2, 7, 9, 15, 40] and info.num_classes == 5
   assert info.class_names == ['2', '7', '9', '15', '40']

@@ -3,7 +3,8 @@
 CUB-200-2011, FGVC-Aircraft, Stanford Cars (devkit), NABirds, Stanford Dogs, Oxford-IIIT Pets,
 and `imagefolder` (your own `train/<class>/`, `test/<class>/`). Each returns a
 `folders.FolderDataset`: class names in label order, and per split the image paths and labels
-(sorted by the ids of the label files). A new layout: a reader here and its `READERS` entry.
+(sorted by the ids of the label files). They, the TFDS builders and the generated set register
+at the end (`_fgvc`: registry.py); a new layout is a reader here and its `_fgvc` line.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import os
 
 import numpy as np
 
+from dca_jax.data import builders, registry, streams
 from dca_jax.data.errors import DataError
 from dca_jax.data.folders import (IMAGE_EXTENSIONS, FileSplit, FolderDataset, check_data_dir,
                                   check_files_exist, check_tables, find_root, nonempty,
                                   read_id_table, read_lines)
 
 AIRCRAFT_BANNER_PX = 20
-TFDS_NAMES = {'cub': 'caltech_birds2011', 'cars': 'cars196', 'dogs': 'stanford_dogs',
-              'pets': 'oxford_iiit_pet'}  # each builder's splits are 'train' and 'test'
 
 
 # ----------------------------------------------------------------------------- CUB-200-2011
@@ -322,16 +322,31 @@ def read_imagefolder(data_dir: str) -> FolderDataset:
                        splits['test'])
 
 
-# Folder readers of the official layouts; with the TFDS builders and the generated set they are
-# the FGVC datasets (tasks.fgvc.datasets). A new dataset: a reader here (and a config).
-READERS = {'cub': read_cub, 'cars': read_cars, 'aircraft': read_aircraft,
-           'nabirds': read_nabirds, 'dogs': read_dogs, 'pets': read_pets,
-           'imagefolder': read_imagefolder}
-FGVC_DATASETS = tuple(dict.fromkeys([*READERS, *TFDS_NAMES, 'synthetic']))
+# ----------------------------------------------------------------------------- the datasets
+def _fgvc(name: str, read=None, tfds_name: str = '') -> None:
+  """Registers an FGVC dataset read from its official layout (`read`) and/or TFDS (`tfds_name`:
+  a builder whose splits are 'train' and 'test')."""
+  sources = {**({'folder': builders.folder(read)} if read else {}),
+             **({'tfds': builders.tfds(tfds_name)} if tfds_name else {})}
+  registry.register(name, task='fgvc', sources=sources, input_class=streams.Input, read=read,
+                    tfds_name=tfds_name)
+
+
+_fgvc('cub', read_cub, 'caltech_birds2011')
+_fgvc('cars', read_cars, 'cars196')
+_fgvc('aircraft', read_aircraft)
+_fgvc('nabirds', read_nabirds)
+_fgvc('dogs', read_dogs, 'stanford_dogs')
+_fgvc('pets', read_pets, 'oxford_iiit_pet')
+_fgvc('imagefolder', read_imagefolder)
+registry.register('synthetic', task='fgvc', sources={'synthetic': builders.synthetic_fgvc},
+                  input_class=streams.Input, generated=True)
 
 
 def read_folder(dataset: str, data_dir: str) -> FolderDataset:
-  if dataset not in READERS:
+  """The official layout of FGVC `dataset` under `data_dir`, read by its registered reader."""
+  readers = registry.names(task='fgvc', source='folder')
+  if dataset not in readers:
     raise DataError(f'unknown dataset {dataset!r} for data_source=folder; expected one of '
-                    f'{sorted(READERS)}')
-  return READERS[dataset](data_dir)
+                    f'{sorted(readers)}')
+  return registry.get(dataset).read(data_dir)

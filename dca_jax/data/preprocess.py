@@ -30,10 +30,9 @@ TF_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
 
 
 def normalization_name(config_or_name: Any) -> str:
-  name = config_or_name if isinstance(config_or_name, str) else config_or_name.get(
-      'normalization', 'imagenet')
-  if name == 'auto' and not isinstance(config_or_name, str):
-    name = config_lib.resolve_normalization(config_or_name)
+  """A normalisation's name, or a config's (`config.normalization`; 'auto': its backbone's)."""
+  name = (config_or_name if isinstance(config_or_name, str)
+          else config_lib.resolve_normalization(config_or_name))
   if name not in NORMALIZATIONS:
     raise DataError(f'unknown normalization {name!r}; expected one of {NORMALIZATIONS}')
   return name

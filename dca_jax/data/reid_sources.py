@@ -12,24 +12,25 @@ the sorted original ids, camids), query and gallery (paths, ORIGINAL pids, camid
 
 Bad inputs raise `DataError` with one line naming the folder, list file or file name.
 
-`sources.ReidSource` is what `pipeline.ReidInput` streams from.
+Each layout's reader registers it as a dataset (`@layout`: registry.py), as does the generated
+set (`synthetic_reid`, read as a Market-1501 layout); `sources.ReidSource` is what
+`streams.ReidInput` streams from.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import os
 import re
 import warnings
-from typing import Callable
 
 import numpy as np
 from absl import logging
 
-from dca_jax.data import folders
+from dca_jax.data import builders, folders, registry, streams
 from dca_jax.data.errors import DataError, DataWarning
+from dca_jax.data.folders import content_keys
 
 REID_SPLITS = ('query', 'gallery')
 ALL_SPLITS = ('train',) + REID_SPLITS
@@ -75,6 +76,10 @@ class ReidDataset:
   def num_train_ids(self) -> int:
     return len(self.train_pids)
 
+  def splits(self) -> dict:
+    """{name: ReidSplit} of every split: train, query, gallery and the val ones."""
+    return {**{name: getattr(self, name) for name in ALL_SPLITS}, **self.val}
+
 
 @dataclasses.dataclass(frozen=True)
 class _NameFormat:
@@ -112,31 +117,34 @@ def parse_name(path: str, name_format: _NameFormat, what: str) -> tuple[int, int
 # ----------------------------------------------------------------------------- layout finding
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """A Re-ID dataset's official layout: everything the readers need to know of it."""
+  """How a Re-ID dataset's official layout is found (its registry entry's `layout`)."""
   title: str                 # its name in messages
   marker: str                # a path that only its root holds (tells the layouts apart)
   roots: list[str]           # folders under data_dir where its root may be (data_dir itself last)
-  read: Callable[..., 'ReidDataset'] = None
-
-
-# The registry: name -> Layout, filled by `@layout` on each reader below. A new dataset is one
-# decorated reader here (and a config); the task's dataset list comes from this registry.
-LAYOUTS: dict[str, Layout] = {}
 
 
 def layout(name: str, title: str, marker: str, roots: list[str]):
+  """Registers the decorated `read(data_dir, verify_images) -> ReidDataset` as Re-ID dataset
+  `name` (data_source='folder'): a new layout is one decorated reader here (and a config)."""
   def register(read):
-    LAYOUTS[name] = Layout(title, marker, roots, read)
+    registry.register(name, task='reid', sources={'folder': builders.reid_folder(read)},
+                      input_class=streams.ReidInput, read=read,
+                      layout=Layout(title, marker, roots))
     return read
   return register
+
+
+def _layout(dataset: str) -> Layout:
+  return registry.get(dataset).layout
 
 
 def _other_layouts(data_dir: str, dataset: str) -> str:
   """' (found: ...)' listing the other Re-ID layouts present under data_dir, or ''."""
   found = []
-  own_marker = LAYOUTS[dataset].marker
-  for name, other in LAYOUTS.items():
-    if name == dataset:
+  own_marker = _layout(dataset).marker
+  for entry in registry.entries():
+    name, other = entry.name, entry.layout
+    if name == dataset or other is None:
       continue
     # data_dir itself only counts where its marker tells the layouts apart.
     for candidate in other.roots + ([] if other.marker == own_marker else ['.']):
@@ -148,7 +156,7 @@ def _other_layouts(data_dir: str, dataset: str) -> str:
 
 def _find_roots(data_dir: str, dataset: str) -> list[str]:
   """Candidate roots under data_dir holding the dataset's marker (data_dir itself last)."""
-  layout_ = LAYOUTS[dataset]
+  layout_ = _layout(dataset)
   title, marker, candidates = layout_.title, layout_.marker, layout_.roots
   folders.check_data_dir(data_dir, title)
   candidates = candidates + ['.']
@@ -303,7 +311,7 @@ def _read_folder_layout(data_dir: str, dataset: str, name_format: _NameFormat,
                         folder_names: list[str], *, distractor_zero: bool, verify_images: bool,
                         version: str | None = None) -> ReidDataset:
   """A layout of three image folders (train, query, gallery); ids and cameras in the names."""
-  title = LAYOUTS[dataset].title
+  title = _layout(dataset).title
   root = _find_roots(data_dir, dataset)[0]
   folders = _require_dirs(root, folder_names, title)
   skipped = []
@@ -438,11 +446,6 @@ def read_cameras(root: str) -> dict[str, str] | None:
   return cameras
 
 
-def content_keys(paths) -> list[str]:
-  """A key per file of its bytes: identical files (the same image twice) share it."""
-  return [hashlib.sha256(open(p, 'rb').read()).hexdigest() for p in paths]
-
-
 def _camids(splits: dict, cameras: dict | None, root: str) -> dict:
   """0-based camera ids per split: from cameras.csv (every image needs a row), or, without
   cameras, one id per distinct file content in query and gallery (the protocol then removes
@@ -508,12 +511,16 @@ def read_reid_folder(data_dir: str, verify_images: bool = True) -> ReidDataset:
   return dataset
 
 
-READERS = LAYOUTS
-DATASETS = (*READERS, 'synthetic_reid')  # what the Re-ID input reads (tasks.reid.datasets)
+# The generated set (synthetic_reid.py): written in the Market-1501 layout, read back by its reader.
+registry.register('synthetic_reid', task='reid',
+                  sources={'synthetic': builders.reid_generated(read_market1501)},
+                  input_class=streams.ReidInput, generated=True)
 
 
 def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDataset:
-  if dataset not in LAYOUTS:
+  """The official layout of Re-ID `dataset` under `data_dir`, read by its `@layout` reader."""
+  layouts = [entry.name for entry in registry.entries() if entry.layout is not None]
+  if dataset not in layouts:
     raise DataError(f'unknown Re-ID dataset {dataset!r} for data_source=folder; expected one '
-                    f'of {sorted(LAYOUTS)}')
-  return LAYOUTS[dataset].read(data_dir, verify_images)
+                    f'of {sorted(layouts)}')
+  return registry.get(dataset).read(data_dir, verify_images)

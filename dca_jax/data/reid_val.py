@@ -13,7 +13,7 @@ so that `--checkpoint best` is chosen without the test split.
   id under the same camera). An identity seen by 1 camera only is gallery only (a distractor).
   No-camera protocol: an identity of 2 or more images gives its first image as the query, the
   rest gallery; one image: gallery only. Camera ids there are per file content, as in
-  query / gallery (`reid_sources._camids`).
+  query / gallery (reid_sources.py's `_camids`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import dataclasses
 
 import numpy as np
 
-from dca_jax.data import reid_sources
 from dca_jax.data.errors import DataError
+from dca_jax.data.folders import content_keys
 
 VAL_SPLITS = ('val_query', 'val_gallery')
 _SEED = 20221  # fixed: the split is part of the data, not of a run (as sources.hold_out)
@@ -48,8 +48,9 @@ def _query_rows(camids) -> list[int]:
   return rows or [int(min(first))]
 
 
-def _val_splits(images: reid_sources.ReidSplit, protocol: str) -> dict:
-  """The held-out images (original pids) -> {'val_query', 'val_gallery'}."""
+def _val_splits(images, protocol: str) -> dict:
+  """The held-out images (a reid_sources.ReidSplit, original pids) -> {'val_query',
+  'val_gallery'}."""
   is_query = np.zeros(len(images), bool)
   for pid in np.unique(images.pids):
     members = np.flatnonzero(images.pids == pid)
@@ -59,13 +60,14 @@ def _val_splits(images: reid_sources.ReidSplit, protocol: str) -> dict:
       is_query[members[_query_rows(images.camids[members])]] = True
   if protocol == 'no-camera':  # per file content, as query / gallery
     keys = {}
-    ids = [keys.setdefault(k, len(keys)) for k in reid_sources.content_keys(images.paths)]
+    ids = [keys.setdefault(k, len(keys)) for k in content_keys(images.paths)]
     images = dataclasses.replace(images, camids=np.asarray(ids, np.int32))
   return {'val_query': images.subset(is_query), 'val_gallery': images.subset(~is_query)}
 
 
-def hold_out(dataset: reid_sources.ReidDataset, fraction: float) -> reid_sources.ReidDataset:
-  """`dataset` with round(fraction x n) train identities moved to its val splits."""
+def hold_out(dataset, fraction: float):
+  """`dataset` (a reid_sources.ReidDataset) with round(fraction x n) train identities moved to
+  its val splits."""
   held = held_out_ids(dataset.train_pids, fraction)
   if not held.size:
     return dataset

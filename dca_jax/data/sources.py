@@ -1,21 +1,48 @@
-"""The stream sources `pipeline.Input` reads: this host's index records of a split, and one
-record -> (image, label). `FolderSource` (an extracted layout, fgvc_readers.py), `SyntheticSource`
-(the generated set), `TfdsSource` (a TFDS builder) and `ReidSource` (the three splits of a
-Re-ID layout, reid_sources.py).
+"""What the streams read: `DataInfo` (what was read) and the stream sources, one protocol
+(`Source`): this host's records of a split, and a record -> its decoded element.
+`FolderSource` (an extracted layout, fgvc_readers.py), `ArraySource` (images in memory: a
+generated set), `TfdsSource` (a TFDS builder) and `ReidSource` (the splits of a Re-ID layout,
+reid_sources.py). builders.py makes them from an `InputSpec`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
 import numpy as np
 
-from dca_jax.data import preprocess, reid_sources, synthetic
+from dca_jax.data import preprocess
 from dca_jax.data._tf import tensorflow
 from dca_jax.data.errors import DataError
-from dca_jax.data.fgvc_readers import TFDS_NAMES
 from dca_jax.data.folders import FolderDataset
+from dca_jax.data.sampler import PKSampler
+
+
+@dataclasses.dataclass
+class DataInfo:
+  num_classes: int
+  class_names: list[str]
+  num_train: int
+  num_test: int
+  # Extra (not required by callers): files the folder pre-scan dropped, as 'path (reason)'.
+  skipped_files: list[str] = dataclasses.field(default_factory=list)
+  # What num_classes counts, in words ('classes'; Re-ID: 'train identities', class_names =
+  # their original ids, num_test = num_query + num_gallery).
+  counted: str = 'classes'
+  version: str = ''         # what was read, e.g. 'MSMT17_V2 (train+val)'
+  num_query: int = 0
+  num_gallery: int = 0
+  num_junk: int = 0         # pid -1 images dropped by the reader
+  train_pids: list[int] = dataclasses.field(default_factory=list)  # label -> original id
+  root: str = ''            # folder read (Re-ID)
+  num_val: int = 0          # train images held out as the validation split (val_split)
+  num_val_ids: int = 0      # Re-ID: train identities held out (val_split; not in num_classes)
+  protocol: str = ''        # Re-ID: 'camera-aware' | 'no-camera' (reid_sources.ReidDataset)
+  # {split: {'images': n, 'classes' | 'identities': k}}: what a result was measured on
+  splits: dict = dataclasses.field(default_factory=dict)
+
 
 def _seed_mix(seed: int, salt: int) -> int:
   """A seed for one use (`salt`) of config.seed, independent of its other uses."""
@@ -39,7 +66,34 @@ def hold_out(labels, fraction: float) -> np.ndarray:
   return held
 
 
-class IndexedSource:
+class Source:
+  """The protocol of every stream source: `streams.Input` calls only these.
+
+    sizes                          {split: images}: 'train' and the eval splits
+    steps_per_epoch(batch_size)    full train batches of an epoch (the same every epoch)
+    train_records(epoch, host_epoch_size, seed, process_index, process_count)
+                                   this host's records of train epoch `epoch` (an int64 scalar
+                                   tensor): a tf.data Dataset of dicts holding 'epoch' and 'key'
+                                   (the id the record's augmentation is keyed by)
+    eval_records(split, process_index, process_count)
+                                   this host's records of an eval split, in order: dicts
+                                   holding 'index' (what an eval batch's 'index' reports)
+    element(split, record)         record -> {'image': uint8 [h, w, 3], 'label': int32, ...}
+                                   (Re-ID adds 'camid')
+  """
+  sizes: dict
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    return self.sizes['train'] // batch_size
+
+
+def _host_indices(size: int, process_index: int, process_count: int):
+  """This host's {'index'} records of a split of `size` images: every process_count-th one."""
+  indices = np.arange(process_index, size, process_count, dtype=np.int64)
+  return tensorflow().data.Dataset.from_tensor_slices({'index': indices})
+
+
+class IndexedSource(Source):
   """Splits held as indexable tables (file paths or in-memory images) + labels: 'train', 'test'
   and, with a validation split, 'val'.
 
@@ -60,25 +114,20 @@ class IndexedSource:
 
   def train_records(self, epoch, host_epoch_size: int, seed: int, process_index: int,
                     process_count: int):
-    """This host's {'id', 'epoch'} records of train epoch `epoch` (an int64 scalar tensor)."""
     tf = tensorflow()
     permutation = tf.random.experimental.stateless_shuffle(
         tf.range(self.num_train, dtype=tf.int64),
         seed=tf.stack([tf.constant(_seed_mix(seed, 1), tf.int64), epoch]))
     host_ids = permutation[process_index::process_count][:host_epoch_size]
     return tf.data.Dataset.from_tensor_slices(host_ids).map(
-        lambda example_id: {'id': example_id, 'epoch': epoch})
+        lambda example_id: {'index': example_id, 'key': example_id, 'epoch': epoch})
 
-  def train_element(self, record):
-    return self.load('train', record['id']), tensorflow().gather(self.labels['train'], record['id'])
+  def eval_records(self, split: str, process_index: int, process_count: int):
+    return _host_indices(self.sizes[split], process_index, process_count)
 
-  def test_records(self, process_index: int, process_count: int, split: str = 'test'):
-    """This host's {'id', 'index'} records of an eval split ('test' | 'val'), in order."""
-    indices = np.arange(process_index, self.sizes[split], process_count, dtype=np.int64)
-    return tensorflow().data.Dataset.from_tensor_slices({'id': indices, 'index': indices})
-
-  def test_element(self, record, split: str = 'test'):
-    return self.load(split, record['id']), tensorflow().gather(self.labels[split], record['id'])
+  def element(self, split: str, record) -> dict:
+    return {'image': self.load(split, record['index']),
+            'label': tensorflow().gather(self.labels[split], record['index'])}
 
 
 def _with_val(splits: dict, fraction: float) -> dict:
@@ -105,14 +154,14 @@ class FolderSource(IndexedSource):
     return preprocess.decode(encoded, self.crop_bottom)
 
 
-class SyntheticSource(IndexedSource):
-  """The generated set, held in memory."""
+class ArraySource(IndexedSource):
+  """Images held in memory (uint8 [n, h, w, 3] per split, with their labels): a generated set.
+  With `val_split` > 0 the held-out train images (`hold_out`) form 'val'."""
 
-  def __init__(self, generated: synthetic.SyntheticData, val_split: float = 0.0):
-    images = {'train': generated.train_images, 'test': generated.test_images}
-    labels = {'train': generated.train_labels, 'test': generated.test_labels}
+  def __init__(self, images: dict, labels: dict, val_split: float = 0.0):
+    images, labels = dict(images), dict(labels)
     if val_split > 0:
-      held = hold_out(generated.train_labels, val_split)
+      held = hold_out(labels['train'], val_split)
       for name, keep in (('val', held), ('train', ~held)):
         images[name], labels[name] = images['train'][keep], labels['train'][keep]
     super().__init__(labels)
@@ -150,37 +199,38 @@ def _not_prepared(name: str, where: str, dataset: str, reason: str) -> str:
           'layout)')
 
 
-class TfdsSource:
+class TfdsSource(Source):
   """TFDS reader: encoded images (decoding skipped in the reader), decoded in the map.
 
   Each host reads its own `tfds.split_for_jax_process` share; a train epoch is that share
-  shuffled with a seeded buffer (`config.shuffle_buffer`).
+  shuffled with a seeded buffer (`config.shuffle_buffer`). Its splits: 'train' and 'test'.
   """
 
-  def __init__(self, config, process_index: int, process_count: int):
+  def __init__(self, name: str, spec, process_index: int, process_count: int):
+    """`name`: the TFDS builder (the registry entry's `tfds_name`) of `spec.dataset`."""
     tensorflow()  # first: TFDS imports TensorFlow (quietly, GPUs hidden: _tf.py)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    name = TFDS_NAMES[config.dataset]
-    data_dir = config.data_dir or None
+    data_dir = spec.data_dir or None
     where = data_dir or '~/tensorflow_datasets'
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
       if not self.builder.is_prepared():
         if offline():  # TFDS would retry its downloads for minutes before failing
-          raise DataError(_not_prepared(name, where, config.dataset, 'there is no network to '
+          raise DataError(_not_prepared(name, where, spec.dataset, 'there is no network to '
                                         'download it'))
         self.builder.download_and_prepare()
     except DataError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       reason = f'it could not be downloaded: {type(e).__name__}: {str(e).splitlines()[0]}'
-      raise DataError(_not_prepared(name, where, config.dataset, reason)) from None
+      raise DataError(_not_prepared(name, where, spec.dataset, reason)) from None
     self.class_names = list(self.builder.info.features['label'].names)
     self.decoders = tfds.decode.PartialDecoding(
         {'image': True, 'label': True}, decoders={'image': tfds.decode.SkipDecoding()})
     self.num_train = self._split_size('train')
     self.num_test = self._split_size('test')
-    self.shuffle_buffer = int(config.get('shuffle_buffer', 2048))
+    self.sizes = {'train': self.num_train, 'test': self.num_test}
+    self.shuffle_buffer = spec.shuffle_buffer
     if process_count == 1:
       self.splits = {'train': 'train', 'test': 'test'}
     else:
@@ -205,7 +255,7 @@ class TfdsSource:
 
   def train_records(self, epoch, host_epoch_size: int, seed: int, process_index: int,
                     process_count: int):
-    """This host's {'id', 'epoch', 'raw', 'label'} records of train epoch `epoch`."""
+    """The records also carry the encoded image ('raw') and its 'label'."""
     del process_index, process_count  # The share was chosen in __init__.
     tf = tensorflow()
     epoch_seed = tf.bitwise.bitwise_xor(tf.constant(_seed_mix(seed, 2), tf.int64),
@@ -213,46 +263,68 @@ class TfdsSource:
     examples = self._read('train').shuffle(self.shuffle_buffer, seed=epoch_seed,
                                            reshuffle_each_iteration=False)
     return examples.take(host_epoch_size).map(
-        lambda position, example: {'id': position, 'epoch': epoch, 'raw': example['image'],
+        lambda position, example: {'key': position, 'epoch': epoch, 'raw': example['image'],
                                    'label': example['label']})
 
-  def train_element(self, record):
-    tf = tensorflow()
-    return preprocess.decode(record['raw']), tf.cast(record['label'], tf.int32)
-
-  def test_records(self, process_index: int, process_count: int, split: str = 'test'):
-    """This host's {'index', 'raw', 'label'} records of the test split; 'index' is the
-    position inside this host's share."""
-    del process_index, process_count, split  # The share was chosen in __init__; test only.
+  def eval_records(self, split: str, process_index: int, process_count: int):
+    """'index' is the position inside this host's share of the test split."""
+    del split, process_index, process_count  # The share was chosen in __init__; test only.
     return self._read('test').map(
         lambda position, example: {'index': position, 'raw': example['image'],
                                    'label': example['label']})
 
-  def test_element(self, record, split: str = 'test'):
+  def element(self, split: str, record) -> dict:
     del split
-    return self.train_element(record)
-
-
-class ReidSource:
-  """The Re-ID splits (train, query, gallery; val_query, val_gallery with config.val_split)
-  as path tables; train labels, eval pids and camids."""
-
-  def __init__(self, dataset: reid_sources.ReidDataset):
     tf = tensorflow()
-    self.dataset = dataset
-    splits = {**{name: getattr(dataset, name) for name in reid_sources.ALL_SPLITS},
-              **dataset.val}
+    return {'image': preprocess.decode(record['raw']),
+            'label': tf.cast(record['label'], tf.int32)}
+
+
+class ReidSource(Source):
+  """The Re-ID splits (train, query, gallery; val_query, val_gallery with config.val_split)
+  as path tables; train labels, eval pids and camids. Train epochs come from `sampler`
+  (P x K batches: sampler.py), each host taking its contiguous slice of every batch."""
+
+  def __init__(self, dataset, sampler: PKSampler):
+    """`dataset`: a reid_sources.ReidDataset; `sampler` over its train labels."""
+    tf = tensorflow()
+    self.dataset, self.sampler = dataset, sampler
+    splits = dataset.splits()
     self.paths = {name: tf.constant(split.paths) for name, split in splits.items()}
     self.pids = {name: tf.constant(split.pids) for name, split in splits.items()}
     self.camids = {name: tf.constant(split.camids) for name, split in splits.items()}
     self.sizes = {name: len(split) for name, split in splits.items()}
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    del batch_size  # The sampler's (it was built with it).
+    return self.sampler.steps_per_epoch
 
   def load(self, split: str, index):
     """Image `index` of `split`, uint8 [h, w, 3]."""
     tf = tensorflow()
     return preprocess.decode(tf.io.read_file(tf.gather(self.paths[split], index)))
 
+  def train_records(self, epoch, host_epoch_size: int, seed: int, process_index: int,
+                    process_count: int):
+    """Keyed by the position in the epoch, not the image: an image drawn twice in an epoch
+    (identities with < K images) gets two different augmentations."""
+    del seed  # The sampler's.
+    tf = tensorflow()
+    sampler = self.sampler
+    indices, positions = tf.numpy_function(
+        lambda epoch_number: sampler.host_epoch(int(epoch_number), process_index, process_count),
+        [epoch], (tf.int64, tf.int64), stateful=False)
+    indices.set_shape([host_epoch_size])
+    positions.set_shape([host_epoch_size])
+    return tf.data.Dataset.from_tensor_slices({'index': indices, 'key': positions}).map(
+        lambda record: {**record, 'epoch': epoch})
+
   def eval_records(self, split: str, process_index: int, process_count: int):
-    """This host's indices (int64) into `split`, in order."""
-    indices = np.arange(process_index, self.sizes[split], process_count, dtype=np.int64)
-    return tensorflow().data.Dataset.from_tensor_slices(indices)
+    return _host_indices(self.sizes[split], process_index, process_count)
+
+  def element(self, split: str, record) -> dict:
+    """'label': the relabelled train id (train) or the original id (eval splits)."""
+    tf = tensorflow()
+    index = record['index']
+    return {'image': self.load(split, index), 'label': tf.gather(self.pids[split], index),
+            'camid': tf.gather(self.camids[split], index)}

@@ -16,7 +16,8 @@ uint8 [H, W, 3] pictures (TensorBoard images). The run lists them in `config.eva
 An empty `config.evals` means the task's own list (`tasks.<task>.default_evals`). An entry's
 metrics are named `<prefix><metric>`; the prefix defaults to '<entry name>/' ('' keeps the bare
 names every published figure uses: 'accuracy', 'mAP'). `config.best_metric` names the metric the
-best checkpoint is chosen by. To add an evaluator: one file here, then an entry in a config.
+best checkpoint is chosen by. To add an evaluator: one file here (or `register(type, cls)` of
+a class defined elsewhere), then an entry in a config.
 """
 
 from __future__ import annotations
@@ -34,8 +35,25 @@ from dca_jax import tasks
 from dca_jax import xla_cpu
 from dca_jax.errors import ConfigError
 
-# The evaluator types are the modules of this package: a new file is a new type.
-TYPES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_')))
+# The evaluator types are the modules of this package (a new file is a new type) and the
+# classes `register` adds.
+_PACKAGE = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
+_REGISTERED: dict[str, type] = {}
+
+
+def types() -> tuple[str, ...]:
+  return tuple(sorted({*_PACKAGE, *_REGISTERED}))
+
+
+def register(kind: str, cls: type) -> None:
+  """Adds evaluator type `kind`: `cls` follows the protocol above (in_eval_mode, run)."""
+  if kind in types():
+    raise ConfigError(f'evaluator type {kind!r} exists already: one of {types()}')
+  missing = [name for name in ('in_eval_mode', 'run') if not hasattr(cls, name)]
+  if missing:
+    raise ConfigError(f'evaluator type {kind!r} lacks {", ".join(missing)} (the protocol: '
+                      'dca_jax/evaluators/__init__.py)')
+  _REGISTERED[kind] = cls
 
 
 @dataclasses.dataclass
@@ -66,10 +84,12 @@ class Context:
 
 
 def evaluator_class(kind: str):
-  """The Evaluator class of `dca_jax/evaluators/<kind>.py`."""
-  if kind not in TYPES:
-    raise ValueError(f"evaluator type {kind!r} is not one of {TYPES} "
-                     '(a module in dca_jax/evaluators/)')
+  """The Evaluator class of `dca_jax/evaluators/<kind>.py`, or the one registered as `kind`."""
+  if kind in _REGISTERED:
+    return _REGISTERED[kind]
+  if kind not in _PACKAGE:
+    raise ValueError(f"evaluator type {kind!r} is not one of {types()} "
+                     '(a module in dca_jax/evaluators/, or evaluators.register)')
   return importlib.import_module(f'dca_jax.evaluators.{kind}').Evaluator
 
 
@@ -142,7 +162,7 @@ def check(config) -> None:
   images; best_metric is one the evaluators score (the one validator asks: dca_jax/checks.py)."""
   for name, entry in entries(config).items():
     if not isinstance(entry, dict) or 'type' not in entry:
-      raise ConfigError(f'config.evals.{name} needs a type: one of {TYPES}')
+      raise ConfigError(f'config.evals.{name} needs a type: one of {types()}')
     try:
       evaluator_class(entry['type'])
     except ValueError as e:

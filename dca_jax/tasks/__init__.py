@@ -10,7 +10,7 @@ A task module (`dca_jax/tasks/<name>.py`) provides:
 
     METRIC                          the metric its main evaluator scores the best checkpoint by
     PICTURES                        what --mode visualize draws: 'classes' | 'rankings'
-    datasets()                      the dataset names it reads (from the data readers' registries)
+    datasets()                      the dataset names it reads (`data.registry.names(task)`)
     configure(c)                    its recipe on a base config (`task_config`)
     check(config)                   its consistency checks (raise errors.ConfigError)
     default_evals(config)           {name: evaluator entry} when `config.evals` is empty
@@ -25,8 +25,10 @@ A task module (`dca_jax/tasks/<name>.py`) provides:
     export_outputs(config)          the `inference.forward_fn` outputs --mode export serialises
     export_transform(config)        the eval stream's host-side resize/crop, for preprocessing.json
 
-Nothing outside this package tests `config.task`: `get(config.task)` is the one lookup. A third
-task is one module here.
+Its datasets name it in the data registry (`data.registry.register(name, task=...)`, with the
+streams they give). Nothing outside this package tests `config.task`: `get(config.task)` is the
+one lookup. A third task is one module here, or `register(name, module)` of a module (or any
+object with the protocol) defined elsewhere.
 """
 
 from __future__ import annotations
@@ -39,14 +41,35 @@ import ml_collections
 from dca_jax import config_lib
 from dca_jax.errors import ConfigError
 
-# The tasks are the modules of this package: a new file is a new task.
-NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_')))
+PROTOCOL = ('METRIC', 'PICTURES', 'datasets', 'configure', 'check', 'default_evals', 'bnneck',
+            'partners', 'loss_options', 'batch_fits', 'summary_line', 'protocol',
+            'eval_transform', 'export_outputs', 'export_transform')
+# The modules of this package are tasks (a new file is a new task); `register` adds others.
+_PACKAGE = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
+_REGISTERED: dict = {}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted({*_PACKAGE, *_REGISTERED}))
+
+
+def register(name: str, module) -> None:
+  """Adds task `name`: `module` provides the protocol above (a module or any such object)."""
+  if name in names():
+    raise ConfigError(f'task {name!r} exists already: one of {names()}')
+  missing = [attribute for attribute in PROTOCOL if not hasattr(module, attribute)]
+  if missing:
+    raise ConfigError(f'task {name!r} lacks {", ".join(missing)} of the task protocol '
+                      '(dca_jax/tasks/__init__.py)')
+  _REGISTERED[name] = module
 
 
 def get(name: str):
-  """The task module `name` ('fgvc' | 'reid')."""
-  if name not in NAMES:
-    raise ConfigError(f'config.task={name!r} is not one of {NAMES}')
+  """The task module `name` ('fgvc' | 'reid' | a registered one)."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if name not in _PACKAGE:
+    raise ConfigError(f'config.task={name!r} is not one of {names()}')
   return importlib.import_module(f'dca_jax.tasks.{name}')
 
 

@@ -9,8 +9,8 @@ PICTURES = 'classes'    # --mode visualize: rollout maps with the top-3 classes 
 
 
 def datasets() -> tuple[str, ...]:
-  from dca_jax.data import fgvc_readers  # pylint: disable=g-import-not-at-top  (no TensorFlow)
-  return tuple(fgvc_readers.FGVC_DATASETS)
+  from dca_jax.data import registry  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  return registry.names(task='fgvc')
 
 
 def configure(c) -> None:

@@ -10,8 +10,8 @@ PICTURES = 'rankings'   # --mode visualize: each query's rollout and ranked gall
 
 
 def datasets() -> tuple[str, ...]:
-  from dca_jax.data import reid_sources  # pylint: disable=g-import-not-at-top  (no TensorFlow)
-  return reid_sources.DATASETS
+  from dca_jax.data import registry  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  return registry.names(task='reid')
 
 
 def configure(c) -> None:
@@ -45,8 +45,10 @@ def check(config) -> None:
 def default_evals(config) -> dict:
   """Retrieval on query/gallery; with val_split > 0 also on the held-out train identities
   ('val/mAP', what `best` is then chosen by); the attention pictures."""
+  from dca_jax.data import registry  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  # A generated set: the raw-pixel baseline says how hard it is.
   evals = {'test': {'type': 'retrieval', 'prefix': '',
-                    'pixel_baseline': config.dataset == 'synthetic_reid'}}
+                    'pixel_baseline': registry.get(config.dataset).generated}}
   if config.val_split > 0:
     evals['val'] = {'type': 'retrieval', 'split': 'val', 'prefix': 'val/'}
   evals['attention'] = {'type': 'attention', 'num_images': 4, 'split': 'query'}
