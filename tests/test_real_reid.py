@@ -51,7 +51,7 @@ def test_train_ids_copy_holds_the_training_identities(written):
 def test_views_are_real_scans_of_the_numbers_digits():
   scans, labels = real_reid.load_scans()
   assert scans.shape == (1797, 8, 8) and set(labels) == set(range(10))
-  camera = real_reid._cameras(0)[0]  # pylint: disable=protected-access
+  camera = real_reid.cameras(0)[0]
   rng = np.random.default_rng(0)
   image = real_reid.render(rng, camera, [scans[0], scans[1], scans[2]], 64, 32)
   assert image.shape == (64, 32, 3) and image.dtype == np.uint8
@@ -83,24 +83,48 @@ def test_pretraining_set_is_an_imagefolder_of_train_half_scans_and_other_cameras
   dataset = fgvc_readers.read_folder('imagefolder', root)
   assert dataset.class_names == [str(d) for d in range(10)]
   assert len(dataset.train.paths) == 20 and len(dataset.test.paths) == 10
-  reid_cameras = real_reid._cameras(0)  # pylint: disable=protected-access
-  pretrain_cameras = [c for s in real_reid.PRETRAIN_CAMERA_SEEDS
-                      for c in real_reid._cameras(s)]  # pylint: disable=protected-access
+  reid_cameras = real_reid.cameras(0)
+  pretrain_cameras = [c for s in real_reid.PRETRAIN_CAMERA_SEEDS for c in real_reid.cameras(s)]
   assert not any(np.allclose(a.wall, b.wall) for a in reid_cameras for b in pretrain_cameras)
 
 
-def test_demo_configs_for_real_images_validate():
-  """:pretrain (an imagefolder classifier of the demo's backbone) and :real_imagenet (DeiT-T
-  with its ImageNet weights at 128 x 64: 8 x 4 patches) are complete configs."""
-  from configs import reid_demo  # pylint: disable=g-import-not-at-top
+def _pretraining_command_config():
+  """The pretraining run of docs/REID.md as main.py would read it: configs/imagefolder.py with
+  the --config.KEY=VALUE overrides of that command."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  text = open(os.path.join(ROOT, 'docs', 'REID.md')).read()
+  command = re.search(r'python main.py --config configs/imagefolder.py --workdir '
+                      r'runs/digits_pretrain(.*?)\n```', text, re.S).group(1)
+  config = load_config('imagefolder')
+  for key, value in re.findall(r'--config\.([\w.]+)=(\S+)', command.replace('\\\n', ' ')):
+    *parents, leaf = key.split('.')
+    target = config
+    for parent in parents:
+      target = target[parent]
+    try:
+      target[leaf] = ast.literal_eval(value.strip("'"))
+    except (ValueError, SyntaxError):
+      target[leaf] = value
+  return config
+
+
+def test_the_real_image_recipes_validate():
+  """The docs' pretraining command (an imagefolder classifier of the demo's backbone, SA only)
+  and the `imagenet` variant (DeiT-T with its ImageNet weights at 128 x 64: 8 x 4 patches) are
+  complete configs; `fixed` keeps the demo's backbone."""
+  from benchmarks import reid_real  # pylint: disable=g-import-not-at-top
   from dca_jax import config_lib, hub  # pylint: disable=g-import-not-at-top
   from dca_jax.models import vit  # pylint: disable=g-import-not-at-top
-  pre = reid_demo.get_config('pretrain')
-  checks.checked(pre)
-  assert (pre.task, pre.dataset, pre.num_classes) == ('fgvc', 'imagefolder', 10)
-  real = reid_demo.get_config('real')
-  assert config_lib.backbone_overrides(pre) == config_lib.backbone_overrides(real)
-  imagenet = reid_demo.get_config('real_imagenet')
+  pre = checks.checked(_pretraining_command_config())
+  assert (pre.task, pre.dataset, pre.num_glca_layers, pre.num_pwca_layers) == (
+      'fgvc', 'imagefolder', 0, 0)
+  assert (pre.input_size, pre.optimizer, pre.learning_rate) == (64, 'adamw', 1e-3)
+  real = reid_real.VARIANTS['fixed']()
+  stem = {'resnet_layers': [1], 'resnet_width': 32, 'patch_size': 2}   # the command's conv stem
+  assert config_lib.backbone_overrides(pre) == {**config_lib.backbone_overrides(real), **stem}
+  imagenet = reid_real.VARIANTS['imagenet']()
   checks.checked(imagenet)
   assert hub.parse(imagenet.pretrained_model).known.backbone == 'deit_tiny'
   variant = vit.get_variant(imagenet.backbone, config_lib.backbone_overrides(imagenet))

@@ -86,7 +86,7 @@ def emblem_palette(num_codes: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class _Camera:
+class Camera:
   wall: np.ndarray       # background colour above the horizon
   floor: np.ndarray      # below
   horizon: float         # fraction of the height
@@ -96,16 +96,17 @@ class _Camera:
   centre: float          # person centre x / width
 
 
-def _cameras(seed: int) -> list[_Camera]:
+def cameras(seed: int) -> list[Camera]:
+  """The set's six cameras, drawn from `seed` (tools/real_reid.py films its digits with them)."""
   rng = np.random.default_rng([seed, 11])
-  cameras = []
+  out = []
   for camera in range(NUM_CAMERAS):
-    cameras.append(_Camera(
+    out.append(Camera(
         wall=rng.uniform(40, 220, 3), floor=rng.uniform(40, 220, 3),
         horizon=rng.uniform(0.45, 0.8), stripe_period=float(rng.choice([0, 3, 5, 8])),
         gain=rng.uniform(0.75, 1.25, 3) * rng.uniform(0.8, 1.15),
         scale=[0.62, 0.7, 0.78, 0.86, 0.92, 0.74][camera], centre=rng.uniform(0.4, 0.6)))
-  return cameras
+  return out
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -134,7 +135,7 @@ def _ellipse(canvas, centre_y, centre_x, radius_y, radius_x, colour, top_only=Fa
   canvas[top:bottom, left:right][inside] = colour
 
 
-def _background(rng, camera: _Camera, height: int, width: int) -> np.ndarray:
+def background(rng, camera: Camera, height: int, width: int) -> np.ndarray:
   canvas = np.empty((height, width, 3), np.float32)
   horizon = int(camera.horizon * height)
   canvas[:horizon] = camera.wall
@@ -191,7 +192,7 @@ def _figure(canvas, rng, *, feet_y, centre_x, height, shirt, trousers, emblem):
           emblem[1])
 
 
-def _finish(canvas, rng, camera: _Camera, height: int, width: int) -> np.ndarray:
+def finish(canvas, rng, camera: Camera, height: int, width: int) -> np.ndarray:
   """Box-downsamples the supersampled canvas, then the camera's colour cast and noise."""
   factor = SUPERSAMPLE
   rows = canvas.reshape(height, factor, width * factor * 3).sum(axis=1)  # Two cheap 1-axis sums.
@@ -200,12 +201,12 @@ def _finish(canvas, rng, camera: _Camera, height: int, width: int) -> np.ndarray
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def render(rng, camera: _Camera, height: int, width: int, *, kind: str = 'person', shirt=None,
+def render(rng, camera: Camera, height: int, width: int, *, kind: str = 'person', shirt=None,
            trousers=None, emblem=None) -> np.ndarray:
   """uint8 [height, width, 3]. kind: person | distractor (background / fragment) | junk
   (partial)."""
   canvas_height, canvas_width = height * SUPERSAMPLE, width * SUPERSAMPLE
-  canvas = _background(rng, camera, canvas_height, canvas_width)
+  canvas = background(rng, camera, canvas_height, canvas_width)
   clothes = dict(shirt=shirt, trousers=trousers)
   if kind == 'person':
     person_height = canvas_height * camera.scale * rng.uniform(0.94, 1.06)
@@ -225,7 +226,7 @@ def render(rng, camera: _Camera, height: int, width: int, *, kind: str = 'person
               height=canvas_height * camera.scale, emblem=None, **clothes)
   else:
     raise ValueError(kind)
-  return _finish(canvas, rng, camera, height, width)
+  return finish(canvas, rng, camera, height, width)
 
 
 # ----------------------------------------------------------------------------- the set
@@ -305,7 +306,7 @@ def plan(params: Params) -> tuple[list[_Item], dict]:
 def _write(params: Params, folder: str) -> dict:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   items, table = plan(params)
-  cameras = _cameras(params.seed)
+  views = cameras(params.seed)
   palette = emblem_palette(len(table['train_pids']) + len(table['test_pids']))
   palette_size = len(palette)
   counts = {}
@@ -315,7 +316,7 @@ def _write(params: Params, folder: str) -> dict:
     rng = np.random.default_rng([params.seed, 5, number])
     shirt, trousers, code = item.look
     emblem = None if code < 0 else (palette[code // palette_size], palette[code % palette_size])
-    image = render(rng, cameras[item.cam], params.image_size, params.width, kind=item.kind,
+    image = render(rng, views[item.cam], params.image_size, params.width, kind=item.kind,
                    shirt=SHIRTS[shirt], trousers=TROUSERS[trousers], emblem=emblem)
     pid = '-1' if item.pid < 0 else f'{item.pid:04d}'
     name = f'{pid}_c{item.cam + 1}s1_{number:06d}_00.jpg'
@@ -336,19 +337,26 @@ def default_base_dir() -> str:
 
 def ensure(params: Params, base_dir: str = '') -> str:
   """The folder holding the set for `params` (Market-1501 layout), generating it if needed."""
-  base_dir = base_dir or default_base_dir()
-  final = os.path.join(base_dir, f'synthetic_reid-{params.key()}')
-  if os.path.isfile(os.path.join(final, MARKER)):
-    return final
   plan(params)  # Bad sizes fail before anything is written.
+  return write_once(base_dir or default_base_dir(), f'synthetic_reid-{params.key()}', MARKER,
+                    lambda folder: _write(params, folder))
+
+
+def write_once(base_dir: str, name: str, marker: str, write_into) -> str:
+  """`base_dir/name`, made by `write_into(folder)` in a temporary folder renamed into place
+  (atomic: a concurrent or killed writer never leaves half a set under `name`), unless
+  `marker` says it is there already. Also tools/real_reid.py's cache."""
+  final = os.path.join(base_dir, name)
+  if os.path.isfile(os.path.join(final, marker)):
+    return final
   os.makedirs(base_dir, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.tmp-synthetic_reid-', dir=base_dir)
+  temporary = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=base_dir)
   try:
-    _write(params, temporary)
+    write_into(temporary)
     try:
       os.rename(temporary, final)  # Atomic: readers see nothing or the whole set.
     except OSError:
-      if not os.path.isfile(os.path.join(final, MARKER)):
+      if not os.path.isfile(os.path.join(final, marker)):
         raise  # Not a lost race with another process: a real error.
   finally:
     if os.path.isdir(temporary):
@@ -365,7 +373,7 @@ def params_from_config(config) -> Params:
                 num_train=int(config.synthetic_num_train),
                 num_test=int(config.synthetic_num_test),
                 image_size=int(config.synthetic_image_size),
-                seed=int(config.get('synthetic_seed', 0)))
+                seed=int(config.synthetic_seed))
 
 
 # ----------------------------------------------------------------------------- baseline
