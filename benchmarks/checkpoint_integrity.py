@@ -1,7 +1,7 @@
 """What sealing a checkpoint costs on a ViT-B-sized train state (issue #20).
 
 The state is the real one of configs/cub.py:vit_base (DCAL on ViT-B/16 at 448 px: params, AdamW moments,
-the MultiSteps accumulated gradient), its shapes from `abstract_train_state`, filled with random
+the MultiSteps accumulated gradient), its shapes from `train_step.build`, filled with random
 numbers on the host (no model init). It is saved with the project's Checkpointer (Orbax, async),
 then timed: Orbax's save until committed, the seal (fsync of every file + CRC-32 record), the
 verification before a restore (sizes + CRC-32), and a full restore for scale.
@@ -20,9 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import cub  # noqa: E402
-from dca_jax import train_step
-from dca_jax import checkpoint as ckpt_lib, distributed, optim  # noqa: E402
-from dca_jax.models import build_model  # noqa: E402
+from dca_jax import checkpoint as ckpt_lib, distributed, train_step  # noqa: E402
 
 
 def main():
@@ -33,9 +31,8 @@ def main():
   config = cub.get_config("vit_base")
   config.pretrained_model = 'none'
   mesh = distributed.make_mesh()
-  model = build_model(config, dtype=np.float32)
-  tx = optim.make_optimizer(config, steps_per_epoch=100)
-  abstract, shardings = train_step.abstract_train_state(config, model, tx, mesh, precision='fp32')
+  built = train_step.build(config, mesh, precision='fp32')
+  abstract, shardings = built.abstract_state, built.shardings
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32).astype(x.dtype)
                        if x.shape else np.zeros((), x.dtype), abstract)

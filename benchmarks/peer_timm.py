@@ -1,4 +1,4 @@
-"""The PyTorch peer of `train_step.py`: timm's plain ViT train step on synthetic batches.
+"""The PyTorch peer of `step_serve.py`: timm's plain ViT train step on synthetic batches.
 
 Runs in a venv with torch and timm (no jax; `benchmarks/run_cpu_peers.sh` makes one). The step
 is what a timm user runs for the plain classifier our SA-only step matches: timm's

@@ -1,6 +1,6 @@
 """Time peer processes against each other on one machine, their commands alternating.
 
-Each peer is a command line that starts a `--serve` process (`train_step.py --serve`,
+Each peer is a command line that starts a serving process (`benchmarks/step_serve.py`,
 `peer_timm.py --serve`): it builds and warms up, answers one `@@ {ready}` line, then times one
 command per stdin line. This coordinator sends `step` (and, with --parts, `fwd`, `fwdbwd`,
 `matmul`) to every peer in turn, the order reversed every other round (ABBA...), so that only
@@ -11,9 +11,9 @@ JAX matmul peak measured in the same run (the first peer's `matmul`), the load a
 CPU model; and prints a markdown summary.
 
   python -m benchmarks.peers \\
-      --peer 'jax=python -m benchmarks.train_step --serve --sa_only --remat off' \\
+      --peer 'jax=python -m benchmarks.step_serve --config.num_glca_layers=0 \\
+          --config.num_pwca_layers=0 --config.use_gradient_checkpointing=false' \\
       --peer 'timm=.venv-timm/bin/python -m benchmarks.peer_timm --serve' \\
-      --peer 'jax_dcal=python -m benchmarks.train_step --serve --remat on' \\
       --same_flops timm=jax --rounds 5 --parts --out benchmarks/results/cpu_peers.jsonl
   python -m benchmarks.peers --render benchmarks/results/cpu_peers.jsonl
 

@@ -2,7 +2,7 @@
 # Our train step against timm's on the same machine, in one run, steps alternating.
 #
 # Times timm's plain ViT step (`benchmarks/peer_timm.py`, in a venv with torch and timm) and ours
-# (`benchmarks/train_step.py --serve`) for the same model, size, batch, classes, stochastic depth
+# (`benchmarks/step_serve.py`: dca_jax.train_step.build's step) for the same model, size, batch, classes, stochastic depth
 # (0.1) and optimizer (AdamW, decay on kernels only), fp32, both pinned to the same cores with the
 # same thread count. `benchmarks/peers.py` drives the processes in turn (order reversed every
 # other round), so only one computes at a time and load from other jobs hits all alike. With
@@ -35,7 +35,7 @@
 #
 # Knobs: PEERS ("jax_sa timm"), ROUNDS (5), PARTS (1), BACKBONE/TIMM_MODEL (deit_tiny /
 # deit_tiny_patch16_224), SIZE (448), BATCH (4), THREADS (nproc), CPUS (taskset list, default
-# all), EXTRA (more train_step.py flags for our peers), ALLOC (default | glibc | retain), LABEL,
+# all), EXTRA (more --config.KEY=VALUE for our peers), ALLOC (default | glibc | retain), LABEL,
 # RESULTS (benchmarks/results/cpu_peers.jsonl, appended), LOG (the peers' stderr), PYTHON (ours).
 # The venv: $TIMM_VENV if set, else .venv-timm (git-ignored), created when missing with
 # torch==2.14.1 torchvision==0.29.1 timm (PIP_ARGS are passed to pip, e.g. a CPU index URL).
@@ -77,18 +77,23 @@ case $ALLOC in
   *) echo "unknown ALLOC $ALLOC (default | glibc | retain)" >&2; exit 2 ;;
 esac
 COMMON="--size $SIZE --batch $BATCH --num_classes 200 --drop_path 0.1"
-OURS="$PIN $PY -m benchmarks.train_step --serve --backbone $BACKBONE $COMMON --precision fp32 --accum 1"
+# configs/cub.py with this backbone, size and batch; fp32, no accumulation; SA-only: no GLCA/PWCA
+OURS="$PIN $PY -m benchmarks.step_serve --config configs/cub.py --config.backbone=$BACKBONE \
+  --config.input_size=$SIZE --config.batch_size=$BATCH --config.num_classes=200 \
+  --config.stochastic_depth_prob=0.1 --config.precision=fp32 --config.gradient_accumulation_steps=1"
+SA="--config.num_glca_layers=0 --config.num_pwca_layers=0"
+ON=--config.use_gradient_checkpointing=true OFF=--config.use_gradient_checkpointing=false
 
 args=()
 first_jax_sa=
 for peer in $PEERS; do
   case $peer in
-    jax_sa) cmd="$OURS --sa_only --remat off ${EXTRA:-}"; first_jax_sa=${first_jax_sa:-$peer} ;;
-    jax_sa_remat) cmd="$OURS --sa_only --remat on ${EXTRA:-}" ;;
+    jax_sa) cmd="$OURS $SA $OFF ${EXTRA:-}"; first_jax_sa=${first_jax_sa:-$peer} ;;
+    jax_sa_remat) cmd="$OURS $SA $ON ${EXTRA:-}" ;;
     jax_sa_eigen|jax_sa_ynnpack)   # ours SA-only with the dots on one library (dca_jax/xla_cpu.py)
-      cmd="env DCA_JAX_CPU_DOTS=${peer#jax_sa_} $OURS --sa_only --remat off ${EXTRA:-}" ;;
-    jax_dcal) cmd="$OURS --remat on ${EXTRA:-}" ;;
-    jax_dcal_noremat) cmd="$OURS --remat off ${EXTRA:-}" ;;
+      cmd="env DCA_JAX_CPU_DOTS=${peer#jax_sa_} $OURS $SA $OFF ${EXTRA:-}" ;;
+    jax_dcal) cmd="$OURS $ON ${EXTRA:-}" ;;
+    jax_dcal_noremat) cmd="$OURS $OFF ${EXTRA:-}" ;;
     timm) cmd="$PIN $VENV/bin/python -m benchmarks.peer_timm --serve --model $TIMM_MODEL $COMMON --threads $THREADS" ;;
     *) echo "unknown peer $peer (jax_sa | jax_sa_remat | jax_sa_eigen | jax_sa_ynnpack | jax_dcal | jax_dcal_noremat | timm)" >&2; exit 2 ;;
   esac

@@ -1,0 +1,94 @@
+"""Our step as a peer of benchmarks/peers.py: compile, then time commands read from stdin.
+
+Compiles the train step (dca_jax.train_step.build), the forward and forward+backward of its
+loss (`Built.loss`) and an n x n matmul, answers one `@@ {ready}` line, then times one command
+per stdin line (`step`, `fwd`, `fwdbwd`, `matmul`; `quit` ends), answering
+`@@ {cmd, s, minflt, user_s, sys_s, maxrss_mb}`. Between commands it only waits on stdin, so
+the coordinator can alternate it with another framework's process (benchmarks/run_cpu_peers.sh).
+
+  python -m benchmarks.step_serve --config.num_glca_layers=0 --config.num_pwca_layers=0 \
+      --config.use_gradient_checkpointing=false --config.gradient_accumulation_steps=1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import jax
+from absl import flags
+
+from benchmarks import common
+from benchmarks.machine import loadavg
+from dca_jax import train_step
+
+FLAGS = flags.FLAGS
+PREFIX = '@@ '   # reply lines start with this; the rest of stdout (library warnings) is ignored
+
+
+def reply(record: dict) -> None:
+  sys.stdout.write(PREFIX + json.dumps(record) + '\n')
+  sys.stdout.flush()
+
+
+def compile_parts(s: common.Setup) -> dict:
+  """{name: a call that runs it once until ready} and each part's XLA costs."""
+  loss, params = common.loss_of(s), s.state.params
+  step = s.built.step.lower(s.state, s.batch).compile()
+  fwd = common.jit(loss, s).lower(params).compile()
+  fwdbwd = common.jit(jax.grad(loss), s).lower(params).compile()
+  matmul, a, b = common.matmul(FLAGS.n, FLAGS.dtype)
+  matmul = matmul.lower(a, b).compile()
+  box = {'state': s.state}
+
+  def run_step():   # the state threaded through (it is donated)
+    box['state'], metrics = step(box['state'], s.batch)
+    jax.block_until_ready((box['state'], metrics))
+  calls = {'step': run_step, 'matmul': lambda: jax.block_until_ready(matmul(a, b)),
+           'fwd': lambda: jax.block_until_ready(fwd(box['state'].params)),
+           'fwdbwd': lambda: jax.block_until_ready(fwdbwd(box['state'].params))}
+  costs = {name: common.costs(c) for name, c in (('step', step), ('fwd', fwd),
+                                                  ('fwdbwd', fwdbwd), ('matmul', matmul))}
+  costs['matmul']['flops'] = 2.0 * FLAGS.n ** 3
+  return calls, costs
+
+
+def time_command(call) -> dict:
+  r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  call()
+  seconds, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+  return {'s': seconds, 'minflt': r1.ru_minflt - r0.ru_minflt,
+          'user_s': r1.ru_utime - r0.ru_utime, 'sys_s': r1.ru_stime - r0.ru_stime,
+          'maxrss_mb': r1.ru_maxrss / 1024}
+
+
+def main(config) -> None:
+  load, start = loadavg(), time.perf_counter()
+  s = common.setup(config)
+  calls, costs = compile_parts(s)
+  compile_s = time.perf_counter() - start
+  for _ in range(FLAGS.warmup_cycles):
+    for call in calls.values():
+      call()
+  reply({'kind': 'ready', 'framework': 'jax', **common.describe(s), 'matmul_n': FLAGS.n,
+         'matmul_dtype': FLAGS.dtype, 'compile_s': round(compile_s, 2),
+         'flops': {k: c['flops'] for k, c in costs.items()},
+         'xla_temp_bytes': {k: c.get('xla_temp_bytes') for k, c in costs.items()},
+         'threads': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+         'load_start': load, **common.stamp(), **common.machine_info()})
+  for line in sys.stdin:
+    name = line.strip()
+    if name == 'quit':
+      break
+    reply({'cmd': name, **time_command(calls[name])} if name in calls else
+          {'cmd': name, 'error': f'unknown command; known: {", ".join(calls)}'})
+
+
+if __name__ == '__main__':
+  common.define_step_flags()
+  flags.DEFINE_enum('dtype', 'fp32', list(train_step.DTYPES), 'the matmul\'s dtype')
+  flags.DEFINE_integer('n', 2048, 'the matmul\'s side')
+  common.run(main)
