@@ -3,8 +3,8 @@
 CUB-200-2011, FGVC-Aircraft, Stanford Cars (devkit), NABirds, Stanford Dogs, Oxford-IIIT Pets,
 and `imagefolder` (your own `train/<class>/`, `test/<class>/`). Each returns a
 `folders.FolderDataset`: class names in label order, and per split the image paths and labels
-(sorted by the ids of the label files). They, the TFDS builders and the generated set register
-at the end (`_fgvc`: registry.py); a new layout is a reader here and its `_fgvc` line.
+(sorted by the ids of the label files). They and the TFDS builders register at the end
+(`_fgvc`: registry.py); a new layout is a reader here and its `_fgvc` line.
 """
 
 from __future__ import annotations
@@ -339,8 +339,6 @@ _fgvc('nabirds', read_nabirds)
 _fgvc('dogs', read_dogs, 'stanford_dogs')
 _fgvc('pets', read_pets, 'oxford_iiit_pet')
 _fgvc('imagefolder', read_imagefolder)
-registry.register('synthetic', task='fgvc', sources={'synthetic': builders.synthetic_fgvc},
-                  input_class=streams.Input, generated=True)
 
 
 def read_folder(dataset: str, data_dir: str) -> FolderDataset:

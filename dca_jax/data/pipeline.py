@@ -6,7 +6,7 @@ streams of its task (`Input`; `ReidInput` for Re-ID).
 from __future__ import annotations
 
 # Imported for their registrations too: the datasets they read register on import.
-from dca_jax.data import fgvc_readers, reid_sources, registry  # noqa: F401
+from dca_jax.data import fgvc_readers, generated, registry, reid_sources  # noqa: F401
 from dca_jax.data.errors import DataError
 from dca_jax.data.spec import InputSpec
 from dca_jax.data.streams import Input

@@ -6,11 +6,11 @@ task's) and, where it has them, its folder reader, its TFDS name and its Re-ID l
 `data.build_input` is one look-up, `entry.build(spec, ...)`, and a task's dataset list is
 `names(task)`.
 
-The built-in datasets register where they are read: the FGVC layouts, TFDS builders and the
-generated FGVC set at the end of fgvc_readers.py, the Re-ID layouts by their `@layout` reader
-and the generated Re-ID set in reid_sources.py; `dca_jax.data` imports both, so any import of
-this module (which imports the package first) sees them all. A new dataset is one `register`
-call, from any module.
+The built-in datasets register where they are read: the FGVC layouts and TFDS builders at the
+end of fgvc_readers.py, the Re-ID layouts by their `@layout` reader in reid_sources.py, the
+generated sets in generated.py; `dca_jax.data` imports the three, so any import of this module
+(which imports the package first) sees them all. A new dataset is one `register` call, from
+any module.
 """
 
 from __future__ import annotations

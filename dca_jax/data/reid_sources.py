@@ -12,9 +12,8 @@ the sorted original ids, camids), query and gallery (paths, ORIGINAL pids, camid
 
 Bad inputs raise `DataError` with one line naming the folder, list file or file name.
 
-Each layout's reader registers it as a dataset (`@layout`: registry.py), as does the generated
-set (`synthetic_reid`, read as a Market-1501 layout); `sources.ReidSource` is what
-`streams.ReidInput` streams from.
+Each layout's reader registers it as a dataset (`@layout`: registry.py); `sources.ReidSource`
+is what `streams.ReidInput` streams from.
 """
 
 from __future__ import annotations
@@ -509,12 +508,6 @@ def read_reid_folder(data_dir: str, verify_images: bool = True) -> ReidDataset:
   dataset.identity_names = names
   dataset.protocol = 'camera-aware' if cameras is not None else 'no-camera'
   return dataset
-
-
-# The generated set (synthetic_reid.py): written in the Market-1501 layout, read back by its reader.
-registry.register('synthetic_reid', task='reid',
-                  sources={'synthetic': builders.reid_generated(read_market1501)},
-                  input_class=streams.ReidInput, generated=True)
 
 
 def read_reid(dataset: str, data_dir: str, verify_images: bool = True) -> ReidDataset:
