@@ -34,11 +34,7 @@ def synthetic_reid(spec, process_index: int, process_count: int, with_train: boo
   del process_index, process_count
   # Imported here so that `python -m dca_jax.data.synthetic_reid` runs without a warning.
   from dca_jax.data import synthetic_reid as generator  # pylint: disable=g-import-not-at-top
-  params = generator.Params(
-      num_train_ids=spec.num_classes or generator.DEFAULT_TRAIN_IDS,
-      num_train=spec.synthetic_num_train, num_test=spec.synthetic_num_test,
-      image_size=spec.synthetic_image_size, seed=spec.synthetic_seed)
-  folder = generator.ensure(params, spec.data_dir)
+  folder = generator.ensure(generator.params_from_config(spec), spec.data_dir)  # its knobs
   dataset = reid_sources.read_market1501(
       folder, builders.verify(spec, with_train),
       version=f'synthetic_reid (Market-1501 layout, {os.path.basename(folder)})')
