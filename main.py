@@ -21,27 +21,27 @@ The modes after train read the run in --workdir (its config.json when --config i
 A mistake in the command or the data is one `error:` line and exit status 1.
 """
 
+import dataclasses
+import difflib
 import errno
 import os
+import re
 import sys
+from typing import Callable
 
 # TensorFlow (input pipeline only) must not grab GPU memory or print its start-up noise.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
+from dca_jax import config_files, errors  # noqa: E402  (neither imports jax: see prepare)
+
+_CONFIG = flags.DEFINE_string(
     'config', None, 'All modes: the experiment, configs/*.py[:arg] or a JSON config (a run\'s '
     'config.json); override any knob with --config.KNOB=VALUE. Modes that read a trained '
-    '--workdir take its config.json without it; predict, embed, search --exported need none.',
-    lock_config=True)
+    '--workdir take its config.json without it; predict, embed, search --exported need none.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'All modes: the run\'s folder (checkpoints, '
                                'metrics and what each mode writes).')
-_MODE = flags.DEFINE_enum('mode', 'train',
-                          ['train', 'eval', 'visualize', 'predict', 'embed', 'search', 'plan',
-                           'export'],
-                          'What to run (one line each above).')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
                                 'eval, visualize, predict, embed, search, export: the checkpoint '
                                 'to restore.')
@@ -84,13 +84,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0,
                                       'train, eval on several hosts: the number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1,
                                    'train, eval on several hosts: this process\'s index.')
-flags.mark_flags_as_required(['workdir'])
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-JSON_CONFIG = os.path.join(ROOT, 'configs', 'from_json.py')
-# The modes that read a trained run: without --config they take WORKDIR/config.json.
-READS_A_RUN = ('eval', 'visualize', 'predict', 'embed', 'search', 'export')
-SERVES_EXPORTED = ('predict', 'embed', 'search')
 
 
 def features_only(mode: str, images, gallery) -> bool:
@@ -100,86 +93,101 @@ def features_only(mode: str, images, gallery) -> bool:
           and (gallery or '').strip().lower().endswith('.npz'))
 
 
-def _flag_value(argv, name: str):
-  """The value of --name (as `--name=V` or `--name V`) in argv, and its position(s)."""
-  for i, arg in enumerate(argv):
-    if arg == f'--{name}' and i + 1 < len(argv):
-      return argv[i + 1], (i, i + 2)
-    if arg.startswith(f'--{name}='):
-      return arg.split('=', 1)[1], (i, i + 1)
-  return None, None
+# The modes: each reads its flags, its module imported only when it runs.
+# pylint: disable=g-import-not-at-top
+def _train(config, workdir):
+  from dca_jax import train
+  return train.train_and_evaluate(config, workdir)
 
 
-def _json_config(path: str) -> str:
-  """The --config value that loads the JSON config at `path` (checked here: one line if bad)."""
-  from dca_jax import config_lib, errors  # pylint: disable=g-import-not-at-top
-  try:
-    config_lib.load_json(path)
-  except errors.ConfigError as e:
-    sys.exit(f'error: {e}')
-  return f'--config={JSON_CONFIG}:{os.path.abspath(path)}'
+def _eval(config, workdir):
+  from dca_jax import evaluate
+  return evaluate.run_eval(config, workdir, _CHECKPOINT.value, output=_EVAL_OUT.value)
 
 
-def config_argv(argv) -> tuple[list, str]:
-  """argv with a JSON config (`--config x.json`, or the run's WORKDIR/config.json when a mode
-  that reads a run has no --config) turned into the config file that loads it, so that
-  `--config.KEY=VALUE` applies on top as for any config; and a line saying which was taken."""
-  argv = list(argv)
-  config, where = _flag_value(argv, 'config')
-  if config is not None and not config.endswith('.json'):
-    return argv, ''
-  if config is None:
-    mode = _flag_value(argv, 'mode')[0] or 'train'
-    workdir = _flag_value(argv, 'workdir')[0]
-    exported = _flag_value(argv, 'exported')[0]
-    images = (_flag_value(argv, 'images')[0] or '').split(',')
-    if (mode not in READS_A_RUN or not workdir or exported
-        or features_only(mode, images, _flag_value(argv, 'gallery')[0])):
-      return argv, ''
-    config = os.path.join(workdir, 'config.json')
-    if not os.path.isfile(config):
-      sys.exit(f'error: --config is needed: {config} does not exist (train into this --workdir '
-               'first, or name the experiment file, e.g. --config configs/cub.py)')
-    line = f'config: {config} (the run\'s own; --config.KEY=VALUE overrides apply on top)'
-    return argv + [_json_config(config)], line
-  argv[where[0]:where[1]] = [_json_config(config)]
-  return argv, f'config: {config} (JSON; --config.KEY=VALUE overrides apply on top)'
+def _visualize(config, workdir):
+  from dca_jax import visualize
+  return visualize.run_visualize(config, workdir, images=_IMAGES.value,
+                                 num_images=_NUM_IMAGES.value, compare_workdir=_COMPARE.value,
+                                 which=_CHECKPOINT.value)
 
 
-def run_mode(mode: str, config, workdir: str):
-  """Runs `mode` (each mode module imported only when it runs)."""
-  # pylint: disable=g-import-not-at-top
-  which = _CHECKPOINT.value
-  if mode == 'train':
-    from dca_jax import train
-    return train.train_and_evaluate(config, workdir)
-  if mode == 'eval':
-    from dca_jax import evaluate
-    return evaluate.run_eval(config, workdir, which, output=_EVAL_OUT.value)
-  if mode == 'predict':
-    from dca_jax import predict
-    out = _OUT.value or 'predictions.jsonl'
-    if _EXPORTED.value:
-      return predict.run_predict_exported(_EXPORTED.value, workdir, _IMAGES.value, out=out)
-    return predict.run_predict(config, workdir, _IMAGES.value, which, out=out)
-  if mode in ('embed', 'search'):
-    from dca_jax import search
-    if mode == 'embed':
-      return search.run_embed(config, workdir, _IMAGES.value, which, exported=_EXPORTED.value,
-                              out=_OUT.value or 'embeddings.npz')
-    return search.run_search(config, workdir, _IMAGES.value, _GALLERY.value, which,
-                             exported=_EXPORTED.value, top=_TOP_K.value,
-                             out=_OUT.value or 'search.jsonl', index=_INDEX.value)
-  if mode == 'visualize':
-    from dca_jax import visualize
-    return visualize.run_visualize(config, workdir, images=_IMAGES.value,
-                                   num_images=_NUM_IMAGES.value, compare_workdir=_COMPARE.value,
-                                   which=which)
-  if mode == 'export':
-    from dca_jax import export
-    return export.run_export(config, workdir, _FORMAT.value, which)
+def _predict(config, workdir):
+  from dca_jax import predict
+  out = _OUT.value or 'predictions.jsonl'
+  if _EXPORTED.value:
+    return predict.run_predict_exported(_EXPORTED.value, workdir, _IMAGES.value, out=out)
+  return predict.run_predict(config, workdir, _IMAGES.value, _CHECKPOINT.value, out=out)
+
+
+def _embed(config, workdir):
+  from dca_jax import search
+  return search.run_embed(config, workdir, _IMAGES.value, _CHECKPOINT.value,
+                          exported=_EXPORTED.value, out=_OUT.value or 'embeddings.npz')
+
+
+def _search(config, workdir):
+  from dca_jax import search
+  return search.run_search(config, workdir, _IMAGES.value, _GALLERY.value, _CHECKPOINT.value,
+                           exported=_EXPORTED.value, top=_TOP_K.value,
+                           out=_OUT.value or 'search.jsonl', index=_INDEX.value)
+
+
+def _plan(config, workdir):
   from dca_jax import plan
   return plan.run_plan(config, workdir, _TARGETS.value, topology=_TOPOLOGY.value)
+
+
+def _export(config, workdir):
+  from dca_jax import export
+  return export.run_export(config, workdir, _FORMAT.value, _CHECKPOINT.value)
+# pylint: enable=g-import-not-at-top
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  run: Callable          # (config, workdir)
+  reads_a_run: bool = False      # no --config: the run's WORKDIR/config.json
+  serves_exported: bool = False  # --exported FILE instead of the checkpoint (no config)
+
+
+MODES = {
+    'train': Mode(_train), 'eval': Mode(_eval, reads_a_run=True),
+    'visualize': Mode(_visualize, reads_a_run=True),
+    'predict': Mode(_predict, reads_a_run=True, serves_exported=True),
+    'embed': Mode(_embed, reads_a_run=True, serves_exported=True),
+    'search': Mode(_search, reads_a_run=True, serves_exported=True),
+    'plan': Mode(_plan), 'export': Mode(_export, reads_a_run=True),
+}
+_MODE = flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run (one line each above).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def _check_flags(mode: Mode, args) -> None:
+  """ValueError for a flag main.py does not know (--config.KEY overrides are the loader's) or
+  --exported given to a mode that serves nothing."""
+  for arg in args:
+    name = re.match(r'--?([A-Za-z][\w-]*)', arg)
+    if name and not re.match(r'--?(no)?config\.', arg):
+      close = difflib.get_close_matches(name.group(1), list(flags.FLAGS), n=1)
+      hint = f' (did you mean --{close[0]}?)' if close else ' (--help lists the flags)'
+      raise ValueError(f'unknown flag --{name.group(1)}{hint}')
+  if _EXPORTED.value and not mode.serves_exported:
+    served = ' / '.join(name for name, m in MODES.items() if m.serves_exported)
+    raise ValueError(f'--exported serves a file in --mode {served}, not --mode {_MODE.value}')
+
+
+def _config(mode: Mode, overrides):
+  """The config the mode runs with, checked and the host tuned for it (None: it needs none)."""
+  needed = not (_EXPORTED.value or features_only(_MODE.value, _IMAGES.value, _GALLERY.value))
+  config, said = config_files.load(_CONFIG.value, overrides,
+                                   run_dir=_WORKDIR.value if needed and mode.reads_a_run else None)
+  if config is None and needed:
+    raise errors.ConfigError(f'--mode {_MODE.value} needs --config (an experiment file, e.g. '
+                             'configs/cub.py)')
+  if said:
+    print(said, flush=True)
+  return config_files.prepare(config)   # before jax loads: see dca_jax/config_files.py
 
 
 def _missing_dirs(path: str) -> list:
@@ -223,36 +231,13 @@ def _one_line_warnings() -> None:
   warnings.showwarning = show
 
 
-def _keep_freed_memory(config):
-  """CPU hosts: glibc keeps the memory XLA frees each step; one arena for large steps."""
-  from dca_jax import config_lib, host_malloc  # pylint: disable=g-import-not-at-top
-  try:
-    large = config is not None and host_malloc.one_arena_pays(
-        config_lib.activation_elements(config))
-  except (KeyError, AttributeError, TypeError):   # a config the checks will reject
-    large = False
-  host_malloc.retain_freed_memory(one_arena=large)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and TF log every step at INFO; -v 0 shows it
-  _keep_freed_memory(_CONFIG.value)   # before jax loads: see dca_jax/host_malloc.py
-  from dca_jax import distributed, errors  # pylint: disable=g-import-not-at-top
-  _one_line_warnings()
-  if _EXPORTED.value and _MODE.value not in SERVES_EXPORTED:
-    sys.exit(f'error: --exported serves a file in --mode {" / ".join(SERVES_EXPORTED)}, not '
-             f'--mode {_MODE.value}')
-  if (_CONFIG.value is None and not _EXPORTED.value
-      and not features_only(_MODE.value, _IMAGES.value, _GALLERY.value)):
-    sys.exit(f'error: --mode {_MODE.value} needs --config (an experiment file, e.g. '
-             'configs/cub.py)')
+def _run(mode: Mode, config) -> None:
+  """Runs the mode: a mistake in the data or the run is one line, and leaves no new workdir."""
+  from dca_jax import distributed  # pylint: disable=g-import-not-at-top
   created = _missing_dirs(_WORKDIR.value)
   try:
     distributed.initialize_multihost(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
+    mode.run(config, _WORKDIR.value)
   except errors.ONE_LINE as e:
     _remove_if_empty(created)
     sys.exit(f'error: {e}')
@@ -263,25 +248,27 @@ def main(argv):
              'free space and run the same command to resume from the last checkpoint')
 
 
-def parse_flags(argv):
-  """absl's parser, with a wrong --config.KEY turned into one clear line instead of a traceback;
-  a JSON config loaded through configs/from_json.py (`config_argv`)."""
-  argv, line = config_argv(argv)
+def main(argv):
+  """argv: what parse_flags left, the --config.KEY=VALUE overrides."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and TF log every step at INFO; -v 0 shows it
+  mode = MODES[_MODE.value]
   try:
-    parsed = flags.FLAGS(argv)
+    _check_flags(mode, argv[1:])
+    config = _config(mode, argv[1:])
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  _one_line_warnings()
+  _run(mode, config)
+
+
+def parse_flags(argv):
+  """absl's parser for main.py's own flags (a mistake: one line); what it does not know, the
+  --config.KEY=VALUE overrides, goes on to main() and the config loader."""
+  try:
+    return flags.FLAGS(argv, known_only=True)
   except flags.Error as e:
-    sys.exit(f'error: {e}\nPass --help for usage.')
-  except (AttributeError, KeyError) as e:  # ml_collections: a key the config does not have
-    raw = str(e.args[0] if e.args else e).replace('\\n', '\n')
-    parts = [p.strip(' \'"\\') for p in raw.split('\n') if p.strip(' \'"\\')]
-    hint = f'. {parts[1]}' if len(parts) > 1 else ''
-    sys.exit(f"error: unknown config key '{parts[0] if parts else raw}'{hint} "
-             '(every key is listed in dca_jax/config_lib.py)')
-  except (TypeError, ValueError) as e:
-    sys.exit(f'error: bad config override: {" ".join(str(e).split())}')
-  if line:
-    print(line, flush=True)
-  return parsed
+    sys.exit(f'error: {e} (--help lists the flags)')
 
 
 if __name__ == '__main__':

@@ -203,7 +203,7 @@ def _json_value(key: str, default, value):
         if item is None:
           continue  # an unset placeholder stays unset
         field_type = getattr(field, 'field_type', None)
-        merged[name] = field_type(item) if field_type is tuple else item
+        _set_typed(merged, name, field_type(item) if field_type is tuple else item, key)
       else:
         merged[name] = item
     return merged
@@ -225,8 +225,19 @@ def from_json(values: dict) -> ml_collections.ConfigDict:
     default = c[key]
     if value is None and key in RANGES:  # a placeholder knob left unset (input_width)
       continue
-    c[key] = _json_value(key, default, value)
+    _set_typed(c, key, _json_value(key, default, value))
   return c
+
+
+def _set_typed(config, key: str, value, parent: str = '') -> None:
+  """config[key] = value; ConfigError naming the knob where ConfigDict's typed field refuses it
+  ("four" for an int, 1 for a bool)."""
+  try:
+    config[key] = value
+  except TypeError:
+    name = f'{parent}.{key}' if parent else key
+    raise ConfigError(f'config.{name}={value!r} in the JSON config is not of type '
+                      f'{config.get_ref(key).get_type().__name__}') from None
 
 
 def load_json(path: str) -> ml_collections.ConfigDict:
@@ -286,6 +297,16 @@ def check_knobs(config: ml_collections.ConfigDict) -> None:
   with one line naming the first unknown key, unknown choice or value out of range. The checks
   that involve the task, the evaluators, the weights or the loss terms are theirs
   (dca_jax/checks.py asks each)."""
+  check_declared(config)
+  policy = config.remat_policy
+  if policy != 'full' and policy not in remat_policy_names():
+    raise ConfigError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
+                      f'jax.checkpoint_policies: {", ".join(remat_policy_names())}')
+
+
+def check_declared(config: ml_collections.ConfigDict) -> None:
+  """`check_knobs` less the remat policy (which asks jax): no jax or numpy is imported, so it
+  can run before the malloc tuning that must precede them (config_files.prepare)."""
   known = base_config()
   unknown = sorted(set(config.keys()) - set(known.keys()))
   if unknown:
@@ -300,10 +321,6 @@ def check_knobs(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.pretrained_model, str):
     raise ConfigError(f'config.pretrained_model={config.pretrained_model!r} must be a path, a '
                       "Hub id or a name ('none' trains from scratch)")
-  policy = config.remat_policy
-  if policy != 'full' and policy not in remat_policy_names():
-    raise ConfigError(f'config.remat_policy={policy!r} is not \'full\' or a policy in '
-                      f'jax.checkpoint_policies: {", ".join(remat_policy_names())}')
 
 
 # The knobs that describe a trained model, in one place: the checkpoint's meta records them, and

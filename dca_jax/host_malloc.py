@@ -1,7 +1,7 @@
 """glibc malloc told to keep the memory it frees, for training on the CPU.
 
-Two settings, both set with `mallopt` before jax or TensorFlow is imported (main.py, once the
-config is read; `benchmarks/train_step.py`):
+Two settings, both set with `mallopt` before jax or TensorFlow is imported (main.py through
+`config_files.prepare`, once the knobs read here are checked; the benchmarks):
 
 - No mmap, no trimming, a 256 MiB top pad (always, on CPU hosts): blocks freed
   after a step stay in the heap for the next one. The demo (56 px, batch 32), 186 steps on 2
@@ -14,7 +14,9 @@ config is read; `benchmarks/train_step.py`):
   step; with one arena: none, the step 1.21x faster). Small steps lose by it (the demo: 115 s
   instead of 75 s: the input pipeline's threads and XLA's contend for the one arena), so it is
   set only when a physical batch's activations reach ONE_ARENA_MIN_ELEMENTS. The arena limit
-  binds only threads that have not allocated yet, hence before jax is imported.
+  binds only threads that have not allocated yet: XLA's pool threads start with jax's CPU
+  backend, not at import (after `import dca_jax.checks` malloc_info shows the one arena on a
+  2-core host); importing numpy starts OpenBLAS's threads, though, so before it to be safe.
 
 Left alone: hosts with an accelerator (their input threads keep their own arenas), systems
 without glibc, a process started with any MALLOC_* variable, and DCA_JAX_MALLOC=default.

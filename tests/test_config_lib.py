@@ -1,5 +1,7 @@
 """The knobs (dca_jax/config_lib.py): the paper's recipe numbers, the knob table of docs/CONFIG.md,
-typed overrides, ranges and choices declared for every knob, JSON configs."""
+typed overrides, ranges and choices declared for every knob, JSON configs; and the one loader of
+a run's config (dca_jax/config_files.py): an experiment file with its :arg, a JSON config, a
+run's own config.json, overrides on top of each, every mistake one line."""
 
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_config
 
-from dca_jax import checks, config_lib
+from dca_jax import checks, config_files, config_lib
 
 
 def test_paper_recipe_numbers():
@@ -104,3 +106,96 @@ def test_a_json_config_reads_back_every_knob_in_its_type():
   fgvc.input_width = 24  # still an int placeholder
   with pytest.raises(config_lib.ConfigError, match='unknown config key.*batchsize'):
     config_lib.from_json({'batchsize': 4})
+
+
+@pytest.mark.parametrize('values,message', [
+    ({'batch_size': 'four'}, "config.batch_size='four' in the JSON config is not of type int"),
+    ({'fsdp': 1}, 'config.fsdp=1 in the JSON config is not of type bool'),
+    ({'backbone_overrides': {'width': 'x'}},
+     "config.backbone_overrides.width='x' in the JSON config is not of type int"),
+])
+def test_a_json_value_of_the_wrong_type_is_one_line_naming_the_knob(values, message):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.from_json(values)
+  assert str(e.value) == message
+
+
+def test_check_declared_needs_neither_jax_nor_numpy():
+  """What the malloc tuning reads is checked before numpy or jax is imported
+  (config_files.prepare): config_lib and check_declared import neither."""
+  probe = ('import sys\nfrom dca_jax import config_files, config_lib\n'
+           'config_lib.check_declared(config_lib.base_config())\n'
+           'c = config_lib.base_config(); c.backbone = "vit_huge"\n'
+           'try:\n  config_lib.check_declared(c)\nexcept config_lib.ConfigError as e:\n'
+           '  print(e)\n'
+           'print(sorted(m for m in ("numpy", "jax", "tensorflow") if m in sys.modules))\n')
+  r = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, cwd=ROOT,
+                     timeout=60)
+  assert r.returncode == 0, r.stderr
+  error, imported = r.stdout.splitlines()
+  assert error.startswith("config.backbone='vit_huge' is not one of") and imported == '[]'
+
+
+# ------------------------------------------------------------------------- config_files.load
+def test_an_experiment_file_takes_its_arg_and_overrides_on_top():
+  config, said = config_files.load('configs/cub.py:vit_base', [
+      '--config.batch_size=8', '--config.backbone_overrides.resnet_layers=(1,)',
+      '--noconfig.fsdp', '--config.input_width', '24'])
+  assert said == ''
+  assert (config.backbone, config.batch_size, config.input_width) == ('vit_base', 8, 24)
+  assert config.backbone_overrides.resnet_layers == (1,) and config.fsdp is False
+  assert config.num_classes == load_config('cub', 'vit_base').num_classes == 200
+  with pytest.raises(AttributeError):
+    config.new_key = 1   # locked: a misspelt key cannot be added later
+
+
+def test_a_json_config_and_a_runs_own_load_the_same_way(tmp_path):
+  saved = load_config('demo')
+  (tmp_path / 'config.json').write_text(saved.to_json_best_effort())
+  path = str(tmp_path / 'config.json')
+  as_json, said = config_files.load(path, ['--config.eval_batch_size=7'])
+  assert said == f'config: {path} (JSON; --config.KEY=VALUE overrides apply on top)'
+  own, said = config_files.load(None, ['--config.eval_batch_size=7'], run_dir=str(tmp_path))
+  assert said == (f"config: {path} (the run's own; --config.KEY=VALUE overrides apply on top)")
+  saved.eval_batch_size = 7
+  assert as_json.to_dict() == own.to_dict() == saved.to_dict()
+  assert config_files.load(None, []) == (None, '')   # no spec, no run: no config
+
+
+@pytest.mark.parametrize('spec,overrides,run_dir,message', [
+    ('configs/nope.py', [], None, '--config configs/nope.py: no such file'),
+    ('runs/nope.json', [], None, '--config runs/nope.json: no such file'),
+    ('configs/cub.py', ['--config.batchsize=3'], None,
+     "unknown config key 'batchsize'. Did you mean \"batch_size\" instead of \"batchsize\"? "
+     '(every key is listed in dca_jax/config_lib.py)'),
+    ('configs/cub.py', ['--config.batch_size=x'], None,
+     "bad config override: flag --config.batch_size=x: invalid literal for int() with base 10: "
+     "'x'"),
+    ('configs/cub.py', ['stray'], None, 'unexpected argument(s) stray (each flag is '
+     '--NAME=VALUE, each override --config.KEY=VALUE)'),
+    (None, ['--config.batch_size=3'], None, '--config.batch_size=3: an override needs a config '
+     '(--config configs/x.py, or a --workdir that holds a trained run)'),
+    (None, [], 'EMPTY', '--config is needed: EMPTY/config.json does not exist (train into this '
+     '--workdir first, or name the experiment file, e.g. --config configs/cub.py)'),
+])
+def test_each_mistake_in_loading_is_one_line(tmp_path, monkeypatch, spec, overrides, run_dir,
+                                             message):
+  monkeypatch.chdir(ROOT)
+  if run_dir:
+    run_dir = str(tmp_path)
+    message = message.replace('EMPTY', run_dir)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_files.load(spec, overrides, run_dir=run_dir)
+  assert str(e.value) == message
+
+
+def test_an_experiment_files_bad_arg_is_one_line(tmp_path):
+  (tmp_path / 'x.py').write_text(
+      'from dca_jax import config_lib\n'
+      'def get_config(arg=None):\n'
+      '  raise config_lib.ConfigError(f"no variant {arg!r}")\n')
+  (tmp_path / 'none.py').write_text('x = 1\n')
+  with pytest.raises(config_lib.ConfigError, match=r"^--config .*x.py:big: no variant 'big'$"):
+    config_files.load(f'{tmp_path}/x.py:big')
+  with pytest.raises(config_lib.ConfigError, match=r'none.py: has no get_config\(\)$'):
+    config_files.load(f'{tmp_path}/none.py')

@@ -1,7 +1,8 @@
 """glibc malloc keeping freed memory (dca_jax.host_malloc): 256 MiB (and 2.25 GiB) malloc'd,
 written and freed four (two) times faults its pages in once, not at every round (in the main thread with the `keep`
 settings; in a pool thread only with one arena as well); opted out, or on an accelerator host,
-it faults every round as glibc does by default. Which configs get one arena."""
+it faults every round as glibc does by default. Which configs get one arena, and that
+config_files.prepare tunes the host only for a checked config, before numpy or jax is loaded."""
 
 import json
 import subprocess
@@ -89,3 +90,42 @@ def test_one_arena_for_large_steps_only():
   assert config_lib.activation_elements(cub) == 4 * 785 * 192 * 12
   assert host_malloc.one_arena_pays(config_lib.activation_elements(cub))
   assert not host_malloc.one_arena_pays(config_lib.activation_elements(tiny_config()))
+
+
+PREPARE = r"""
+import json, sys
+from dca_jax import config_files, config_lib, host_malloc
+seen = []
+def spy(one_arena=False):   # what was loaded when the settings were applied
+  seen.append({'one_arena': one_arena, 'numpy': 'numpy' in sys.modules, 'jax': 'jax' in sys.modules})
+  return ()
+host_malloc.retain_freed_memory = spy
+config = config_lib.base_config()   # DeiT-T 448 px batch 4: one arena pays
+config.update(json.loads(sys.argv[1]))
+try:
+  config_files.prepare(config)
+  error = ''
+except config_lib.ConfigError as e:
+  error = str(e)
+print(json.dumps({'seen': seen, 'error': error, 'jax_then': 'jax' in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize('knobs,error,tuned', [
+    ({}, '', True),
+    ({'backbone': 'vit_huge'}, "config.backbone='vit_huge' is not one of", False),
+    ({'input_size': -32}, 'config.input_size=-32 is out of its range', False),
+    ({'remat_policy': 'bogus'}, "config.remat_policy='bogus' is not 'full'", True),  # asks jax
+])
+def test_prepare_tunes_the_host_for_a_checked_config_before_numpy_and_jax_load(knobs, error,
+                                                                               tuned):
+  """The knobs the tuning reads are checked first (a bad one: one line, the host left alone),
+  the settings applied before numpy or jax is imported, then the whole check runs (the remat
+  policy, which asks jax, among it)."""
+  r = subprocess.run([sys.executable, '-c', PREPARE, json.dumps(knobs)], cwd=ROOT,
+                     env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  assert got['error'].startswith(error) and bool(got['error']) == bool(error), got
+  assert got['seen'] == ([{'one_arena': True, 'numpy': False, 'jax': False}] if tuned else [])
+  assert got['jax_then'] == tuned   # the whole check ran after the tuning, or never
