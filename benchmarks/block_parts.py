@@ -1,24 +1,11 @@
-"""Where one block's time goes: each part of a DeiT-T block at 448 px, forward and
-forward+backward, in JAX (ours) and in PyTorch (timm's), on the same machine.
-
-Shapes of the SA-only DeiT-T 448 px batch-4 fp32 step (benchmarks/run_cpu_peers.sh): B = 4
-images, N = 785 tokens, D = 192, 3 heads of 64, MLP 768. Parts:
-
-  attention   softmax(q k^T / sqrt(d)) v: ours `vit.attention` (the N x N map in memory), timm's
-              `F.scaled_dot_product_attention` (PyTorch's fused CPU kernel)
-  dense       the block's four linear layers with biases (qkv, proj, fc1, fc2)
-  layernorm   the block's two LayerNorms (ours: `vit._layer_norm`, hand-written backward)
-  gelu        the exact (erf) GELU on the MLP's [B, N, 768] (ours: `vit.gelu_exact`)
-  block       one whole block (ours `vit.EncoderBlock`, timm's `Block`), no drop path
-  adamw       one AdamW update of all DeiT-T-448 parameters (5.7 M; optax.adamw vs
-              torch.optim.AdamW), decay on every tensor
-
-"fwd" is the output, "fwdbwd" the gradients of its sum with respect to the inputs and weights.
-Each side runs in its own process (PyTorch in a venv with torch and timm; JAX in the project's
-environment): `benchmarks/run_block_parts.sh` alternates them and renders the table.
+"""Where one block's time goes: each part of a DeiT-T block at 448 px (B 4, N 785, D 192, 3 heads,
+MLP 768, fp32), forward and forward+backward, ours (JAX) against PyTorch's (timm's), one side per
+process; `benchmarks/run_block_parts.sh` alternates the sides and renders the table. Parts:
+attention core, the four dense layers, the two LayerNorms, the exact GELU, the whole block, one
+AdamW update of DeiT-T's parameters ("fwdbwd": the gradients of the output's sum).
 
   python -m benchmarks.block_parts --side jax --out benchmarks/results/block_parts.jsonl
-  $TIMM_VENV/bin/python -m benchmarks.block_parts --side torch --out ...
+  .venv-timm/bin/python -m benchmarks.block_parts --side torch --out ...
   python -m benchmarks.block_parts --render benchmarks/results/block_parts.jsonl
 """
 

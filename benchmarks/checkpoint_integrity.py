@@ -1,10 +1,7 @@
-"""What sealing a checkpoint costs on a ViT-B-sized train state (issue #20).
-
-The state is the real one of configs/cub.py:vit_base (DCAL on ViT-B/16 at 448 px: params, AdamW moments,
-the MultiSteps accumulated gradient), its shapes from `train_step.build`, filled with random
-numbers on the host (no model init). It is saved with the project's Checkpointer (Orbax, async),
-then timed: Orbax's save until committed, the seal (fsync of every file + CRC-32 record), the
-verification before a restore (sizes + CRC-32), and a full restore for scale.
+"""What sealing a checkpoint costs on the ViT-B/16 448 px DCAL train state (docs/TRAINING.md):
+configs/cub.py:vit_base's state (shapes from `train_step.build`, random values) saved with the
+project's Checkpointer, then timed: Orbax's save, the seal (fsync + CRC-32 of every file), the
+verification before a restore, and a full restore for scale.
 
   python -m benchmarks.checkpoint_integrity [--dir /tmp/ckpt_integrity_cost]
 """

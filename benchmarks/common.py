@@ -1,8 +1,8 @@
-"""What the train-step benchmarks share: the config, the step, the records.
+"""What the train-step benchmarks share: the config, the step, its parts, the records.
 
 The step is `dca_jax.train_step.build(config, mesh)`, the factory the trainer and the planner
-build with, so a benchmark times, counts and traces the function that trains: random initial
-weights (nothing is fetched), a synthetic uint8 batch of the config's shape, data-sharded. The
+use, and its loss `Built.loss`: the benchmarks time, count and trace the function that trains,
+with random weights (nothing is fetched) on a synthetic uint8 batch of the config's shape. The
 config comes as for main.py: `--config configs/<x>.py[:arg]` and `--config.KEY=VALUE`.
 """
 
@@ -15,7 +15,6 @@ import os
 import platform
 import resource
 import sys
-import threading
 import time
 
 import jax
@@ -36,7 +35,7 @@ def define_step_flags() -> None:
   config_flags.DEFINE_config_file(
       'config', os.path.join(ROOT, 'configs', 'cub.py'), 'the experiment, configs/<x>.py[:arg] '
       '(default: CUB DeiT-T 448 px); any knob as --config.KEY=VALUE', lock_config=True)
-  flags.DEFINE_integer('steps', 5, 'timed micro-steps (rounded up to whole accumulation cycles)')
+  flags.DEFINE_integer('steps', 5, 'timed calls (steps: rounded up to whole accumulation cycles)')
   flags.DEFINE_integer('warmup_cycles', 1, 'accumulation cycles run before timing')
   define_record_flags()
 
@@ -48,7 +47,7 @@ def define_record_flags() -> None:
 
 def run(main) -> None:
   """absl's app.run of `main(config)`: glibc told to keep freed memory first, as main.py does
-  (before XLA's threads exist: dca_jax/host_malloc.py), and a failure still one JSON line."""
+  (before XLA's threads exist: dca_jax/host_malloc.py); a failure is still one JSON line."""
   def wrapped(argv):
     del argv
     if not FLAGS['verbosity'].present:
@@ -78,36 +77,17 @@ class Setup:
 
 
 def setup(config) -> Setup:
-  """The step as training builds it, its state (random weights: nothing is fetched) and a batch."""
+  """The step as training builds it, its state (random weights) and a batch."""
   config = config.copy_and_resolve_references()
   config.pretrained_model = 'none'
   config = checks.checked(config)
   distributed.check_batch_divisible(config.batch_size)
   built = train_step.build(config, distributed.make_mesh())
-  state = built.init(load_pretrained=False)
-  rng = np.random.default_rng(config.seed)
-  shape = built.abstract_batch()
+  rng, shape = np.random.default_rng(config.seed), built.abstract_batch()
   local = {'image': rng.integers(0, 256, shape['image'].shape, np.uint8),
            'label': rng.integers(0, config.num_classes, shape['label'].shape).astype(np.int32)}
   batch = distributed.global_batch(local, distributed.data_sharding(built.mesh))
-  return Setup(config, built, state, batch)
-
-
-def describe(s: Setup) -> dict:
-  """The row's settings, as the table renders them."""
-  c = s.config
-  h, w = config_lib.input_hw(c)
-  return {'label': FLAGS.label, 'config': FLAGS['config'].config_filename, 'task': c.task,
-          'backbone': c.backbone, 'overrides': config_lib.backbone_overrides(c),
-          'size': h if h == w else f'{h}x{w}',
-          'tokens': tokens(s),
-          'batch': c.batch_size, 'accum': c.gradient_accumulation_steps,
-          'effective_batch': c.batch_size * c.gradient_accumulation_steps,
-          'remat': c.use_gradient_checkpointing,
-          'remat_policy': c.remat_policy if c.use_gradient_checkpointing else None,
-          'precision': s.built.precision, 'glca_M': c.num_glca_layers, 'pwca_T': c.num_pwca_layers,
-          'attention_impl': c.attention_impl, 'drop_path': c.stochastic_depth_prob,
-          'num_classes': c.num_classes, 'params': train_step.count_params(s.state.params)}
+  return Setup(config, built, built.init(load_pretrained=False), batch)
 
 
 def tokens(s: Setup) -> int:
@@ -116,37 +96,67 @@ def tokens(s: Setup) -> int:
   return vit.num_prefix_tokens + vit.grid_size(h) * vit.grid_size(w)
 
 
-def loss_of(s: Setup, rng=None):
-  """params -> the loss the step differentiates (`Built.loss`), this batch, a fixed rng."""
-  rng = jax.random.key(1) if rng is None else rng
-  return lambda params: s.built.loss(params, s.state.batch_stats, s.batch, rng)[0]
+def describe(s: Setup) -> dict:
+  """The row's settings, as the tables render them."""
+  c, (h, w) = s.config, config_lib.input_hw(s.config)
+  return {'label': FLAGS.label, 'config': FLAGS['config'].config_filename, 'task': c.task,
+          'backbone': c.backbone, 'overrides': config_lib.backbone_overrides(c),
+          'size': h if h == w else f'{h}x{w}', 'tokens': tokens(s), 'batch': c.batch_size,
+          'accum': c.gradient_accumulation_steps,
+          'effective_batch': c.batch_size * c.gradient_accumulation_steps,
+          'remat': c.use_gradient_checkpointing,
+          'remat_policy': c.remat_policy if c.use_gradient_checkpointing else None,
+          'precision': s.built.precision, 'glca_M': c.num_glca_layers, 'pwca_T': c.num_pwca_layers,
+          'attention_impl': c.attention_impl, 'drop_path': c.stochastic_depth_prob,
+          'num_classes': c.num_classes, 'params': train_step.count_params(s.state.params)}
 
 
 def jit(fn, s: Setup | None = None):
-  """jax.jit with the options the step compiles with on this platform (dca_jax/xla_cpu.py)."""
-  return xla_cpu.jit(fn, platform=jax.default_backend() if s is None else
-                     s.built.mesh.devices.flat[0].platform)
+  """jax.jit with the options the step compiles with on its platform (dca_jax/xla_cpu.py)."""
+  return xla_cpu.jit(fn, platform=s.built.mesh.devices.flat[0].platform if s else None)
 
 
 def matmul(n: int, dtype: str):
-  """A jitted n x n x n product and two random operands (2 n^3 FLOPs a call)."""
+  """A jitted n x n x n product (2 n^3 FLOPs) and its two random operands."""
   dtype = train_step.DTYPES[dtype]
   a, b = (jax.random.normal(k, (n, n), jnp.float32).astype(dtype)
           for k in jax.random.split(jax.random.key(0)))
   return jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype)), a, b
 
 
-def residuals(built, params, batch_stats, batch, rng=None) -> list:
-  """[(bytes, where, is an argument)] the backward pass of `Built.loss` saves (an abstract
-  trace: `params`, `batch` may be ShapeDtypeStructs; nothing is allocated)."""
+def parts(s: Setup, n: int = 0, dtype: str = 'fp32') -> tuple[dict, dict]:
+  """({name: a call that runs it once until ready}, {name: XLA costs}) of the step (its state
+  threaded through: it is donated), the forward and forward+backward of its loss (`Built.loss`
+  on this batch, a fixed rng) and, with `n`, an n x n matmul."""
+  loss = lambda params: s.built.loss(params, s.state.batch_stats, s.batch, jax.random.key(1))[0]
+  compiled = {'step': s.built.step.lower(s.state, s.batch).compile(),
+              'fwd': jit(loss, s).lower(s.state.params).compile(),
+              'fwdbwd': jit(jax.grad(loss), s).lower(s.state.params).compile()}
+  box = {'state': s.state}
+
+  def step():
+    box['state'], metrics = compiled['step'](box['state'], s.batch)
+    jax.block_until_ready((box['state'], metrics))
+  calls = {'step': step, 'fwd': lambda: jax.block_until_ready(compiled['fwd'](box['state'].params)),
+           'fwdbwd': lambda: jax.block_until_ready(compiled['fwdbwd'](box['state'].params))}
+  if n:
+    product, a, b = matmul(n, dtype)
+    compiled['matmul'] = product.lower(a, b).compile()
+    calls['matmul'] = lambda: jax.block_until_ready(compiled['matmul'](a, b))
+  costs = {k: compiled_costs(c) for k, c in compiled.items()}
+  if n:
+    costs['matmul']['flops'] = 2.0 * n ** 3
+  return calls, costs
+
+
+def residuals(built, params, batch_stats, batch) -> list:
+  """[(bytes, where, is an argument)] the backward pass of `Built.loss` keeps (an abstract
+  trace: the arguments may be ShapeDtypeStructs; nothing is allocated)."""
   from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
-  rng = jax.random.key(1) if rng is None else rng
-  loss = lambda p, stats, b: built.loss(p, stats, b, rng)[0]
-  out = []
-  for aval, where in saved_residuals(loss, params, batch_stats, batch):
-    itemsize = getattr(aval.dtype, 'itemsize', 8)  # typed PRNG keys: 8
-    out.append((int(np.prod(aval.shape)) * itemsize, where, where.startswith('from the argument')))
-  return out
+  loss = lambda p, stats, b: built.loss(p, stats, b, jax.random.key(1))[0]
+  return [(int(np.prod(aval.shape)) * getattr(aval.dtype, 'itemsize', 8), where,
+           where.startswith('from the argument'))
+          for aval, where in saved_residuals(loss, params, batch_stats, batch)]
 
 
 def residual_bytes(s: Setup) -> dict:
@@ -156,23 +166,16 @@ def residual_bytes(s: Setup) -> dict:
           'residual_arg_bytes': sum(n for n, _, arg in found if arg)}
 
 
-def costs(compiled) -> dict:
+def compiled_costs(compiled) -> dict:
   """XLA's FLOPs and bytes (dca_jax/xla_costs.py) and its static buffer assignment."""
   out = {'flops': xla_costs.flops(compiled), 'bytes_accessed': xla_costs.bytes_accessed(compiled)}
   try:
     mem = compiled.memory_analysis()
-    for k in ('temp', 'argument', 'output', 'alias', 'generated_code'):
-      out[f'xla_{k}_bytes'] = int(getattr(mem, f'{k}_size_in_bytes'))
+    out.update({f'xla_{k}_bytes': int(getattr(mem, f'{k}_size_in_bytes'))
+                for k in ('temp', 'argument', 'output', 'alias', 'generated_code')})
   except Exception:  # pylint: disable=broad-except  (not every backend implements it)
     pass
   return out
-
-
-def stats(times, prefix: str = 'step_s_') -> dict:
-  t = np.asarray(times, np.float64)
-  return {prefix + k: round(float(v), 5) for k, v in (
-      ('median', np.median(t)), ('min', t.min()), ('max', t.max()),
-      ('p25', np.percentile(t, 25)), ('p75', np.percentile(t, 75)))}
 
 
 def time_calls(fn, *args, reps: int = 5) -> list:
@@ -186,42 +189,15 @@ def time_calls(fn, *args, reps: int = 5) -> list:
   return times
 
 
-class RssSampler:
-  """Peak RSS of this process over a region, sampled every `period` seconds (CPU memory)."""
-
-  def __init__(self, period: float = 0.02):
-    import psutil  # pylint: disable=g-import-not-at-top
-    self._proc, self._period, self.peak = psutil.Process(), period, 0
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self):
-    while not self._stop.is_set():
-      self.peak = max(self.peak, self._proc.memory_info().rss)
-      self._stop.wait(self._period)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-def memory_fields(sampled_peak: int = 0) -> dict:
-  """Peak device memory (GPU/TPU allocator) and the process's peak RSS."""
+def memory_fields() -> dict:
+  """Peak device memory (the GPU/TPU allocator's) and the process's peak RSS."""
   try:
     ms = jax.local_devices()[0].memory_stats() or {}
   except Exception:  # pylint: disable=broad-except  (CPU: none)
     ms = {}
   out = {k: int(ms[s]) for k, s in (('peak_device_bytes', 'peak_bytes_in_use'),
                                      ('device_bytes_limit', 'bytes_limit')) if s in ms}
-  out['peak_rss_bytes'] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-  if sampled_peak:
-    out['peak_rss_steps_bytes'] = int(sampled_peak)
-  return out
+  return {**out, 'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def machine_info() -> dict:

@@ -1,16 +1,11 @@
-"""Exported model sizes and CPU latency per image: onnxruntime vs the jitted predict vs the
-deserialised StableHLO, timed in one run (docs/BENCHMARKS.md, "Export").
+"""Exported model sizes and CPU latency per image in one run (docs/BENCHMARKS.md, "Export"):
+`jit` (`inference.forward_fn` jitted: what --mode predict runs), `stablehlo` (model.stablehlo
+deserialised) and `onnxruntime` (model.onnx, default options), on the same uint8 images of a
+randomly initialised model exported by `export.export_model`; median of --repeats calls after
+two warm-ups, per image, and each runtime's largest |difference| to `jit`. One JSON line per
+(model, batch).
 
-  python -m benchmarks.export_latency                       # the demo model and DeiT-T at 448 px
-  python -m benchmarks.export_latency --models demo --batches 1,8 --repeats 20
-
-Each model is initialised (latency does not depend on the weights), exported by
-`dca_jax.export.export_model` (both formats, as --mode export writes them) and run on the same
-uint8 images by: `jit` - `inference.forward_fn` jitted with the variables as arguments (what
---mode predict runs), `stablehlo` - `jax.export.deserialize` of model.stablehlo, `onnxruntime` -
-an InferenceSession of model.onnx (default options: all cores, full graph optimisation).
-Median of --repeats calls after two warm-up calls, divided by the batch. Prints one JSON line
-per (model, batch) and the largest |difference| of each runtime to `jit`.
+  python -m benchmarks.export_latency --models demo,deit_tiny_448 --batches 1,8 --repeats 5
 """
 
 from __future__ import annotations

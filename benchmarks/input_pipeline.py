@@ -1,9 +1,6 @@
-"""Throughput of the train input pipeline on this host (no model code involved).
-
-Writes a CUB-layout folder of realistic JPEGs (default 500x375, photo-like smooth content +
-grain, quality 90: ~40-90 kB each like CUB) into a temp dir, builds the train pipeline with the
-paper recipe (resize 550, random crop 448, flip, imagenet normalisation, batch 16) and prints
-one JSON line with images/s measured after a warm-up, plus the build-time pre-scan cost.
+"""Throughput of the train input pipeline on this host (docs/DATA.md): CUB-layout photo-like
+JPEGs (500 x 375, quality 90) written to a temp dir, the paper's train pipeline (resize 550,
+random crop 448, flip, batch 16) timed after a warm-up; one JSON line.
 
     python -m benchmarks.input_pipeline [--num_images 600] [--batches 40] [--warmup 8]
 """

@@ -1,21 +1,15 @@
-"""Re-ID on real images: does the model learn? Per-epoch training curves of recipe variants.
-
-The set is tools/real_reid.py's (real handwritten digits as 3-digit "identities", Market-1501
-layout). For each seed this trains with the project's Trainer and train step (the loop here only
-adds measurements) and writes one JSON line per epoch: the epoch's mean train CE / triplet /
-loss weight per branch and, every `--eval_every` epochs, the mAP and rank-1 on the TEST
-identities (unseen) and on the TRAINING identities (does the model fit what it trains on?).
-After the seeds: one 'seeds' line (mean +- std of the final mAPs, the ratio to the raw-pixel
-baseline); with `--min_ratio R` it exits 1 when the mean test mAP is below R x that baseline.
+"""Re-ID on real images, does the model learn? (docs/REID.md, "Real images"): trains a recipe on
+tools/real_reid.py's set with the project's Trainer and step, one JSON line per epoch (mean train
+CE / triplet / loss weight per branch; every --eval_every epochs the mAP and rank-1 on the unseen
+TEST identities and on the TRAINING ones), then one 'seeds' line (mean +- std over the seeds,
+the ratio to the raw-pixel baseline); --min_ratio R exits 1 below R x that baseline.
 
   python -m benchmarks.reid_real --variant fixed --seeds 0,1,2 --min_ratio 3 \
       --out benchmarks/results/reid_real.jsonl
   python -m benchmarks.reid_real --variant demo_recipe --set loss_terms=ce --epochs 16
 
-Variants, each configs/reid_demo.py with overrides: `demo_recipe` (the real set swapped in, the
-raw triplet), `fixed` (+ `REAL`: the from-scratch recipe for real images), `imagenet` (`fixed`
-on an ImageNet-pretrained DeiT-T with the paper's optimiser; needs its weights). `--set k=v`
-overrides any config key on top (repeatable).
+Variants (`VARIANTS`, each configs/reid_demo.py with overrides): `demo_recipe`, `fixed` (+ `REAL`)
+and `imagenet` (the paper's premise: needs DeiT-T's ImageNet weights); `--set KEY=VALUE` on top.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""Re-ID evaluation at a dataset's shape on random clustered features: time and peak memory of
-`python -m dca_jax.reid.evaluate` (the same `evaluate` function), re-ranked by default
-(docs/REID.md, "Scale").
+"""Re-ID evaluation at a dataset's shape on random clustered features (docs/REID.md, "Scale"):
+time and peak memory of `dca_jax.reid.evaluate` (re-ranked by default); one JSON line.
 
-  python -m benchmarks.reid_scale                              # MSMT17: 11,659 x 82,161, 768-d
-  python -m benchmarks.reid_scale --num_query 3368 --num_gallery 15913     # Market-1501
-  python -m benchmarks.reid_scale --no_rerank
-
-Features: one random centre per identity plus Gaussian noise (`--noise` times the centres'
-scale), float32; identities and cameras drawn uniformly per image (MSMT17: 3,060 test
-identities, 15 cameras). Prints one JSON line: the evaluation's record, the generation's and
-the evaluation's seconds, peak RSS of the process (ru_maxrss, which includes the features
-themselves), the machine.
+  python -m benchmarks.reid_scale                                  # MSMT17: 11,659 x 82,161, 768-d
+  python -m benchmarks.reid_scale --num_query 3368 --num_gallery 15913 --no_rerank   # Market
 """
 
 from __future__ import annotations

@@ -1,48 +1,24 @@
 #!/usr/bin/env bash
-# Our train step against timm's on the same machine, in one run, steps alternating.
+# Our train step against timm's on one machine (docs/BENCHMARKS.md, "Ours vs timm"): the peers
+# (benchmarks/step_serve.py: train_step.build's step; benchmarks/peer_timm.py: timm's, same model,
+# size, batch, classes, drop path, AdamW, fp32) pinned to the same cores and thread count, driven
+# in turn by benchmarks/peers.py; PARTS=1 also times the loss's forward, forward+backward and a
+# 2048^2 matmul. One JSON line appended to $RESULTS, a markdown summary printed.
 #
-# Times timm's plain ViT step (`benchmarks/peer_timm.py`, in a venv with torch and timm) and ours
-# (`benchmarks/step_serve.py`: dca_jax.train_step.build's step) for the same model, size, batch, classes, stochastic depth
-# (0.1) and optimizer (AdamW, decay on kernels only), fp32, both pinned to the same cores with the
-# same thread count. `benchmarks/peers.py` drives the processes in turn (order reversed every
-# other round), so only one computes at a time and load from other jobs hits all alike. With
-# PARTS=1 (default) each round also times the loss's forward, forward+backward and a 2048^2
-# matmul in every peer (the first JAX peer's matmul = the JAX matmul peak of this run). One JSON
-# line per run is appended to $RESULTS; the markdown summary (ratios to the first peer, GFLOP/s,
-# % of the JAX matmul peak, CPU seconds, page faults, CPU model, load average) is printed.
+#   bash benchmarks/run_cpu_peers.sh                                # ours SA-only vs timm
+#   PEERS="jax_sa timm jax_dcal" PARTS=0 ROUNDS=6 ALLOC=retain bash benchmarks/run_cpu_peers.sh
 #
-#   bash benchmarks/run_cpu_peers.sh                          # ours SA-only (remat off) vs timm
-#   PEERS="jax_sa timm jax_dcal" bash benchmarks/run_cpu_peers.sh   # + our DCAL step (remat on):
-#                                                             # DCAL / SA-only in the same run
-#   PEERS="jax_sa jax_dcal" PARTS=0 ROUNDS=6 bash benchmarks/run_cpu_peers.sh
-#   TIMM_VENV=~/venvs/timm ALLOC=retain bash benchmarks/run_cpu_peers.sh
-#
-# Peers (the first is the reference of the ratios):
-#   jax_sa            ours, SA only, remat off   (timm's step: the same model and work)
-#   jax_sa_remat      ours, SA only, remat on
-#   jax_sa_eigen      ours, SA only, remat off, dots on Eigen (DCA_JAX_CPU_DOTS=eigen)
-#   jax_sa_ynnpack    the same with YNNPACK's dots (XLA's default; jax_sa is one of the two)
-#   jax_dcal          ours, DCAL (GLCA M=1, PWCA T=12), remat on
-#   jax_dcal_noremat  ours, DCAL, remat off
-#   timm              timm's deit_tiny_patch16_224(img_size=448) step
-#
-# ALLOC: XLA:CPU allocates each execution's temporary buffer (~1 GiB for the SA step) with
-# posix_memalign, which glibc serves with a fresh mmap every step, so every page of it faults and
-# is zeroed again (~270k minor faults per step; docs/BENCHMARKS.md). Our processes tell glibc to
-# keep freed memory themselves (dca_jax/host_malloc.py, as main.py does). ALLOC=default runs each
-# peer as it ships; ALLOC=glibc turns ours off (glibc's defaults for all); ALLOC=retain gives every
-# peer, timm too, the same settings by environment (one arena, no mmap, no trimming).
-#
-# Knobs: PEERS ("jax_sa timm"), ROUNDS (5), PARTS (1), BACKBONE/TIMM_MODEL (deit_tiny /
-# deit_tiny_patch16_224), SIZE (448), BATCH (4), THREADS (nproc), CPUS (taskset list, default
-# all), EXTRA (more --config.KEY=VALUE for our peers), ALLOC (default | glibc | retain), LABEL,
-# RESULTS (benchmarks/results/cpu_peers.jsonl, appended), LOG (the peers' stderr), PYTHON (ours).
-# The venv: $TIMM_VENV if set, else .venv-timm (git-ignored), created when missing with
-# torch==2.14.1 torchvision==0.29.1 timm (PIP_ARGS are passed to pip, e.g. a CPU index URL).
+# Peers (the first is the ratios' reference): jax_sa (ours, SA only, remat off: timm's work),
+# jax_sa_remat, jax_sa_eigen / jax_sa_ynnpack (dots on one library, DCA_JAX_CPU_DOTS), jax_dcal
+# (DCAL, remat on), jax_dcal_noremat, timm. ALLOC: default (as each ships: ours keeps freed
+# memory itself, dca_jax/host_malloc.py), glibc (glibc's defaults for all), retain (the same
+# malloc settings for every peer, timm too, by environment). Knobs: PEERS, ROUNDS (5), PARTS (1),
+# BACKBONE / TIMM_MODEL, SIZE (448), BATCH (4), THREADS (nproc), CPUS (taskset list), EXTRA (more
+# --config.KEY=VALUE for ours), LABEL, RESULTS (benchmarks/results/cpu_peers.jsonl), LOG, PYTHON.
+# The venv: $TIMM_VENV, else .venv-timm, made when missing (torch==2.14.1 torchvision==0.29.1 timm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-export PYTHONUNBUFFERED=1
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 PEERS=${PEERS:-jax_sa timm}
 ROUNDS=${ROUNDS:-5}

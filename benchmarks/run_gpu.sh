@@ -12,7 +12,8 @@
 #   ROWS="bf16_default bf16_sa_default" bash benchmarks/run_gpu.sh   # a subset (names below)
 #
 # Wheels in .whl/ (git-ignored; ml_collections where pip has no network) are installed into
-# .whl/site first. Results: $OUT/gpu.jsonl and $OUT/gpu_table.md (OUT: default benchmarks/results).
+# .whl/site first. Results: $OUT/gpu.jsonl and $OUT/gpu_table.md (OUT: default benchmarks/results;
+# a dry run: gpu_dryrun.jsonl and gpu_dryrun_table.md, OUT default runs/gpu_dryrun).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,6 +24,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 RESDIR=${OUT:-benchmarks/results}
+[[ "${DRY_RUN:-0}" == 1 ]] && RESDIR=${OUT:-runs/gpu_dryrun}   # a smoke test's rows: not results
 mkdir -p "$RESDIR"
 BUDGET_S=${BUDGET_S:-450}
 ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-150}

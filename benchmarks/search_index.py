@@ -1,18 +1,9 @@
-"""`--mode search` at scale: the gallery index built, saved and searched by the code search uses
-(dca_jax/reid/index.py) on random clustered features, against exact search (docs/REID.md,
-"Scale"). Prints one JSON line: the index (kind and its tuned knob), build seconds (training,
-adding and tuning), its size on disk, ms per query (all queries in one batch), recall@10
-against exact search (faiss brute force), the exact search's ms per query, peak RSS of the
-process (ru_maxrss: the features themselves included), the machine.
+"""`--mode search` at scale (docs/REID.md, "Scale"): the gallery index search uses
+(dca_jax/reid/index.py) built, saved and searched on random clustered L2-normalised features,
+against exact search; one JSON line (index and its tuned knob, build seconds, size on disk, ms
+per query, recall@10 against faiss brute force, exact ms per query, peak RSS, the machine).
 
-  python -m benchmarks.search_index                      # 1,000,000 x 768-d gallery, 1,000 queries
-  python -m benchmarks.search_index --index hnsw         # or flat, ivf (auto: ivf above 200,000)
-  python -m benchmarks.search_index --num_gallery 20000  # a quick look
-
-Features: L2-normalised, as the model's (`reid_normalize`); an identity's images are its random
-unit centre plus Gaussian noise of norm ~`--noise` (1.0: images of one identity at cosine ~0.5,
-of two at ~0), `--per_identity` gallery images per identity; the queries are new images of
-random gallery identities.
+  python -m benchmarks.search_index [--index flat|ivf|hnsw] [--num_gallery 20000]
 """
 
 from __future__ import annotations

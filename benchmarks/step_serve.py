@@ -3,8 +3,7 @@
 Compiles the train step (dca_jax.train_step.build), the forward and forward+backward of its
 loss (`Built.loss`) and an n x n matmul, answers one `@@ {ready}` line, then times one command
 per stdin line (`step`, `fwd`, `fwdbwd`, `matmul`; `quit` ends), answering
-`@@ {cmd, s, minflt, user_s, sys_s, maxrss_mb}`. Between commands it only waits on stdin, so
-the coordinator can alternate it with another framework's process (benchmarks/run_cpu_peers.sh).
+`@@ {cmd, s, minflt, user_s, sys_s, maxrss_mb}`; between commands it only waits on stdin.
 
   python -m benchmarks.step_serve --config.num_glca_layers=0 --config.num_pwca_layers=0 \
       --config.use_gradient_checkpointing=false --config.gradient_accumulation_steps=1
@@ -18,7 +17,6 @@ import resource
 import sys
 import time
 
-import jax
 from absl import flags
 
 from benchmarks import common
@@ -34,28 +32,6 @@ def reply(record: dict) -> None:
   sys.stdout.flush()
 
 
-def compile_parts(s: common.Setup) -> dict:
-  """{name: a call that runs it once until ready} and each part's XLA costs."""
-  loss, params = common.loss_of(s), s.state.params
-  step = s.built.step.lower(s.state, s.batch).compile()
-  fwd = common.jit(loss, s).lower(params).compile()
-  fwdbwd = common.jit(jax.grad(loss), s).lower(params).compile()
-  matmul, a, b = common.matmul(FLAGS.n, FLAGS.dtype)
-  matmul = matmul.lower(a, b).compile()
-  box = {'state': s.state}
-
-  def run_step():   # the state threaded through (it is donated)
-    box['state'], metrics = step(box['state'], s.batch)
-    jax.block_until_ready((box['state'], metrics))
-  calls = {'step': run_step, 'matmul': lambda: jax.block_until_ready(matmul(a, b)),
-           'fwd': lambda: jax.block_until_ready(fwd(box['state'].params)),
-           'fwdbwd': lambda: jax.block_until_ready(fwdbwd(box['state'].params))}
-  costs = {name: common.costs(c) for name, c in (('step', step), ('fwd', fwd),
-                                                  ('fwdbwd', fwdbwd), ('matmul', matmul))}
-  costs['matmul']['flops'] = 2.0 * FLAGS.n ** 3
-  return calls, costs
-
-
 def time_command(call) -> dict:
   r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   call()
@@ -68,7 +44,7 @@ def time_command(call) -> dict:
 def main(config) -> None:
   load, start = loadavg(), time.perf_counter()
   s = common.setup(config)
-  calls, costs = compile_parts(s)
+  calls, costs = common.parts(s, FLAGS.n, FLAGS.dtype)
   compile_s = time.perf_counter() - start
   for _ in range(FLAGS.warmup_cycles):
     for call in calls.values():
@@ -89,6 +65,6 @@ def main(config) -> None:
 
 if __name__ == '__main__':
   common.define_step_flags()
-  flags.DEFINE_enum('dtype', 'fp32', list(train_step.DTYPES), 'the matmul\'s dtype')
-  flags.DEFINE_integer('n', 2048, 'the matmul\'s side')
+  flags.DEFINE_enum('dtype', 'fp32', list(train_step.DTYPES), "the matmul's dtype")
+  flags.DEFINE_integer('n', 2048, "the matmul's side")
   common.run(main)

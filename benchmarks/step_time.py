@@ -1,7 +1,7 @@
 """Speed and memory of the train step (dca_jax.train_step.build), one JSON line per process.
 
-The jitted step as training runs it (state donated, batch data-sharded): compiled ahead of
-time, warmed up, then timed over whole accumulation cycles on a synthetic batch.
+The jitted step as training runs it (state donated, batch data-sharded), compiled ahead of time,
+warmed up, then timed over whole accumulation cycles on a synthetic batch.
 
   python -m benchmarks.step_time                     # configs/cub.py: DeiT-T 448 px, batch 4 x 4
   python -m benchmarks.step_time --config configs/cub.py:vit_base --config.input_size=224 \
@@ -9,14 +9,12 @@ time, warmed up, then timed over whole accumulation cycles on a synthetic batch.
   python -m benchmarks.step_time --config.num_glca_layers=0 --config.num_pwca_layers=0  # SA only
 
 Fields (docs/BENCHMARKS.md): compile_s, step_s_{median,min,max,p25,p75} (one micro-step),
-images_per_s, xla_flops_per_image (remat recompute included), achieved_flops_per_s, XLA's
-buffer assignment (xla_*_bytes), peak memory (device allocator; CPU: RSS), with --residuals the
-bytes the backward pass of `Built.loss` keeps (residual_bytes: arguments excluded).
+images_per_s, xla_flops_per_image, achieved_flops_per_s, XLA's buffer assignment
+(xla_*_bytes), peak memory, and with --residuals what the backward pass of `Built.loss` keeps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import time
@@ -38,51 +36,45 @@ def lower(s: common.Setup):
 
 def timed_steps(compiled, state, batch, steps: int) -> tuple[list, dict]:
   """(seconds per step, what the run left) of `steps` calls, the state threaded through."""
-  times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  cpu = jax.default_backend() == 'cpu'
-  with (common.RssSampler() if cpu else contextlib.nullcontext()) as sampler:
-    wall = time.perf_counter()
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      times.append(time.perf_counter() - start)
-    wall = time.perf_counter() - wall
-  return times, {'wall': wall, 'state': state, 'metrics': metrics,
-                 'peak': sampler.peak if sampler else 0,
+  times, faults, wall = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  return times, {'wall': time.perf_counter() - wall, 'state': state,
+                 'metrics': jax.device_get(metrics),
                  'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
 
 
 def main(config) -> dict:
-  load = loadavg()
-  s = common.setup(config)
+  load, s = loadavg(), common.setup(config)
   rec = {'kind': 'train_step', **common.describe(s), **common.machine_info()}
   t0 = time.perf_counter()
   lowered = lower(s)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   rec.update(lower_s=round(t1 - t0, 3), compile_s=round(time.perf_counter() - t0, 3))
-  cost = common.costs(compiled)
-  flops = cost.pop('flops')
-  rec.update(cost)
-  accum = s.config.gradient_accumulation_steps
+  rec.update(common.compiled_costs(compiled))
+  flops, accum, b = rec.pop('flops'), s.config.gradient_accumulation_steps, s.config.batch_size
   state = s.state
   for _ in range(FLAGS.warmup_cycles * accum):
-    state, metrics = compiled(state, s.batch)
-  jax.block_until_ready(state)
-  times, run = timed_steps(compiled, state, s.batch, max(1, math.ceil(FLAGS.steps / accum)) * accum)
-  metrics, b = jax.device_get(run['metrics']), s.config.batch_size
-  median = float(np.median(times))
-  rec.update(common.stats(times), steps_timed=len(times), warmup_steps=FLAGS.warmup_cycles * accum,
-             images_per_s=round(b / median, 3), images_per_s_wall=round(len(times) * b / run['wall'], 3),
+    state, _ = compiled(state, s.batch)
+  steps = max(1, math.ceil(FLAGS.steps / accum)) * accum
+  times, run = timed_steps(compiled, jax.block_until_ready(state), s.batch, steps)
+  median, metrics = float(np.median(times)), run['metrics']
+  rec.update({f'step_s_{k}': round(float(f(times)), 5) for k, f in (
+      ('median', np.median), ('min', np.min), ('max', np.max),
+      ('p25', lambda t: np.percentile(t, 25)), ('p75', lambda t: np.percentile(t, 75)))})
+  rec.update(steps_timed=steps, warmup_steps=FLAGS.warmup_cycles * accum,
+             images_per_s=round(b / median, 3), images_per_s_wall=round(steps * b / run['wall'], 3),
              xla_flops_per_step=flops, xla_flops_per_image=flops / b,
              achieved_flops_per_s=flops / median, loss=float(metrics['loss']),
              finite=bool(np.isfinite(metrics['loss'])),
-             optimizer_updates=int(jax.device_get(run['state'].step)) // accum,
-             minor_page_faults_per_step=int(run['faults'] / len(times)))
+             optimizer_updates=int(run['state'].step) // accum,
+             minor_page_faults_per_step=int(run['faults'] / steps), **common.memory_fields())
   if 'loss_scale' in metrics:   # fp16
     rec.update(loss_scale=float(metrics['loss_scale']), skipped_steps=int(metrics['skipped_steps']))
-  rec.update(common.memory_fields(run['peak']))
   if FLAGS.residuals:
     rec.update(common.residual_bytes(common.Setup(s.config, s.built, run['state'], s.batch)))
   return {**rec, 'load_start': load, **common.stamp()}

@@ -1,33 +1,19 @@
-"""Ablation grids: config variants x seeds, each trained and evaluated by the normal main.py.
+"""Ablation grids: config variants x seeds x thread counts, each trained and evaluated by main.py.
 
-  python -m tools.ablate --grid paper --seeds 0,1,2                  # the paper's ablations, demo
+  python -m tools.ablate --grid paper --seeds 0,1,2                 # the paper's ablations, demo
   python -m tools.ablate --grid demo --seeds 0,1,2 --threads 1,2 --jobs 2 --tolerance 3 \
-      --out runs/demo_spread                  # the README's demo figure, and its check
-  python -m tools.ablate --grid paper --variants dcal_local_rollout,dcal_local_random --seeds 0,1,2
-  python -m tools.ablate --config configs/cub.py --grid selection --seeds 0,1,2 \
-      --set data_dir=/data --set pretrained_model=/w/deit_tiny.safetensors --out runs/ablate_cub
-  python -m tools.ablate --grid paper --table_only                   # re-write the table
+      --out runs/demo_spread                 # the README's demo figure, and its check
   python -m tools.ablate --grid selection --variants dcal_local_rollout \
       --test_time random:glca_select=random --test_time last_layer:glca_select=last_layer
 
-Each run is `main.py --mode train` then `main.py --mode eval` (the restored checkpoint) into
-OUT/<variant>/seed_<s>_threads_<t>, with `--config.seed=<s>` and the variant's
-`--config.KEY=VALUE` overrides after the common `--set` ones. A finished run appends one JSON
-line to OUT/results.jsonl; a rerun skips finished runs and resumes an interrupted one from its
-checkpoint, so a grid can be stopped and continued. OUT/table.md holds mean ± std over the
-seeds (and thread counts) of the SA+GLCA, SA and GLCA top-1 and the wall time (train + eval)
-per variant; OUT/runs.md one row per run (seed, threads, CPU, top-1, train seconds).
-`--threads 1` pins each run to one processor, as `taskset -c 0` does; `--jobs 2` then runs two
-side by side, each on its own core (on 2 cores it finishes a grid sooner; wall times are then
-per single-thread run). `--threads 1,2` runs every variant and seed on one core and on two
-(those one at a time): float rounding differs with the thread count, and a figure that holds
-on either is one a user can reproduce; `--tolerance 3` exits 1 naming each run more than 3
-points from its variant's mean.
-
-`--test_time NAME:KEY=VALUE[,KEY=VALUE]` evaluates every finished run of the chosen variants
-once more with those knobs changed at test time only (the checkpoint is the one trained as the
-variant says), into OUT/<variant>/seed_<s>/eval_NAME.json, and writes OUT/test_time.md: e.g. a
-model trained with rollout-selected local queries, evaluated with random ones.
+Each run is `main.py --mode train` then `--mode eval` into OUT/<variant>/seed_<s>_threads_<t>
+with `--config.seed=<s>`, the common `--set KEY=VALUE` and the variant's overrides as
+`--config.KEY=VALUE`. Finished runs are lines of OUT/results.jsonl (a rerun skips them and
+resumes an interrupted one); OUT/table.md holds mean ± std per variant, OUT/runs.md each run.
+`--threads 1` pins a run to one processor (as `taskset -c`), `--jobs 2` runs two such side by
+side; `--tolerance 3` exits 1 naming each run more than 3 points from its variant's mean.
+`--test_time NAME:KEY=VALUE[,...]` evaluates finished runs again with knobs changed at test time
+only (OUT/test_time.md: each swap paired with the same weights as trained). docs/ABLATIONS.md.
 """
 
 from __future__ import annotations
@@ -46,41 +32,33 @@ import numpy as np
 from benchmarks import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_NO_GLCA = {'num_glca_layers': 0}
-_NO_PWCA = {'num_pwca_layers': 0}
+_SA_ONLY = {'num_glca_layers': 0, 'num_pwca_layers': 0}
 
 
 def _dcal(pool, select='rollout', **extra):
   return {'glca_pool': pool, 'glca_select': select, **extra}
 
 
+_SELECTIONS = {f'dcal_{pool}_{select}': _dcal(pool, select) for pool in ('mean', 'local')
+               for select in ('rollout', 'random', 'last_layer')}
 # Named grids: variant name -> overrides (on top of the config file and --set).
 GRIDS = {
-    # The paper's ablation table (DeiT-T, CUB; Table 4-6) on the config given.
-    'paper': {
-        'sa_only': {**_NO_GLCA, **_NO_PWCA},
-        'sa_pwca': dict(_NO_GLCA),
-        'sa_glca_local': {**_NO_PWCA, **_dcal('local')},
+    'paper': {  # the paper's ablations (DeiT-T, CUB; Tables 4-6) on the config given
+        'sa_only': _SA_ONLY, 'sa_pwca': {'num_glca_layers': 0},
+        'sa_glca_local': {'num_pwca_layers': 0, **_dcal('local')},
         'dcal_cls': _dcal('cls'),  # every glca_select gives the same model under 'cls'
-        **{f'dcal_{pool}_{select}': _dcal(pool, select) for pool in ('mean', 'local')
-           for select in ('rollout', 'random', 'last_layer')},
+        **_SELECTIONS,
         'dcal_local_rollout_all_blocks': _dcal('local', rollout_layers='all'),
-        **{f'dcal_local_r{int(100 * r)}': _dcal('local', top_k_ratio=r)
-           for r in (0.05, 0.1, 0.3)},
+        **{f'dcal_local_r{int(100 * r)}': _dcal('local', top_k_ratio=r) for r in (0.05, 0.1, 0.3)},
         # few local queries: where a random pick should most often miss the decisive patch
         'dcal_local_random_r5': _dcal('local', 'random', top_k_ratio=0.05),
         'dcal_lw_lr_x10': {'loss_weights_lr_multiplier': 10.0},
     },
-    # Only what separates selections: the pooled readings with each selection.
-    'selection': {f'dcal_{pool}_{select}': _dcal(pool, select) for pool in ('mean', 'local')
-                  for select in ('rollout', 'random', 'last_layer')},
-    # Loss-weight learning rate (the uncertainty weights barely move at the paper's lr).
+    'selection': _SELECTIONS,   # the pooled readings with each selection
     'loss_weights': {f'dcal_lw_lr_x{m:g}': {'loss_weights_lr_multiplier': m}
                      for m in (1.0, 10.0, 100.0)},
-    # The README's demo figures: DCAL and its SA-only baseline at the same budget (with
-    # --config configs/reid_demo.py: the Re-ID demo's mAP).
-    'demo': {'dcal': {}, 'sa_only': {**_NO_GLCA, **_NO_PWCA}},
+    # the README's demo figures: DCAL and SA-only at the same budget (Re-ID demo: its mAP)
+    'demo': {'dcal': {}, 'sa_only': _SA_ONLY},
 }
 
 
@@ -95,21 +73,30 @@ def parse_set(items):
   return out
 
 
+def parse_test_time(items):
+  """['name:key=value,key=value', ...] -> [(name, [(key, value), ...])]."""
+  out = []
+  for item in items or ():
+    if ':' not in item:
+      raise SystemExit(f'error: --test_time {item!r} is not NAME:KEY=VALUE[,KEY=VALUE]')
+    name, pairs = item.split(':', 1)
+    out.append((name.strip(), parse_set(pairs.split(','))))
+  return out
+
+
 def _flag(key, value) -> str:
   return f'--config.{key}={json.dumps(value) if isinstance(value, bool) else value}'
 
 
-def _config_flags(common, seed, overrides) -> list:
-  """The --config.* flags of one run: the common --set values, the seed, the variant's knobs
-  (`overrides`: (key, value) pairs, later ones win)."""
+def _flags(common, seed, overrides) -> list:
+  """One run's --config.* flags: --set, the seed, then the variant's (later ones win)."""
   return ([_flag(k, v) for k, v in common] + [f'--config.seed={seed}']
           + [_flag(k, v) for k, v in overrides])
 
 
 def _main_py(config, workdir, mode, flags, cpus=None):
-  """Runs `main.py --mode MODE` on `workdir` (pinned to `cpus` if given, as `taskset -c`: jax
-  and TensorFlow size their thread pools by the processors a process may use), its output
-  appended to workdir/ablate.log."""
+  """`main.py --mode MODE` on `workdir`, pinned to `cpus` (jax and TensorFlow size their pools
+  by the processors a process may use), its output appended to workdir/ablate.log."""
   cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
          f'--workdir={workdir}', f'--mode={mode}'] + flags
   with open(os.path.join(workdir, 'ablate.log'), 'a') as log:
@@ -123,17 +110,15 @@ def _main_py(config, workdir, mode, flags, cpus=None):
                        f'(see {log.name})')
 
 
-def run_one(config, workdir, seed, overrides, common, *, cpus=None):
-  """Train + eval one variant/seed with main.py, on the processors `cpus` (as `taskset -c`
-  pins; None: all); returns the result record (raises on failure)."""
-  flags = _config_flags(common, seed, overrides.items())
+def run_one(config, workdir, seed, overrides, common, *, cpus=None) -> dict:
+  """Train + eval one variant/seed on the processors `cpus` (None: all); its result record."""
+  flags = _flags(common, seed, overrides.items())
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   _main_py(config, workdir, 'train', flags, cpus=cpus)
   train_s = time.time() - start
   _main_py(config, workdir, 'eval', flags, cpus=cpus)
-  with open(os.path.join(workdir, 'eval.json')) as f:
-    result = json.load(f)
+  result = json.load(open(os.path.join(workdir, 'eval.json')))
   metric = 'accuracy' if 'accuracy' in result else 'mAP'   # the task's metric (Re-ID: mAP)
   return {'accuracy': result[metric], 'metric': metric, 'accuracy_sa': result.get('accuracy_sa'),
           'accuracy_glca': result.get('accuracy_glca'),
@@ -143,85 +128,52 @@ def run_one(config, workdir, seed, overrides, common, *, cpus=None):
           'cpu': machine.cpu_model(), **_loss_weights(workdir)}
 
 
-def parse_test_time(items):
-  """['name:key=value,key=value', ...] -> [(name, [(key, value), ...])]."""
-  out = []
-  for item in items or ():
-    if ':' not in item:
-      raise SystemExit(f'error: --test_time {item!r} is not NAME:KEY=VALUE[,KEY=VALUE]')
-    name, pairs = item.split(':', 1)
-    out.append((name.strip(), parse_set(pairs.split(','))))
-  return out
-
-
 def eval_again(config, workdir, seed, overrides, common, name, swaps):
-  """`main.py --mode eval` of a finished run with `swaps` changed; returns its results."""
+  """`main.py --mode eval` of a finished run with `swaps` changed; its results."""
   path = os.path.join(workdir, f'eval_{name}.json')
   if not os.path.exists(path):
-    flags = _config_flags(common, seed, list(overrides.items()) + list(swaps))
+    flags = _flags(common, seed, list(overrides.items()) + list(swaps))
     _main_py(config, workdir, 'eval', flags + [f'--eval_out=eval_{name}.json'])
-  with open(path) as f:
-    return json.load(f)
+  return json.load(open(path))
 
 
-def _paired(recs, test, key):
-  """`key` of the swapped evaluation and its per-seed difference to the run as trained (same
-  weights, same test set: the seed noise of training cancels)."""
-  swapped = [r['test_time'][test][key] for r in recs]
-  if any(v is None for v in swapped):
-    return '–'
-  diff = [s - r[key] for s, r in zip(swapped, recs)]
-  return f"{_pct(swapped)} (Δ {_pct(diff)})"
+def _loss_weights(workdir) -> dict:
+  """The last logged uncertainty weights w_b of a run."""
+  last, path = {}, os.path.join(workdir, 'metrics.jsonl')
+  for line in open(path) if os.path.exists(path) else ():
+    last.update({k.split('/')[-1]: v for k, v in json.loads(line).items()
+                 if k.startswith('train/w_')})
+  return last
 
 
-def write_test_time_table(path, variants, results, tests, header) -> str:
-  """One row per trained variant: as trained, then each swap with its paired difference, for
-  SA+GLCA and for the GLCA branch alone (the branch the selection feeds)."""
-  rows = [header, '', '| trained as | seeds | branch | evaluated as trained | '
-          + ' | '.join(f'evaluated with {name} ({", ".join(f"{k}={v}" for k, v in swaps)})'
-                       for name, swaps in tests) + ' |',
-          '|---|---|---|---|' + '---|' * len(tests)]
-  for variant in variants:
-    recs = [r for (v, *_), r in sorted(results.items()) if v == variant and 'test_time' in r]
-    if not recs:
-      continue
-    seeds = ','.join(str(r['seed']) for r in recs)
-    for branch, key in (('SA+GLCA', 'accuracy'), ('GLCA', 'accuracy_glca')):
-      cells = [_pct([r[key] for r in recs])] + [_paired(recs, name, key) for name, _ in tests]
-      rows.append(f'| {variant} | {seeds} | {branch} | ' + ' | '.join(cells) + ' |')
+def load_results(path):
+  """{(variant, seed, threads): record} of the finished runs in results.jsonl."""
+  records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+  return {(r['variant'], r['seed'], r.get('threads', 1)): r for r in records}
+
+
+def _runs_of(name, results) -> list:
+  return [r for (v, *_), r in sorted(results.items()) if v == name]
+
+
+def _pct(values):
+  a = 100 * np.asarray([v for v in values if v is not None], np.float64)
+  return f'{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}' if len(a) else '–'
+
+
+def _write(path, rows) -> str:
   text = '\n'.join(rows) + '\n'
   with open(path, 'w') as f:
     f.write(text)
   return text
 
 
-def _loss_weights(workdir) -> dict:
-  """The last logged uncertainty weights w_b of a run (what the weighting ended at)."""
-  last = {}
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    for line in open(path):
-      rec = json.loads(line)
-      last.update({k.split('/')[-1]: v for k, v in rec.items() if k.startswith('train/w_')})
-  return last
-
-
-def load_results(path):
-  """{(variant, seed, threads): record} of the finished runs in results.jsonl."""
-  done = {}
-  if os.path.exists(path):
-    for line in open(path):
-      rec = json.loads(line)
-      done[(rec['variant'], rec['seed'], rec.get('threads', 1))] = rec
-  return done
-
-
 def out_of_tolerance(variants, results, points: float) -> list:
-  """One line per run whose SA+GLCA top-1 is more than `points` from its variant's mean over
+  """A line per run whose SA+GLCA top-1 is more than `points` from its variant's mean over
   every seed and thread count (the demo must not depend on the machine's rounding)."""
   lines = []
   for name in variants:
-    recs = [r for (v, *_), r in sorted(results.items()) if v == name]
+    recs = _runs_of(name, results)
     mean = 100 * np.mean([r['accuracy'] for r in recs]) if recs else 0.0
     lines += [f'{name} seed {r["seed"]} on {r.get("threads", 1)} thread(s): '
               f'{100 * r["accuracy"]:.1f} % is {abs(100 * r["accuracy"] - mean):.1f} points '
@@ -230,53 +182,59 @@ def out_of_tolerance(variants, results, points: float) -> list:
   return lines
 
 
+def write_table(path, variants, results, header: str) -> str:
+  rows = [header, '', '| variant | overrides | seeds | SA+GLCA top-1 % | SA % | GLCA % | '
+          'w_sa / w_glca / w_pwca | wall s (train+eval) |', '|---|---|---|---|---|---|---|---|']
+  for name, overrides in variants.items():
+    recs = _runs_of(name, results)
+    if recs:
+      ws = ' / '.join(f'{np.mean([r[k] for r in recs]):.2f}' if all(k in r for r in recs)
+                      else '–' for k in ('w_sa', 'w_glca', 'w_pwca'))
+      over = ', '.join(f'{k}={v}' for k, v in overrides.items()) or '(config as is)'
+      rows.append(f'| {name} | {over} | {",".join(str(r["seed"]) for r in recs)} | '
+                  f'**{_pct([r["accuracy"] for r in recs])}** | '
+                  f'{_pct([r["accuracy_sa"] for r in recs])} | '
+                  f'{_pct([r["accuracy_glca"] for r in recs])} | {ws} | '
+                  f'{np.mean([r["wall_s"] for r in recs]):.0f} |')
+  return _write(path, rows)
+
+
 def write_runs(path, variants, results) -> str:
   """One row per run: variant, seed, threads, CPU, top-1, train seconds (the README's table)."""
   rows = ['| variant | seed | threads | CPU | top-1 (Re-ID: mAP) % | train s |',
           '|---|---|---|---|---|---|']
-  for (name, seed, threads), r in sorted(results.items()):
-    if name in variants:
-      rows.append(f'| {name} | {seed} | {threads} | {r.get("cpu", "?")} '
-                  f'| {100 * r["accuracy"]:.1f} | {r.get("train_s", r["wall_s"]):.0f} |')
-  text = '\n'.join(rows) + '\n'
-  with open(path, 'w') as f:
-    f.write(text)
-  return text
+  rows += [f'| {name} | {seed} | {threads} | {r.get("cpu", "?")} | {100 * r["accuracy"]:.1f} | '
+           f'{r.get("train_s", r["wall_s"]):.0f} |'
+           for (name, seed, threads), r in sorted(results.items()) if name in variants]
+  return _write(path, rows)
 
 
-def _pct(values):
-  values = [v for v in values if v is not None]
-  if not values:
+def _paired(recs, test, key):
+  """The swapped evaluation's `key` and its per-seed difference to the run as trained (same
+  weights, same test set: the seed noise of training cancels)."""
+  swapped = [r['test_time'][test][key] for r in recs]
+  if any(v is None for v in swapped):
     return '–'
-  a = 100 * np.asarray(values, np.float64)
-  return f'{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}'
+  return f'{_pct(swapped)} (Δ {_pct([s - r[key] for s, r in zip(swapped, recs)])})'
 
 
-def write_table(path, variants, results, header: str) -> str:
-  rows = [header, '',
-          '| variant | overrides | seeds | SA+GLCA top-1 % | SA % | GLCA % | w_sa / w_glca / w_pwca | '
-          'wall s (train+eval) |',
-          '|---|---|---|---|---|---|---|---|']
-  for name, overrides in variants.items():
-    recs = [r for (v, *_), r in sorted(results.items()) if v == name]
-    if not recs:
-      continue
-    ws = ' / '.join(f'{np.mean([r[k] for r in recs]):.2f}' if all(k in r for r in recs) else '–'
-                    for k in ('w_sa', 'w_glca', 'w_pwca'))
-    over = ', '.join(f'{k}={v}' for k, v in overrides.items()) or '(config as is)'
-    rows.append(f'| {name} | {over} | {",".join(str(r["seed"]) for r in recs)} '
-                f'| **{_pct([r["accuracy"] for r in recs])}** | {_pct([r["accuracy_sa"] for r in recs])} '
-                f'| {_pct([r["accuracy_glca"] for r in recs])} | {ws} '
-                f'| {np.mean([r["wall_s"] for r in recs]):.0f} |')
-  text = '\n'.join(rows) + '\n'
-  with open(path, 'w') as f:
-    f.write(text)
-  return text
+def write_test_time_table(path, variants, results, tests, header) -> str:
+  """Per trained variant: as trained, then each swap paired, for SA+GLCA and GLCA alone."""
+  rows = [header, '', '| trained as | seeds | branch | evaluated as trained | ' + ' | '.join(
+      f'evaluated with {name} ({", ".join(f"{k}={v}" for k, v in swaps)})'
+      for name, swaps in tests) + ' |', '|---|---|---|---|' + '---|' * len(tests)]
+  for variant in variants:
+    recs = [r for r in _runs_of(variant, results) if 'test_time' in r]
+    for branch, key in (('SA+GLCA', 'accuracy'), ('GLCA', 'accuracy_glca')) if recs else ():
+      cells = [_pct([r[key] for r in recs])] + [_paired(recs, name, key) for name, _ in tests]
+      rows.append(f'| {variant} | {",".join(str(r["seed"]) for r in recs)} | {branch} | '
+                  + ' | '.join(cells) + ' |')
+  return _write(path, rows)
 
 
 def _cpu_slots(jobs: int, threads: int) -> list:
-  """The processor sets `jobs` runs of `threads` threads each can run on side by side
-  (threads 0: every processor, one run at a time)."""
+  """The processor sets `jobs` runs of `threads` threads can use side by side (0: all, one run
+  at a time)."""
   cpus = sorted(os.sched_getaffinity(0))
   if not threads or threads >= len(cpus):
     return [None]
@@ -284,66 +242,60 @@ def _cpu_slots(jobs: int, threads: int) -> list:
           for k in range(max(1, min(jobs, len(cpus) // threads)))]
 
 
+def _done(rec, results, results_path) -> None:
+  with open(results_path, 'a') as f:
+    f.write(json.dumps(rec) + '\n')
+  results[(rec['variant'], rec['seed'], rec['threads'])] = rec
+  print(f'{rec["variant"]} seed {rec["seed"]} on {rec["threads"]} thread(s): {rec["metric"]} '
+        f'{rec["accuracy"]:.3f} (SA {rec["accuracy_sa"]}, GLCA {rec["accuracy_glca"]}; train '
+        f'{rec["train_s"]:.0f} s)', flush=True)
+
+
 def run_grid(a, variants, common, seeds, results, results_path) -> None:
-  """Every (variant, seed, thread count) not in `results` yet: runs of one thread side by side
-  (up to --jobs, each pinned to its own processor), wider runs one at a time."""
-  all_cpus = len(os.sched_getaffinity(0))
+  """Every (variant, seed, thread count) not in `results`: one-thread runs side by side (up to
+  --jobs, each on its own processor), wider runs one at a time."""
   for threads in a.thread_counts:
-    count = threads or all_cpus
+    count = threads or len(os.sched_getaffinity(0))
     todo = [(n, s) for n in variants for s in seeds if (n, s, count) not in results]
-    if not todo:
-      continue
-    print(f'{len(todo)} run(s) on {count} thread(s) to do, {len(results)} already in '
-          f'{results_path}', flush=True)
     slots = queue.Queue()
-    for cpus in _cpu_slots(a.jobs, threads):
+    for cpus in _cpu_slots(a.jobs, threads) if todo else ():
       slots.put(cpus)
 
-    def job(item, count=count, slots=slots):
-      name, seed = item
+    def job(name, seed, count=count, slots=slots):
       cpus = slots.get()
       try:
-        rec = run_one(a.config, os.path.join(a.out, name, f'seed_{seed}_threads_{count}'), seed,
-                      variants[name], common, cpus=cpus)
+        return {'variant': name, 'seed': seed, 'overrides': variants[name],
+                'common': dict(common), **run_one(
+                    a.config, os.path.join(a.out, name, f'seed_{seed}_threads_{count}'), seed,
+                    variants[name], common, cpus=cpus)}
       finally:
         slots.put(cpus)
-      return {'variant': name, 'seed': seed, 'overrides': variants[name],
-              'common': dict(common), **rec}
 
-    with concurrent.futures.ThreadPoolExecutor(slots.qsize()) as pool:
-      futures = {pool.submit(job, item): item for item in todo}
-      for fut in concurrent.futures.as_completed(futures):
-        name, seed = futures[fut]
+    with concurrent.futures.ThreadPoolExecutor(max(1, slots.qsize())) as pool:
+      futures = {pool.submit(job, *item): item for item in todo}
+      for future in concurrent.futures.as_completed(futures):
         try:
-          rec = fut.result()
+          _done(future.result(), results, results_path)
         except RuntimeError as e:
-          print(f'FAILED {name} seed {seed}: {e}', flush=True)
-          continue
-        with open(results_path, 'a') as f:
-          f.write(json.dumps(rec) + '\n')
-        results[(name, seed, rec['threads'])] = rec
-        print(f'{name} seed {seed} on {rec["threads"]} thread(s): {rec["metric"]} '
-              f'{rec["accuracy"]:.3f} (SA {rec["accuracy_sa"]}, GLCA {rec["accuracy_glca"]}; '
-              f'train {rec["train_s"]:.0f} s)', flush=True)
+          print(f'FAILED {futures[future]}: {e}', flush=True)
 
 
 def _parser():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default=os.path.join(ROOT, 'configs', 'demo.py'))
   p.add_argument('--grid', default='paper', choices=sorted(GRIDS))
   p.add_argument('--variants', default='', help='comma-separated subset of the grid (default all)')
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='override for every run (repeatable), e.g. --set num_epochs=24')
+                 help='a knob for every run (repeatable), e.g. --set num_epochs=24')
   p.add_argument('--out', default=os.path.join(ROOT, 'runs', 'ablate'))
   p.add_argument('--jobs', type=int, default=1, help='one-thread runs at a time')
-  p.add_argument('--threads', default='',
-                 help='processors per run, pinned as taskset -c pins (1 = one core); a list '
-                      '(1,2) runs every variant and seed at each; 0 = all cores; default 1 with '
-                      '--jobs > 1, else 0')
+  p.add_argument('--threads', default='', help='processors per run (a list: each); 0 = all; '
+                 'default 1 with --jobs > 1, else 0')
   p.add_argument('--tolerance', type=float, default=0.0,
-                 help='points: exit 1 if a run\'s SA+GLCA top-1 is further than this from its '
-                      'variant\'s mean over seeds and thread counts (0: no check)')
+                 help="exit 1 if a run's top-1 is further than this many points from its "
+                      "variant's mean (0: no check)")
   p.add_argument('--table_only', action='store_true')
   p.add_argument('--test_time', action='append', default=[], metavar='NAME:KEY=VALUE[,...]',
                  help='evaluate finished runs again with these knobs changed (repeatable)')
@@ -354,13 +306,11 @@ def main():
   a = _parser().parse_args()
   grid = GRIDS[a.grid]
   names = [v.strip() for v in a.variants.split(',') if v.strip()] or list(grid)
-  unknown = [n for n in names if n not in grid]
-  if unknown:
-    raise SystemExit(f'error: unknown variant(s) {unknown} in grid {a.grid}: {", ".join(grid)}')
-  variants = {n: grid[n] for n in names}
-  seeds = [int(s) for s in a.seeds.split(',') if s.strip()]
-  a.thread_counts = ([int(t) for t in a.threads.split(',') if t.strip()]
-                     or [1 if a.jobs > 1 else 0])
+  if set(names) - set(grid):
+    raise SystemExit(f'error: unknown variant(s) {sorted(set(names) - set(grid))} in grid '
+                     f'{a.grid}: {", ".join(grid)}')
+  variants, seeds = {n: grid[n] for n in names}, [int(s) for s in a.seeds.split(',') if s]
+  a.thread_counts = [int(t) for t in a.threads.split(',') if t] or [1 if a.jobs > 1 else 0]
   common = parse_set(a.set)
   os.makedirs(a.out, exist_ok=True)
   results_path = os.path.join(a.out, 'results.jsonl')
@@ -373,12 +323,12 @@ def main():
   print(write_table(os.path.join(a.out, 'table.md'), variants, results, header))
   print(write_runs(os.path.join(a.out, 'runs.md'), variants, results))
   tests = parse_test_time(a.test_time)
+  for (name, seed, threads), rec in sorted(results.items()) if tests else ():
+    if name in variants:
+      workdir = os.path.join(a.out, name, f'seed_{seed}_threads_{threads}')
+      rec['test_time'] = {test: eval_again(a.config, workdir, seed, variants[name], common,
+                                           test, swaps) for test, swaps in tests}
   if tests:
-    for (name, seed, threads), rec in sorted(results.items()):
-      if name in variants:
-        workdir = os.path.join(a.out, name, f'seed_{seed}_threads_{threads}')
-        rec['test_time'] = {test: eval_again(a.config, workdir, seed, variants[name], common, test,
-                                             swaps) for test, swaps in tests}
     print(write_test_time_table(os.path.join(a.out, 'test_time.md'), variants, results, tests,
                                 header))
   far = out_of_tolerance(variants, results, a.tolerance) if a.tolerance else []

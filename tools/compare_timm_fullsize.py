@@ -1,18 +1,10 @@
-"""Full-size parity check against timm with random weights (no download).
+"""Full-size parity against timm with random weights, no download (docs/WEIGHTS.md, "Proof of
+parity"): each case's timm model with every parameter perturbed (`make_timm_fixtures.randomize`),
+saved (.safetensors; ViT-B also Google's .npz), imported by `dca_jax.weights.load_pretrained` into
+`vit.VisionTransformer`: the max |logit difference| on 2 random images, at native and resized
+sizes (timm's own `checkpoint_filter_fn` on its side). Needs torch + timm and jax:
 
-Run from the repo root with a Python that has torch + timm and jax/flax; here the torch venv plus
-the system site-packages (same Python 3.11, same numpy) for jax:
-  PYTHONPATH=$(python -c "import site; print(site.getsitepackages()[0])") \
-      $TORCH_VENV/bin/python -m tools.compare_timm_fullsize [--only deit_tiny_224 ...]
-
-For each case: create the timm model (pretrained=False), perturb every parameter as
-tools/make_timm_fixtures.py does (unit-gain weights, non-trivial norms/biases/tokens, so the
-logits depend on the input), save its state dict to a temp file (timm `.safetensors`, and for the
-ViT-B cases also the Google `.npz` layout), import it with `dca_jax.weights.load_pretrained(...,
-load_head=True)` into `vit.VisionTransformer` and report the max |logit difference| (float32,
-2 random images). The 448 px and 256x128 px cases build timm at that img_size through timm's own
-`checkpoint_filter_fn` (bicubic+antialias pos-embed resize, 14x14 -> 28x28 / 16x8) and ours with
-the default 'bicubic' (and `grid_hw=(16, 8)` for the non-square Re-ID input).
+  PYTHONPATH=<jax's site-packages> .venv-timm/bin/python -m tools.compare_timm_fullsize [--only ...]
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""Fills the weight cache where the network is open, so that a job without it finds the files.
+"""Fills the weight cache where the network is open, so that a job without it finds the files
+(run it with the HF_HOME the job will see); each file verified (dca_jax/hub.py), its path printed.
 
   python -m tools.fetch_weights --paper                 # the paper's weights for every backbone
   python -m tools.fetch_weights timm/deit_tiny_patch16_224.fb_in1k imagenet21k/ViT-B_16.npz
   python -m tools.fetch_weights --list                  # the names we know, and the paper's
   HF_HUB_OFFLINE=1 python -m tools.fetch_weights NAME   # only check what the cache holds
-
-Run it with the HF_HOME (or HF_HUB_CACHE) the training job will see, e.g. on a cluster's login
-node before a SLURM job on nodes without network: the job then reads the cache. Each file is
-verified (dca_jax/hub.py) and its path printed; a failure is one line and exit status 1.
 """
 
 import argparse

@@ -1,17 +1,11 @@
-"""The seed's memory table, computed by the GPU compiler: deviceless compiles of the real train
-step (`dca_jax.plan.measure`) over a grid of recipes x cards, one JSON line per row, resumable.
+"""The memory table of docs/MEMORY.md from the GPU compiler: deviceless compiles of the real train
+step (`dca_jax.plan.measure`) over a grid of recipes x cards, one JSON line per row, resumable
+(rows already in --out are skipped). SPECS: a folder of XLA's GPU target specs
+(xla/backends/gpu/target_config/specs/ in openxla/xla); the venv: tools/accelerator_venvs.sh.
 
-Needs the CUDA wheels of the installed jax (kept out of requirements.txt and the tests), the
-host platform, and XLA's GPU target specs (xla/backends/gpu/target_config/specs/ in openxla/xla):
-
-  python3 -m venv $CUDA_VENV && $CUDA_VENV/bin/pip install "jax[cuda12]==0.10.2" \
-      -r requirements.txt
-  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $CUDA_VENV/bin/python \
-      -m tools.gpu_memory_table --specs SPEC_DIR --groups core,cards,backbones,reid,multi,extra \
-      --out benchmarks/results/plan_gpu.jsonl
-  python -m tools.gpu_memory_table --render benchmarks/results/plan_gpu.jsonl   # markdown
-
-Rows already in --out (same key) are skipped, so an interrupted run continues.
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false .venv-cuda/bin/python \
+      -m tools.gpu_memory_table --specs SPECS --groups core,cards --out benchmarks/results/plan_gpu.jsonl
+  python -m tools.gpu_memory_table --render benchmarks/results/plan_gpu.jsonl [--specs SPECS]
 """
 
 from __future__ import annotations

@@ -1,30 +1,11 @@
-"""Builds the tiny timm parity fixtures of the families beyond the paper's (tests/fixtures/bb_*).
+"""The tiny timm parity fixtures of the families beyond the paper's, tests/fixtures/bb_*
+(docs/WEIGHTS.md): DINOv2 (layer scale; with 4 registers), CLIP (pre-norm, its GELU and
+QuickGELU logits) as timm state dicts, the same weights in Meta's DINOv2 and OpenAI's CLIP
+layouts (each proven: timm's `checkpoint_filter_fn` gives back the timm state dict), and
+bb_expected.npz (inputs, logits at native, larger and non-square sizes, CLS features). Seeded,
+byte-identical re-runs.
 
-Run with a timm venv (torch + timm + safetensors; jax not needed):
-  $TORCH_VENV/bin/python -m tools.make_backbone_fixtures [--out tests/fixtures]
-
-Tiny timm `VisionTransformer`s with random weights (every parameter perturbed, as in
-`make_timm_fixtures.py`, so layer-scale gammas, norms and tokens are far from their init):
-- `bb_dinov2`: DINOv2 structure (`vit_*_patch14_dinov2`): patch 14, `init_values` (layer scale),
-  img 56 (a 4 x 4 grid standing for 518 px's 37 x 37), width 32, MLP 64, 2 blocks, 10 classes;
-- `bb_dinov2_reg`: the same with 4 register tokens and `no_embed_class=True`
-  (`vit_*_patch14_reg4_dinov2`);
-- `bb_clip`: CLIP image tower structure (`vit_base_patch16_clip_224`): `pre_norm=True` (norm_pre,
-  no patch bias), LayerNorm eps 1e-5, patch 8, img 32, width 32, MLP 64, 2 blocks; one state
-  dict, the logits of timm's GELU model and of its QuickGELU one (`act_layer='quick_gelu'`,
-  OpenAI's).
-Each is written as `{name}.safetensors` (timm's state dict). `bb_dinov2_reg_meta.safetensors`
-and `bb_clip_openai.safetensors` hold the same weights in the native layouts (Meta's DINOv2
-`.pth` keys with `mask_token`/`register_tokens` and the CLS position slot; OpenAI's `visual.*`
-CLIP keys plus a text-tower key), each proven here: timm's own `checkpoint_filter_fn` turns it
-back into exactly the timm state dict.
-`bb_expected.npz`: the inputs (NCHW) and timm's logits at the native size, at a larger square
-size and at a non-square one (timm rebuilt at that `img_size`, the state dict passed through
-its `checkpoint_filter_fn`: bicubic antialiased resize of the position table, without a CLS
-slot for `no_embed_class`), and the CLS features (`forward_features(x)[:, 0]`, after `norm`).
-
-Seeded; the npz is written with fixed zip timestamps (byte-identical re-runs with the same
-torch/timm).
+  .venv-timm/bin/python -m tools.make_backbone_fixtures [--out tests/fixtures]
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
-"""Builds tests/fixtures/reid_metrics.npz: seeded Re-ID inputs and the reference libraries' outputs.
+"""tests/fixtures/reid_metrics.npz: seeded Re-ID cases and the reference libraries' outputs
+(docs/REID.md, "Equal to the reference libraries"): torchreid 0.2.5 (python `evaluate_rank`,
+`re_ranking`, `compute_distance_matrix`), pyppbox-torchreid 1.4.1.0 (its compiled `rank_cy`) and
+fastreid 1.4.0 (python and its `rank_cy.pyx` compiled here). Their `__init__`s import whole
+training stacks, so the metric modules are loaded from the installed files by path.
 
-References, all from PyPI, used as installed:
-- torchreid 0.2.5 (the pip package of KaiyangZhou/deep-person-reid): `evaluate_rank` (python
-  path), `re_ranking`, `compute_distance_matrix`;
-- pyppbox-torchreid 1.4.1.0 (a torchreid fork shipping the compiled `rank_cy`): torchreid's
-  `evaluate_rank` on its cython path;
-- fastreid 1.4.0 (JDAI-CV/fast-reid): `evaluate_rank`, python path and its `rank_cy.pyx` compiled
-  here with Cython; it adds mINP (per-query AP and INP lists) to torchreid's protocol.
-Their package `__init__`s import the whole training stacks (cv2, sklearn, faiss, ...), so the
-metric modules are loaded from the installed files by path; the cython modules are injected
-where the libraries' own `evaluate_rank` looks for them.
-
-Set-up (a torch venv; the references need torch only for `compute_distance_matrix`):
-  python -m venv $TORCH_VENV && $TORCH_VENV/bin/pip install torch
-  $TORCH_VENV/bin/pip install --no-deps torchreid==0.2.5 pyppbox-torchreid==1.4.1.0 \
-      fastreid==1.4.0
-  $TORCH_VENV/bin/pip install Cython setuptools    # to build fast-reid's rank_cy.pyx
-Run from the repository root:
-  $TORCH_VENV/bin/python -m tools.make_reid_fixtures [--out tests/fixtures/reid_metrics.npz]
-  $TORCH_VENV/bin/python -m tools.make_reid_fixtures --bench   # speed vs the references
+  .venv-timm/bin/python -m tools.make_reid_fixtures [--out tests/fixtures/reid_metrics.npz]
+  .venv-timm/bin/python -m tools.make_reid_fixtures --bench   # speed against the references
 """
 
 from __future__ import annotations

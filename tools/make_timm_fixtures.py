@@ -1,30 +1,10 @@
-"""Builds the tiny timm parity fixtures in tests/fixtures/ (random weights, no download).
+"""The tiny timm parity fixtures of tests/fixtures/ (random weights, no download; docs/WEIGHTS.md,
+"Proof of parity"): `vit` (ViT/DeiT) and `hybrid` (R50+ViT in miniature) as .safetensors, .pth
+and Google .npz (`to_google_npz`, proven by timm's own npz loader), and expected.npz (inputs,
+timm's logits at 32, 64, 64x32 and 48x24 px, timm's position-embedding resizes). Seeded, fixed
+zip timestamps: a re-run with the same torch/timm writes byte-identical files.
 
-Run with the timm venv (torch + timm; jax not needed):
-  $TORCH_VENV/bin/python -m tools.make_timm_fixtures [--out tests/fixtures]
-
-Two tiny models with random weights (every parameter perturbed so that norms/biases/tokens are
-not at their trivial init):
-- `vit`: timm `VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
-  num_classes=10)` (the ViT/DeiT family),
-- `hybrid`: the R50+ViT hybrid structure in miniature: timm `ResNetV2(layers=(1, 1),
-  channels=(128, 256), stem_chs=32, preact=False, stem_type='same',
-  conv_layer=StdConv2dSame(eps=1e-8))` exactly as `vit_base_r50_s16_*` builds it (via
-  `HybridEmbed`), + 2 ViT blocks of width 32 (img 32, stride 8, grid 4).
-Each is written as
-- `{name}.safetensors` and `{name}.pth` (timm state dict),
-- `{name}.npz` in the Google ViT layout, by `to_google_npz` below; the script proves the npz with
-  timm's own npz loader (`timm.models.vision_transformer._load_weights`, which also handles the
-  hybrid stem): a fresh timm model loaded from it must give the same logits.
-`expected.npz` holds the inputs (NCHW), timm's logits at the native size, at 2x the size and at
-two non-square sizes (the model rebuilt at `img_size=64` / `img_size=(H, W)` and the state dict
-passed through timm's `checkpoint_filter_fn`, i.e. `resample_abs_pos_embed` bicubic + antialias
-from the checkpoint's square 4x4 grid to 8x8, 8x4 and 6x3), and timm resizes of position
-embeddings (`posemb_*`, square and non-square) for `resize_posemb`'s tests. The non-square inputs
-are not stored: they are the top-left H x W corner of `inputs_64`.
-
-Everything is seeded and the npz files are written with fixed zip timestamps, so a re-run with the
-same torch/timm gives byte-identical files.
+  .venv-timm/bin/python -m tools.make_timm_fixtures [--out tests/fixtures]
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Builds the torch.save format fixtures in tests/fixtures/ (torch only: no timm, no jax).
+"""The torch.save fixtures of tests/fixtures/, written by torch itself (torch only; docs/WEIGHTS.md):
+`vit_legacy.pth` (the `vit` fixture in the pre-1.6 format), `torch_layouts{,_legacy}.pth` (every
+dtype, integer and bool storages, transposed, offset and shared-storage tensors, a Parameter, 0-d
+and empty tensors) and `torch_layouts.npz` (torch's own `.numpy()` of them).
 
-  python -m venv $TORCH_VENV && $TORCH_VENV/bin/pip install torch==2.13.0 safetensors
-  TORCH_VENV/bin/python -m tools.make_torch_fixtures [--out tests/fixtures]
-
-What `dca_jax/weights.py` reads without torch, written by torch itself:
-- `vit_legacy.pth`: the timm `vit` fixture's state dict (read from `vit.safetensors`, which
-  tools/make_timm_fixtures.py made) in the legacy, pre-1.6 format
-  (`_use_new_zipfile_serialization=False`; DeiT's 2020 releases and many Re-ID checkpoints are
-  such files);
-- `torch_layouts.pth` (zip) and `torch_layouts_legacy.pth`: a `{'model': state dict, 'epoch': 3}`
-  whose tensors cover what a reader can get wrong: every float dtype (bf16, fp16, fp64), integer
-  and bool storages, a transposed (non-contiguous) tensor, a slice at a storage offset, two
-  tensors sharing one storage, an `nn.Parameter`, a 0-d and an empty tensor;
-- `torch_layouts.npz`: the same tensors as torch's own `.numpy()` gives them (bf16 via float32).
-Seeded; the expected values come from torch, not from the reader under test.
+  .venv-timm/bin/python -m tools.make_torch_fixtures [--out tests/fixtures]
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Parameter counts and inference FLOPs of DCAL vs the SA-only ViT (paper: +9% params / +2% FLOPs
-for DeiT-Tiny, +8% / +3% for ViT-B).
+"""Parameter counts and inference FLOPs of DCAL against the SA-only ViT (docs/MODEL.md; paper: +9 %
+params / +2 % FLOPs for DeiT-T): parameters from `jax.eval_shape`, FLOPs from XLA's cost
+analysis of the compiled inference function (a multiply-add is 2), for each `glca_pool` and
+both rollouts (vector chain, running product), with the model and alone.
 
-Parameters come from `jax.eval_shape` of `init` (nothing is allocated). FLOPs come from XLA's
-cost analysis of the compiled inference function (`jax.jit(f).lower(...).compile()
-.cost_analysis()['flops']`, CPU backend; it counts a multiply-add as 2 flops).
-
-The DCAL inference graph is SA + GLCA, plus the attention rollout and the top-R selection when
-GLCA's classifier reads the selected tokens (glca_pool mean/local; with 'cls' they are skipped).
-The rollout's CLS row over the K = L-1 blocks before GLCA is a chain of K-1 vector-matrix
-products (rollout_impl='vector', the default: O(K N^2)); the alternative running product costs
-K-2 full (N+1)^3 matrix products (O(K N^3)), which at 448 px (N+1 = 785) is large next to a
-DeiT-Tiny forward pass. Both are measured, with the model and alone.
-
-  python -m tools.model_costs                       # all variants' params; FLOPs for deit_tiny, vit_base
-  python -m tools.model_costs --flops_variants deit_tiny --size 448 --num_classes 200
+  python -m tools.model_costs [--flops_variants deit_tiny --size 448 --num_classes 200]
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""Parameter counts of the backbone variants at 448 px, 200 classes: ours vs timm.
+"""Parameter counts of the backbone variants at 448 px, 200 classes: ours (`jax.eval_shape`) vs
+timm's `create_model(name, img_size=448, num_classes=200)`; --write replaces the table between
+the BACKBONE-TABLE markers of the file. Needs torch + timm and jax:
 
-Run with the timm venv (torch + timm + jax/flax), from the repo root:
-  $TORCH_VENV/bin/python -m tools.param_counts [--write docs/PARAMS.md]
-
-Ours: `vit.VisionTransformer(get_variant(v), num_classes=200)` shapes from `jax.eval_shape`
-(no real init). timm: `timm.create_model(name, pretrained=False, img_size=448, num_classes=200)`.
-With --write, the table replaces the block between the BACKBONE-TABLE markers of the file.
+  .venv-timm/bin/python -m tools.param_counts [--write docs/PARAMS.md]
 """
 
 from __future__ import annotations

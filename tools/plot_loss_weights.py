@@ -1,12 +1,9 @@
-"""Plots the uncertainty loss weights w_b (and each branch's loss) over training from runs'
-metrics.jsonl: how far the "dynamic" weighting actually moves.
+"""The uncertainty loss weights w_b (and each branch's loss) over training, from runs'
+metrics.jsonl (docs/ABLATIONS.md); each argument is LABEL=WORKDIR. Left: w_sa, w_glca, w_pwca
+per run; right: the branch losses L_b, whose optimum weight is log L_b.
 
   python -m tools.plot_loss_weights --out docs/images/loss_weights.png \
       x1=runs/ablate/dcal_cls/seed_0 x10=runs/ablate/dcal_lw_lr_x10/seed_0
-
-Each argument is LABEL=WORKDIR. Left: w_sa, w_glca, w_pwca per run (solid, dashed, dotted);
-right: the per-branch losses L_b (CE_b, + triplet_b for Re-ID), whose optimum weight is log L_b
-(d/dw of exp(-w)·L + w vanishes at w = log L). Also prints each run's first and last w_b.
 """
 
 from __future__ import annotations

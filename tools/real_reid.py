@@ -1,19 +1,14 @@
-"""A Re-ID set from REAL images, written in the official Market-1501 layout (docs/REID.md).
+"""A Re-ID set of REAL images in the official Market-1501 layout (docs/REID.md, "Real images").
 
-The images are scikit-learn's bundled handwritten digits (`load_digits`: 1,797 8 x 8 scans by
-43 writers, inside the wheel, no download). An identity is a 3-digit number; every view writes
-it with other real scans of its digits (other handwriting in every image), filmed by one of 4
-cameras of the synthetic Re-ID set (`synthetic_reid.cameras`: its backgrounds, clutter, colour
-cast, noise and scale). Train and test identities are different numbers drawn from disjoint
-halves of the scans; distractors (id 0000) are other numbers, gallery only. Defaults: 300 train
-identities x 6 images, 150 test identities (1 query + 3 gallery images from distinct cameras),
-75 distractors, 64 x 32 px JPEGs.
+scikit-learn's bundled handwritten digits (1,797 8 x 8 scans by 43 writers, no download): an
+identity is a 3-digit number, every view writes it with other real scans of its digits, filmed
+by one of 4 cameras of the synthetic Re-ID set (`synthetic_reid.cameras`); train and test
+identities are other numbers from disjoint halves of the scans, distractors (id 0000) other
+numbers, gallery only. `--train_eval` also writes `<out>/train_ids/Market-1501` (retrieval on
+the training identities); `ensure` caches by parameters.
 
-  python -m tools.real_reid --out /tmp/digits_reid        # writes + prints the pixel mAP
-  python -m tools.real_reid --pretrain --out /tmp/digits_pretrain   # the 10-class set
-
-`--train_eval` also writes `<out>/train_ids/Market-1501`: the train images with each identity's
-first image as its query (retrieval on the training identities). `ensure` caches by parameters.
+  python -m tools.real_reid --out runs/digits_reid            # writes + prints the pixel mAP
+  python -m tools.real_reid --pretrain --out runs/digits_pretrain_set   # the 10-class set
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
-"""The memory table for Cloud TPUs, computed by the TPU compiler without a TPU: the real train step
-(`dca_jax.plan.measure`) compiled for TPU topologies (the planner's TPU entry, plan/tpu.py),
-CUB ViT-B/16 at 448 px, bf16, effective batch 16 per chip; one JSON line per row, resumable.
+"""The Cloud TPU memory table of docs/MEMORY.md from the TPU compiler, no TPU: the real train
+step (`dca_jax.plan.measure`) for TPU topologies, CUB ViT-B/16 448 px, bf16, effective batch 16
+per chip; a row is TOPOLOGY/BATCH_PER_CHIP/REMAT[/fsdp] (default `GRID`), resumable. The venv
+(libtpu): `bash tools/accelerator_venvs.sh tpu .venv-tpu`.
 
-Needs libtpu (kept out of requirements.txt and the tests) and the host platform:
-
-  python3 -m venv $TPU_VENV && $TPU_VENV/bin/pip install "jax[tpu]==0.10.2" \\
-      && $TPU_VENV/bin/pip install -r requirements.txt -c <(printf 'jax==0.10.2\\njaxlib==0.10.2\\n')
-  JAX_PLATFORMS=cpu $TPU_VENV/bin/python -m tools.tpu_memory_table \\
+  JAX_PLATFORMS=cpu .venv-tpu/bin/python -m tools.tpu_memory_table \
       --rows v5e:2x2/4/off,v4:2x2x1/4/off --out benchmarks/results/plan_tpu.jsonl
-  python -m tools.tpu_memory_table --render benchmarks/results/plan_tpu.jsonl   # markdown
-
-A row is TOPOLOGY/BATCH_PER_CHIP/REMAT[/fsdp]; without --rows, `GRID`. Rows already in --out
-(same key) are skipped. One row compiles in 4 to 14 minutes on 2 CPU cores.
+  python -m tools.tpu_memory_table --render benchmarks/results/plan_tpu.jsonl
 """
 
 from __future__ import annotations
