@@ -18,15 +18,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 import timm
+import jax
+import jax.numpy as jnp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from dca_jax import weights as W  # noqa: E402
-from dca_jax.models import vit  # noqa: E402
-from make_timm_fixtures import randomize, to_google_npz  # noqa: E402
+from dca_jax import weights as W
+from dca_jax.models import vit
+from tools.make_timm_fixtures import randomize, to_google_npz
 
 # name: (timm model, our variant, native size, eval size (height, width), formats)
 CASES = {
