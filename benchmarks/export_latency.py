@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from benchmarks.machine import cpu_model, loadavg
-from dca_jax import serving
+from dca_jax import config_files, serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,14 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def model_config(name: str):
   """'demo': configs/demo.py (64 wide, 3 blocks, 56 px); 'deit_tiny_448': configs/cub.py's
   DeiT-T DCAL at 448 px, 200 classes; both float32."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   path = {'demo': 'configs/demo.py', 'deit_tiny_448': 'configs/cub.py'}[name]
-  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.precision = 'fp32'
-  return config
+  return config_files.load(os.path.join(ROOT, path), ['--config.precision=fp32'])[0]
 
 
 def median_seconds(fn, images, repeats: int) -> float:

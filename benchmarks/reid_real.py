@@ -15,7 +15,6 @@ and `imagenet` (the paper's premise: needs DeiT-T's ImageNet weights); `--set KE
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from configs import reid_demo  # noqa: E402
-from dca_jax import checks, hub, tasks  # noqa: E402
+from dca_jax import checks, config_files, hub, tasks  # noqa: E402
 from dca_jax.weights import WeightLoadError  # noqa: E402
 from tools import real_reid  # noqa: E402
 
@@ -71,20 +70,6 @@ def imagenet():
 
 
 VARIANTS = {'demo_recipe': demo_recipe, 'fixed': fixed, 'imagenet': imagenet}
-
-
-def apply_overrides(config, overrides: list[str]):
-  for item in overrides:
-    key, _, text = item.partition('=')
-    *parents, leaf = key.split('.')
-    target = config
-    for parent in parents:
-      target = target[parent]
-    try:
-      target[leaf] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      target[leaf] = text
-  return config
 
 
 def batch_check(trainer, epochs=(0, 1)) -> dict:
@@ -198,7 +183,7 @@ def main(argv=None) -> None:
     config.data_dir, config.seed = data_dir, seed
     if args.epochs is not None:
       config.num_epochs = config.eval_frequency = config.save_frequency = args.epochs
-    config = apply_overrides(config, args.set)
+    config = config_files.apply_overrides(config, [f'--config.{kv}' for kv in args.set])
     tag = {'variant': args.variant, 'same_scans': args.same_scans,
            'name': args.name or ' '.join(args.set) or args.variant, 'overrides': args.set,
            'seed': seed, 'epochs': config.num_epochs, 'pixel_baseline_mAP': round(pixel_map, 4),

@@ -89,25 +89,16 @@ def test_pretraining_set_is_an_imagefolder_of_train_half_scans_and_other_cameras
 
 
 def _pretraining_command_config():
-  """The pretraining run of docs/REID.md as main.py would read it: configs/imagefolder.py with
-  the --config.KEY=VALUE overrides of that command."""
-  import ast  # pylint: disable=g-import-not-at-top
+  """The pretraining run of docs/REID.md as main.py reads it: configs/imagefolder.py with that
+  command's --config.KEY=VALUE overrides (the shell's quotes removed)."""
   import re  # pylint: disable=g-import-not-at-top
-  from conftest import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  from dca_jax import config_files  # pylint: disable=g-import-not-at-top
   text = open(os.path.join(ROOT, 'docs', 'REID.md')).read()
   command = re.search(r'python main.py --config configs/imagefolder.py --workdir '
                       r'runs/digits_pretrain(.*?)\n```', text, re.S).group(1)
-  config = load_config('imagefolder')
-  for key, value in re.findall(r'--config\.([\w.]+)=(\S+)', command.replace('\\\n', ' ')):
-    *parents, leaf = key.split('.')
-    target = config
-    for parent in parents:
-      target = target[parent]
-    try:
-      target[leaf] = ast.literal_eval(value.strip("'"))
-    except (ValueError, SyntaxError):
-      target[leaf] = value
-  return config
+  overrides = [o.replace("'", '') for o in re.findall(r'--config\.\S+', command)]
+  return config_files.load(os.path.join(ROOT, 'configs', 'imagefolder.py'), overrides)[0]
 
 
 def test_the_real_image_recipes_validate():
