@@ -27,10 +27,9 @@ import sys
 import tempfile
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'the experiment (configs/x.py[:arg]); '
-                                          '--config.KEY=VALUE overrides')
+_CONFIG = flags.DEFINE_string('config', None, 'the experiment (configs/x.py[:arg]); '
+                              '--config.KEY=VALUE overrides apply on top (as for main.py)')
 _TARGETS = flags.DEFINE_list('target_config', [], 'GPU spec files and/or tpu:<topology>; none: '
                              'the attached devices')
 _TOPOLOGY = flags.DEFINE_string('topology', '1x1x1', 'GPU specs: hosts x 1 x GPUs per host')
@@ -101,38 +100,33 @@ def render(path: str) -> str:
   return '\n'.join(lines)
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def main(argv):
-  del argv
+  """argv: what absl left, the --config.KEY=VALUE overrides (dca_jax.config_files, as main.py)."""
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   if _RENDER.value:
     print(render(_RENDER.value))
     return
-  if _CONFIG.value is None:
-    sys.exit('error: --config is needed (configs/x.py[:arg])')
-  from dca_jax import checks, errors  # pylint: disable=g-import-not-at-top
-  from dca_jax.plan import registry  # pylint: disable=g-import-not-at-top
-  label = config_flags.get_config_filename(flags.FLAGS['config'])
-  label = os.path.relpath(label) if os.path.isabs(label) else label
-  overrides = config_flags.get_override_values(flags.FLAGS['config'])
-  label = ' '.join([label] + [f'--config.{k}={v}' for k, v in sorted(_flat(overrides).items())])
+  from dca_jax import config_files, errors  # pylint: disable=g-import-not-at-top
+  overrides = argv[1:]
+  label = ' '.join([_CONFIG.value or ''] + overrides)
   try:
-    config = checks.checked(_CONFIG.value)
+    if _CONFIG.value is None:
+      raise errors.ConfigError('--config is needed (configs/x.py[:arg])')
+    config = config_files.prepare(config_files.load(_CONFIG.value, overrides)[0])
+    from dca_jax.plan import registry  # pylint: disable=g-import-not-at-top
     for target in registry.targets(_TARGETS.value, _TOPOLOGY.value):
       compile_target(config, label, target, _KINDS.value, _OUT.value)
   except errors.ONE_LINE as e:
     sys.exit(f'error: {e}')
 
 
+def parse_flags(argv):
+  try:
+    return flags.FLAGS(argv, known_only=True)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
