@@ -45,7 +45,7 @@ class Knob:
 def _data_knobs(k) -> None:
   """Data."""
   k('task', 'fgvc', 'fgvc (top-1) | reid (mAP/CMC retrieval; docs/REID.md): a module of dca_jax/tasks/')
-  k('dataset', 'synthetic', 'fgvc: cub | cars | aircraft | nabirds | dogs | pets | imagefolder (your own train/<class>/, test/<class>/) | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | synthetic_reid')
+  k('dataset', 'synthetic', 'fgvc: cub | cars | aircraft | nabirds | dogs | pets | imagefolder (your own train/<class>/, test/<class>/) | synthetic; reid: market1501 | dukemtmc | msmt17 | veri776 | reid_folder (your own identity folders: docs/REID_DATA.md) | synthetic_reid')
   k('val_split', 0.0, "fraction held out of train as a validation split (fixed draw, whatever the seed); `best` is then chosen on it. FGVC: of each class's train images; Re-ID: of the train identities (their images: a val query/gallery; num_classes = the rest)", within=(0.0, 0.9, True))
   k('data_source', 'synthetic', 'tfds | folder | synthetic', choices=('tfds', 'folder', 'synthetic'))
   k('data_dir', '', 'TFDS data_dir, or the folder holding the official layout')
