@@ -1,6 +1,6 @@
 """The backbone registry (dca_jax/backbones/) and the families beyond the paper's: DINOv2 (layer
 scale, patch 14, registers) and CLIP (pre-norm, QuickGELU), each against timm on tiny random
-fixtures through our importer (tests/fixtures/bb_*, made by tools/make_backbone_fixtures.py),
+fixtures through our importer (tests/fixtures/bb_*, made by tests/fixtures/make_backbones.py),
 and what DCAL's rollout / GLCA selection do with register tokens.
 
 The fixture configs come from the registry entries themselves (`get_variant(name, overrides)`

@@ -1,6 +1,6 @@
 """Re-ID metrics: equal to torchreid / fast-reid on stored cases, hand-checked, blockwise == full.
 
-tests/fixtures/reid_metrics.npz comes from tools/make_reid_fixtures.py, which runs the reference
+tests/fixtures/reid_metrics.npz comes from tests/fixtures/make_reid.py, which runs the reference
 libraries themselves (torchreid 0.2.5, its compiled rank_cy via pyppbox-torchreid, fastreid
 1.4.0); see docs/REID.md.
 """

@@ -1,12 +1,12 @@
 """Pretrained-weight import: parity with timm on tiny fixtures, and refusal of bad inputs.
 
-The fixtures in tests/fixtures/ come from `tools/make_timm_fixtures.py` (timm with random
+The fixtures in tests/fixtures/ come from `tests/fixtures/make_timm.py` (timm with random
 weights): the same tiny ViT and R50-hybrid saved as timm `.safetensors`/`.pth` and as Google
 `.npz` (checked there with timm's own npz loader), with timm's logits at 32 px (native), 64 px
 and the non-square 64x32 and 48x24 px (timm built at `img_size=(H, W)`, position embedding resized
 by timm's `checkpoint_filter_fn` from the 4x4 grid to 8x8, 8x4, 6x3). No torch import here: the
 `.pth` files are read by weights.py's own torch.save reader (torch.load where torch is installed);
-`tools/make_torch_fixtures.py` (torch only) wrote the legacy-format and tensor-layout fixtures.
+`tests/fixtures/make_torch.py` (torch only) wrote the legacy-format and tensor-layout fixtures.
 """
 
 import copy

@@ -1,8 +1,9 @@
 """Full-size parity against timm with random weights, no download (docs/WEIGHTS.md, "Proof of
-parity"): each case's timm model with every parameter perturbed (`make_timm_fixtures.randomize`),
-saved (.safetensors; ViT-B also Google's .npz), imported by `dca_jax.weights.load_pretrained` into
-`vit.VisionTransformer`: the max |logit difference| on 2 random images, at native and resized
-sizes (timm's own `checkpoint_filter_fn` on its side). Needs torch + timm and jax:
+parity"): each case's timm model with every parameter perturbed (`randomize` of
+tests/fixtures/make_timm.py), saved (.safetensors; ViT-B also Google's .npz), imported by
+`dca_jax.weights.load_pretrained` into `vit.VisionTransformer`: the max |logit difference| on 2
+random images, at native and resized sizes (timm's own `checkpoint_filter_fn` on its side).
+Needs torch + timm and jax:
 
   PYTHONPATH=<jax's site-packages> .venv-timm/bin/python -m tools.compare_timm_fullsize [--only ...]
 """
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from dca_jax import weights as W
 from dca_jax.models import vit
-from tools.make_timm_fixtures import randomize, to_google_npz
+from tests.fixtures.make_timm import randomize, to_google_npz
 
 # name: (timm model, our variant, native size, eval size (height, width), formats)
 CASES = {
