@@ -158,7 +158,7 @@ def test_preprocessing_json_describes_the_program(runs):
   assert fgvc['class_names'] == [f'class_{i:02d}' for i in range(4)]
   assert fgvc['step'] == reid['step'] == 0 and fgvc['checkpoint'] == 'latest'
   assert fgvc['files']['onnx']['opset'] == export.ONNX_OPSET
-  assert fgvc['files']['stablehlo']['platforms'] == ['cpu', 'cuda']
+  assert fgvc['files']['stablehlo']['platforms'] == ['cpu', 'cuda', 'tpu']
   for meta, run in ((fgvc, runs['fgvc']), (reid, runs['reid'])):
     for fmt in export.FORMATS:
       assert meta['files'][fmt]['bytes'] == os.path.getsize(
