@@ -4,7 +4,7 @@
 
 Beside each row's measured peak: the memory planner's formula on the row's own compiled step
 (dca_jax/plan: arguments + outputs - aliases + temporaries) and the deviceless prediction for
-the same card and settings in benchmarks/results/plan_gpu.jsonl (tools/gpu_memory_table.py).
+the same card and settings in benchmarks/results/plan_gpu.jsonl (tools/memory_table.py).
 """
 
 from __future__ import annotations

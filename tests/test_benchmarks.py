@@ -3,12 +3,14 @@
 step's own loss (`Built.loss`: the task's loss terms, the Re-ID necks)."""
 
 import json
+import os
 
 import pytest
-from conftest import tiny_config, tiny_reid_config
+from conftest import ROOT, tiny_config, tiny_reid_config
 
 from benchmarks import common, render_table, step_time
 from dca_jax import checks, distributed, train_step
+from tools import memory_table
 
 CONFIGS = {'fgvc': tiny_config, 'reid': tiny_reid_config}
 
@@ -63,3 +65,15 @@ def test_render_table_puts_dcal_against_sa_only(tmp_path):
   assert '| x | deit_tiny | 32 | 17 | 4 x 1 | off | fp32 | DCAL (M=1, T=2) |' in text
   assert '| 50% |' in text and '1.00 (RSS)' in text
   assert 'DCAL/SA step time **3.00x**, XLA FLOP ratio 2.00x' in text
+
+
+def test_memory_md_shows_the_committed_rows():
+  """docs/MEMORY.md's tables are tools/memory_table.py's rendering of the committed rows (GPU and
+  TPU); the GPU rows whose implied time needs the card's spec file (not in the tree) aside."""
+  doc = open(os.path.join(ROOT, 'docs', 'MEMORY.md')).read().splitlines()
+  rendered = [line for name in ('plan_gpu', 'plan_tpu') for line in memory_table.render(
+      os.path.join(ROOT, 'benchmarks', 'results', f'{name}.jsonl')).splitlines()]
+  rows = [line for line in rendered if line.startswith('| ') and not line.endswith('|  |  |')]
+  assert len(rows) > 40
+  missing = [line for line in rows if line not in doc]
+  assert not missing, missing

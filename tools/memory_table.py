@@ -1,16 +1,23 @@
-"""The memory table of docs/MEMORY.md from the GPU compiler: deviceless compiles of the real train
-step (`dca_jax.plan.measure`) over a grid of recipes x cards, one JSON line per row, resumable
-(rows already in --out are skipped). SPECS: a folder of XLA's GPU target specs
-(xla/backends/gpu/target_config/specs/ in openxla/xla); the venv: tools/accelerator_venvs.sh.
+"""The memory tables of docs/MEMORY.md, compiled without the card: deviceless compiles of the real
+train step (`dca_jax.plan.measure`), one JSON line per row, resumable (rows already in --out are
+skipped). Targets come from the planner's registry (`plan.registry.targets`): an XLA GPU target
+spec of SPECS (xla/backends/gpu/target_config/specs/ in openxla/xla) per card of the GPU groups,
+`tpu:<topology>` for the `tpu` group (CUB ViT-B/16 448 px, bf16, effective batch 16 per chip; a
+row is TOPOLOGY/BATCH_PER_CHIP/REMAT[/fsdp], `TPU_GRID` or --rows). The venvs (jax[cuda12],
+libtpu): tools/accelerator_venvs.sh.
 
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false .venv-cuda/bin/python \
-      -m tools.gpu_memory_table --specs SPECS --groups core,cards --out benchmarks/results/plan_gpu.jsonl
-  python -m tools.gpu_memory_table --render benchmarks/results/plan_gpu.jsonl [--specs SPECS]
+      -m tools.memory_table --specs SPECS --groups core,cards --out benchmarks/results/plan_gpu.jsonl
+  JAX_PLATFORMS=cpu .venv-tpu/bin/python -m tools.memory_table --groups tpu \
+      --rows v5e:2x2/4/off,v4:2x2x1/4/off --out benchmarks/results/plan_tpu.jsonl
+  python -m tools.memory_table --render benchmarks/results/plan_gpu.jsonl [--specs SPECS]
+  python -m tools.memory_table --render benchmarks/results/plan_tpu.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -23,6 +30,11 @@ REMAT = ('nothing_saveable', 'off')
 # The PyTorch memory guide's hand-written figures (ViT-B/16 448 px, fp16, its checkpointing).
 SEED_GB = {(4, 4): '~14-15 GB (remat on)', (2, 8): '~10-12 GB (remat on)',
            (8, 2): '~22-24 GB (remat off)', (16, 1): '~40-45 GB (remat off)'}
+TPU_GRID = ('v5e:2x2/4/off', 'v5e:2x2/4/nothing_saveable', 'v5e:2x2/16/off',
+            'v5e:2x2/16/nothing_saveable', 'v5p:2x2x1/4/off', 'v5p:2x2x1/4/nothing_saveable',
+            'v5p:2x2x1/16/off', 'v4:2x2x1/4/off', 'v4:2x2x1/4/nothing_saveable', 'v6e:2x2/4/off',
+            'v6e:2x2/4/nothing_saveable', 'v5e:4x4/4/off', 'v5e:4x4/4/off/fsdp')
+EFFECTIVE_PER_CHIP = 16
 
 
 def grid(groups):
@@ -75,14 +87,33 @@ def grid(groups):
   return rows
 
 
-def key(group, card, recipe, topology, b, a, remat):
-  return json.dumps([group, card, recipe, topology, b, a, remat], sort_keys=True)
+def jobs(args, done):
+  """(key, target, recipe, candidate, the row's own fields) for each row not in `done`; the
+  targets from the planner's registry, each made once (a TPU row's batch is per chip)."""
+  from dca_jax import plan  # pylint: disable=g-import-not-at-top
+  from dca_jax.plan import registry  # pylint: disable=g-import-not-at-top
+  target_of = functools.cache(lambda value, topology: registry.targets([value], topology)[0])
+  groups = args.groups.split(',')
+  for group, card, recipe, topology, b, a, remat in grid(groups):
+    key = json.dumps([group, card, recipe, topology, b, a, remat], sort_keys=True)
+    if key not in done:
+      yield (key, target_of(os.path.join(args.specs, SPECS[card]), topology), recipe,
+             plan.Candidate(b, a, remat), dict(group=group, card=card, topology=topology))
+  for key in (args.rows.split(',') if args.rows else TPU_GRID) if 'tpu' in groups else ():
+    topology, per_chip, remat, *fsdp = key.split('/')
+    if key in done:
+      continue
+    target, per_chip = target_of('tpu:' + topology, '1x1x1'), int(per_chip)
+    yield (key, target, dict(config='cub', backbone='vit_base', precision='bf16',
+                             fsdp=fsdp == ['fsdp']),
+           plan.Candidate(per_chip * target.num_devices, EFFECTIVE_PER_CHIP // per_chip, remat),
+           dict(topology=topology, per_chip_batch=per_chip,
+                host_flops_per_chip=lambda row, n=target.num_devices: row.flops / n))
 
 
 def build_config(recipe):
   import importlib  # pylint: disable=g-import-not-at-top
-  module = importlib.import_module(f'configs.{recipe["config"]}')
-  c = module.get_config()
+  c = importlib.import_module(f'configs.{recipe["config"]}').get_config()
   with c.unlocked():
     for k, v in recipe.items():
       if k != 'config':
@@ -90,42 +121,23 @@ def build_config(recipe):
   return c
 
 
-def done_keys(path: str) -> set:
-  """The row keys already in a results file (the tables are resumable)."""
-  if not os.path.exists(path):
-    return set()
-  with open(path) as f:
-    return {json.loads(line).get('key') for line in f if line.strip()}
-
-
-def measure_and_append(config, candidate, target, out: str, **fields):
-  """One row: the real train step compiled for `target`, judged, printed, appended to `out`
-  with `fields`; returns the row."""
-  from dca_jax import plan  # pylint: disable=g-import-not-at-top
-  row = plan.measure(config, candidate, target, config.precision)
-  plan.judge(row, target, config.precision, config.plan_memory_margin, config.plan_mfu)
-  rec = row.record(plan.candidate_config(config, row.candidate), target, config.precision)
-  rec.update({k: v(row) if callable(v) else v for k, v in fields.items()})
-  print(plan.format_row(row, target), flush=True)
-  with open(out, 'a') as f:
-    f.write(json.dumps(rec, default=float) + '\n')
-  return row
-
-
 def run(args):
+  """Each row not yet in --out: the real train step compiled for its target, judged, printed
+  and appended (the planner's record, the row's key and fields beside it)."""
   from dca_jax import plan  # pylint: disable=g-import-not-at-top
-  done = done_keys(args.out)
-  targets = {}
-  for spec in grid(args.groups.split(',')):
-    k = key(*spec)
-    if k in done:
-      continue
-    group, card, recipe, topology, b, a, remat = spec
-    if (card, topology) not in targets:
-      targets[card, topology] = plan.gpu_target(os.path.join(args.specs, SPECS[card]), topology)
-    measure_and_append(build_config(recipe), plan.Candidate(b, a, remat),
-                       targets[card, topology], args.out, key=k, group=group, card=card,
-                       topology=topology)
+  done = set()
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      done = {json.loads(line).get('key') for line in f if line.strip()}
+  for key, target, recipe, candidate, fields in jobs(args, done):
+    config = build_config(recipe)
+    row = plan.measure(config, candidate, target, config.precision)
+    plan.judge(row, target, config.precision, config.plan_memory_margin, config.plan_mfu)
+    rec = row.record(plan.candidate_config(config, row.candidate), target, config.precision)
+    rec.update({k: v(row) if callable(v) else v for k, v in dict(key=key, **fields).items()})
+    print(plan.format_row(row, target), flush=True)
+    with open(args.out, 'a') as f:
+      f.write(json.dumps(rec, default=float) + '\n')
 
 
 def _cell(r):
@@ -150,7 +162,7 @@ def recommendations(recs, specs_dir):
   for card, source, precision, attn in RECOMMEND:
     with open(os.path.join(specs_dir, SPECS[card])) as f:
       spec = plan.read_gpu_spec(f.read())
-    target = plan.Target(name=card, backend='gpu-deviceless', devices=(None,),
+    target = plan.Target(name=card, backend='gpu-deviceless', platform='gpu', devices=(None,),
                          memory_bytes=int(spec['memory_bytes'] * 0.75),
                          physical_memory_bytes=spec['memory_bytes'], peak_flops=spec['peak_flops'])
     rows = []
@@ -184,9 +196,11 @@ def _fill_times(recs, specs_dir):
         r['update_s'] = r['flops'] / r['num_devices'] / (peak * 0.4) * r['accumulation']
 
 
-def render(path, specs_dir=''):
-  with open(path) as f:
-    recs = [json.loads(line) for line in f if line.strip()]
+def _tflop(r):
+  return f'{r["flops"] / 1e12:.2f}' if r.get('flops') and math.isfinite(r['flops']) else ''
+
+
+def render_gpu(recs, specs_dir=''):
   if specs_dir:
     _fill_times(recs, specs_dir)
   by = {}
@@ -203,12 +217,11 @@ def render(path, specs_dir=''):
           r['precision'] == 'fp16' and r['attention_impl'] == 'xla' else ''
       time_ms = f'{r["update_s"] * 1e3:.0f}' if r.get('update_s') and math.isfinite(
           r['update_s']) else ''
-      tflop = f'{r["flops"] / 1e12:.2f}' if r.get('flops') and math.isfinite(r['flops']) else ''
       err = f' ({r["error"][:80]})' if r.get('error') else ''
       out.append(f'| {r["target"]} | {r["precision"]} | {r["attention_impl"]} | '
                  f'{r["batch_size"]} x {r["accumulation"]} | {r["remat"]} | {_cell(r)}{err} | '
-                 f'{"yes" if r["fits"] else "no"} ({r["usable_gib"]:.0f}) | {tflop} | {time_ms} '
-                 f'| {seed} |')
+                 f'{"yes" if r["fits"] else "no"} ({r["usable_gib"]:.0f}) | {_tflop(r)} | '
+                 f'{time_ms} | {seed} |')
   rest = by.get('backbones', []) + by.get('reid', []) + by.get('multi', [])
   if rest:
     out += ['', '| setting | target | batch x accum | remat | predicted GiB / device | '
@@ -217,24 +230,56 @@ def render(path, specs_dir=''):
     for r in rest:
       setting = f'{r["backbone"]} {r["input"]} {r["task"]}' + (' fsdp' if r['fsdp'] else '')
       comm = sum(r.get('collectives', {}).values()) / 2 ** 20
-      tflop = f'{r["flops"] / 1e12:.2f}' if r.get('flops') and math.isfinite(r['flops']) else ''
       fused = sum(r.get('fused_attention', {}).values())
       out.append(f'| {setting} | {r["target"]} | {r["batch_size"]} x {r["accumulation"]} | '
-                 f'{r["remat"]} | {_cell(r)} | {tflop} | {comm:.0f} | {fused} |')
+                 f'{r["remat"]} | {_cell(r)} | {_tflop(r)} | {comm:.0f} | {fused} |')
   if specs_dir:
     out += [''] + recommendations(recs, specs_dir)
-  print('\n'.join(out))
+  return out
+
+
+def render_tpu(recs):
+  lines = ['| topology | chips (hosts) | batch / chip x accumulation | remat | FSDP | GiB / chip '
+           '(of available) | TFLOP / chip: compiled (model) | compiler remat | ms / update at '
+           'MFU 0.4 |', '|---|---|---|---|---|---|---|---|---|']
+  for r in recs:
+    device, model = r['device_flops'] / 1e12, r['host_flops_per_chip'] / 1e12
+    # Windowed einsums (FSDP over hosts) hide their FLOPs from the cost analysis: no figure.
+    compiled = f'{device:.2f}' if math.isfinite(device) else 'n/a'
+    update = f'{r["update_s"] * 1e3:.0f}' if math.isfinite(r['update_s']) else ''
+    lines.append(f'| {r["topology"]} | {r["num_devices"]} ({r["hosts"]}) | '
+                 f'{r["per_chip_batch"]} x {r["accumulation"]} | {r["remat"]} | '
+                 f'{"yes" if r["fsdp"] else "no"} | {r["memory_gib"]:.2f} ({r["usable_gib"]:.2f})'
+                 f'{"" if r["fits"] else ", does not fit"} | {compiled} ({model:.2f}) | '
+                 f'{"yes" if r["compiler_remat"] else "no"} | {update} |')
+  return lines
+
+
+def render(path, specs_dir=''):
+  """The markdown of a results file: the GPU tables of its GPU rows, the TPU table of its TPU
+  rows (the backend each row was compiled for, as `plan` records it)."""
+  with open(path) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  gpu = [r for r in recs if r['backend'] != 'tpu-deviceless']
+  tpu = [r for r in recs if r['backend'] == 'tpu-deviceless']
+  return '\n'.join((render_gpu(gpu, specs_dir) if gpu else [])
+                   + ([''] if gpu and tpu else []) + (render_tpu(tpu) if tpu else []))
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--specs', default='', help='folder holding the XLA GPU target specs')
-  p.add_argument('--groups', default='core,cards,backbones,reid,multi,extra')
-  p.add_argument('--out', default='benchmarks/results/plan_gpu.jsonl')
-  p.add_argument('--render', default='', help='print the markdown table of this JSONL file')
+  p.add_argument('--groups', default='core,cards,backbones,reid,multi,extra',
+                 help='GPU: core,cards,backbones,reid,multi,extra; TPU: tpu')
+  p.add_argument('--rows', default='', help='tpu group: TOPOLOGY/BATCH_PER_CHIP/REMAT[/fsdp],...')
+  p.add_argument('--out', default='', help='the JSONL file rows are appended to')
+  p.add_argument('--render', default='', help='print the markdown tables of this JSONL file')
   args = p.parse_args()
   if args.render:
-    render(args.render, args.specs)
+    print(render(args.render, args.specs))
+  elif not args.out:
+    p.error('--out is needed to measure (or --render FILE)')
   else:
     run(args)
 
