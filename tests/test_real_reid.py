@@ -67,16 +67,6 @@ def test_bad_sizes_are_one_error_line(tmp_path):
     real_reid.write(str(tmp_path), real_reid.Params(num_train_ids=900, num_test_ids=200))
 
 
-def test_learning_gate_is_the_mean_over_seeds_against_the_pixel_baseline():
-  from benchmarks import reid_real  # pylint: disable=g-import-not-at-top
-  finals = [{'seed': s, 'test_mAP': m, 'train_ids_mAP': 0.2} for s, m in ((0, 0.05), (1, 0.03),
-                                                                          (2, 0.04))]
-  verdict = reid_real.check(finals, 0.01, 4.0)
-  assert verdict['passed'] and verdict['ratio_to_pixels'] == 4.0
-  assert verdict['test_mAP_mean'] == 0.04 and verdict['test_mAP_std'] == pytest.approx(0.0082, abs=1e-4)
-  assert not reid_real.check(finals, 0.01, 4.5)['passed']   # one seed above 4.5x is not enough
-
-
 def test_pretraining_set_is_an_imagefolder_of_train_half_scans_and_other_cameras(tmp_path):
   params = real_reid.PretrainParams(train_per_class=2, test_per_class=1)
   root = real_reid.write_pretrain(str(tmp_path), params)
@@ -88,36 +78,43 @@ def test_pretraining_set_is_an_imagefolder_of_train_half_scans_and_other_cameras
   assert not any(np.allclose(a.wall, b.wall) for a in reid_cameras for b in pretrain_cameras)
 
 
-def _pretraining_command_config():
-  """The pretraining run of docs/REID.md as main.py reads it: configs/imagefolder.py with that
-  command's --config.KEY=VALUE overrides (the shell's quotes removed)."""
+def _command_config(workdir):
+  """The main.py run of docs/REID.md that writes runs/<workdir>, as main.py reads it: its config
+  file with the command's --config.KEY=VALUE overrides (the shell's quotes removed)."""
   import re  # pylint: disable=g-import-not-at-top
   from conftest import ROOT  # pylint: disable=g-import-not-at-top
   from dca_jax import config_files  # pylint: disable=g-import-not-at-top
   text = open(os.path.join(ROOT, 'docs', 'REID.md')).read()
-  command = re.search(r'python main.py --config configs/imagefolder.py --workdir '
-                      r'runs/digits_pretrain(.*?)\n```', text, re.S).group(1)
+  spec, command = re.search(rf'python main.py --config (\S+) --workdir runs/{workdir} '
+                            r'((?:.*\\\n)*.*)', text).groups()   # the lines the backslashes join
   overrides = [o.replace("'", '') for o in re.findall(r'--config\.\S+', command)]
-  return config_files.load(os.path.join(ROOT, 'configs', 'imagefolder.py'), overrides)[0]
+  return checks.checked(config_files.load(os.path.join(ROOT, spec), overrides)[0])
 
 
-def test_the_real_image_recipes_validate():
-  """The docs' pretraining command (an imagefolder classifier of the demo's backbone, SA only)
-  and the `imagenet` variant (DeiT-T with its ImageNet weights at 128 x 64: 8 x 4 patches) are
-  complete configs; `fixed` keeps the demo's backbone."""
-  from benchmarks import reid_real  # pylint: disable=g-import-not-at-top
+def test_the_real_image_commands_validate():
+  """The docs' main.py runs on the digits: the pretraining (an imagefolder classifier of the
+  demo's backbone on a conv stem, SA only), the `fixed` recipe (the demo's model on the
+  Re-ID set), the same from that pretraining, and the `imagenet` check (DeiT-T with its
+  ImageNet weights at 128 x 64: 8 x 4 patches) are complete configs of what they say."""
   from dca_jax import config_lib, hub  # pylint: disable=g-import-not-at-top
   from dca_jax.models import vit  # pylint: disable=g-import-not-at-top
-  pre = checks.checked(_pretraining_command_config())
+  pre = _command_config('digits_pretrain')
   assert (pre.task, pre.dataset, pre.num_glca_layers, pre.num_pwca_layers) == (
       'fgvc', 'imagefolder', 0, 0)
   assert (pre.input_size, pre.optimizer, pre.learning_rate) == (64, 'adamw', 1e-3)
-  real = reid_real.VARIANTS['fixed']()
-  stem = {'resnet_layers': [1], 'resnet_width': 32, 'patch_size': 2}   # the command's conv stem
-  assert config_lib.backbone_overrides(pre) == {**config_lib.backbone_overrides(real), **stem}
-  imagenet = reid_real.VARIANTS['imagenet']()
-  checks.checked(imagenet)
+  fixed = _command_config('digits_fixed')
+  assert (fixed.task, fixed.dataset, fixed.data_source, fixed.num_classes) == (
+      'reid', 'market1501', 'folder', 300)
+  assert (fixed.data_dir, fixed.triplet_feature, fixed.num_epochs) == (
+      'runs/digits_reid', 'batch_standardized', 120)
+  stem = {'resnet_layers': [1], 'resnet_width': 32, 'patch_size': 2}   # the conv stem
+  assert config_lib.backbone_overrides(pre) == {**config_lib.backbone_overrides(fixed), **stem}
+  pretrained = _command_config('digits_pretrained')
+  assert pretrained.pretrained_model == 'runs/digits_pretrain'
+  assert config_lib.backbone_overrides(pretrained) == config_lib.backbone_overrides(pre)
+  imagenet = _command_config('digits_imagenet')
   assert hub.parse(imagenet.pretrained_model).known.backbone == 'deit_tiny'
   variant = vit.get_variant(imagenet.backbone, config_lib.backbone_overrides(imagenet))
   assert (variant.depth, variant.grid_size(128), variant.grid_size(64)) == (12, 8, 4)
+  assert (imagenet.data_dir, imagenet.num_classes) == ('runs/digits_reid', 300)
   assert imagenet.random_erasing == 0 and imagenet.optimizer == 'sgd'
