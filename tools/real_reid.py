@@ -5,7 +5,7 @@ identity is a 3-digit number, every view writes it with other real scans of its 
 by one of 4 cameras of the synthetic Re-ID set (`synthetic_reid.cameras`); train and test
 identities are other numbers from disjoint halves of the scans, distractors (id 0000) other
 numbers, gallery only. `--train_eval` also writes `<out>/train_ids/Market-1501` (retrieval on
-the training identities); `ensure` caches by parameters.
+the training identities).
 
   python -m tools.real_reid --out runs/digits_reid            # writes + prints the pixel mAP
   python -m tools.real_reid --pretrain --out runs/digits_pretrain_set   # the 10-class set
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -30,12 +29,7 @@ NUM_CAMERAS = 4   # the first 4 of the synthetic set's cameras
 DIGITS_PER_ID = 3
 DIGIT_SIDE = 0.2  # a digit's side over the person height the camera frames
 MARKER = 'digits_reid.json'
-VERSION = 2  # Bump when the rendering changes: it keys the cache folder.
-
-
-def _key(**fields) -> str:
-  blob = json.dumps({'version': VERSION, **fields}, sort_keys=True)
-  return hashlib.sha1(blob.encode()).hexdigest()[:12]
+VERSION = 2  # Bump when the rendering changes: the sets' marker files record it.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +43,6 @@ class Params:
   width: int = 32
   seed: int = 0
   same_scans: int = 0            # 1: an identity keeps its three scans in every view
-
-  def key(self) -> str:
-    return _key(**dataclasses.asdict(self))
 
 
 def load_scans():
@@ -194,12 +185,6 @@ def _link(source: str, target: str) -> None:
     shutil.copyfile(source, target)
 
 
-def ensure(base_dir: str, params: Params = Params()) -> str:
-  """`base_dir/digits_reid-<key>` holding the set (with train_ids/), written once, atomically."""
-  return world.write_once(base_dir, f'digits_reid-{params.key()}', MARKER,
-                          lambda folder: write(folder, params, train_eval=True))
-
-
 # The pretraining set: the "ImageNet" of this world (docs/REID.md "Real images").
 PRETRAIN_MARKER = 'digits_pretrain.json'
 PRETRAIN_CAMERA_SEEDS = (1000, 1001)  # 8 cameras, none of them the Re-ID set's 4
@@ -214,9 +199,6 @@ class PretrainParams:
   min_side: int = 10  # digit side drawn from [min_side, max_side] px: objects at every scale
   max_side: int = 40
   seed: int = 0
-
-  def key(self) -> str:
-    return _key(pretrain=dataclasses.asdict(self))
 
 
 def write_pretrain(out_dir: str, params: PretrainParams = PretrainParams()) -> str:
