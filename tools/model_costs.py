@@ -1,20 +1,25 @@
 """Parameter counts and inference FLOPs of DCAL against the SA-only ViT (docs/MODEL.md; paper: +9 %
 params / +2 % FLOPs for DeiT-T): parameters from `jax.eval_shape`, FLOPs from XLA's cost
 analysis of the compiled inference function (a multiply-add is 2), for each `glca_pool` and
-both rollouts (vector chain, running product), with the model and alone.
+both rollouts (vector chain, running product), with the model and alone. With --timm: every
+registered backbone's count against timm's `create_model(name, img_size=, num_classes=)`
+(docs/PARAMS.md; needs torch + timm beside jax), --write FILE replacing the table between
+FILE's BACKBONE-TABLE markers.
 
   python -m tools.model_costs [--flops_variants deit_tiny --size 448 --num_classes 200]
+  .venv-timm/bin/python -m tools.model_costs --timm [--write docs/PARAMS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dca_jax import backbones
 from dca_jax.models import dcal, vit
 
 
@@ -35,6 +40,35 @@ def param_counts(variant, size, num_classes):
                                  num_pwca_layers=cfg.depth), size)[0]
   glca = count({k: dc[k] for k in ('glca_block', 'glca_norm', 'glca_head')})
   return sa, count(dc), glca
+
+
+def timm_table(size, num_classes) -> str:
+  """Each registered variant (`vit.VisionTransformer`) against the timm architecture its
+  registry entry names; a line printed as each is counted."""
+  import timm  # pylint: disable=g-import-not-at-top
+  lines = [f'| variant | timm model | grid @ {size} | ours | of which ResNet stem | timm | equal |',
+           '|---|---|---|---:|---:|---:|---|']  # the grid: patches per side (patch 14: 32)
+  for v, entry in backbones.VARIANTS.items():
+    cfg = vit.get_variant(v)
+    params = abstract_params(vit.VisionTransformer(cfg, num_classes), size)[0]
+    n, stem = count(params), count(params['embed'].get('stem', {}))
+    t = sum(p.numel() for p in timm.create_model(entry.timm_name, pretrained=False, img_size=size,
+                                                  num_classes=num_classes).parameters())
+    lines.append(f'| {v} | `{entry.timm_name}` | {cfg.grid_size(size)}x{cfg.grid_size(size)} | '
+                 f'{n:,} | {stem:,} | {t:,} | {"yes" if n == t else "NO"} |')
+    print(lines[-1], flush=True)
+  return '\n'.join(lines)
+
+
+def write_table(path, text) -> None:
+  with open(path) as f:
+    doc = f.read()
+  pattern = r'(<!-- BACKBONE-TABLE:BEGIN -->\n).*?(<!-- BACKBONE-TABLE:END -->)'
+  if not re.search(pattern, doc, flags=re.S):
+    raise SystemExit(f'{path}: no BACKBONE-TABLE markers')
+  with open(path, 'w') as f:
+    f.write(re.sub(pattern, lambda m: m.group(1) + text + '\n' + m.group(2), doc, flags=re.S))
+  print(f'wrote {path}')
 
 
 def flops(fn, *args):
@@ -80,7 +114,14 @@ def main():
   p.add_argument('--num_classes', type=int, default=200)
   p.add_argument('--param_variants', default=','.join(vit.VARIANTS))
   p.add_argument('--flops_variants', default='deit_tiny,vit_base')
+  p.add_argument('--timm', action='store_true', help="the backbones' counts against timm's")
+  p.add_argument('--write', default='', help='with --timm: a file with BACKBONE-TABLE markers')
   a = p.parse_args()
+  if a.timm:
+    text = timm_table(a.size, a.num_classes)
+    if a.write:
+      write_table(a.write, text)
+    return
 
   print(f'## Parameters at {a.size} px, {a.num_classes} classes (jax.eval_shape)\n')
   print('| backbone | SA-only ViT | DCAL (SA+GLCA; PWCA adds none) | GLCA block+norm+head | DCAL / SA |')
