@@ -1,10 +1,16 @@
-"""What every benchmark records about the machine it ran on (no jax or torch imports, so the
-timm peer's venv can use it too)."""
+"""What every benchmark records about the machine it ran on, and how a peer of
+benchmarks/peers.py serves (no jax or torch imports, so the timm peer's venv can use it too)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import resource
+import sys
+import time
+
+PREFIX = '@@ '   # a peer's reply lines start with this; the rest of its stdout is ignored
 
 
 def cpu_model() -> str:
@@ -35,3 +41,29 @@ def isa_flags() -> str:
   except (OSError, StopIteration):
     return 'unknown'
   return ' '.join(x for x in ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile') if x in flags)
+
+
+def reply(record: dict) -> None:
+  sys.stdout.write(PREFIX + json.dumps(record) + '\n')
+  sys.stdout.flush()
+
+
+def timed(call) -> dict:
+  """Wall seconds, minor page faults, CPU seconds (user, system), peak RSS of one call."""
+  r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  call()
+  seconds, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+  return {'s': seconds, 'minflt': r1.ru_minflt - r0.ru_minflt, 'user_s': r1.ru_utime - r0.ru_utime,
+          'sys_s': r1.ru_stime - r0.ru_stime, 'maxrss_mb': r1.ru_maxrss / 1024}
+
+
+def serve(ready: dict, calls: dict) -> None:
+  """A peer's life after its set-up: the `ready` line, then one of `calls` timed per stdin line
+  (`quit` ends); between commands it only waits on stdin."""
+  reply(ready)
+  for line in sys.stdin:
+    name = line.strip()
+    if name == 'quit':
+      break
+    reply({'cmd': name, **timed(calls[name])} if name in calls else
+          {'cmd': name, 'error': f'unknown command; known: {", ".join(calls)}'})

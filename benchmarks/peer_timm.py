@@ -13,22 +13,15 @@ batches. Like step_serve it answers one `@@ {ready}` line, then times one comman
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchmarks.machine import cpu_model, loadavg
-
-
-def reply(rec: dict) -> None:
-  sys.stdout.write('@@ ' + json.dumps(rec) + '\n')
-  sys.stdout.flush()
+from benchmarks.machine import cpu_model, loadavg, serve
 
 
 def adamw(model, lr: float, weight_decay: float):
@@ -80,15 +73,6 @@ def count_flops(parts, n: int) -> dict:
   return {**out, 'step': out['fwdbwd'], 'matmul': 2.0 * n ** 3}
 
 
-def timed(fn) -> dict:
-  """Wall seconds, minor page faults, CPU seconds (user, system), peak RSS of one call."""
-  r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  fn()
-  seconds, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-  return {'s': seconds, 'minflt': r1.ru_minflt - r0.ru_minflt, 'user_s': r1.ru_utime - r0.ru_utime,
-          'sys_s': r1.ru_stime - r0.ru_stime, 'maxrss_mb': r1.ru_maxrss / 1024}
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--serve', action='store_true', help='(the only mode; kept for old commands)')
@@ -112,20 +96,14 @@ def main(argv=None):
   for fn in list(parts.values()) * args.warmup:
     fn()
   import timm  # pylint: disable=g-import-not-at-top
-  reply({'kind': 'ready', 'framework': 'torch', 'label': args.label, 'model': args.model,
+  serve({'kind': 'ready', 'framework': 'torch', 'label': args.label, 'model': args.model,
          'size': args.size, 'batch': args.batch, 'num_classes': args.num_classes,
          'drop_path': args.drop_path, 'params': sum(q.numel() for q in model.parameters()),
          'flops': flops, 'matmul_n': args.n, 'threads': torch.get_num_threads(),
          'setup_s': round(time.perf_counter() - t0, 2), 'torch': torch.__version__,
          'timm': timm.__version__, 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
          'hostname': platform.node(), 'load_start': load0,
-         'command': ' '.join(['python', *sys.argv])})
-  for line in sys.stdin:
-    name = line.strip()
-    if name == 'quit':
-      break
-    reply(dict(cmd=name, **timed(parts[name])) if name in parts else
-          {'cmd': name, 'error': f'unknown command; known: {", ".join(parts)}'})
+         'command': ' '.join(['python', *sys.argv])}, parts)
   return 0
 
 

@@ -27,9 +27,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.machine import cpu_model, isa_flags
-
-PREFIX = '@@ '
+from benchmarks.machine import PREFIX, cpu_model, isa_flags
 
 
 def loadavg() -> list:

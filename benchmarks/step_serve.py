@@ -11,34 +11,16 @@ per stdin line (`step`, `fwd`, `fwdbwd`, `matmul`; `quit` ends), answering
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import sys
 import time
 
 from absl import flags
 
 from benchmarks import common
-from benchmarks.machine import loadavg
+from benchmarks.machine import loadavg, serve
 from dca_jax import train_step
 
 FLAGS = flags.FLAGS
-PREFIX = '@@ '   # reply lines start with this; the rest of stdout (library warnings) is ignored
-
-
-def reply(record: dict) -> None:
-  sys.stdout.write(PREFIX + json.dumps(record) + '\n')
-  sys.stdout.flush()
-
-
-def time_command(call) -> dict:
-  r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  call()
-  seconds, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-  return {'s': seconds, 'minflt': r1.ru_minflt - r0.ru_minflt,
-          'user_s': r1.ru_utime - r0.ru_utime, 'sys_s': r1.ru_stime - r0.ru_stime,
-          'maxrss_mb': r1.ru_maxrss / 1024}
 
 
 def main(config) -> None:
@@ -49,18 +31,12 @@ def main(config) -> None:
   for _ in range(FLAGS.warmup_cycles):
     for call in calls.values():
       call()
-  reply({'kind': 'ready', 'framework': 'jax', **common.describe(s), 'matmul_n': FLAGS.n,
+  serve({'kind': 'ready', 'framework': 'jax', **common.describe(s), 'matmul_n': FLAGS.n,
          'matmul_dtype': FLAGS.dtype, 'compile_s': round(compile_s, 2),
          'flops': {k: c['flops'] for k, c in costs.items()},
          'xla_temp_bytes': {k: c.get('xla_temp_bytes') for k, c in costs.items()},
          'threads': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-         'load_start': load, **common.stamp(), **common.machine_info()})
-  for line in sys.stdin:
-    name = line.strip()
-    if name == 'quit':
-      break
-    reply({'cmd': name, **time_command(calls[name])} if name in calls else
-          {'cmd': name, 'error': f'unknown command; known: {", ".join(calls)}'})
+         'load_start': load, **common.stamp(), **common.machine_info()}, calls)
 
 
 if __name__ == '__main__':
