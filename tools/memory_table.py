@@ -37,53 +37,45 @@ TPU_GRID = ('v5e:2x2/4/off', 'v5e:2x2/4/nothing_saveable', 'v5e:2x2/16/off',
 EFFECTIVE_PER_CHIP = 16
 
 
+ALL = [(b, a, remat) for b, a in SPLITS for remat in REMAT]
+
+
+def _rows(group, card, precision, attn, cells, topology='1x1x1', **recipe):
+  """A row per (batch, accumulation, remat) of `cells`: ViT-B on CUB unless `recipe` says."""
+  recipe = {'config': 'cub', 'backbone': 'vit_base', 'precision': precision,
+            'attention_impl': attn, **recipe}
+  return [(group, card, recipe, topology, b, a, remat) for b, a, remat in cells]
+
+
 def grid(groups):
   """(group, card, recipe overrides, topology, batch, accumulation, remat) rows, in order."""
   rows = []
-  vitb = dict(config='cub', backbone='vit_base')
   if 'core' in groups:  # H100: the seed's rows, bf16 + cuDNN (ours) and fp16 + XLA (the seed's)
     for precision, attn in (('bf16', 'cudnn'), ('fp16', 'xla')):
-      for b, a in SPLITS:
-        for remat in REMAT:
-          rows.append(('core', 'h100', dict(vitb, precision=precision, attention_impl=attn),
-                       '1x1x1', b, a, remat))
-    for b, a in SPLITS:  # the middle remat level, default recipe
-      rows.append(('core', 'h100', dict(vitb, precision='bf16', attention_impl='cudnn'),
-                   '1x1x1', b, a, 'dots_with_no_batch_dims_saveable'))
+      rows += _rows('core', 'h100', precision, attn, ALL)
+    rows += _rows('core', 'h100', 'bf16', 'cudnn',  # the middle remat level, default recipe
+                  [(b, a, 'dots_with_no_batch_dims_saveable') for b, a in SPLITS])
   if 'cards' in groups:  # the recipe each card would run (V100: fp16, it has no bf16 units)
     for card, precision, attn in (('a100_80', 'bf16', 'cudnn'), ('v100', 'fp16', 'xla')):
-      for b, a in SPLITS:
-        for remat in REMAT:
-          rows.append(('cards', card, dict(vitb, precision=precision, attention_impl=attn),
-                       '1x1x1', b, a, remat))
+      rows += _rows('cards', card, precision, attn, ALL)
     # same GPU architecture, other memory size: two rows each show whether the compile differs
-    for card, sibling_precision in (('a100_40', 'bf16'), ('h200', 'bf16')):
-      for b, a, remat in ((4, 4, 'nothing_saveable'), (16, 1, 'off')):
-        rows.append(('cards', card, dict(vitb, precision=sibling_precision,
-                                         attention_impl='cudnn'), '1x1x1', b, a, remat))
-    rows.append(('cards', 'v100', dict(vitb, precision='fp16', attention_impl='cudnn'),
-                 '1x1x1', 4, 4, 'nothing_saveable'))  # does flash attention exist on sm_70?
-  if 'backbones' in groups:
-    for backbone in ('deit_tiny', 'deit_small', 'r50_vit_base'):
-      for remat in REMAT:
-        rows.append(('backbones', 'h100', dict(config='cub', backbone=backbone, precision='bf16',
-                                               attention_impl='cudnn'), '1x1x1', 4, 4, remat))
+    for card in ('a100_40', 'h200'):
+      rows += _rows('cards', card, 'bf16', 'cudnn', ((4, 4, 'nothing_saveable'), (16, 1, 'off')))
+    rows += _rows('cards', 'v100', 'fp16', 'cudnn',  # does flash attention exist on sm_70?
+                  [(4, 4, 'nothing_saveable')])
+  for backbone in ('deit_tiny', 'deit_small', 'r50_vit_base') if 'backbones' in groups else ():
+    rows += _rows('backbones', 'h100', 'bf16', 'cudnn', [(4, 4, r) for r in REMAT],
+                  backbone=backbone)
   if 'reid' in groups:  # Re-ID recipe: ViT-B 256 x 128, batch 64 = 16 ids x 4, SGD
-    for remat in REMAT:
-      rows.append(('reid', 'h100', dict(config='market1501', backbone='vit_base',
-                                        precision='bf16', attention_impl='cudnn'),
-                   '1x1x1', 64, 1, remat))
-  if 'multi' in groups:  # 8 GPUs, effective batch 16 = 2 per device: replicated vs FSDP
-    for fsdp in (False, True):
-      for remat in REMAT:
-        rows.append(('multi', 'h100', dict(vitb, precision='bf16', attention_impl='cudnn',
-                                           fsdp=fsdp), '1x1x8', 16, 1, remat))
+    rows += _rows('reid', 'h100', 'bf16', 'cudnn', [(64, 1, r) for r in REMAT],
+                  config='market1501')
+  # 8 GPUs, effective batch 16 = 2 per device: replicated vs FSDP
+  for fsdp in (False, True) if 'multi' in groups else ():
+    rows += _rows('multi', 'h100', 'bf16', 'cudnn', [(16, 1, r) for r in REMAT], '1x1x8',
+                  fsdp=fsdp)
   if 'extra' in groups:  # H100: the other two precision x attention pairs
     for precision, attn in (('bf16', 'xla'), ('fp16', 'cudnn')):
-      for b, a in SPLITS:
-        for remat in REMAT:
-          rows.append(('extra', 'h100', dict(vitb, precision=precision, attention_impl=attn),
-                       '1x1x1', b, a, remat))
+      rows += _rows('extra', 'h100', precision, attn, ALL)
   return rows
 
 
