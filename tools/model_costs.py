@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dca_jax import backbones
+from dca_jax import backbones, xla_costs
 from dca_jax.models import dcal, vit
 
 
@@ -72,10 +72,7 @@ def write_table(path, text) -> None:
 
 
 def flops(fn, *args):
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
-    cost = cost[0]
-  return float(cost['flops'])
+  return xla_costs.flops(jax.jit(fn).lower(*args).compile())
 
 
 DCAL_VARIANTS = {  # name -> DCAL keyword arguments
