@@ -15,22 +15,11 @@ import argparse
 import json
 import os
 import statistics
-import time
 
-from benchmarks.machine import cpu_model, isa_flags, loadavg
+from benchmarks.machine import cpu_model, isa_flags, loadavg, median_seconds
 
 B, N, D, HEADS, MLP = 4, 785, 192, 3, 768
 PARTS = ('attention', 'dense', 'layernorm', 'gelu', 'block', 'adamw')
-
-
-def median_ms(run, repeats: int) -> float:
-  run()  # warm-up (and compile)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def deit_tiny_shapes():
@@ -81,8 +70,8 @@ def jax_parts(repeats: int) -> dict:
     nondiff = args[0] is None
     grad = jit(jax.grad(lambda *a, fn=fn: fn(*a).sum(),
                         argnums=tuple(range(1 if nondiff else 0, len(args)))))
-    out[part, 'fwd'] = median_ms(lambda: jax.block_until_ready(fwd(*args)), repeats)
-    out[part, 'fwdbwd'] = median_ms(lambda: jax.block_until_ready(grad(*args)), repeats)
+    out[part, 'fwd'] = median_seconds(lambda: jax.block_until_ready(fwd(*args)), repeats)
+    out[part, 'fwdbwd'] = median_seconds(lambda: jax.block_until_ready(grad(*args)), repeats)
   params = [arr(*s) for s in deit_tiny_shapes()]
   grads = [arr(*s) for s in deit_tiny_shapes()]
   tx = optax.adamw(1e-4, weight_decay=0.05)
@@ -98,7 +87,7 @@ def jax_parts(repeats: int) -> dict:
     state[0], state[1] = update(state[0], state[1], grads)
     jax.block_until_ready(state[0])
 
-  out['adamw', 'fwd'] = median_ms(step, repeats)
+  out['adamw', 'fwd'] = median_seconds(step, repeats)
   return out
 
 
@@ -134,13 +123,13 @@ def torch_parts(repeats: int) -> dict:
         leaf.grad = None
       fn().sum().backward()
     with torch.no_grad():
-      out[part, 'fwd'] = median_ms(fn, repeats)
-    out[part, 'fwdbwd'] = median_ms(fwdbwd, repeats)
+      out[part, 'fwd'] = median_seconds(fn, repeats)
+    out[part, 'fwdbwd'] = median_seconds(fwdbwd, repeats)
   params = [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in deit_tiny_shapes()]
   for p in params:
     p.grad = torch.randn_like(p) * 0.02
   opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-  out['adamw', 'fwd'] = median_ms(opt.step, repeats)
+  out['adamw', 'fwd'] = median_seconds(opt.step, repeats)
   return out
 
 
@@ -199,7 +188,7 @@ def main() -> None:
   timed = (jax_parts if args.side == 'jax' else torch_parts)(args.repeats)
   rec = dict(side=args.side, cpu=cpu_model(), isa=isa_flags(), threads=os.cpu_count(),
              load_before=load, repeats=args.repeats, **dots_of(args.side),
-             ms={f'{part}/{pas}': round(t, 3) for (part, pas), t in timed.items()})
+             ms={f'{part}/{pas}': round(1e3 * t, 3) for (part, pas), t in timed.items()})
   print(json.dumps(rec), flush=True)
   with open(args.out, 'a') as f:
     f.write(json.dumps(rec) + '\n')

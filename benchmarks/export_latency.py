@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.machine import cpu_model, loadavg
+from benchmarks.machine import cpu_model, loadavg, median_seconds
 from dca_jax import config_files, serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,17 +27,6 @@ def model_config(name: str):
   DeiT-T DCAL at 448 px, 200 classes; both float32."""
   path = {'demo': 'configs/demo.py', 'deit_tiny_448': 'configs/cub.py'}[name]
   return config_files.load(os.path.join(ROOT, path), ['--config.precision=fp32'])[0]
-
-
-def median_seconds(fn, images, repeats: int) -> float:
-  fn(images)
-  fn(images)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn(images)
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -83,8 +72,8 @@ def main():
              'export_s': round(export_seconds, 1), 'onnx_opset': export.ONNX_OPSET}
       for key, fn in runtimes.items():
         got = fn(images)
-        row[f'{key}_ms_per_image'] = round(1e3 * median_seconds(fn, images, args.repeats) / batch,
-                                           2)
+        seconds = median_seconds(lambda: fn(images), args.repeats, warmups=2)
+        row[f'{key}_ms_per_image'] = round(1e3 * seconds / batch, 2)
         row[f'{key}_max_abs_diff'] = max(float(np.abs(np.asarray(got[k]) - want[k]).max())
                                          for k in want)
       row.update(cpu=cpu_model(), cores=os.cpu_count(), loadavg=loadavg(),

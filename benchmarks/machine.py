@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 
@@ -31,6 +32,19 @@ def loadavg() -> float:
     return round(os.getloadavg()[0], 2)
   except OSError:
     return float('nan')
+
+
+def median_seconds(call, repeats: int, warmups: int = 1) -> float:
+  """The median wall seconds of `repeats` calls of `call()` after `warmups` untimed ones (the
+  compile, the caches)."""
+  for _ in range(warmups):
+    call()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def isa_flags() -> str:

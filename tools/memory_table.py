@@ -7,7 +7,8 @@ row is TOPOLOGY/BATCH_PER_CHIP/REMAT[/fsdp], `TPU_GRID` or --rows). The venvs (j
 libtpu): tools/accelerator_venvs.sh.
 
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false .venv-cuda/bin/python \
-      -m tools.memory_table --specs SPECS --groups core,cards --out benchmarks/results/plan_gpu.jsonl
+      -m tools.memory_table --specs SPECS --groups core,cards \
+      --out benchmarks/results/plan_gpu.jsonl
   JAX_PLATFORMS=cpu .venv-tpu/bin/python -m tools.memory_table --groups tpu \
       --rows v5e:2x2/4/off,v4:2x2x1/4/off --out benchmarks/results/plan_tpu.jsonl
   python -m tools.memory_table --render benchmarks/results/plan_gpu.jsonl [--specs SPECS]
