@@ -3,9 +3,9 @@
 Runs in a venv with torch and timm (no jax; `benchmarks/run_cpu_peers.sh` makes one): timm's
 `deit_tiny_patch16_224(img_size=448)` (or any timm ViT), stochastic depth 0.1, 200 classes,
 cross-entropy, AdamW with decay on kernels only (as `dca_jax.optim`), fp32, on synthetic
-batches. Like step_serve it answers one `@@ {ready}` line, then times one command per stdin line
-(`step`, `fwd` = the loss under no_grad, `fwdbwd` = no optimizer, `matmul` = an n x n torch.mm;
-`quit`). FLOPs from `FlopCounterMode` (a multiply-add counted as 2, as XLA counts).
+batches. Served as step_serve's (`machine.serve`): `step`, `fwd` = the loss under no_grad,
+`fwdbwd` = no optimizer, `matmul` = an n x n torch.mm. FLOPs from `FlopCounterMode` (a
+multiply-add counted as 2, as XLA counts).
 
   .venv-timm/bin/python -m benchmarks.peer_timm --serve --model deit_tiny_patch16_224 --size 448
 """

@@ -1,9 +1,8 @@
 """Our step as a peer of benchmarks/peers.py: compile, then time commands read from stdin.
 
 Compiles the train step (dca_jax.train_step.build), the forward and forward+backward of its
-loss (`Built.loss`) and an n x n matmul, answers one `@@ {ready}` line, then times one command
-per stdin line (`step`, `fwd`, `fwdbwd`, `matmul`; `quit` ends), answering
-`@@ {cmd, s, minflt, user_s, sys_s, maxrss_mb}`; between commands it only waits on stdin.
+loss (`Built.loss`) and an n x n matmul, then serves them (`machine.serve`: `step`, `fwd`,
+`fwdbwd`, `matmul`, each answered with its seconds, page faults, CPU seconds and peak RSS).
 
   python -m benchmarks.step_serve --config.num_glca_layers=0 --config.num_pwca_layers=0 \
       --config.use_gradient_checkpointing=false --config.gradient_accumulation_steps=1

@@ -20,7 +20,6 @@ from ml_collections import config_flags
 from benchmarks import common
 from dca_jax import distributed, train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ('None', 'full', 'nothing_saveable', 'dots_saveable', 'checkpoint_dots',
             'dots_with_no_batch_dims_saveable', 'checkpoint_dots_with_no_batch_dims',
             'everything_saveable')
@@ -81,9 +80,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'cub.py:vit_base'),
-                                  'the experiment; any knob as --config.KEY=VALUE',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(common.ROOT, 'configs', 'cub.py:vit_base'),
+      'the experiment; any knob as --config.KEY=VALUE', lock_config=True)
   flags.DEFINE_list('dtypes', ['fp32', 'bf16'], 'precisions, one table row each')
   flags.DEFINE_list('policies', list(POLICIES), "remat policies ('None': no remat)")
   flags.DEFINE_integer('top', 0, 'list the N largest residual sources per row')
