@@ -105,13 +105,10 @@ def jobs(args, done):
 
 
 def build_config(recipe):
-  import importlib  # pylint: disable=g-import-not-at-top
-  c = importlib.import_module(f'configs.{recipe["config"]}').get_config()
-  with c.unlocked():
-    for k, v in recipe.items():
-      if k != 'config':
-        c[k] = v
-  return c
+  """configs/<recipe's config>.py with the recipe's other keys as overrides (main.py's loader)."""
+  from dca_jax import config_files  # pylint: disable=g-import-not-at-top
+  return config_files.load(f'configs/{recipe["config"]}.py', [
+      f'--config.{k}={v}' for k, v in recipe.items() if k != 'config'])[0]
 
 
 def run(args):
