@@ -109,6 +109,31 @@ def test_modules_and_functions_are_small():
   assert not long_functions, long_functions
 
 
+MAX_SCRIPT_LINES = 3500   # benchmarks/ and tools/ together, their results (data) aside
+
+
+def _script_files() -> list:
+  """benchmarks/ and tools/ as git tracks them or would (untracked, not ignored); without git,
+  the folders' files less caches. The results are data, not counted."""
+  try:
+    paths = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard',
+                            'benchmarks', 'tools'], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+  except (OSError, subprocess.CalledProcessError):
+    paths = [os.path.relpath(os.path.join(folder, name), ROOT) for top in ('benchmarks', 'tools')
+             for folder, _, names in os.walk(os.path.join(ROOT, top))
+             if '__pycache__' not in folder for name in names]
+  results = os.path.join('benchmarks', 'results') + os.sep
+  return [p for p in paths if not p.startswith(results) and os.path.isfile(os.path.join(ROOT, p))]
+
+
+def test_benchmarks_and_tools_stay_within_their_line_budget():
+  """All the scripts beside the package together: MAX_SCRIPT_LINES lines at most (`wc -l`)."""
+  lines = {p: open(os.path.join(ROOT, p), 'rb').read().count(b'\n') for p in _script_files()}
+  assert len(lines) > 20 and sum(lines.values()) <= MAX_SCRIPT_LINES, (
+      sum(lines.values()), sorted(lines.items(), key=lambda kv: -kv[1])[:10])
+
+
 HISTORY = re.compile(r'issues? #?\d+|#\d{2}\b|before the fixes|machine was loaded|'
                      r'\b20\d\d-\d\d-\d\d\b|this session|last session', re.IGNORECASE)
 
