@@ -124,11 +124,11 @@ def create_train_state(config, model, tx, mesh, *, precision: str, rng,
   return state, shardings
 
 
-def _born(config, model, tx, precision, shardings, rng, load_pretrained: bool):
+def _born(config, model, tx, precision, shardings, rng, with_pretrained: bool):
   """(state on its shardings, what pretrained weights were loaded in words or None)."""
   state = jax.jit(_init_fn(config, model, tx, precision), out_shardings=shardings)(rng)
   description = None
-  if config.pretrained_model and load_pretrained:
+  if config.pretrained_model and with_pretrained:
     params, description = load_pretrained(config, jax.device_get(state.params))
     state = state.replace(params=jax.device_put(params, shardings.params))
   return state, description
