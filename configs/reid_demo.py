@@ -15,7 +15,7 @@ from dca_jax import tasks
 def get_config(arg=None):
   if arg:
     raise ValueError(f'configs/reid_demo.py takes no argument, got {arg!r} (the real-image '
-                     'recipes are overrides: benchmarks/reid_real.py, docs/REID.md)')
+                     'recipes are overrides: docs/REID.md, "Real images")')
   c = tasks.task_config('reid', 'deit_tiny')
   c.dataset, c.data_source = 'synthetic_reid', 'synthetic'
   # 64 train identities (as many unseen test ones) and 32 epochs: with 32 identities and 16
