@@ -76,6 +76,7 @@ def test_a_run_that_is_not_whole_updates_warns_once_at_start(tmp_path, capsys):
   assert 'the last 2 micro-batch(es)' in line and '(2 updates)' in line and 'max_steps=8' in line
   trainer = types.SimpleNamespace(
       precision='fp32', steps_per_epoch=5, resume_step=None,
+      built=types.SimpleNamespace(pretrained=None),
       input=types.SimpleNamespace(info=types.SimpleNamespace(protocol='')),
       state=types.SimpleNamespace(params={'w': np.zeros(3)}, step=0))
   train._start(trainer, config, str(tmp_path), chief=True)
