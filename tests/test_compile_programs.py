@@ -74,3 +74,18 @@ def test_reid_visualize_asks_for_the_query_maps_only():
   assert predict.mode_outputs(config, 'visualize') == predict.RANKING_OUTPUTS
   assert predict.mode_outputs(config, 'embed') == predict.EMBED_OUTPUTS
   assert predict.mode_outputs(checks.checked(tiny_config()), 'embed') == ()
+
+
+def test_accelerator_venvs_script_takes_a_kind_and_a_folder(tmp_path):
+  """tools/accelerator_venvs.sh: a usage line for a missing or unknown kind (exit 2) before it
+  creates anything; the jax version it installs is the one requirements.txt names."""
+  for args in ([], ['rocm', str(tmp_path / 'v')], ['cuda']):
+    run = subprocess.run(['bash', 'tools/accelerator_venvs.sh', *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.startswith('usage: '), run.stderr
+  assert not (tmp_path / 'v').exists()
+  pinned = subprocess.run(['sed', '-n', r's/^jax[>=]=\([0-9.]*\).*/\1/p', 'requirements.txt'],
+                          cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  assert pinned and pinned.count('.') == 2, pinned
+  with open(os.path.join(ROOT, 'tools', 'accelerator_venvs.sh')) as f:
+    assert r"s/^jax[>=]=\([0-9.]*\).*/\1/p" in f.read()   # the script reads it the same way
