@@ -118,43 +118,48 @@ def _built_for_inference(config, target: Target, precision: str) -> train_step.B
 def eval_programs(config, target: Target) -> Iterator[Program]:
   """Each evaluator of the run (`evaluators.entries`: the task's defaults) as `--mode eval` and
   training's evaluations build it (`Suite`), at config.eval_batch_size over the target's
-  devices; with the mirrored-image knobs off and on (FGVC's flip TTA evaluator, Re-ID's flipped
-  feature). Identical programs are compiled once (`compile_all`)."""
+  devices; per attention implementation the target takes (a shape cuDNN refuses at an eval
+  batch shows here) and with the mirrored-image knobs off and on (FGVC's flip TTA evaluator,
+  Re-ID's flipped feature). Identical programs are compiled once (`compile_all`)."""
   precision = _precision(config, target)
-  for flip in (False, True):
-    c = _variant_config(config, test_flip=flip, reid_flip_test=flip)
+  for attention, flip in itertools.product(ATTENTION[target.platform], (False, True)):
+    c = _variant_config(config, test_flip=flip, reid_flip_test=flip, attention_impl=attention)
     built = _built_for_inference(c, target, precision)
     context = evaluators.Context(built.config, built.model, None, built.mesh,
                                  built.shardings.variables, built.dtype)
     batch = _eval_batch(c, int(c.eval_batch_size), context.batch_sharding)
     suite = evaluators.Suite(context)
+    variant = f'{precision} attention={attention} flip={"on" if flip else "off"}'
     for name, (_, evaluator) in zip(evaluators.entries(c), suite.members):
       jitted = [v for v in vars(evaluator).values() if callable(v) and hasattr(v, 'lower')]
       for i, fn in enumerate(jitted):
         label = f'eval:{name}' + (f':{i}' if len(jitted) > 1 else '')
-        yield Program('eval', label, f'{precision} flip={"on" if flip else "off"}',
-                      int(c.eval_batch_size),
+        yield Program('eval', label, variant, int(c.eval_batch_size),
                       lambda fn=fn, built=built, batch=batch: fn.lower(
                           _abstract_variables(built), batch))
 
 
 def forward_programs(config, target: Target, modes: Sequence[str]) -> Iterator[Program]:
   """predict, embed and visualize: `inference.jit_forward` with each mode's outputs, on one
-  device (these modes run in one process), at config.eval_batch_size images."""
+  device (these modes run in one process), at config.eval_batch_size images, per attention
+  implementation the target takes."""
   precision = _precision(config, target)
-  built = _built_for_inference(config, target, precision)
   one = SingleDeviceSharding(target.devices[0])
   b = int(config.eval_batch_size)
   h, w = config_lib.input_hw(config)
   images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=one)
-  for mode in modes:
-    outputs = predict.mode_outputs(built.config, mode)
-    if not outputs:
-      continue  # e.g. embed of an FGVC model: the mode refuses it
-    fn = inference.jit_forward(built.model, built.config, built.dtype, outputs,
-                               platform=target.platform)
-    yield Program(mode, mode, f'{precision} outputs={",".join(outputs)}', b,
-                  lambda fn=fn: fn.lower(_abstract_variables(built, one), images))
+  for attention in ATTENTION[target.platform]:
+    built = _built_for_inference(_variant_config(config, attention_impl=attention), target,
+                                 precision)
+    for mode in modes:
+      outputs = predict.mode_outputs(built.config, mode)
+      if not outputs:
+        continue  # e.g. embed of an FGVC model: the mode refuses it
+      fn = inference.jit_forward(built.model, built.config, built.dtype, outputs,
+                                 platform=target.platform)
+      yield Program(mode, mode, f'{precision} attention={attention} outputs={",".join(outputs)}',
+                    b, lambda fn=fn, built=built: fn.lower(_abstract_variables(built, one),
+                                                           images))
 
 
 def exported_program(path: str, target: Target, batch_size: int) -> Program:

@@ -25,10 +25,11 @@ def test_every_fgvc_program_compiles_and_the_flip_evaluator_is_its_own():
   assert [r for r in rows if not r['compiled']] == []
   assert ('train_step', 'fp32 remat=off attention=xla') in names
   assert ('train_step', 'fp32 remat=on attention=xla') in names
-  assert ('eval:test', 'fp32 flip=off') in names and ('eval:flip', 'fp32 flip=on') in names
+  assert ('eval:test', 'fp32 attention=xla flip=off') in names
+  assert ('eval:flip', 'fp32 attention=xla flip=on') in names
   # the single crop and the pictures do not change with test_flip: compiled once
   assert sum(n == 'eval:test' for n, _ in names) == 1
-  assert ('predict', f'fp32 outputs={",".join(predict.Predictor.OUTPUTS)}') in names
+  assert ('predict', f'fp32 attention=xla outputs={",".join(predict.Predictor.OUTPUTS)}') in names
   assert 'embed' not in {n for n, _ in names}   # a classifier has no retrieval feature
   for row in rows:
     assert row['temp_bytes'] >= 0 and row['argument_bytes'] > 0 and row['flops'] > 0, row
@@ -59,8 +60,8 @@ def test_the_tool_compiles_reid_programs_and_the_export_then_resumes(tmp_path):
   exported = [r for r in rows if r['program'] == 'exported']
   assert exported[0]['variant'] == 'platforms=cpu,cuda,tpu'
   # the retrieval feature changes with the mirrored image: both compiled
-  assert {r['variant'] for r in rows if r['program'] == 'eval:test'} == {'fp32 flip=off',
-                                                                          'fp32 flip=on'}
+  assert {r['variant'] for r in rows if r['program'] == 'eval:test'} == {
+      'fp32 attention=xla flip=off', 'fp32 attention=xla flip=on'}
   again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
   assert len(out.read_text().splitlines()) == len(rows)   # nothing compiled twice
