@@ -262,13 +262,7 @@ def main(argv):
   _run(mode, config)
 
 
-def parse_flags(argv):
-  """absl's parser for main.py's own flags (a mistake: one line); what it does not know, the
-  --config.KEY=VALUE overrides, goes on to main() and the config loader."""
-  try:
-    return flags.FLAGS(argv, known_only=True)
-  except flags.Error as e:
-    sys.exit(f'error: {e} (--help lists the flags)')
+parse_flags = config_files.parse_known_flags   # main.py's flags; the rest: the overrides
 
 
 if __name__ == '__main__':

@@ -33,6 +33,16 @@ from dca_jax.errors import ConfigError
 RUN_CONFIG = 'config.json'   # what a training writes into its workdir
 
 
+def parse_known_flags(argv):
+  """absl's parser for a command's own flags (`app.run(main, flags_parser=...)`; a mistake: one
+  line); what it does not know, the --config.KEY=VALUE overrides, goes on to `main(argv)` and
+  `load`."""
+  try:
+    return flags.FLAGS(argv, known_only=True)
+  except flags.Error as e:
+    raise SystemExit(f'error: {e} (--help lists the flags)') from None
+
+
 def load(spec: Optional[str], overrides: Sequence[str] = (), *,
          run_dir: Optional[str] = None) -> tuple[Optional[ml_collections.ConfigDict], str]:
   """(config, the line saying which was taken: '' for an experiment file) of `spec`, else of

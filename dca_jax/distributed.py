@@ -111,11 +111,15 @@ def check_platform(precision: str, attention_impl: str, platform: str) -> None:
                       '--config.attention_impl=xla')
 
 
-def compute_dtype(precision: str, attention_impl: str = 'xla'):
+DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}  # precision -> dtype
+
+
+def compute_dtype(precision: str, attention_impl: str = 'xla', platform: str | None = None):
   """'auto' is fp32 on CPU (no fast half precision there) and bf16 on GPU/TPU; settings the
-  attached platform cannot run are one line (`check_platform`)."""
-  platform = jax.default_backend()
+  platform (default: the attached one; the program compiler names a target's) cannot run are
+  one line (`check_platform`)."""
+  platform = platform or jax.default_backend()
   check_platform(precision, attention_impl, platform)
   if precision == 'auto':
     precision = 'fp32' if platform == 'cpu' else 'bf16'
-  return {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}[precision], precision
+  return DTYPES[precision], precision

@@ -82,14 +82,6 @@ def train_programs(config, target: Target) -> Iterator[Program]:
     yield Program('train', 'train_step', variant, int(c.batch_size), lower)
 
 
-def _precision(config, target: Target) -> str:
-  """The precision the modes after training compute in on `target` (config.precision, 'auto':
-  bf16 on GPU/TPU, fp32 on CPU)."""
-  if config.precision != 'auto':
-    return config.precision
-  return 'fp32' if target.platform == 'cpu' else 'bf16'
-
-
 def _eval_batch(config, batch_size: int, sharding) -> dict:
   """Every key any evaluator's step reads (classification: label, mask; retrieval: camid,
   index; attention: index), abstract, on `sharding`."""
@@ -121,7 +113,8 @@ def eval_programs(config, target: Target) -> Iterator[Program]:
   devices; per attention implementation the target takes (a shape cuDNN refuses at an eval
   batch shows here) and with the mirrored-image knobs off and on (FGVC's flip TTA evaluator,
   Re-ID's flipped feature). Identical programs are compiled once (`compile_all`)."""
-  precision = _precision(config, target)
+  _, precision = distributed.compute_dtype(   # what the modes compute in on that platform
+      config.precision, config.attention_impl, target.platform)
   for attention, flip in itertools.product(ATTENTION[target.platform], (False, True)):
     c = _variant_config(config, test_flip=flip, reid_flip_test=flip, attention_impl=attention)
     built = _built_for_inference(c, target, precision)
@@ -143,7 +136,8 @@ def forward_programs(config, target: Target, modes: Sequence[str]) -> Iterator[P
   """predict, embed and visualize: `inference.jit_forward` with each mode's outputs, on one
   device (these modes run in one process), at config.eval_batch_size images, per attention
   implementation the target takes."""
-  precision = _precision(config, target)
+  _, precision = distributed.compute_dtype(   # what the modes compute in on that platform
+      config.precision, config.attention_impl, target.platform)
   one = SingleDeviceSharding(target.devices[0])
   b = int(config.eval_batch_size)
   h, w = config_lib.input_hw(config)

@@ -39,7 +39,7 @@ from dca_jax.data import preprocess
 from dca_jax.errors import ConfigError
 from dca_jax.models import build_model, dcal
 
-DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
+DTYPES = distributed.DTYPES   # precision -> compute dtype (the benchmarks' flags list them)
 
 
 @flax.struct.dataclass

@@ -78,11 +78,7 @@ class CountError:
     self._step = context.jit(step)
 
   def run(self, variables):
-    totals = None
-    for batch in self.context.batches(split=self.split):
-      sums = self._step(variables, batch)
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+    totals = self.context.summed(self._step, variables, split=self.split)
     count = float(totals['count'])
     yield 'count_accuracy', float(totals['correct'] / count)
     yield 'count_error', float(totals['error'] / count)

@@ -121,12 +121,6 @@ def main(argv):
     sys.exit(f'error: {e}')
 
 
-def parse_flags(argv):
-  try:
-    return flags.FLAGS(argv, known_only=True)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  from dca_jax import config_files  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=config_files.parse_known_flags)

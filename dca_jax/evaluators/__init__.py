@@ -28,6 +28,8 @@ import inspect
 import pkgutil
 from typing import Any, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dca_jax import distributed
@@ -81,6 +83,15 @@ class Context:
     """The global eval batches of a split (padded; `mask` marks the real images)."""
     for batch in self.input.eval_iter(**split):
       yield distributed.global_batch(batch, self.batch_sharding)
+
+  def summed(self, step, variables, **split) -> dict:
+    """`step(variables, batch)`'s per-batch sums (padding masked inside it) added over a split's
+    batches on the devices, then brought to the host once: a counting evaluator's loop."""
+    totals = None
+    for batch in self.batches(**split):
+      sums = step(variables, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return jax.device_get(totals)
 
 
 def evaluator_class(kind: str):

@@ -4,7 +4,6 @@ augmentation: `config.test_flip` adds such an entry beside the single-crop one).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from dca_jax import inference
@@ -51,11 +50,7 @@ class Evaluator:
     self._step = context.jit(step)
 
   def run(self, variables):
-    totals = None
-    for batch in self.context.batches(split=self.split):
-      sums = self._step(variables, batch)
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+    totals = self.context.summed(self._step, variables, split=self.split)
     count = float(totals['count'])
     yield 'accuracy', float(totals['correct'] / count)
     yield 'accuracy_sa', float(totals['correct_sa'] / count)
